@@ -1,0 +1,188 @@
+"""Client: the one API that admin/ and plugins/ use (DESIGN §3, §6).
+
+``Client.embedded(...)`` runs a :class:`Store` in this process on a data directory (the
+embedded default); the daemon backend (a Unix-socket client moving bytes through shared memory)
+implements the same methods. Everything here is a thin forwarding layer: no policy, no I/O of its
+own besides opening the data directory.
+
+Data directory layout::
+
+    <data_dir>/store.json    the StoreConfig the directory was created with (reopened as is)
+    <data_dir>/secret        cluster secret, 32 random bytes, mode 0600, unless configured
+    <data_dir>/lock          flock held by the process that owns the directory
+    <data_dir>/nvme/         NVMe tier: slab files + LMDB metadata (tiers/nvme.py)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fcntl
+import json
+import os
+from pathlib import Path
+from typing import Sequence
+
+from tierstore.config import DramConfig, NvmeConfig, StoreConfig
+from tierstore.errors import ConfigError
+from tierstore.keys import ExtraKeys, Keyer, Namespace, NO_EXTRAS, load_secret
+from tierstore.store import LOCAL, Store
+from tierstore.types import BlockKey, BlockStatus, LoadJob, LookupResult, StoreJob
+
+STORE_FILE = "store.json"
+
+
+class DataDirBusy(ConfigError):
+    """Another process owns the data directory."""
+
+
+def _lock_dir(path: Path):
+    path.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path / "lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        try:
+            owner = os.pread(fd, 32, 0).decode().strip() or "?"
+        finally:
+            os.close(fd)
+        raise DataDirBusy(f"data dir {path} is in use by pid {owner} "
+                          "(a running daemon? use --socket to go through it)") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
+def config_to_json(cfg: StoreConfig) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def config_from_json(d: dict) -> StoreConfig:
+    try:
+        dram = DramConfig(**d.get("dram", {}))
+        nvme = NvmeConfig(**d["nvme"]) if d.get("nvme") else None
+        return StoreConfig(slot_bytes=int(d["slot_bytes"]), dram=dram, nvme=nvme,
+                           exclusive=bool(d.get("exclusive", True)))
+    except (KeyError, TypeError) as e:
+        raise ConfigError(f"invalid store config: {e}") from None
+
+
+class Client:
+    """One API over an in-process Store (this class) or the daemon (``tierstore.daemon``)."""
+
+    def __init__(self, store: Store, *, secret: bytes, data_dir: Path | None = None,
+                 lock_fd: int | None = None, owner: str = LOCAL) -> None:
+        self.store = store
+        self.secret = secret
+        self.data_dir = data_dir
+        self.owner = owner
+        self._lock_fd = lock_fd
+
+    # ---------------------------------------------------------------- opening
+    @classmethod
+    def embedded(cls, data_dir: str | os.PathLike | None = None, config: StoreConfig | None = None,
+                 *, secret: bytes | str | None = None, create: bool = True) -> "Client":
+        """Open (or create) a store in this process.
+
+        With ``data_dir``: the directory's ``store.json`` wins over ``config`` when it exists
+        (a directory is reopened as it was created); otherwise ``config`` is written there. The
+        NVMe path defaults to ``<data_dir>/nvme``. Raises DataDirBusy if another process holds
+        the directory, ConfigError if it does not exist and ``create`` is false.
+        """
+        if data_dir is None:
+            if config is None:
+                raise ConfigError("need a data dir or a config")
+            return cls(Store.open(config), secret=load_secret(secret))
+        d = Path(data_dir)
+        if not create and not (d / STORE_FILE).is_file():
+            raise ConfigError(f"{d} is not a tierstore data dir (no {STORE_FILE})")
+        fd = _lock_dir(d)
+        try:
+            f = d / STORE_FILE
+            if f.is_file():
+                try:
+                    config = config_from_json(json.loads(f.read_text()))
+                except json.JSONDecodeError as e:
+                    raise ConfigError(f"{f} is not valid JSON: {e}") from None
+            else:
+                if config is None:
+                    raise ConfigError(f"{d} has no {STORE_FILE} and no config was given")
+                if config.nvme is not None and not config.nvme.path:
+                    config = dataclasses.replace(
+                        config, nvme=dataclasses.replace(config.nvme, path=str(d / "nvme")))
+                tmp = f.with_suffix(".tmp")
+                tmp.write_text(json.dumps(config_to_json(config), indent=2))
+                os.replace(tmp, f)
+            store = Store.open(config)
+            return cls(store, secret=load_secret(secret, data_dir=d), data_dir=d, lock_fd=fd)
+        except BaseException:
+            os.close(fd)
+            raise
+
+    def close(self) -> None:
+        self.store.close()
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ---------------------------------------------------------------- keys
+    def keyer(self, namespace: Namespace) -> Keyer:
+        return Keyer(namespace, self.secret)
+
+    # ---------------------------------------------------------------- store API
+    def lookup(self, keys: Sequence[BlockKey], namespace: Namespace, *, pin: bool = False,
+               ttl_s: float | None = None) -> LookupResult:
+        return self.store.lookup(keys, namespace, pin=pin, owner=self.owner, ttl_s=ttl_s)
+
+    def prepare_store(self, keys, namespace, size_bytes, parent=None) -> StoreJob:
+        return self.store.prepare_store(keys, namespace, size_bytes, owner=self.owner, parent=parent)
+
+    def complete_store(self, job_id: int, ok: bool = True) -> list[BlockStatus]:
+        return self.store.complete_store(job_id, ok=ok)
+
+    def prepare_load(self, keys) -> LoadJob:
+        return self.store.prepare_load(keys, owner=self.owner)
+
+    def complete_load(self, job_id: int, ok: bool = True) -> None:
+        self.store.complete_load(job_id, ok=ok)
+
+    def slot_view(self, slot: int) -> memoryview:
+        return self.store.slot_view(slot)
+
+    def put(self, keys, namespace, blocks, parent=None) -> list[BlockStatus]:
+        return self.store.put(keys, namespace, blocks, owner=self.owner, parent=parent)
+
+    def get(self, keys) -> list[bytes]:
+        return self.store.get(keys, owner=self.owner)
+
+    def pin(self, keys, ttl_s: float | None = None) -> int:
+        return self.store.pin(keys, owner=self.owner, ttl_s=ttl_s)
+
+    def unpin(self, keys) -> int:
+        return self.store.unpin(keys, owner=self.owner)
+
+    def evict(self, keys) -> dict:
+        return self.store.evict(keys)
+
+    def blocks(self, limit: int | None = None, tier=None) -> list[dict]:
+        return self.store.blocks(limit=limit, tier=tier)
+
+    def block(self, key: BlockKey) -> dict | None:
+        return self.store.block(key)
+
+    def stats(self) -> dict:
+        return self.store.stats()
+
+    def check(self, fix: bool = False) -> list[str]:
+        return self.store.check(fix=fix)
+
+    def usage(self) -> list[dict]:
+        return self.store.stats()["tiers"]
+
+
+__all__ = ["Client", "DataDirBusy", "ExtraKeys", "Namespace", "NO_EXTRAS"]

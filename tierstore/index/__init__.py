@@ -1,0 +1,1 @@
+"""The index: one residency map over all tiers, the pin books, and longest-prefix lookup."""

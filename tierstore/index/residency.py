@@ -1,0 +1,221 @@
+"""Residency map and pin books: the only place where block locations and pin counts live.
+
+``Residency`` maps each resident :data:`BlockKey` to a small integer *handle*; per-handle fields
+are kept in flat ``array`` columns rather than one Python object per block, so that a resident
+block costs about 170 bytes of index memory (key bytes object + dict entry + columns; measured by
+``benchmarks/bench_index.py``)::
+
+    column      type   meaning
+    ns          u16    namespace id (Store's namespace table)
+    size        i64    payload bytes
+    checksum    u64    xxh3-64 of the payload, 0 = not computed yet (DRAM-only blocks)
+    pins        i32    number of live pins (never negative)
+    slot[tier]  i32    slot in that tier, -1 = not resident there (hbm, dram, nvme)
+
+A block may be resident in several tiers at once (NVMe write-through); ``nearest`` is the one a
+load uses. ``PinBook`` records which owner (a connection, a session, a job) holds each pin, so a
+dead owner's pins are released in one call and an unpin without a matching pin is an error that
+changes nothing (case EVC-07). Pins may carry a TTL (seconds, monotonic clock).
+
+Single-threaded: the caller (``Store``) holds its lock around every call.
+"""
+
+from __future__ import annotations
+
+import heapq
+import time
+from array import array
+from typing import Iterator
+
+from tierstore.errors import PinError
+from tierstore.types import BlockKey, Tier
+
+_LOCAL_TIERS = (Tier.HBM, Tier.DRAM, Tier.NVME)
+
+
+class Residency:
+    """key -> handle -> (ns, size, checksum, pins, slot per tier). Single-threaded."""
+
+    def __init__(self) -> None:
+        self._handle: dict[BlockKey, int] = {}
+        self._keys: list[BlockKey | None] = []
+        self._free: list[int] = []
+        self.ns = array("H")
+        self.size = array("q")
+        self.checksum = array("Q")
+        self.pins = array("i")
+        self.slots = {t: array("i") for t in _LOCAL_TIERS}
+
+    # -- lookups -------------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self._handle)
+
+    def __contains__(self, key: BlockKey) -> bool:
+        return key in self._handle
+
+    def get(self, key: BlockKey) -> int:
+        """Handle of ``key`` or -1."""
+        return self._handle.get(key, -1)
+
+    def key_of(self, h: int) -> BlockKey:
+        k = self._keys[h]
+        assert k is not None, "dangling handle"
+        return k
+
+    def handles(self) -> Iterator[tuple[BlockKey, int]]:
+        return iter(list(self._handle.items()))
+
+    def slot(self, h: int, tier: Tier) -> int:
+        return self.slots[tier][h]
+
+    def tiers_of(self, h: int) -> list[Tier]:
+        return [t for t in _LOCAL_TIERS if self.slots[t][h] >= 0]
+
+    def nearest(self, h: int) -> Tier | None:
+        for t in _LOCAL_TIERS:
+            if self.slots[t][h] >= 0:
+                return t
+        return None
+
+    # -- mutation ------------------------------------------------------------------------------
+    def add(self, key: BlockKey, ns_id: int, size: int, checksum: int = 0) -> int:
+        if key in self._handle:
+            raise KeyError("key already resident")
+        if self._free:
+            h = self._free.pop()
+            self._keys[h] = key
+            self.ns[h], self.size[h], self.checksum[h], self.pins[h] = ns_id, size, checksum, 0
+            for t in _LOCAL_TIERS:
+                self.slots[t][h] = -1
+        else:
+            h = len(self._keys)
+            self._keys.append(key)
+            self.ns.append(ns_id)
+            self.size.append(size)
+            self.checksum.append(checksum)
+            self.pins.append(0)
+            for t in _LOCAL_TIERS:
+                self.slots[t].append(-1)
+        self._handle[key] = h
+        return h
+
+    def set_slot(self, h: int, tier: Tier, slot: int) -> None:
+        self.slots[tier][h] = slot
+
+    def clear_slot(self, h: int, tier: Tier) -> int:
+        """Forget the block's place in ``tier``; returns the old slot (-1 if none)."""
+        old = self.slots[tier][h]
+        self.slots[tier][h] = -1
+        return old
+
+    def remove(self, h: int) -> None:
+        """Drop a block that is resident nowhere and unpinned."""
+        if self.pins[h]:
+            raise PinError("cannot remove a pinned block")
+        if any(self.slots[t][h] >= 0 for t in _LOCAL_TIERS):
+            raise RuntimeError("block still has slots")
+        key = self._keys[h]
+        del self._handle[key]
+        self._keys[h] = None
+        self._free.append(h)
+
+    def memory_bytes(self) -> int:
+        """Approximate bytes held by the map (dict + keys + columns), for the index benchmark."""
+        import sys
+        n = len(self._keys)
+        cols = sum(a.itemsize * len(a) for a in (self.ns, self.size, self.checksum, self.pins))
+        cols += sum(a.itemsize * len(a) for a in self.slots.values())
+        keys = sum(sys.getsizeof(k) for k in self._handle)
+        # handles >= 256 are separate int objects stored as dict values
+        ints = sum(28 for v in self._handle.values() if v > 256)
+        return sys.getsizeof(self._handle) + sys.getsizeof(self._keys) + 8 * n + keys + ints + cols
+
+
+class PinBook:
+    """Who holds which pin. The residency ``pins`` column is the sum over owners; this is the
+    ledger that makes double unpins detectable and dead owners' pins releasable.
+
+    Single-threaded.
+    """
+
+    def __init__(self, residency: Residency, clock=time.monotonic) -> None:
+        self._res = residency
+        self._by_owner: dict[str, dict[BlockKey, int]] = {}
+        self._expiry: list[tuple[float, int, str, BlockKey]] = []  # (deadline, seq, owner, key)
+        self._seq = 0
+        self._clock = clock
+
+    def pin(self, owner: str, key: BlockKey, ttl_s: float | None = None) -> None:
+        h = self._res.get(key)
+        if h < 0:
+            raise PinError("cannot pin a block that is not resident")
+        held = self._by_owner.setdefault(owner, {})
+        held[key] = held.get(key, 0) + 1
+        self._res.pins[h] += 1
+        if ttl_s is not None:
+            self._seq += 1
+            heapq.heappush(self._expiry, (self._clock() + ttl_s, self._seq, owner, key))
+
+    def unpin(self, owner: str, key: BlockKey) -> None:
+        """Release one pin of ``owner`` on ``key``. Raises PinError (and changes nothing) if the
+        owner holds none."""
+        held = self._by_owner.get(owner)
+        n = held.get(key, 0) if held else 0
+        if n <= 0:
+            raise PinError(f"owner {owner!r} holds no pin on this block")
+        h = self._res.get(key)
+        if n == 1:
+            del held[key]
+            if not held:
+                del self._by_owner[owner]
+        else:
+            held[key] = n - 1
+        if h >= 0 and self._res.pins[h] > 0:
+            self._res.pins[h] -= 1
+
+    def release_owner(self, owner: str) -> int:
+        """Drop every pin ``owner`` holds; returns how many were released."""
+        held = self._by_owner.pop(owner, {})
+        total = 0
+        for key, n in held.items():
+            h = self._res.get(key)
+            if h >= 0:
+                self._res.pins[h] = max(0, self._res.pins[h] - n)
+            total += n
+        return total
+
+    def expire(self) -> int:
+        """Release pins whose TTL has passed; returns the number released."""
+        now = self._clock()
+        released = 0
+        while self._expiry and self._expiry[0][0] <= now:
+            _, _, owner, key = heapq.heappop(self._expiry)
+            held = self._by_owner.get(owner)
+            if held and held.get(key, 0) > 0:
+                self.unpin(owner, key)
+                released += 1
+        return released
+
+    def forget(self, key: BlockKey) -> int:
+        """The block is gone for good (e.g. its only copy failed its checksum): drop every
+        owner's pins on it. A later unpin by those owners raises PinError. Returns pins dropped."""
+        dropped = 0
+        for owner in list(self._by_owner):
+            held = self._by_owner[owner]
+            n = held.pop(key, 0)
+            dropped += n
+            if not held:
+                del self._by_owner[owner]
+        h = self._res.get(key)
+        if h >= 0:
+            self._res.pins[h] = 0
+        return dropped
+
+    def held(self, owner: str) -> dict[BlockKey, int]:
+        return dict(self._by_owner.get(owner, {}))
+
+    def owners(self) -> list[str]:
+        return list(self._by_owner)
+
+    def total(self) -> int:
+        return sum(sum(d.values()) for d in self._by_owner.values())

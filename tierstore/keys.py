@@ -1,0 +1,252 @@
+"""Block keys: a namespace digest plus a keyed chain hash over full blocks (DESIGN §2).
+
+Formula (BLAKE2b, RFC 7693, keyed mode, 32-byte digest, personalisation ``b"tierstore.key.v1"``)::
+
+    key_0 = BLAKE2b(key=secret)( F("ns", ns_digest) F("parent", b"") F(tag, payload_0) F("x", extra_0) )
+    key_i = BLAKE2b(key=secret)( F("ns", ns_digest) F("parent", key_{i-1}) F(tag, payload_i) F("x", extra_i) )
+
+where ``F(name, value) = u8(len(name)) name u32le(len(value)) value`` — every field enters tagged
+and length-prefixed, so ("ab", "c") and ("a", "bc") differ and a LoRA name can never equal a salt.
+
+- ``payload_i`` is the block's token ids as little-endian uint32 (tag ``"tok"``), or, in trace
+  replay, the trace's block id as little-endian uint64 (tag ``"bid"``).
+- ``extra_i`` is the concatenation of tagged request-level extras (``"salt"``, ``"lora"``) and the
+  block's multimodal digests (``"mm"``). An empty salt is identical to no salt.
+- ``ns_digest`` is BLAKE2b-16 of the tagged :class:`Namespace` fields: everything that makes two
+  blocks incompatible (model, revision, KV dtype, layout, geometry, TP/PP placement).
+
+Keys are identical across processes, nodes and restarts (no ``hash()``, no per-process seed); an
+outsider without the cluster secret cannot forge a colliding key. Partial blocks are never keyed:
+``chain`` ignores a trailing partial block.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import secrets
+import struct
+import sys
+from array import array
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterable, Mapping, Sequence
+
+from tierstore.errors import ConfigError
+from tierstore.types import BlockKey
+
+KEY_BYTES = 32
+SECRET_BYTES = 32
+_PERSON = b"tierstore.key.v1"
+SECRET_ENV = "TIERSTORE_SECRET"
+SECRET_FILE_ENV = "TIERSTORE_SECRET_FILE"
+
+_DTYPE_BYTES = {
+    "float32": 4, "fp32": 4, "float16": 2, "fp16": 2, "half": 2, "bfloat16": 2, "bf16": 2,
+    "fp8": 1, "fp8_e4m3": 1, "fp8_e5m2": 1, "int8": 1, "uint8": 1,
+}
+
+
+def _field(name: bytes, value: bytes) -> bytes:
+    return bytes((len(name),)) + name + struct.pack("<I", len(value)) + value
+
+
+@dataclass(frozen=True)
+class Namespace:
+    """Everything that makes two blocks incompatible (DESIGN §1).
+
+    ``block_size`` is in tokens. ``kv_layout`` uses vLLM's names (``NHD``/``HND`` or a
+    ``KVCacheLayout`` such as ``LBHNC``). For MLA, ``num_kv_heads`` is 1 and ``head_size`` is
+    ``kv_lora_rank + qk_rope_head_dim``.
+    """
+
+    model: str
+    block_size: int
+    revision: str = ""
+    kv_dtype: str = "bfloat16"
+    kv_layout: str = "NHD"
+    num_layers: int = 0
+    num_kv_heads: int = 0
+    head_size: int = 0
+    use_mla: bool = False
+    tp_size: int = 1
+    tp_rank: int = 0
+    pp_rank: int = 0
+
+    def __post_init__(self) -> None:
+        if self.block_size <= 0:
+            raise ConfigError(f"block_size must be positive, got {self.block_size}")
+        if not 0 <= self.tp_rank < max(self.tp_size, 1):
+            raise ConfigError(f"tp_rank {self.tp_rank} outside tp_size {self.tp_size}")
+
+    def digest(self) -> bytes:
+        """16-byte BLAKE2b digest of the tagged fields (stable across processes and releases)."""
+        h = hashlib.blake2b(digest_size=16, person=b"tierstore.ns.v1")
+        for name, value in sorted(asdict(self).items()):
+            h.update(_field(name.encode(), str(value).encode()))
+        return h.digest()
+
+    @property
+    def bytes_per_token(self) -> int:
+        """KV bytes of one token for this TP rank: 2 (K and V) x layers x heads x head_size x dtype
+        size; MLA stores one latent vector per token (no separate V)."""
+        dsize = _DTYPE_BYTES.get(self.kv_dtype.lower())
+        if dsize is None:
+            raise ConfigError(f"unknown kv_dtype {self.kv_dtype!r}")
+        kv = 1 if self.use_mla else 2
+        return kv * self.num_layers * self.num_kv_heads * self.head_size * dsize
+
+    @property
+    def block_bytes(self) -> int:
+        return self.bytes_per_token * self.block_size
+
+    def describe(self) -> dict:
+        """Plain dict for CLI output and LMDB (no secrets, no salts: those never enter here)."""
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class ExtraKeys:
+    """Per-request identity mixed into every block of the chain.
+
+    ``cache_salt``: tenant isolation (vLLM's ``cache_salt``); ``""`` equals ``None``.
+    ``lora``: adapter name (and path/revision, as one string). ``mm``: per-block multimodal
+    digests, ``{block_index: [digest, ...]}``.
+    """
+
+    cache_salt: str | None = None
+    lora: str | None = None
+    mm: Mapping[int, Sequence[bytes | str]] | None = None
+
+    def request_bytes(self) -> bytes:
+        out = b""
+        if self.cache_salt:
+            out += _field(b"salt", self.cache_salt.encode())
+        if self.lora:
+            out += _field(b"lora", self.lora.encode())
+        return out
+
+    def block_bytes(self, index: int, base: bytes) -> bytes:
+        if not self.mm or index not in self.mm:
+            return base
+        out = base
+        for d in self.mm[index]:
+            out += _field(b"mm", d if isinstance(d, bytes) else d.encode())
+        return out
+
+
+NO_EXTRAS = ExtraKeys()
+
+
+class Keyer:
+    """Computes chain keys for one namespace under one cluster secret.
+
+    Single-threaded objects are not required: ``Keyer`` holds no mutable state and may be shared.
+    """
+
+    def __init__(self, namespace: Namespace, secret: bytes) -> None:
+        if len(secret) < 16:
+            raise ConfigError("cluster secret must be at least 16 bytes")
+        self.namespace = namespace
+        self.secret = bytes(secret)
+        self._ns_field = _field(b"ns", namespace.digest())
+        self._proto = hashlib.blake2b(digest_size=KEY_BYTES, key=self.secret[:64], person=_PERSON)
+
+    @property
+    def block_size(self) -> int:
+        return self.namespace.block_size
+
+    def _chain(self, payloads: Iterable[bytes], tag: bytes, extras: ExtraKeys,
+               parent: BlockKey | None) -> list[BlockKey]:
+        req = extras.request_bytes()
+        keys: list[BlockKey] = []
+        prev = parent or b""
+        proto, ns_field = self._proto, self._ns_field
+        for i, payload in enumerate(payloads):
+            h = proto.copy()
+            h.update(ns_field + _field(b"parent", prev) + _field(tag, payload)
+                     + _field(b"x", extras.block_bytes(i, req)))
+            prev = h.digest()
+            keys.append(prev)
+        return keys
+
+    def chain(self, token_ids: Sequence[int], extras: ExtraKeys = NO_EXTRAS,
+              parent: BlockKey | None = None) -> list[BlockKey]:
+        """Keys of the full blocks of ``token_ids`` (a trailing partial block gets no key).
+
+        Raises :class:`ConfigError` for token ids outside uint32.
+        """
+        bs = self.block_size
+        n_full = len(token_ids) // bs
+        try:
+            arr = array("I", token_ids[: n_full * bs])
+        except OverflowError:
+            raise ConfigError("token ids must fit in uint32") from None
+        if sys.byteorder == "big":
+            arr.byteswap()
+        raw = arr.tobytes()
+        step = bs * 4
+        return self._chain((raw[i * step:(i + 1) * step] for i in range(n_full)), b"tok", extras, parent)
+
+    def chain_from_block_ids(self, block_ids: Sequence[int], extras: ExtraKeys = NO_EXTRAS) -> list[BlockKey]:
+        """Keys for a trace's block ids (Mooncake ``hash_ids``: block i's id already stands for
+        its content given its prefix); one key per id."""
+        return self._chain((struct.pack("<Q", b & 0xFFFFFFFFFFFFFFFF) for b in block_ids), b"bid", extras, None)
+
+
+def load_secret(value: str | bytes | None = None, path: str | os.PathLike | None = None,
+                data_dir: str | os.PathLike | None = None, generate: bool = True) -> bytes:
+    """Resolve the cluster secret, in this order: explicit ``value``; ``$TIERSTORE_SECRET`` (hex or
+    text); ``path`` or ``$TIERSTORE_SECRET_FILE``; ``<data_dir>/secret`` (created with 32 random
+    bytes, mode 0600, when absent and ``generate``). With none of these and no data dir, a random
+    per-process secret is returned when ``generate`` (nothing persists, so nothing must agree).
+
+    Never a built-in constant (case KEY-04). Raises :class:`ConfigError` if a named file is
+    missing or the secret is shorter than 16 bytes.
+    """
+    if value is None:
+        value = os.environ.get(SECRET_ENV) or None
+    if value is not None:
+        raw = value if isinstance(value, bytes) else _decode_secret_text(value)
+        return _check_secret(raw)
+    path = path or os.environ.get(SECRET_FILE_ENV) or None
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"secret file {p} does not exist")
+        return _check_secret(_decode_secret_text(p.read_text().strip()) if p.stat().st_size < 200
+                             else p.read_bytes())
+    if data_dir is not None:
+        p = Path(data_dir) / "secret"
+        if p.is_file():
+            return _check_secret(p.read_bytes())
+        if not generate:
+            raise ConfigError(f"no cluster secret configured and {p} does not exist")
+        p.parent.mkdir(parents=True, exist_ok=True)
+        raw = secrets.token_bytes(SECRET_BYTES)
+        fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.write(fd, raw)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        return raw
+    if not generate:
+        raise ConfigError("no cluster secret configured")
+    return secrets.token_bytes(SECRET_BYTES)
+
+
+def _decode_secret_text(text: str) -> bytes:
+    text = text.strip()
+    try:
+        if len(text) % 2 == 0 and len(text) >= 32:
+            return bytes.fromhex(text)
+    except ValueError:
+        pass
+    return text.encode()
+
+
+def _check_secret(raw: bytes) -> bytes:
+    if len(raw) < 16:
+        raise ConfigError("cluster secret must be at least 16 bytes")
+    return raw

@@ -1,0 +1,46 @@
+"""Policy registry: ``make_eviction(name, capacity_blocks)`` and ``make_admission(name)``.
+
+Names resolve lazily; ``module:Class`` loads an out-of-tree policy. Built-in eviction policies are
+listed in ``EVICTION``; add a new one by adding its module path here.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from tierstore.errors import ConfigError
+from tierstore.policy.base import AdmissionPolicy, EvictionPolicy
+
+EVICTION: dict[str, str] = {
+    "lru": "tierstore.policy.lru:LRU",
+    "prefix-lru": "tierstore.policy.prefix_aware:PrefixLRU",
+    "prefix-gdsf": "tierstore.policy.prefix_aware:PrefixGDSF",
+}
+ADMISSION: dict[str, str] = {
+    "all": "tierstore.policy.base:AdmitAll",
+}
+DEFAULT_EVICTION = "lru"
+
+
+def _load(spec: str):
+    mod, _, cls = spec.partition(":")
+    try:
+        return getattr(importlib.import_module(mod), cls)
+    except (ImportError, AttributeError) as e:
+        raise ConfigError(f"cannot load policy {spec!r}: {e}") from None
+
+
+def make_eviction(name: str, capacity_blocks: int) -> EvictionPolicy:
+    """Build an eviction policy by registry name or ``module:Class``. Raises ConfigError."""
+    spec = EVICTION.get(name.lower()) if ":" not in name else name
+    if spec is None:
+        raise ConfigError(f"unknown eviction policy {name!r}; known: {', '.join(sorted(EVICTION))}")
+    return _load(spec)(capacity_blocks)
+
+
+def make_admission(name: str, **kwargs) -> AdmissionPolicy:
+    """Build an admission policy by registry name or ``module:Class``. Raises ConfigError."""
+    spec = ADMISSION.get(name.lower()) if ":" not in name else name
+    if spec is None:
+        raise ConfigError(f"unknown admission policy {name!r}; known: {', '.join(sorted(ADMISSION))}")
+    return _load(spec)(**kwargs)

@@ -1,0 +1,676 @@
+"""Store: the one lock, the invariants, the two-phase API (DESIGN §3).
+
+The store owns the index (:mod:`tierstore.index`), one eviction policy per tier, and the tiers.
+Policies decide which block leaves; tiers move bytes; the store keeps these invariants:
+
+1. A block is visible to ``lookup`` only after ``complete_store(ok=True)``; a failed or aborted
+   store publishes nothing and frees its slots.
+2. A pinned block is never evicted, demoted or promoted away (pins live in the index's PinBook,
+   per owner; a dead owner's pins go with ``release_owner``).
+3. Tiers are exclusive by default: DRAM victims demote to NVMe (if present and admitted), NVMe
+   hits promote to DRAM on load. With ``nvme.write_through`` every stored block is also written
+   to NVMe, so a restart keeps it.
+4. A load returns an exact prefix: it stops at the first block that is missing or fails its
+   checksum (a miss plus a counter, never wrong bytes).
+
+Flow of one request as a prefill node sees it::
+
+    lookup(keys, pin=True) -> hit prefix ──▶ prepare_load(hit) -> DRAM slots ──▶ copy out ──▶ complete_load
+                            └─ rest ──────▶ prepare_store(rest) -> DRAM slots ──▶ copy in ──▶ complete_store
+
+Threading: every public method takes ``self._lock`` (an RLock) for its whole duration; byte
+copies by callers into or out of the slots of a prepared job happen outside the lock, protected by
+the job's pins (loads) or by the slots not being published yet (stores). NVMe I/O triggered by
+eviction or promotion currently runs under the lock (simple and correct; the daemon issue may
+move it out).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Iterable, Sequence
+
+from tierstore.config import StoreConfig
+from tierstore.errors import JobError, PinError, RejectedError
+from tierstore.index.prefix import longest_prefix
+from tierstore.index.residency import PinBook, Residency
+from tierstore.keys import Namespace
+from tierstore.policy import make_admission, make_eviction
+from tierstore.policy.base import AdmissionPolicy, EvictionPolicy
+from tierstore.tiers.base import DiskRead, DiskTier, DiskWrite, MemoryTier, NullTier
+from tierstore.types import BlockKey, BlockStatus, LoadJob, LookupResult, StoreJob, Tier
+
+log = logging.getLogger(__name__)
+
+LOCAL = "local"
+
+
+@dataclass
+class _PendingStore:
+    owner: str
+    ns_id: int
+    size: int
+    keys: list[BlockKey]
+    slots: list[int | None]
+    status: list[BlockStatus]
+    parent: BlockKey | None
+
+
+@dataclass
+class _PendingLoad:
+    owner: str
+    keys: list[BlockKey]
+    pin_owner: str
+    sizes: list[int] = field(default_factory=list)
+
+
+class Store:
+    """A node's KV block pool over DRAM (+ optional NVMe, + later HBM) with one prefix index.
+
+    Construct with :meth:`open` from a :class:`StoreConfig`, or pass ready tiers (tests).
+    All sizes are bytes, all capacities slots (= blocks).
+    """
+
+    def __init__(self, config: StoreConfig, dram: MemoryTier, nvme: DiskTier | None = None) -> None:
+        self.config = config
+        self._lock = threading.RLock()
+        self.res = Residency()
+        self.pins = PinBook(self.res)
+        self.tiers: dict[Tier, MemoryTier | DiskTier] = {Tier.DRAM: dram}
+        self.policies: dict[Tier, EvictionPolicy] = {
+            Tier.DRAM: make_eviction(config.dram.policy, dram.num_slots)}
+        self.admission: dict[Tier, AdmissionPolicy] = {}
+        if nvme is not None:
+            self.tiers[Tier.NVME] = nvme
+            self.policies[Tier.NVME] = make_eviction(config.nvme.policy, nvme.num_slots)
+            self.admission[Tier.NVME] = make_admission(config.nvme.admission)
+        self.counters: Counter[str] = Counter()
+        self._namespaces: list[Namespace | dict] = []   # by ns id; dict = known only from disk
+        self._ns_digests: list[bytes] = []
+        self._ns_ids: dict[bytes, int] = {}
+        self._stores: dict[int, _PendingStore] = {}
+        self._loads: dict[int, _PendingLoad] = {}
+        self._pending_keys: set[BlockKey] = set()
+        self._job_ids = itertools.count(1)
+        self._closed = False
+        if nvme is not None:
+            self._recover_nvme(nvme)
+
+    # ---------------------------------------------------------------- construction
+    @classmethod
+    def open(cls, config: StoreConfig) -> "Store":
+        """Build tiers from ``config`` and recover persisted NVMe content."""
+        from tierstore.tiers.dram import DramTier
+
+        if config.dram.payload:
+            dram: MemoryTier = DramTier(config.dram.capacity_blocks, config.slot_bytes,
+                                        shm_name=config.dram.shm_name)
+        else:
+            dram = NullTier(Tier.DRAM, config.dram.capacity_blocks, config.slot_bytes)
+        nvme = None
+        if config.nvme is not None and config.nvme.capacity_blocks > 0:
+            from tierstore.tiers.nvme import NvmeTier
+
+            n = config.nvme
+            nvme = NvmeTier(n.path, n.capacity_blocks, config.slot_bytes, direct_io=n.direct_io,
+                            compression=n.compression, file_slots=n.file_slots)
+        return cls(config, dram, nvme)
+
+    def _recover_nvme(self, nvme: DiskTier) -> None:
+        for digest, desc in nvme.namespaces().items():
+            self._add_ns(digest, desc)
+        pol = self.policies[Tier.NVME]
+        for e in nvme.recover():
+            ns_id = self._ns_ids.get(e.ns_digest)
+            if ns_id is None:
+                ns_id = self._add_ns(e.ns_digest, {"digest": e.ns_digest.hex()})
+            h = self.res.add(e.key, ns_id, e.size, e.checksum)
+            self.res.set_slot(h, Tier.NVME, e.slot)
+            pol.insert(e.key, e.size, None)
+            self.counters["nvme_recovered"] += 1
+
+    # ---------------------------------------------------------------- namespaces
+    def _add_ns(self, digest: bytes, ns: Namespace | dict) -> int:
+        i = len(self._namespaces)
+        self._ns_ids[digest] = i
+        self._namespaces.append(ns)
+        self._ns_digests.append(digest)
+        return i
+
+    def _ns_id(self, ns: Namespace) -> int:
+        d = ns.digest()
+        i = self._ns_ids.get(d)
+        if i is not None:
+            if isinstance(self._namespaces[i], dict):
+                self._namespaces[i] = ns
+            return i
+        nvme = self.tiers.get(Tier.NVME)
+        if nvme is not None:
+            nvme.put_namespace(d, ns.describe())
+        return self._add_ns(d, ns)
+
+    def _ns_digest(self, ns_id: int) -> bytes:
+        return self._ns_digests[ns_id]
+
+    # ---------------------------------------------------------------- lookup and pins
+    def lookup(self, keys: Sequence[BlockKey], namespace: Namespace, *, pin: bool = False,
+               owner: str = LOCAL, ttl_s: float | None = None) -> LookupResult:
+        """Longest resident prefix of ``keys``; with ``pin`` the hit blocks are pinned for
+        ``owner`` in the same critical section (released by ``unpin`` or ``release_owner``).
+        ``block_size`` of the result comes from ``namespace``."""
+        with self._lock:
+            self._expire()
+            hs = longest_prefix(self.res, keys)
+            nearest = self.res.nearest
+            tiers = tuple(nearest(h) for h in hs)
+            hit = tuple(keys[: len(hs)])
+            if pin:
+                for k in hit:
+                    self.pins.pin(owner, k, ttl_s)
+            self.counters["lookups"] += 1
+            self.counters["lookup_hit_blocks"] += len(hs)
+            self.counters["lookup_miss_blocks"] += len(keys) - len(hs)
+            return LookupResult(hit, tiers, namespace.block_size, pinned=pin, owner=owner)
+
+    def pin(self, keys: Iterable[BlockKey], owner: str = LOCAL, ttl_s: float | None = None) -> int:
+        """Pin resident ``keys`` for ``owner``; returns how many were pinned (non-resident
+        keys are skipped)."""
+        n = 0
+        with self._lock:
+            self._expire()
+            for k in keys:
+                if k in self.res:
+                    self.pins.pin(owner, k, ttl_s)
+                    n += 1
+        return n
+
+    def unpin(self, keys: Iterable[BlockKey], owner: str = LOCAL) -> int:
+        """Release one pin per key. Raises PinError on the first key ``owner`` holds no pin on;
+        pins released before it stay released (each release is individually valid)."""
+        n = 0
+        with self._lock:
+            for k in keys:
+                self.pins.unpin(owner, k)
+                n += 1
+        return n
+
+    def release_owner(self, owner: str) -> dict:
+        """A client went away: release its pins and abort its unfinished jobs."""
+        with self._lock:
+            released = self.pins.release_owner(owner)
+            aborted = 0
+            for jid in [j for j, p in self._stores.items() if p.owner == owner]:
+                self.complete_store(jid, ok=False)
+                aborted += 1
+            for jid in [j for j, p in self._loads.items() if p.owner == owner]:
+                self.complete_load(jid, ok=False)
+                aborted += 1
+            return {"pins_released": released, "jobs_aborted": aborted}
+
+    def _expire(self) -> None:
+        n = self.pins.expire()
+        if n:
+            self.counters["pins_expired"] += n
+
+    # ---------------------------------------------------------------- eviction machinery
+    def _evictable(self, key: BlockKey) -> bool:
+        h = self.res.get(key)
+        return h >= 0 and self.res.pins[h] == 0
+
+    def _make_room(self, tier: Tier, n: int) -> int:
+        """Evict up to ``n`` unpinned blocks from ``tier`` (demoting DRAM victims to NVMe when
+        exclusive); returns how many slots were freed."""
+        pol = self.policies[tier]
+        victims: list[BlockKey] = []
+        for _ in range(n):
+            v = pol.victim(self._evictable)
+            if v is None:
+                break
+            pol.remove(v)
+            victims.append(v)
+        if not victims:
+            return 0
+        if tier is Tier.DRAM and Tier.NVME in self.tiers:
+            self._demote(victims)
+        t = self.tiers[tier]
+        for v in victims:
+            h = self.res.get(v)
+            t.free(self.res.clear_slot(h, tier))
+            self.counters[f"evictions_{tier.label}"] += 1
+            if self.res.nearest(h) is None:
+                self.res.remove(h)
+        return len(victims)
+
+    def _alloc(self, tier: Tier) -> int | None:
+        t = self.tiers[tier]
+        s = t.alloc()
+        if s is None and self._make_room(tier, 1):
+            s = t.alloc()
+        return s
+
+    def _demote(self, victims: list[BlockKey]) -> None:
+        """Write DRAM victims that NVMe does not hold yet to NVMe (one batch)."""
+        dram = self.tiers[Tier.DRAM]
+        if not getattr(dram, "holds_bytes", True):
+            return
+        writes = []
+        for v in victims:
+            h = self.res.get(v)
+            if self.res.slot(h, Tier.NVME) >= 0:
+                continue
+            if not self.admission[Tier.NVME].admit(v, self.res.size[h]).admitted:
+                self.counters["nvme_admission_rejects"] += 1
+                continue
+            writes.append(v)
+        if writes:
+            self._write_nvme(writes)
+            self.counters["demotions"] += len(writes)
+
+    def _write_nvme(self, keys: list[BlockKey]) -> int:
+        """Write resident DRAM blocks to NVMe in one batch; a block that hits ENOSPC gets one
+        retry after evicting an NVMe victim, then is reported skipped. Returns blocks written."""
+        nvme = self.tiers[Tier.NVME]
+        dram = self.tiers[Tier.DRAM]
+        items: list[tuple[BlockKey, int, int]] = []   # key, handle, nvme slot
+        for k in keys:
+            h = self.res.get(k)
+            s = self._alloc(Tier.NVME)
+            if s is None:
+                self.counters["nvme_store_skipped"] += 1
+                continue
+            items.append((k, h, s))
+        written = 0
+        for attempt in range(2):
+            if not items:
+                break
+            batch = [DiskWrite(s, k, self._ns_digest(self.res.ns[h]),
+                               dram.view(self.res.slot(h, Tier.DRAM))[: self.res.size[h]],
+                               self.res.checksum[h]) for k, h, s in items]
+            results = nvme.write_batch(batch)
+            retry = []
+            for (k, h, s), r in zip(items, results):
+                if r.ok:
+                    self.res.set_slot(h, Tier.NVME, s)
+                    self.res.checksum[h] = r.checksum
+                    self.policies[Tier.NVME].insert(k, self.res.size[h], None)
+                    self.counters["nvme_bytes_written"] += self.res.size[h]
+                    written += 1
+                    continue
+                nvme.free(s)
+                self.counters[f"nvme_write_{r.error or 'error'}"] += 1
+                if r.error == "enospc" and attempt == 0 and self._make_room(Tier.NVME, 1):
+                    s2 = nvme.alloc()
+                    if s2 is not None:
+                        retry.append((k, h, s2))
+                        continue
+                self.counters["nvme_store_skipped"] += 1
+            items = retry
+        return written
+
+    # ---------------------------------------------------------------- store
+    def prepare_store(self, keys: Sequence[BlockKey], namespace: Namespace, size_bytes: int, *,
+                      owner: str = LOCAL, parent: BlockKey | None = None) -> StoreJob:
+        """Reserve DRAM slots for blocks of ``size_bytes`` each.
+
+        Per key: ``PRESENT`` if resident or being stored by another job (nothing to write),
+        ``SKIPPED`` if no slot could be freed (every victim pinned), else ``OK`` with a slot the
+        caller fills through ``slot_view``. ``parent`` is the block before ``keys[0]`` in its
+        chain (for prefix-aware policies). Raises RejectedError if ``size_bytes`` exceeds
+        ``slot_bytes``.
+        """
+        if size_bytes > self.config.slot_bytes or size_bytes <= 0:
+            raise RejectedError(f"block of {size_bytes} bytes does not fit slots of "
+                                f"{self.config.slot_bytes} bytes")
+        with self._lock:
+            self._expire()
+            ns_id = self._ns_id(namespace)
+            slots: list[int | None] = []
+            status: list[BlockStatus] = []
+            dram = self.tiers[Tier.DRAM]
+            need = sum(1 for k in keys if k not in self.res and k not in self._pending_keys)
+            short = need - dram.slots.free_count
+            if short > 0:
+                self._make_room(Tier.DRAM, short)
+            seen: set[BlockKey] = set()
+            for k in keys:
+                if k in self.res or k in self._pending_keys or k in seen:
+                    slots.append(None)
+                    status.append(BlockStatus.PRESENT)
+                    continue
+                s = self._alloc(Tier.DRAM)
+                if s is None:
+                    slots.append(None)
+                    status.append(BlockStatus.SKIPPED)
+                    self.counters["store_skipped"] += 1
+                    continue
+                seen.add(k)
+                slots.append(s)
+                status.append(BlockStatus.OK)
+            self._pending_keys.update(seen)
+            jid = next(self._job_ids)
+            self._stores[jid] = _PendingStore(owner, ns_id, size_bytes, list(keys), slots, status, parent)
+            return StoreJob(jid, list(keys), slots, status, size_bytes)
+
+    def complete_store(self, job_id: int, ok: bool = True,
+                       checksums: Sequence[int] | None = None) -> list[BlockStatus]:
+        """Publish (``ok``) or abort the job. On publish the blocks become visible, NVMe
+        write-through runs, and already-present keys count as accessed. Returns final statuses."""
+        with self._lock:
+            job = self._stores.pop(job_id, None)
+            if job is None:
+                raise JobError(f"unknown store job {job_id}")
+            dram = self.tiers[Tier.DRAM]
+            pol = self.policies[Tier.DRAM]
+            new: list[BlockKey] = []
+            prev = job.parent
+            for i, (k, s, st) in enumerate(zip(job.keys, job.slots, job.status)):
+                if st is BlockStatus.OK:
+                    self._pending_keys.discard(k)
+                    if not ok:
+                        dram.free(s)
+                        job.status[i] = BlockStatus.FAILED
+                        prev = k
+                        continue
+                    h = self.res.add(k, job.ns_id, job.size, checksums[i] if checksums else 0)
+                    self.res.set_slot(h, Tier.DRAM, s)
+                    pol.insert(k, job.size, prev)
+                    new.append(k)
+                elif st is BlockStatus.PRESENT and ok:
+                    self._touch(k)
+                prev = k
+            if ok:
+                self.counters["stored_blocks"] += len(new)
+                self.counters["dram_bytes_written"] += len(new) * job.size
+                if new and self.config.nvme is not None and self.config.nvme.write_through \
+                        and Tier.NVME in self.tiers and getattr(dram, "holds_bytes", True):
+                    admitted = [k for k in new
+                                if self.admission[Tier.NVME].admit(k, job.size).admitted]
+                    self._write_nvme(admitted)
+            else:
+                self.counters["stores_aborted"] += 1
+            return list(job.status)
+
+    def _touch(self, key: BlockKey) -> None:
+        h = self.res.get(key)
+        if h < 0:
+            return
+        t = self.res.nearest(h)
+        self.policies[t].access(key)
+
+    # ---------------------------------------------------------------- load
+    def prepare_load(self, keys: Sequence[BlockKey], *, owner: str = LOCAL) -> LoadJob:
+        """Pin and stage the longest loadable prefix of ``keys`` in DRAM.
+
+        NVMe-only blocks are read into DRAM slots (promotion) and verified; the job stops at the
+        first block that is missing, corrupt or cannot be staged. The first ``num_ready``
+        blocks are readable through ``slot_view(slot)`` until ``complete_load``.
+        """
+        with self._lock:
+            self._expire()
+            jid = next(self._job_ids)
+            pin_owner = f"job:{jid}"
+            dram = self.tiers[Tier.DRAM]
+            hs = longest_prefix(self.res, keys)
+            status: list[BlockStatus] = [BlockStatus.MISSING] * len(keys)
+            for k in keys[: len(hs)]:
+                self.pins.pin(pin_owner, k)
+            # stage NVMe-only blocks into DRAM
+            need = [i for i, h in enumerate(hs) if self.res.slot(h, Tier.DRAM) < 0]
+            n_ok = len(hs)
+            if need:
+                n_ok = self._promote(keys, hs, need, status)
+            promoted = set(need)
+            slots: list[int] = []
+            sizes: list[int] = []
+            for i in range(n_ok):
+                h = hs[i]
+                slots.append(self.res.slot(h, Tier.DRAM))
+                sizes.append(self.res.size[h])
+                status[i] = BlockStatus.OK
+                if i not in promoted:
+                    self.policies[Tier.DRAM].access(keys[i])
+                self.counters["load_hits_nvme" if i in promoted else "load_hits_dram"] += 1
+            for k in keys[n_ok: len(hs)]:
+                if self.pins.held(pin_owner).get(k):
+                    self.pins.unpin(pin_owner, k)
+            self.counters["loaded_blocks"] += n_ok
+            self.counters["load_bytes"] += sum(sizes)
+            self._loads[jid] = _PendingLoad(owner, list(keys[:n_ok]), pin_owner, sizes)
+            return LoadJob(jid, list(keys), slots, status, sizes)
+
+    def _promote(self, keys: Sequence[BlockKey], hs: list[int], need: list[int],
+                 status: list[BlockStatus]) -> int:
+        """Read NVMe-only blocks ``need`` (indices into ``hs``) into fresh DRAM slots; returns
+        the length of the prefix that is ready."""
+        dram = self.tiers[Tier.DRAM]
+        nvme = self.tiers[Tier.NVME]
+        staged: list[tuple[int, int]] = []   # (index, dram slot)
+        for i in need:
+            s = self._alloc(Tier.DRAM)
+            if s is None:
+                status[i] = BlockStatus.FAILED
+                self.counters["load_staging_failed"] += 1
+                break
+            staged.append((i, s))
+        if not getattr(dram, "holds_bytes", True):
+            results = [None] * len(staged)
+        else:
+            reads = []
+            for i, s in staged:
+                h = hs[i]
+                reads.append(DiskRead(self.res.slot(h, Tier.NVME), keys[i], dram.view(s),
+                                      self.res.size[h], self.res.checksum[h]))
+            results = nvme.read_batch(reads)
+        first_bad = len(hs) if len(staged) == len(need) else need[len(staged)]
+        drop: list[int] = []
+        for (i, s), r in zip(staged, results):
+            h = hs[i]
+            if r is not None and not r.ok:
+                dram.free(s)
+                status[i] = BlockStatus.CORRUPT if r.error == "corrupt" else BlockStatus.FAILED
+                self.counters["checksum_failures" if r.error == "corrupt" else "nvme_read_errors"] += 1
+                first_bad = min(first_bad, i)
+                if r.error == "corrupt":
+                    drop.append(i)
+                continue
+            self.res.set_slot(h, Tier.DRAM, s)
+            self.policies[Tier.DRAM].insert(keys[i], self.res.size[h], keys[i - 1] if i else None)
+            self.counters["promotions"] += 1
+            self.counters["nvme_bytes_read"] += self.res.size[h]
+            if self.config.exclusive and not (self.config.nvme and self.config.nvme.write_through):
+                nslot = self.res.clear_slot(h, Tier.NVME)
+                self.policies[Tier.NVME].remove(keys[i])
+                nvme.delete_batch([nslot])
+        for i in drop:   # a corrupt record is dropped from the index and the disk
+            h = hs[i]
+            nslot = self.res.clear_slot(h, Tier.NVME)
+            self.policies[Tier.NVME].remove(keys[i])
+            nvme.delete_batch([nslot])
+            if self.res.nearest(h) is None:
+                self.pins.forget(keys[i])
+                self.res.remove(h)
+        return first_bad
+
+    def complete_load(self, job_id: int, ok: bool = True) -> None:
+        """Release the job's pins. ``ok=False`` records a failed copy (counter only: the
+        caller recomputes)."""
+        with self._lock:
+            job = self._loads.pop(job_id, None)
+            if job is None:
+                raise JobError(f"unknown load job {job_id}")
+            self.pins.release_owner(job.pin_owner)
+            if not ok:
+                self.counters["loads_failed"] += 1
+            self._drop_orphans(job.keys)
+
+    def _drop_orphans(self, keys: Iterable[BlockKey]) -> None:
+        for k in keys:
+            h = self.res.get(k)
+            if h >= 0 and self.res.nearest(h) is None and self.res.pins[h] == 0:
+                self.res.remove(h)
+
+    # ---------------------------------------------------------------- bytes
+    def slot_view(self, slot: int) -> memoryview:
+        """Writable view of a DRAM slot (``slot_bytes`` long) of a prepared job."""
+        return self.tiers[Tier.DRAM].view(slot)
+
+    def put(self, keys: Sequence[BlockKey], namespace: Namespace, blocks: Sequence[bytes | memoryview],
+            *, owner: str = LOCAL, parent: BlockKey | None = None) -> list[BlockStatus]:
+        """Convenience: prepare_store + copy + complete_store for equally sized blocks."""
+        size = len(blocks[0]) if blocks else 0
+        job = self.prepare_store(keys, namespace, size, owner=owner, parent=parent)
+        for s, b in zip(job.slots, blocks):
+            if s is not None:
+                self.slot_view(s)[:size] = b
+        return self.complete_store(job.job_id, ok=True)
+
+    def get(self, keys: Sequence[BlockKey], *, owner: str = LOCAL) -> list[bytes]:
+        """Convenience: bytes of the longest loadable prefix of ``keys`` (copies)."""
+        job = self.prepare_load(keys, owner=owner)
+        try:
+            return [bytes(self.slot_view(s)[:n]) for s, n in zip(job.slots, job.sizes)]
+        finally:
+            self.complete_load(job.job_id)
+
+    # ---------------------------------------------------------------- admin
+    def evict(self, keys: Iterable[BlockKey]) -> dict:
+        """Remove unpinned ``keys`` from every tier. Returns counts of evicted / pinned / missing."""
+        out = Counter()
+        with self._lock:
+            for k in keys:
+                h = self.res.get(k)
+                if h < 0:
+                    out["missing"] += 1
+                    continue
+                if self.res.pins[h]:
+                    out["pinned"] += 1
+                    continue
+                self._drop_block(k, h)
+                out["evicted"] += 1
+        return dict(out)
+
+    def _drop_block(self, key: BlockKey, h: int) -> None:
+        for t in list(self.res.tiers_of(h)):
+            s = self.res.clear_slot(h, t)
+            self.policies[t].remove(key)
+            if t is Tier.NVME:
+                self.tiers[t].delete_batch([s])
+            else:
+                self.tiers[t].free(s)
+        self.res.remove(h)
+
+    def blocks(self, limit: int | None = None, tier: Tier | None = None) -> list[dict]:
+        """One dict per resident block: key (hex), namespace, tiers, size, checksum, pins."""
+        with self._lock:
+            out = []
+            for k, h in self.res.handles():
+                tiers = self.res.tiers_of(h)
+                if tier is not None and tier not in tiers:
+                    continue
+                out.append(self._describe(k, h, tiers))
+                if limit is not None and len(out) >= limit:
+                    break
+            return out
+
+    def block(self, key: BlockKey) -> dict | None:
+        with self._lock:
+            h = self.res.get(key)
+            return None if h < 0 else self._describe(key, h, self.res.tiers_of(h))
+
+    def _describe(self, k: BlockKey, h: int, tiers: list[Tier]) -> dict:
+        ns = self._namespaces[self.res.ns[h]]
+        nsd = ns.describe() if isinstance(ns, Namespace) else dict(ns)
+        return {
+            "key": k.hex(),
+            "namespace": nsd,
+            "tiers": [t.label for t in tiers],
+            "slots": {t.label: self.res.slot(h, t) for t in tiers},
+            "size_bytes": self.res.size[h],
+            "checksum": f"{self.res.checksum[h]:016x}" if self.res.checksum[h] else None,
+            "pins": self.res.pins[h],
+        }
+
+    def stats(self) -> dict:
+        with self._lock:
+            tiers = []
+            for t, tier in self.tiers.items():
+                u = tier.usage()
+                u["blocks"] = len(self.policies[t])
+                tiers.append(u)
+            c = dict(self.counters)
+            for t, tier in self.tiers.items():
+                for name, v in getattr(tier, "counters", {}).items():
+                    c[f"{t.label}_{name}"] = v
+            return {
+                "blocks": len(self.res),
+                "pinned_blocks": sum(1 for _, h in self.res.handles() if self.res.pins[h]),
+                "pins": self.pins.total(),
+                "pending_stores": len(self._stores),
+                "pending_loads": len(self._loads),
+                "tiers": tiers,
+                "counters": c,
+            }
+
+    def check(self, fix: bool = False) -> list[str]:
+        """Verify the invariants (index vs tiers vs pins) and, with NVMe, every record's header
+        and checksum. Returns one line per problem; ``fix`` repairs what can be repaired."""
+        problems: list[str] = []
+        with self._lock:
+            for k, h in self.res.handles():
+                ts = self.res.tiers_of(h)
+                if not ts:
+                    problems.append(f"block {k.hex()[:16]} resident nowhere")
+                for t in ts:
+                    s = self.res.slot(h, t)
+                    if not self.tiers[t].slots.is_used(s):
+                        problems.append(f"block {k.hex()[:16]} points at free {t.label} slot {s}")
+            for t, tier in self.tiers.items():
+                n_index = sum(1 for _, h in self.res.handles() if self.res.slot(h, t) >= 0)
+                pending = sum(1 for j in self._stores.values() for s in j.slots if s is not None) \
+                    if t is Tier.DRAM else 0
+                if tier.slots.used != n_index + pending:
+                    problems.append(f"{t.label}: {tier.slots.used} slots used but index holds "
+                                    f"{n_index} (+{pending} pending)")
+            if self.pins.total() != sum(self.res.pins[h] for _, h in self.res.handles()):
+                problems.append("pin ledger and pin counts disagree")
+            nvme = self.tiers.get(Tier.NVME)
+            if nvme is not None:
+                disk = nvme.check(fix=fix)
+                problems.extend(f"nvme: {p}" for p in disk)
+                if fix and disk:
+                    self._resync_nvme()
+        return problems
+
+    def _resync_nvme(self) -> None:
+        """After a disk repair, drop index entries whose NVMe record no longer exists."""
+        nvme = self.tiers[Tier.NVME]
+        for k, h in self.res.handles():
+            s = self.res.slot(h, Tier.NVME)
+            if s >= 0 and not nvme.slots.is_used(s):
+                self.res.clear_slot(h, Tier.NVME)
+                self.policies[Tier.NVME].remove(k)
+                if self.res.nearest(h) is None and not self.res.pins[h]:
+                    self.res.remove(h)
+
+    def close(self) -> None:
+        """Abort unfinished jobs, release resources. Idempotent."""
+        with self._lock:
+            if self._closed:
+                return
+            for jid in list(self._stores):
+                self.complete_store(jid, ok=False)
+            for jid in list(self._loads):
+                self.complete_load(jid, ok=False)
+            for t in self.tiers.values():
+                t.close()
+            self._closed = True
+
+    def __enter__(self) -> "Store":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

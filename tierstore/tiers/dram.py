@@ -1,0 +1,89 @@
+"""The DRAM tier: one slab, allocated and pre-faulted once at start, fixed slots, a free list.
+
+Layout: slot ``i`` occupies bytes ``[i * slot_bytes, (i + 1) * slot_bytes)`` of one mapping.
+``slot_bytes`` is rounded up to 4096 so every slot is page aligned (O_DIRECT writes straight from
+the slab). The mapping is anonymous (in-process store) or a POSIX shared-memory object
+(``shm_name``, daemon mode: clients map the same pages and copy blocks in place). Pre-faulting
+touches every page at start: first touch costs ~8x a copy (MACHINE.md §4a), so it never happens
+on the hot path. No allocation per put or get.
+
+CUDA host registration (pinning) of the slab happens in tiers/pinning.py when CUDA exists.
+
+Single-threaded accounting; byte copies into views may run on any thread that holds a pin.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+
+from tierstore.tiers.base import MemoryTier
+from tierstore.types import Tier
+
+PAGE = 4096
+
+
+def round_up(n: int, align: int = PAGE) -> int:
+    return (n + align - 1) // align * align
+
+
+class DramTier(MemoryTier):
+    """Slab of ``num_slots`` slots of ``slot_bytes`` (rounded up to 4096) bytes."""
+
+    def __init__(self, num_slots: int, slot_bytes: int, *, shm_name: str | None = None,
+                 prefault: bool = True) -> None:
+        slot_bytes = round_up(slot_bytes)
+        super().__init__(Tier.DRAM, num_slots, slot_bytes)
+        self.shm_name = shm_name
+        size = max(num_slots * slot_bytes, PAGE)
+        self.size_bytes = size
+        if shm_name:
+            path = "/dev/shm/" + shm_name.lstrip("/")
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+            try:
+                os.ftruncate(fd, size)
+                self._mm = mmap.mmap(fd, size, flags=mmap.MAP_SHARED | self._populate(prefault))
+            finally:
+                os.close(fd)
+        else:
+            flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | self._populate(prefault)
+            self._mm = mmap.mmap(-1, size, flags=flags)
+        self._buf = memoryview(self._mm)
+        if prefault and not self._populate(True):
+            self._prefault()
+        self._views = [self._buf[i * slot_bytes:(i + 1) * slot_bytes] for i in range(num_slots)]
+
+    @staticmethod
+    def _populate(prefault: bool) -> int:
+        # MAP_POPULATE faults every page in at mmap time (kernel-side, ~1.3 GiB/s here).
+        return getattr(mmap, "MAP_POPULATE", 0) if prefault else 0
+
+    def _prefault(self) -> None:
+        # Fallback where MAP_POPULATE is missing: touch one byte per page.
+        zero = bytes(PAGE)
+        for off in range(0, self.size_bytes, PAGE):
+            self._buf[off:off + 1] = zero[:1]
+
+    @property
+    def buffer(self) -> memoryview:
+        """The whole slab (for registration with CUDA or RDMA)."""
+        return self._buf
+
+    def view(self, slot: int) -> memoryview:
+        return self._views[slot]
+
+    def close(self) -> None:
+        if self._buf is None:
+            return
+        self._views = []
+        self._buf.release()
+        self._buf = None
+        try:
+            self._mm.close()
+        except BufferError:
+            pass
+        if self.shm_name:
+            try:
+                os.unlink("/dev/shm/" + self.shm_name.lstrip("/"))
+            except FileNotFoundError:
+                pass

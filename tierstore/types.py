@@ -1,0 +1,111 @@
+"""Small value types shared by every layer: tiers, keys, lookup results, job ids.
+
+A :data:`BlockKey` is 32 raw bytes (see :mod:`tierstore.keys`); everything else here is a plain
+frozen value with no behaviour beyond derived properties.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+BlockKey = bytes
+"""32-byte keyed chain hash of one full block (tierstore.keys)."""
+
+JobId = int
+
+
+class Tier(enum.IntEnum):
+    """Storage tiers, ordered nearest (0) to farthest."""
+
+    HBM = 0
+    DRAM = 1
+    NVME = 2
+    PEER = 3
+
+    @property
+    def label(self) -> str:
+        return self.name.lower()
+
+    @classmethod
+    def parse(cls, text: str) -> "Tier":
+        try:
+            return cls[text.strip().upper()]
+        except KeyError:
+            raise ValueError(f"unknown tier {text!r}; expected one of hbm, dram, nvme, peer") from None
+
+
+@dataclass(frozen=True)
+class LookupResult:
+    """Answer of :meth:`Store.lookup`.
+
+    ``tiers[i]`` is the nearest tier holding ``keys[i]``; the hit is always a prefix of the asked
+    chain. ``block_size`` is in tokens, so ``hit_tokens = len(keys) * block_size``.
+    ``pinned`` says whether the hit blocks were pinned for ``owner`` in the same critical section.
+    """
+
+    keys: tuple[BlockKey, ...]
+    tiers: tuple[Tier, ...]
+    block_size: int
+    pinned: bool = False
+    owner: str = ""
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.keys)
+
+    @property
+    def hit_tokens(self) -> int:
+        return len(self.keys) * self.block_size
+
+    def hit_tokens_per_tier(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for t in self.tiers:
+            out[t.label] = out.get(t.label, 0) + self.block_size
+        return out
+
+
+class BlockStatus(enum.Enum):
+    """Per-block outcome of a store or load job."""
+
+    OK = "ok"
+    PRESENT = "present"          # store: already resident, nothing written
+    SKIPPED = "skipped"          # store: refused (tier full of pinned blocks, admission said no)
+    MISSING = "missing"          # load: not resident (evicted, never stored, pin lease expired)
+    CORRUPT = "corrupt"          # load: checksum or header check failed; counted, never returned
+    FAILED = "failed"            # I/O error or aborted job
+
+
+@dataclass
+class StoreJob:
+    """Result of :meth:`Store.prepare_store`.
+
+    ``slots[i]`` is the DRAM slot the caller must fill with block ``keys[i]`` (``None`` when
+    ``status[i]`` is not OK). Nothing is visible to lookups until ``complete_store(job_id, ok=True)``.
+    """
+
+    job_id: JobId
+    keys: list[BlockKey]
+    slots: list[int | None]
+    status: list[BlockStatus]
+    size_bytes: int
+
+
+@dataclass
+class LoadJob:
+    """Result of :meth:`Store.prepare_load`.
+
+    The first ``num_ready`` keys are pinned and readable from ``slots`` (DRAM slot ids) until
+    ``complete_load``; the load stops at the first block that is missing or corrupt, so the
+    caller always gets an exact prefix and recomputes the rest.
+    """
+
+    job_id: JobId
+    keys: list[BlockKey]
+    slots: list[int]
+    status: list[BlockStatus]
+    sizes: list[int] = field(default_factory=list)
+
+    @property
+    def num_ready(self) -> int:
+        return len(self.slots)

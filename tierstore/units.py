@@ -1,0 +1,87 @@
+"""Parsing of capacities and sizes given by people (CLI flags, TOML).
+
+Grammar (case-insensitive, surrounding spaces ignored)::
+
+    3M          tokens, decimal multiplier K=1e3, M=1e6, G=1e9   -> floor(tokens / block_tokens) blocks
+    3000000     tokens
+    64GiB       bytes, binary units KiB MiB GiB TiB (also B, KB/MB/GB/TB = powers of 1000)
+    256blocks   blocks (also "256 block")
+
+Every parse error is a :class:`ConfigError` with a one-line message naming the bad text.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from tierstore.errors import ConfigError
+
+_BYTE_UNITS = {
+    "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+    "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
+}
+_TOKEN_MULT = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9}
+_RE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]*)\s*$")
+
+
+@dataclass(frozen=True)
+class Capacity:
+    """A capacity as given: exactly one of tokens, bytes or blocks is set."""
+
+    tokens: int | None = None
+    bytes: int | None = None
+    blocks: int | None = None
+    text: str = ""
+
+    def to_blocks(self, block_tokens: int, block_bytes: int) -> int:
+        """Number of whole blocks: floor(tokens / block_tokens), floor(bytes / block_bytes)."""
+        if self.blocks is not None:
+            return self.blocks
+        if self.tokens is not None:
+            return self.tokens // block_tokens
+        return self.bytes // max(block_bytes, 1)
+
+
+def parse_capacity(text: str | int) -> Capacity:
+    """Parse ``text`` per the module grammar. Raises ConfigError."""
+    if isinstance(text, int):
+        if text < 0:
+            raise ConfigError(f"capacity must not be negative: {text}")
+        return Capacity(tokens=text, text=str(text))
+    m = _RE.match(str(text))
+    if not m:
+        raise ConfigError(f"cannot parse capacity {text!r} (examples: 3M tokens, 64GiB, 256blocks)")
+    num, unit = m.group(1), m.group(2).lower()
+    value = float(num)
+    if unit in ("block", "blocks"):
+        if value != int(value):
+            raise ConfigError(f"block count must be whole: {text!r}")
+        return Capacity(blocks=int(value), text=str(text))
+    if unit in _BYTE_UNITS:
+        return Capacity(bytes=int(value * _BYTE_UNITS[unit]), text=str(text))
+    if unit in _TOKEN_MULT:
+        return Capacity(tokens=int(value * _TOKEN_MULT[unit]), text=str(text))
+    raise ConfigError(f"cannot parse capacity {text!r}: unknown unit {m.group(2)!r} "
+                      "(use K/M/G for tokens, KiB/MiB/GiB for bytes, or 'blocks')")
+
+
+def parse_bytes(text: str | int) -> int:
+    """Parse a size in bytes ('2MiB', '4096', '1.5GiB'). Raises ConfigError."""
+    if isinstance(text, int):
+        return text
+    m = _RE.match(str(text))
+    if not m or m.group(2).lower() not in _BYTE_UNITS | {"": 1}:
+        raise ConfigError(f"cannot parse size {text!r} (examples: 4096, 2MiB, 1.5GiB)")
+    unit = m.group(2).lower() or "b"
+    return int(float(m.group(1)) * _BYTE_UNITS[unit])
+
+
+def format_bytes(n: int | float) -> str:
+    """Human form with binary units: 2097152 -> '2.0 MiB'."""
+    n = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
