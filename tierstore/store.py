@@ -449,6 +449,9 @@ class Store:
         dram = self.tiers[Tier.DRAM]
         nvme = self.tiers[Tier.NVME]
         staged: list[tuple[int, int]] = []   # (index, dram slot)
+        short = len(need) - dram.slots.free_count
+        if short > 0:
+            self._make_room(Tier.DRAM, short)   # one demotion batch, not one per block
         for i in need:
             s = self._alloc(Tier.DRAM)
             if s is None:
