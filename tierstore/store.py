@@ -37,7 +37,7 @@ from typing import Iterable, Sequence
 from tierstore.config import StoreConfig
 from tierstore.errors import JobError, PinError, RejectedError
 from tierstore.index.prefix import longest_prefix
-from tierstore.index.residency import PinBook, Residency
+from tierstore.index.residency import TIER_BY_VALUE, PinBook, Residency
 from tierstore.keys import Namespace
 from tierstore.policy import make_admission, make_eviction
 from tierstore.policy.base import AdmissionPolicy, EvictionPolicy
@@ -165,8 +165,8 @@ class Store:
         with self._lock:
             self._expire()
             hs = longest_prefix(self.res, keys)
-            nearest = self.res.nearest
-            tiers = tuple(nearest(h) for h in hs)
+            near, by_value = self.res.near, TIER_BY_VALUE
+            tiers = tuple([by_value[near[h]] for h in hs])
             hit = tuple(keys[: len(hs)])
             if pin:
                 for k in hit:

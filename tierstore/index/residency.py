@@ -11,6 +11,7 @@ block costs about 170 bytes of index memory (key bytes object + dict entry + col
     checksum    u64    xxh3-64 of the payload, 0 = not computed yet (DRAM-only blocks)
     pins        i32    number of live pins (never negative)
     slot[tier]  i32    slot in that tier, -1 = not resident there (hbm, dram, nvme)
+    near        u8     nearest tier holding it (Tier value), 255 = none (kept for fast lookups)
 
 A block may be resident in several tiers at once (NVMe write-through); ``nearest`` is the one a
 load uses. ``PinBook`` records which owner (a connection, a session, a job) holds each pin, so a
@@ -31,6 +32,8 @@ from tierstore.errors import PinError
 from tierstore.types import BlockKey, Tier
 
 _LOCAL_TIERS = (Tier.HBM, Tier.DRAM, Tier.NVME)
+NOWHERE = 255
+TIER_BY_VALUE = {int(t): t for t in Tier}
 
 
 class Residency:
@@ -45,6 +48,7 @@ class Residency:
         self.checksum = array("Q")
         self.pins = array("i")
         self.slots = {t: array("i") for t in _LOCAL_TIERS}
+        self.near = array("B")
 
     # -- lookups -------------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -72,10 +76,15 @@ class Residency:
         return [t for t in _LOCAL_TIERS if self.slots[t][h] >= 0]
 
     def nearest(self, h: int) -> Tier | None:
+        n = self.near[h]
+        return None if n == NOWHERE else TIER_BY_VALUE[n]
+
+    def _renear(self, h: int) -> None:
         for t in _LOCAL_TIERS:
             if self.slots[t][h] >= 0:
-                return t
-        return None
+                self.near[h] = t
+                return
+        self.near[h] = NOWHERE
 
     # -- mutation ------------------------------------------------------------------------------
     def add(self, key: BlockKey, ns_id: int, size: int, checksum: int = 0) -> int:
@@ -87,6 +96,7 @@ class Residency:
             self.ns[h], self.size[h], self.checksum[h], self.pins[h] = ns_id, size, checksum, 0
             for t in _LOCAL_TIERS:
                 self.slots[t][h] = -1
+            self.near[h] = NOWHERE
         else:
             h = len(self._keys)
             self._keys.append(key)
@@ -96,16 +106,19 @@ class Residency:
             self.pins.append(0)
             for t in _LOCAL_TIERS:
                 self.slots[t].append(-1)
+            self.near.append(NOWHERE)
         self._handle[key] = h
         return h
 
     def set_slot(self, h: int, tier: Tier, slot: int) -> None:
         self.slots[tier][h] = slot
+        self._renear(h)
 
     def clear_slot(self, h: int, tier: Tier) -> int:
         """Forget the block's place in ``tier``; returns the old slot (-1 if none)."""
         old = self.slots[tier][h]
         self.slots[tier][h] = -1
+        self._renear(h)
         return old
 
     def remove(self, h: int) -> None:
@@ -123,7 +136,7 @@ class Residency:
         """Approximate bytes held by the map (dict + keys + columns), for the index benchmark."""
         import sys
         n = len(self._keys)
-        cols = sum(a.itemsize * len(a) for a in (self.ns, self.size, self.checksum, self.pins))
+        cols = sum(a.itemsize * len(a) for a in (self.ns, self.size, self.checksum, self.pins, self.near))
         cols += sum(a.itemsize * len(a) for a in self.slots.values())
         keys = sum(sys.getsizeof(k) for k in self._handle)
         # handles >= 256 are separate int objects stored as dict values

@@ -1,0 +1,128 @@
+"""Core store benchmarks, measured side by side in one run (issue 2 acceptance).
+
+1. DRAM tier put+get of 2 MiB blocks through the two-phase API (prepare_store, copy into the
+   slot, complete_store; prepare_load, copy out of the slot into a preallocated buffer,
+   complete_load) against a plain memcpy of the same bytes (slab-sized buffer in, then out).
+2. Prefix lookup of an 8,192-block chain (p50, p99 in ms).
+3. Index memory per resident block at 1 M blocks (residency map; the LRU policy reported apart).
+
+Usage: python benchmarks/bench_store.py [--blocks 256] [--batch 32] [--rounds 5]
+Prints a table; results go to docs/benchmarks.md by hand with the date and machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+import tracemalloc
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+from tierstore.config import DramConfig, StoreConfig  # noqa: E402
+from tierstore.index.residency import Residency  # noqa: E402
+from tierstore.keys import Keyer, Namespace  # noqa: E402
+from tierstore.policy.lru import LRU  # noqa: E402
+from tierstore.store import Store  # noqa: E402
+from tierstore.tiers.dram import DramTier  # noqa: E402
+from tierstore.types import Tier  # noqa: E402
+
+MiB = 1 << 20
+
+
+def bench_dram(num_blocks: int, batch: int, rounds: int) -> tuple[float, float]:
+    """Returns (store GB/s, memcpy GB/s) for put+get of num_blocks 2 MiB blocks."""
+    bs = 2 * MiB
+    ns = Namespace("bench", 16, num_layers=32, num_kv_heads=8, head_size=128)
+    store = Store.open(StoreConfig(slot_bytes=bs, dram=DramConfig(capacity_blocks=num_blocks)))
+    keyer = Keyer(ns, b"b" * 32)
+    src = DramTier(batch, bs)           # producer buffers (like paged KV staging)
+    dst = DramTier(batch, bs)
+    for i in range(batch):
+        src.view(i)[:] = os.urandom(16) * (bs // 16)
+    plain = DramTier(num_blocks, bs)    # the memcpy baseline's own slab
+    t_store, t_copy = [], []
+    for r in range(rounds):
+        chains = [keyer.chain(list(range((r * num_blocks + i) * 16, (r * num_blocks + i + batch) * 16)))
+                  for i in range(0, num_blocks, batch)]
+        # baseline: the same bytes in and out of a slab with plain memoryview copies
+        t0 = time.perf_counter()
+        for c, _ in enumerate(chains):
+            for j in range(batch):
+                plain.view(c * batch + j)[:] = src.view(j)
+            for j in range(batch):
+                dst.view(j)[:] = plain.view(c * batch + j)
+        t_copy.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        for keys in chains:
+            job = store.prepare_store(keys, ns, bs)
+            for j, s in enumerate(job.slots):
+                store.slot_view(s)[:] = src.view(j)
+            store.complete_store(job.job_id)
+            lj = store.prepare_load(keys)
+            for j, s in enumerate(lj.slots):
+                dst.view(j)[:] = store.slot_view(s)
+            store.complete_load(lj.job_id)
+        t_store.append(time.perf_counter() - t0)
+        assert bytes(dst.view(batch - 1)[:64]) == bytes(src.view(batch - 1)[:64])
+    moved = 2 * num_blocks * bs
+    store.close()
+    return moved / statistics.median(t_store) / 1e9, moved / statistics.median(t_copy) / 1e9
+
+
+def bench_lookup(chain_blocks: int = 8192, reps: int = 200) -> tuple[float, float]:
+    ns = Namespace("bench", 16)
+    store = Store.open(StoreConfig(slot_bytes=4096, dram=DramConfig(capacity_blocks=chain_blocks, payload=False)))
+    keys = Keyer(ns, b"b" * 32).chain(list(range(chain_blocks * 16)))
+    for i in range(0, chain_blocks, 1024):
+        job = store.prepare_store(keys[i:i + 1024], ns, 4096)
+        store.complete_store(job.job_id)
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        r = store.lookup(keys, ns)
+        times.append(time.perf_counter() - t0)
+    assert r.num_blocks == chain_blocks
+    times.sort()
+    return times[len(times) // 2] * 1e3, times[int(len(times) * 0.99)] * 1e3
+
+
+def bench_index_memory(n: int = 1_000_000) -> tuple[float, float]:
+    keys = [os.urandom(32) for _ in range(n)]      # keys exist before the index (caller-owned)
+    tracemalloc.start()
+    base = tracemalloc.get_traced_memory()[0]
+    res = Residency()
+    for i, k in enumerate(keys):
+        h = res.add(k, 0, 2 * MiB, 0)
+        res.set_slot(h, Tier.DRAM, i)
+    idx = tracemalloc.get_traced_memory()[0] - base
+    pol = LRU(n)
+    for k in keys:
+        pol.insert(k, 2 * MiB)
+    total = tracemalloc.get_traced_memory()[0] - base
+    tracemalloc.stop()
+    # the key bytes objects are shared with the caller; count them once as index memory
+    key_bytes = sys.getsizeof(keys[0])
+    return (idx / n + key_bytes), (total - idx) / n
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--blocks", type=int, default=256, help="2 MiB blocks per round (default 256 = 512 MiB)")
+    ap.add_argument("--batch", type=int, default=32, help="blocks per request")
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--index-blocks", type=int, default=1_000_000)
+    a = ap.parse_args()
+    print(f"# tierstore core benchmarks  python {sys.version.split()[0]}  cpus {os.cpu_count()}", flush=True)
+    s, c = bench_dram(a.blocks, a.batch, a.rounds)
+    print(f"| DRAM put+get, 2 MiB blocks, batch {a.batch} | store {s:.2f} GB/s | memcpy {c:.2f} GB/s | ratio {s / c:.3f} |", flush=True)
+    p50, p99 = bench_lookup()
+    print(f"| prefix lookup, 8,192-block chain | p50 {p50:.3f} ms | p99 {p99:.3f} ms | goal p50 < 1 ms |", flush=True)
+    idx, pol = bench_index_memory(a.index_blocks)
+    print(f"| index memory per resident block at {a.index_blocks:,} blocks | {idx:.0f} B | LRU policy +{pol:.0f} B | goal <= 200 B |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
