@@ -15,11 +15,18 @@ EVICTION: dict[str, str] = {
     "lru": "tierstore.policy.lru:LRU",
     "prefix-lru": "tierstore.policy.prefix_aware:PrefixLRU",
     "prefix-gdsf": "tierstore.policy.prefix_aware:PrefixGDSF",
+    "s3fifo": "tierstore.policy.s3fifo:S3FIFO",
+    "arc": "tierstore.policy.arc:ARC",
+    "gdsf": "tierstore.policy.gdsf:GDSF",
 }
 ADMISSION: dict[str, str] = {
     "all": "tierstore.policy.base:AdmitAll",
+    "seen-twice": "tierstore.policy.admission:SeenTwice",
+    "write-budget": "tierstore.policy.admission:WriteBudget",
 }
-DEFAULT_EVICTION = "lru"
+# Default from evidence (docs/policies.md): prefix-aware GDSF had the best block hit ratio at
+# 1M and 3M tokens on both workloads and stays within 0.001 of LRU at the largest capacities.
+DEFAULT_EVICTION = "prefix-gdsf"
 
 
 def _load(spec: str):

@@ -70,6 +70,11 @@ ADMIT = Admission(Verdict.ADMIT)
 REJECT = Admission(Verdict.REJECT)
 
 
+def throttled(after_s: float) -> Admission:
+    """``THROTTLED(after_s)``: not now; the same block may be admitted ``after_s`` seconds later."""
+    return Admission(Verdict.THROTTLED, after_s)
+
+
 class AdmissionPolicy(ABC):
     """Says whether a block may enter a tier (e.g. NVMe only for blocks seen twice)."""
 

@@ -1,0 +1,197 @@
+"""Offline policy harness: replay a Mooncake-format trace against eviction policies, no store.
+
+Semantics (identical to the reference simulator for LRU, and to what the store does per block):
+
+    for each request (hash_ids = 512-token prefix blocks, in order):
+        hit += number of leading blocks already resident          (prefix semantics)
+        for each block b with parent p (previous block, None for the first):
+            resident -> policy.access(b)
+            else     -> while len(resident) >= capacity: v = policy.victim(all); policy.remove(v)
+                        policy.insert(b, BLOCK_BYTES, p)
+    block_hit_ratio = hit / total blocks
+
+Reference rows: ``belady`` (offline optimum: evict the block whose next use is farthest; a block
+is inserted first and the farthest is evicted afterwards, as in the reference simulator) and
+``infinite`` (no eviction). Usage::
+
+    python3 benchmarks/policy_sim.py [--trace PATH | --synthetic N] [--policies lru,s3fifo,...]
+        [--capacity 1M,3M,10M,30M] [--seed 0] [--format table|json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import heapq
+import json
+import os
+import sys
+import time
+from collections import defaultdict, deque
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from tierstore.policy import EVICTION, make_eviction  # noqa: E402
+
+BLOCK_TOKENS = 512  # Mooncake hash_ids are per 512-token block
+BLOCK_BYTES = 1 << 20  # nominal block size; uniform, so byte-weighted policies see equal weights
+DEFAULT_TRACE = "/work/shared/data/mooncake_conversation_trace.jsonl"
+
+
+def load_trace(path: str) -> list[list]:
+    with open(path) as f:
+        return [json.loads(line)["hash_ids"] for line in f if line.strip()]
+
+
+def parse_tokens(text: str) -> int:
+    text = text.strip().upper()
+    mult = {"K": 10**3, "M": 10**6, "G": 10**9}.get(text[-1:], 1)
+    return int(float(text.rstrip("KMG")) * mult)
+
+
+def simulate(reqs: list[list], policy, capacity_blocks: int) -> dict:
+    """Replay ``reqs`` against ``policy``; return hit ratio, op count and seconds spent."""
+    resident: set = set()
+    everything = lambda _k: True  # noqa: E731 - nothing is pinned offline
+    hit = total = ops = 0
+    t0 = time.perf_counter()
+    for h in reqs:
+        k = 0
+        for b in h:
+            if b in resident:
+                k += 1
+            else:
+                break
+        hit += k
+        total += len(h)
+        parent = None
+        for b in h:
+            if b in resident:
+                policy.access(b)
+                ops += 1
+            else:
+                while len(resident) >= capacity_blocks:
+                    v = policy.victim(everything)
+                    policy.remove(v)
+                    resident.discard(v)
+                    ops += 2
+                policy.insert(b, BLOCK_BYTES, parent)
+                resident.add(b)
+                ops += 1
+            parent = b
+    dt = time.perf_counter() - t0
+    return {"block_hit_ratio": hit / total, "ops": ops, "seconds": dt, "us_per_op": dt / ops * 1e6}
+
+
+def belady(reqs: list[list], capacity_blocks: int) -> float:
+    """Offline optimum with the reference simulator's order (insert, then evict farthest next use)."""
+    future: dict = defaultdict(deque)
+    t = 0
+    for h in reqs:
+        for b in h:
+            future[b].append(t)
+            t += 1
+    inf = float("inf")
+    cache: set = set()
+    nxt: dict = {}
+    heap: list = []
+    hit = total = 0
+    for h in reqs:
+        k = 0
+        for b in h:
+            if b in cache:
+                k += 1
+            else:
+                break
+        hit += k
+        total += len(h)
+        for b in h:
+            q = future[b]
+            q.popleft()
+            n = q[0] if q else inf
+            nxt[b] = n
+            cache.add(b)
+            heapq.heappush(heap, (-n, b))
+            while len(cache) > capacity_blocks:
+                negn, y = heapq.heappop(heap)
+                if y in cache and nxt[y] == -negn:
+                    cache.discard(y)
+    return hit / total
+
+
+def infinite(reqs: list[list]) -> float:
+    seen: set = set()
+    hit = total = 0
+    for h in reqs:
+        for b in h:
+            if b in seen:
+                hit += 1
+            else:
+                break
+        total += len(h)
+        seen.update(h)
+    return hit / total
+
+
+def run(reqs, policies, capacities_tokens, refs=True) -> list[dict]:
+    rows = []
+    for name in policies:
+        for tok in capacities_tokens:
+            cap = tok // BLOCK_TOKENS
+            r = simulate(reqs, make_eviction(name, cap), cap)
+            rows.append({"policy": name, "capacity_tokens": tok, "capacity_blocks": cap, **r})
+    if refs:
+        inf = infinite(reqs)
+        for tok in capacities_tokens:
+            cap = tok // BLOCK_TOKENS
+            rows.append({"policy": "belady", "capacity_tokens": tok, "capacity_blocks": cap,
+                         "block_hit_ratio": belady(reqs, cap)})
+            rows.append({"policy": "infinite", "capacity_tokens": tok, "capacity_blocks": cap,
+                         "block_hit_ratio": inf})
+    return rows
+
+
+def _fmt_tokens(tok: int) -> str:
+    return f"{tok / 1e6:g}M"
+
+
+def table(rows: list[dict], capacities_tokens: list[int]) -> str:
+    names = list(dict.fromkeys(r["policy"] for r in rows))
+    by = {(r["policy"], r["capacity_tokens"]): r for r in rows}
+    head = "| policy | " + " | ".join(_fmt_tokens(t) for t in capacities_tokens) + " | µs/op |"
+    out = [head, "|" + "---|" * (len(capacities_tokens) + 2)]
+    for n in names:
+        cells = [f"{by[(n, t)]['block_hit_ratio']:.4f}" for t in capacities_tokens]
+        us = [by[(n, t)]["us_per_op"] for t in capacities_tokens if "us_per_op" in by[(n, t)]]
+        out.append(f"| {n} | " + " | ".join(cells) + f" | {max(us):.2f} |" if us else f"| {n} | " + " | ".join(cells) + " | - |")
+    return "\n".join(out)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    src = ap.add_mutually_exclusive_group()
+    src.add_argument("--trace", default=None, help="Mooncake-format JSONL (default: the conversation trace)")
+    src.add_argument("--synthetic", type=int, default=None, metavar="N",
+                     help="use tierstore.workload.generate_trace(N, seed) instead of a file")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--policies", default=",".join(EVICTION))
+    ap.add_argument("--capacity", default="1M,3M,10M,30M")
+    ap.add_argument("--no-refs", action="store_true", help="skip the belady / infinite rows")
+    ap.add_argument("--format", choices=["table", "json"], default="table")
+    a = ap.parse_args(argv)
+    if a.synthetic is not None:
+        from tierstore.workload import generate_trace
+        reqs = [r["hash_ids"] for r in generate_trace(a.synthetic, seed=a.seed)]
+    else:
+        reqs = load_trace(a.trace or DEFAULT_TRACE)
+    caps = [parse_tokens(c) for c in a.capacity.split(",")]
+    rows = run(reqs, [p.strip() for p in a.policies.split(",")], caps, refs=not a.no_refs)
+    if a.format == "json":
+        print(json.dumps(rows, indent=1))
+    else:
+        print(f"{len(reqs)} requests, {sum(map(len, reqs))} block refs")
+        print(table(rows, caps))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
