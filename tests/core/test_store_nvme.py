@@ -1,0 +1,180 @@
+"""Store over DRAM + NVMe: demotion, promotion, restart, corruption and I/O errors."""
+
+import os
+import signal
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("tierstore.tiers.nvme")
+
+from tierstore.client import Client  # noqa: E402
+from tierstore.config import DramConfig, NvmeConfig, StoreConfig  # noqa: E402
+from tierstore.keys import ExtraKeys, Keyer, Namespace  # noqa: E402
+from tierstore.store import Store  # noqa: E402
+from tierstore.tiers.base import DiskResult  # noqa: E402
+from tierstore.types import BlockStatus, Tier  # noqa: E402
+
+B = 16
+SLOT = 8192
+NS = Namespace("m", B, num_layers=2, num_kv_heads=2, head_size=32)
+SECRET = b"s" * 32
+
+
+def cfg(tmp: Path, dram=4, nvme=64, write_through=False) -> StoreConfig:
+    return StoreConfig(slot_bytes=SLOT, dram=DramConfig(capacity_blocks=dram),
+                       nvme=NvmeConfig(path=str(tmp / "nvme"), capacity_blocks=nvme,
+                                       write_through=write_through, file_slots=16))
+
+
+def payload(keys):
+    return [k * (SLOT // 32) for k in keys]
+
+
+def test_exclusive_demotion_and_promotion(tmp_path):
+    s = Store.open(cfg(tmp_path))
+    k = Keyer(NS, SECRET)
+    P = k.chain(list(range(64)))           # 4 blocks fill DRAM
+    Q = k.chain(list(range(1000, 1064)))   # 4 more demote P to NVMe
+    s.put(P, NS, payload(P))
+    s.put(Q, NS, payload(Q))
+    r = s.lookup(P, NS)
+    assert r.hit_tokens == 64 and set(r.tiers) == {Tier.NVME}
+    assert s.get(P) == payload(P)           # promotion: NVMe -> DRAM, Q demoted
+    assert set(s.lookup(P, NS).tiers) == {Tier.DRAM}
+    assert set(s.lookup(Q, NS).tiers) == {Tier.NVME}
+    assert s.counters["promotions"] == 4 and s.counters["demotions"] == 8
+    assert s.check() == []
+    s.close()
+
+
+def test_write_through_survives_clean_restart_without_rewriting(tmp_path):
+    """DISK-18 (clean part): 5 blocks to NVMe, clean stop, start, lookup -> 80 hit tokens and
+    0 bytes written by the lookup and the load."""
+    s = Store.open(cfg(tmp_path, dram=8, write_through=True))
+    P = Keyer(NS, SECRET).chain(list(range(80)))
+    s.put(P, NS, payload(P))
+    s.close()
+    s = Store.open(cfg(tmp_path, dram=8, write_through=True))
+    assert s.lookup(P, NS).hit_tokens == 80
+    assert s.get(P) == payload(P)
+    assert s.counters["nvme_bytes_written"] == 0
+    assert s.check() == []
+    s.close()
+
+
+def test_crash_with_lost_record_and_stray_file(tmp_path):
+    """DISK-18 (crash part): store 5 more, SIGKILL, destroy one record by hand, drop an unknown
+    file into the data dir, start: the damaged entry is dropped (lookup stops before it), the
+    unknown file is removed, used bytes = surviving records, LMDB and records one-to-one."""
+    c = cfg(tmp_path, dram=16, write_through=True)
+    s = Store.open(c)
+    P = Keyer(NS, SECRET).chain(list(range(160)))
+    s.put(P[:5], NS, payload(P[:5]))
+    s.close()
+    pid = os.fork()
+    if pid == 0:   # the writer: stores 5 more, then dies without any clean-up
+        try:
+            w = Store.open(c)
+            w.put(P[5:], NS, payload(P[5:]), parent=P[4])
+        finally:
+            os.kill(os.getpid(), signal.SIGKILL)
+    os.waitpid(pid, 0)
+    s = Store.open(c)
+    assert s.lookup(P, NS).hit_tokens == 160
+    nvme = s.tiers[Tier.NVME]
+    f, off = nvme._locate(s.block(P[7])["slots"]["nvme"])
+    s.close()
+    with open(nvme._file_path(f), "r+b") as fh:       # destroy block 7's record header
+        fh.seek(off)
+        fh.write(b"\0" * 64)
+    stray = Path(c.nvme.path) / "slabs" / "stray.bin"
+    stray.write_bytes(b"junk")
+    s2 = Store.open(c)
+    assert s2.lookup(P, NS).hit_tokens == 7 * B
+    assert not stray.exists()
+    assert s2.tiers[Tier.NVME].usage()["used_slots"] == 9
+    assert s2.check() == []
+    assert s2.get(P[:7]) == payload(P[:7])
+    s2.close()
+
+
+def test_corrupt_payload_is_a_miss_and_a_counter(tmp_path):
+    """A checksum mismatch on read is a miss plus a counter, never bytes: the load stops at the
+    corrupt block, the engine recomputes from there, and the bad record is dropped."""
+    s = Store.open(cfg(tmp_path, dram=4))
+    k = Keyer(NS, SECRET)
+    P = k.chain(list(range(64)))
+    s.put(P, NS, payload(P))
+    Q = k.chain(list(range(900, 964)))
+    s.put(Q, NS, payload(Q))            # demotes P to NVMe
+    nvme = s.tiers[Tier.NVME]
+    f, off = nvme._locate(s.block(P[2])["slots"]["nvme"])
+    with open(nvme._file_path(f), "r+b") as fh:
+        fh.seek(off + 4096 + 100)
+        fh.write(b"\xff" * 8)
+    job = s.prepare_load(P)
+    assert job.num_ready == 2 and job.status[2] is BlockStatus.CORRUPT
+    assert [bytes(s.slot_view(x)[:n]) for x, n in zip(job.slots, job.sizes)] == payload(P[:2])
+    s.complete_load(job.job_id)
+    assert s.counters["checksum_failures"] == 1
+    assert s.lookup(P, NS).hit_tokens == 32
+    assert s.check() == []
+    s.close()
+
+
+class FailingReads:
+    """Wraps the NVMe tier's read_batch and fails the read of one key with EIO."""
+
+    def __init__(self, tier, bad_key):
+        self.tier, self.bad_key, self.calls = tier, bad_key, 0
+        self.real = tier.read_batch
+
+    def __call__(self, items):
+        self.calls += 1
+        out = self.real(items)
+        return [DiskResult(False, error="eio") if it.key == self.bad_key else r
+                for it, r in zip(items, out)]
+
+
+def test_eio_on_block_2_loads_exact_prefix(tmp_path):
+    """XFER-14 (store part): EIO on the read of block 2 -> the load reports failure for block 2,
+    hit count for the engine = 32 tokens, the failed-load counter goes up; nothing hangs."""
+    s = Store.open(cfg(tmp_path, dram=4))
+    k = Keyer(NS, SECRET)
+    P = k.chain(list(range(64)))
+    s.put(P, NS, payload(P))
+    s.put(k.chain(list(range(700, 764))), NS, payload(k.chain(list(range(700, 764)))))
+    s.tiers[Tier.NVME].read_batch = FailingReads(s.tiers[Tier.NVME], P[2])
+    job = s.prepare_load(P)
+    assert job.num_ready == 2 and job.status[2] is BlockStatus.FAILED
+    assert job.num_ready * B == 32
+    s.complete_load(job.job_id)
+    assert s.counters["nvme_read_errors"] == 1
+    # an I/O error is not proof of corruption: the record stays for a later retry
+    assert s.lookup(P, NS).hit_tokens == 64
+    assert s.check() == []
+    s.close()
+
+
+def test_salt_never_reaches_disk_or_listing(tmp_path):
+    """KEY-01: store P (4 blocks) under salt "tenant-a"; tenant-b and no-salt lookups get 0;
+    an empty salt equals no salt (P2 -> 32); tenant-a gets 64. The literal salt appears nowhere
+    in the data dir (slabs, LMDB) nor in the block listing."""
+    d = tmp_path / "dd"
+    c = Client.embedded(d, cfg(d, dram=16, write_through=True), secret=SECRET)
+    k = c.keyer(NS)
+    P = list(range(64))
+    c.put(k.chain(P, ExtraKeys(cache_salt="tenant-a")), NS, payload(k.chain(P, ExtraKeys(cache_salt="tenant-a"))))
+    assert c.lookup(k.chain(P, ExtraKeys(cache_salt="tenant-b")), NS).hit_tokens == 0
+    assert c.lookup(k.chain(P), NS).hit_tokens == 0
+    P2 = list(range(500, 532))
+    c.put(k.chain(P2, ExtraKeys(cache_salt="")), NS, payload(k.chain(P2)))
+    assert c.lookup(k.chain(P2), NS).hit_tokens == 32
+    assert c.lookup(k.chain(P, ExtraKeys(cache_salt="tenant-a")), NS).hit_tokens == 64
+    listing = repr(c.blocks())
+    c.close()
+    assert "tenant-a" not in listing
+    for root, _, files in os.walk(d):
+        for name in files:
+            assert b"tenant-a" not in (Path(root) / name).read_bytes(), name
