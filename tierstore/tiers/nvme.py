@@ -1,0 +1,847 @@
+"""The NVMe tier: checksummed records in preallocated slab files, metadata in one LMDB env.
+
+Layout of a data directory::
+
+    <path>/slabs/slab-00000.dat   slots [0, file_slots)            } records of record_bytes each:
+    <path>/slabs/slab-00001.dat   slots [file_slots, 2*file_slots) } 4096-byte header (record.py)
+    ...                                                             } + payload padded to 4096
+    <path>/meta/                  one LMDB environment
+
+Slot ``s`` lives in file ``s // file_slots`` at offset ``(s % file_slots) * record_bytes`` with
+``record_bytes = 4096 + round_up(slot_bytes, 4096)``. Slab files are created and grown lazily by
+``alloc()`` with ``posix_fallocate`` in whole-file steps (halving the step near a full filesystem);
+on ENOSPC the grow is undone (file truncated back or removed, so no zero-length or partial file is
+left), ``alloc()`` returns None and the effective capacity is clamped to the slots already backed by
+disk (``usage()["effective_slots"]``, ``capacity_bytes``). The clamp lasts until reopen.
+
+LMDB keys (values little-endian)::
+
+    b"!format"        FORMAT_TAG; an env with another tag -> FormatError (one line)
+    b"!geometry"      JSON {slot_bytes, file_slots, record_bytes}; a mismatch -> ConfigError
+    b"s" + slot(u64 BE)  key(32) ns_digest(16) size(u64) stored(u64) checksum(u64) flags(u16)
+    b"n" + ns_digest     JSON namespace descriptor
+
+Publish order of ``write_batch``: records (one ``pwritev`` each, header + payload, from page-aligned
+buffers) -> one ``fdatasync`` per touched file -> one LMDB write txn. A crash before the commit
+leaves orphan records (valid header, no entry); ``recover()`` zeroes their magic. ``delete_batch``
+commits the LMDB delete first, then zeroes the header magic (a lost zeroing is again an orphan).
+So after ``kill -9`` at any moment, every surviving entry points at a record whose header verifies.
+``recover()`` also removes unknown files from slabs/, drops the entries of a vanished or truncated
+slab file (the next ``alloc()`` that needs it recreates it) and recomputes used bytes; ``check()``
+adds the full payload checksum of every entry.
+
+Data path (O_DIRECT when the filesystem allows it, see io/disk.py): a DRAM-slot source is
+page-aligned, so a write sends ``[header page, payload's whole pages, one tail page]`` with only the
+sub-page tail (< 4096 bytes) copied; a read mirrors it into the destination slot. Unaligned or
+read-only buffers go through a per-thread bounce buffer allocated once. Optional zstd (level 1)
+uses one compressor per thread; a block whose compressed form is not smaller is stored raw
+(flag clear), never expanded.
+
+Threading: the tier is single-threaded like every tier (the store calls it under its lock); inside
+a batch, an :class:`~tierstore.io.disk.IoPool` owned by this tier runs the per-item I/O and checksum
+concurrently; per-thread buffers and zstd contexts live in a ``threading.local``. Counters and
+metadata are updated only on the calling thread. After ``fork`` a child opens its own LMDB env
+(``reader_check()`` at every open reclaims slots of dead readers) and its own pool; the parent's
+env handle is never used for a transaction in the child (see ``_drop_inherited_env``).
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import re
+import struct
+import threading
+from array import array
+from pathlib import Path
+
+import lmdb
+import xxhash
+
+from tierstore.errors import ConfigError, FormatError
+from tierstore.io import disk
+from tierstore.io.disk import ALIGN, IoPool, aligned_buffer, round_up
+from tierstore.tiers.base import DiskEntry, DiskRead, DiskResult, DiskTier, DiskWrite, SlotAllocator
+from tierstore.tiers.record import (FLAG_ZSTD, HEADER_BYTES, KEY_BYTES, NS_BYTES, encode_header,
+                                    is_header_like, verify_header)
+from tierstore.types import Tier
+
+log = logging.getLogger(__name__)
+
+FORMAT_TAG = b"tierstore-nvme-meta/1"
+_VALUE = struct.Struct("<32s16sQQQH")
+_SLOT_KEY = struct.Struct(">cQ")
+_SLAB_RE = re.compile(r"^slab-(\d{5})\.dat$")
+_ZEROS = bytes(ALIGN)
+_xxh = xxhash.xxh3_64_intdigest
+_ABANDONED_ENVS: list = []   # inherited env handles a fork child could not close: kept, never used
+
+
+def _slot_key(slot: int) -> bytes:
+    return _SLOT_KEY.pack(b"s", slot)
+
+
+class _ClampAllocator(SlotAllocator):
+    """SlotAllocator that can retire free slots (disk full) and take many slots in O(n)."""
+
+    def __init__(self, num_slots: int) -> None:
+        super().__init__(num_slots)
+        self.disabled: set[int] = set()
+
+    def take_many(self, slots: list[int]) -> None:
+        for s in slots:
+            if self._used[s]:
+                raise ValueError(f"slot {s} already used")
+            self._used[s] = 1
+        self._free = [s for s in self._free if not self._used[s]]
+
+    def disable(self, pred) -> int:
+        keep = []
+        for s in self._free:
+            if pred(s):
+                self._used[s] = 1
+                self.disabled.add(s)
+            else:
+                keep.append(s)
+        self._free = keep
+        return len(self.disabled)
+
+    @property
+    def used(self) -> int:
+        return super().used - len(self.disabled)
+
+
+class _ThreadState:
+    """Per-thread aligned buffers and zstd contexts (allocated once per I/O thread)."""
+
+    def __init__(self, payload_bytes: int) -> None:
+        self.hdr = aligned_buffer(HEADER_BYTES)
+        self.tail = aligned_buffer(ALIGN)
+        self._payload_bytes = payload_bytes
+        self._bounce: memoryview | None = None
+        self.cctx = None
+        self.dctx = None
+
+    @property
+    def bounce(self) -> memoryview:
+        if self._bounce is None:
+            self._bounce = aligned_buffer(self._payload_bytes)
+        return self._bounce
+
+
+class NvmeTier(DiskTier):
+    """Records of at most ``slot_bytes`` payload bytes in ``num_slots`` slots under ``path``."""
+
+    def __init__(self, path: str | os.PathLike, num_slots: int, slot_bytes: int, *,
+                 direct_io: str = "auto", compression: str = "none", file_slots: int = 64,
+                 fsync: bool = True, io_threads: int = 8, zstd_level: int = 1,
+                 map_size: int = 64 << 20, max_readers: int = 126) -> None:
+        if num_slots <= 0 or slot_bytes <= 0 or file_slots <= 0:
+            raise ConfigError("nvme tier: num_slots, slot_bytes and file_slots must be positive")
+        if compression not in ("none", "zstd"):
+            raise ConfigError("nvme tier: compression must be 'none' or 'zstd', "
+                              f"got {compression!r}")
+        super().__init__(Tier.NVME, num_slots, slot_bytes)
+        self.slots = _ClampAllocator(num_slots)
+        self.path = Path(path)
+        self.slab_dir = self.path / "slabs"
+        self.meta_dir = self.path / "meta"
+        self.slab_dir.mkdir(parents=True, exist_ok=True)
+        self.meta_dir.mkdir(parents=True, exist_ok=True)
+        self.file_slots = file_slots
+        self.payload_bytes = round_up(slot_bytes)
+        self.record_bytes = HEADER_BYTES + self.payload_bytes
+        self.num_files = (num_slots + file_slots - 1) // file_slots
+        self.compression = compression
+        self.zstd_level = zstd_level
+        self.fsync = fsync
+        self.direct = disk.resolve_direct_io(direct_io, str(self.slab_dir))
+        self.counters = {"writes": 0, "reads": 0, "deletes": 0, "checksum_failures": 0,
+                         "header_failures": 0, "io_errors": 0, "compress_errors": 0,
+                         "enospc": 0, "stored_raw_incompressible": 0, "meta_errors": 0}
+        self.last_recovery: dict = {}
+        self.dropped_slots: list[int] = []   # slots freed by the last check(fix=True)
+        self._fds = [-1] * self.num_files
+        self._ready = [0] * self.num_files   # slots of each file backed by allocated bytes
+        self._stored = array("q", [-1]) * num_slots   # stored payload bytes; -1 = no entry
+        self._flags = bytearray(num_slots)
+        self._sizes = array("q", [0]) * num_slots     # payload bytes (uncompressed)
+        self._zero = aligned_buffer(HEADER_BYTES)     # never written: shared by all I/O threads
+        self._used_bytes = 0
+        self._payload_used = 0
+        self._clamped = False
+        self._recovered = False
+        self._closed = False
+        self._tls = threading.local()
+        self._pool = IoPool(io_threads)
+        self._map_size = map_size
+        self._max_readers = max_readers
+        self._env_obj: lmdb.Environment | None = None
+        self._env_pid = -1
+        self._env()   # validates the format now: a foreign env fails at open, not at first write
+
+    # ------------------------------------------------------------------ geometry, files
+    def _slots_in_file(self, f: int) -> int:
+        return min(self.file_slots, self.num_slots - f * self.file_slots)
+
+    def _file_path(self, f: int) -> Path:
+        return self.slab_dir / f"slab-{f:05d}.dat"
+
+    def _locate(self, slot: int) -> tuple[int, int]:
+        f, i = divmod(slot, self.file_slots)
+        return f, i * self.record_bytes
+
+    def _is_ready(self, slot: int) -> bool:
+        f, i = divmod(slot, self.file_slots)
+        return i < self._ready[f]
+
+    def _fsync_dir(self) -> None:
+        fd = os.open(self.slab_dir, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def _grow(self, f: int, need: int) -> bool:
+        """Back at least ``need`` slots of file ``f`` with disk; False on ENOSPC (undone)."""
+        ready, full = self._ready[f], self._slots_in_file(f)
+        created = False
+        if self._fds[f] < 0:
+            self._fds[f] = disk.open_file(str(self._file_path(f)), direct=self.direct, create=True)
+            created = True
+        fd = self._fds[f]
+        add = full - ready
+        while ready + add >= need:
+            try:
+                disk.fallocate(fd, ready * self.record_bytes, add * self.record_bytes)
+            except OSError as e:
+                if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+                    raise
+                self.counters["enospc"] += 1
+                os.ftruncate(fd, ready * self.record_bytes)   # drop any partial allocation
+                if ready + add == need:
+                    break
+                add = max(need - ready, add // 2)
+                continue
+            self._ready[f] = ready + add
+            if created:
+                self._fsync_dir()
+            return True
+        if created:
+            os.close(fd)
+            self._fds[f] = -1
+            os.unlink(self._file_path(f))
+        return False
+
+    def _clamp(self) -> None:
+        self._clamped = True
+        n = self.slots.disable(lambda s: not self._is_ready(s))
+        log.warning("nvme tier %s: filesystem full; capacity clamped to %d of %d slots",
+                    self.path, self.num_slots - n, self.num_slots)
+
+    # ------------------------------------------------------------------ LMDB
+    def _env(self) -> lmdb.Environment:
+        pid = os.getpid()
+        if self._env_obj is not None and self._env_pid == pid:
+            return self._env_obj
+        if self._env_obj is not None:
+            self._drop_inherited_env()
+        env = lmdb.open(str(self.meta_dir), map_size=self._map_size, subdir=True,
+                        max_readers=self._max_readers, sync=self.fsync, metasync=self.fsync,
+                        readahead=False, lock=True)
+        env.reader_check()   # reclaim reader slots of dead processes
+        self._env_obj, self._env_pid = env, pid
+        try:
+            self._check_format(env)
+        except BaseException:
+            self._env_obj = None
+            env.close()
+            raise
+        return env
+
+    def _drop_inherited_env(self) -> None:
+        """Forked child: never begin a txn on the parent's handle (its cached reader slot belongs
+        to the parent: BAD_RSLOT, LMDB-23). py-lmdb refuses a second open of an env it holds, so
+        the inherited handle is closed; LMDB's close clears only the *calling* process's reader
+        slots and mappings, and fcntl locks are per process, so the parent is untouched."""
+        inherited, self._env_obj = self._env_obj, None
+        try:
+            inherited.close()
+        except lmdb.Error as e:   # pragma: no cover - keep it alive rather than risk it
+            log.warning("nvme tier: could not drop inherited LMDB handle: %s", e)
+            _ABANDONED_ENVS.append(inherited)
+
+    def _check_format(self, env: lmdb.Environment) -> None:
+        geometry = json.dumps({"slot_bytes": self.payload_bytes, "file_slots": self.file_slots,
+                               "record_bytes": self.record_bytes}, sort_keys=True).encode()
+        with self._read_txn() as txn:
+            tag, geo = txn.get(b"!format"), txn.get(b"!geometry")
+        if tag is None:
+            if env.stat()["entries"]:
+                raise FormatError(f"{self.meta_dir}: not a tierstore NVMe metadata env "
+                                  "(no format record)")
+            self._write_txn(lambda t: (t.put(b"!format", FORMAT_TAG),
+                                       t.put(b"!geometry", geometry)))
+            return
+        if tag != FORMAT_TAG:
+            raise FormatError(f"{self.meta_dir}: metadata format {tag.decode(errors='replace')!r}, "
+                              f"this tierstore reads {FORMAT_TAG.decode()!r}")
+        if geo != geometry:
+            raise ConfigError(f"{self.path}: written with geometry {geo.decode()}, opened with "
+                              f"{geometry.decode()}; reopen with the same slot_bytes/file_slots")
+
+    def _read_txn(self):
+        env = self._env_obj if self._env_pid == os.getpid() else self._env()
+        for attempt in range(3):
+            try:
+                return env.begin(write=False)
+            except lmdb.ReadersFullError:
+                if attempt == 2:
+                    raise
+                env.reader_check()
+        raise AssertionError("unreachable")
+
+    def _write_txn(self, fn) -> None:
+        """Run ``fn(txn)`` in one write txn; grows the map on MapFullError and retries."""
+        for _ in range(12):
+            env = self._env()
+            try:
+                with env.begin(write=True) as txn:
+                    fn(txn)
+                return
+            except lmdb.MapFullError:
+                self._map_size *= 2
+                env.set_mapsize(self._map_size)
+            except lmdb.ReadersFullError:
+                env.reader_check()
+        raise lmdb.MapFullError("LMDB map could not be grown enough")
+
+    def _read_entries(self) -> list[tuple[int, tuple]]:
+        out = []
+        with self._read_txn() as txn:
+            cur = txn.cursor()
+            if cur.set_range(b"s"):
+                for k, v in cur:
+                    if k[:1] != b"s":
+                        break
+                    out.append((_SLOT_KEY.unpack(k)[1], _VALUE.unpack(v)))
+        return out
+
+    def entries(self) -> list[DiskEntry]:
+        """Every entry LMDB holds now (one read txn)."""
+        return [DiskEntry(key, slot, size, cs, ns)
+                for slot, (key, ns, size, _st, cs, _fl) in self._read_entries()]
+
+    def put_namespace(self, digest: bytes, descriptor: dict) -> None:
+        value = json.dumps(descriptor, sort_keys=True).encode()
+        self._write_txn(lambda t: t.put(b"n" + bytes(digest), value))
+
+    def namespaces(self) -> dict[bytes, dict]:
+        out = {}
+        with self._read_txn() as txn:
+            cur = txn.cursor()
+            if cur.set_range(b"n"):
+                for k, v in cur:
+                    if k[:1] != b"n":
+                        break
+                    out[bytes(k[1:])] = json.loads(v)
+        return out
+
+    # ------------------------------------------------------------------ accounting
+    def _ensure_open(self) -> None:
+        if self._closed:
+            raise RuntimeError("nvme tier is closed")
+        if not self._recovered:
+            self.recover()
+
+    @property
+    def effective_slots(self) -> int:
+        return self.num_slots - len(self.slots.disabled)
+
+    @property
+    def capacity_bytes(self) -> int:
+        return self.effective_slots * self.slot_bytes
+
+    def alloc(self) -> int | None:
+        self._ensure_open()
+        while True:
+            s = self.slots.alloc()
+            if s is None:
+                return None
+            f, i = divmod(s, self.file_slots)
+            if i < self._ready[f] or self._grow(f, i + 1):
+                return s
+            self.slots.free(s)
+            self._clamp()
+
+    def free(self, slot: int) -> None:
+        if self._stored[slot] >= 0:
+            self.delete_batch([slot])
+        else:
+            self.slots.free(slot)
+
+    def usage(self) -> dict:
+        u = super().usage()
+        u.update(effective_slots=self.effective_slots, clamped=self._clamped,
+                 used_bytes=self._used_bytes, payload_bytes=self._payload_used,
+                 file_bytes=sum(self._ready) * self.record_bytes, direct_io=self.direct,
+                 compression=self.compression, counters=dict(self.counters))
+        return u
+
+    def _account(self, slot: int, stored: int, size: int, sign: int) -> None:
+        self._used_bytes += sign * (HEADER_BYTES + round_up(stored))
+        self._payload_used += sign * size
+
+    def _thread_state(self) -> _ThreadState:
+        st = getattr(self._tls, "st", None)
+        if st is None:
+            st = self._tls.st = _ThreadState(self.payload_bytes)
+        return st
+
+    # ------------------------------------------------------------------ compression hooks
+    def _compress(self, src: memoryview) -> bytes:
+        st = self._thread_state()
+        if st.cctx is None:
+            import zstandard
+            st.cctx = zstandard.ZstdCompressor(level=self.zstd_level)
+        return st.cctx.compress(src)
+
+    def _decompress(self, data: memoryview, size: int) -> bytes:
+        st = self._thread_state()
+        if st.dctx is None:
+            import zstandard
+            st.dctx = zstandard.ZstdDecompressor()
+        return st.dctx.decompress(data, max_output_size=size)
+
+    # ------------------------------------------------------------------ write
+    def _payload_bufs(self, st: _ThreadState, src: memoryview, n: int) -> list:
+        """Buffers that put ``src[:n]`` on disk as whole pages (direct) or as is (buffered)."""
+        if not self.direct:
+            return [src[:n]]
+        addr = disk.address_of(src)
+        if addr is not None and addr % ALIGN == 0:
+            a = n - n % ALIGN
+            bufs = [src[:a]] if a else []
+            if n > a:
+                r = n - a
+                st.tail[:r] = src[a:n]
+                st.tail[r:] = _ZEROS[:ALIGN - r]
+                bufs.append(st.tail)
+            return bufs
+        b = st.bounce
+        b[:n] = src[:n]
+        p = round_up(n)
+        b[n:p] = _ZEROS[:p - n]
+        return [b[:p]]
+
+    def _write_one(self, w: DiskWrite) -> tuple[DiskResult, int, int]:
+        st = self._thread_state()
+        src = memoryview(w.src).cast("B")
+        size = src.nbytes
+        checksum = w.checksum or _xxh(src)
+        flags, stored = 0, size
+        if self.compression == "zstd" and size:
+            try:
+                packed = self._compress(src)
+            except Exception as e:  # noqa: BLE001 - any codec failure fails this item only
+                log.warning("nvme tier: compression of slot %d failed: %s", w.slot, e)
+                return DiskResult(False, checksum, "compress"), 0, 0
+            if len(packed) < size:
+                flags, stored = FLAG_ZSTD, len(packed)
+                b = st.bounce
+                b[:stored] = packed
+                p = round_up(stored) if self.direct else stored
+                b[stored:p] = _ZEROS[:p - stored]
+                bufs = [b[:p]]
+            else:
+                bufs = None
+        else:
+            bufs = None
+        if bufs is None:
+            bufs = self._payload_bufs(st, src, size)
+        encode_header(st.hdr, key=w.key, ns_digest=w.ns_digest, size=size, stored=stored,
+                      flags=flags, checksum=checksum, slot=w.slot)
+        f, off = self._locate(w.slot)
+        try:
+            disk.write_vec(self._fds[f], [st.hdr, *bufs], off, direct=self.direct)
+        except OSError as e:
+            err = "enospc" if e.errno in (errno.ENOSPC, errno.EDQUOT) else "eio"
+            log.warning("nvme tier: write of slot %d failed: %s", w.slot, e)
+            return DiskResult(False, checksum, err), 0, 0
+        return DiskResult(True, checksum), stored, flags
+
+    def write_batch(self, items: list[DiskWrite]) -> list[DiskResult]:
+        self._ensure_open()
+        results: list[DiskResult | None] = [None] * len(items)
+        todo = []
+        for i, w in enumerate(items):
+            if not (0 <= w.slot < self.num_slots and self.slots.is_used(w.slot)
+                    and self._is_ready(w.slot)):
+                results[i] = DiskResult(False, w.checksum, "badslot")
+            elif memoryview(w.src).nbytes > self.slot_bytes:
+                results[i] = DiskResult(False, w.checksum, "too_large")
+            elif len(w.key) != KEY_BYTES or len(w.ns_digest) != NS_BYTES:
+                results[i] = DiskResult(False, w.checksum, "badkey")
+            else:
+                todo.append(i)
+        done = self._pool.map(lambda i: self._write_one(items[i]), todo)
+        meta = {}
+        for i, (res, stored, flags) in zip(todo, done):
+            results[i] = res
+            if res.ok:
+                meta[i] = (stored, flags)
+            elif res.error == "compress":
+                self.counters["compress_errors"] += 1
+            elif res.error == "enospc":
+                self.counters["enospc"] += 1
+            else:
+                self.counters["io_errors"] += 1
+        if self.fsync and meta:
+            files = sorted({items[i].slot // self.file_slots for i in meta})
+            bad = set()
+            for f in files:
+                try:
+                    os.fdatasync(self._fds[f])
+                except OSError as e:
+                    log.warning("nvme tier: fdatasync of %s failed: %s", self._file_path(f), e)
+                    self.counters["io_errors"] += 1
+                    bad.add(f)
+            for i in [i for i in meta if items[i].slot // self.file_slots in bad]:
+                results[i] = DiskResult(False, results[i].checksum, "eio")
+                del meta[i]
+        if meta:
+            def publish(txn):
+                for i, (stored, flags) in meta.items():
+                    w = items[i]
+                    txn.put(_slot_key(w.slot), _VALUE.pack(bytes(w.key), bytes(w.ns_digest),
+                                                           memoryview(w.src).nbytes, stored,
+                                                           results[i].checksum, flags))
+            try:
+                self._write_txn(publish)
+            except lmdb.Error as e:
+                log.warning("nvme tier: metadata commit failed: %s", e)
+                self.counters["meta_errors"] += 1
+                err = "enospc" if "ENOSPC" in str(e) or "No space" in str(e) else "eio"
+                for i in meta:
+                    results[i] = DiskResult(False, results[i].checksum, err)
+                return results  # type: ignore[return-value]
+            for i, (stored, flags) in meta.items():
+                s = items[i].slot
+                if self._stored[s] >= 0:
+                    self._account(s, self._stored[s], self._sizes[s], -1)
+                size = memoryview(items[i].src).nbytes
+                self._stored[s], self._flags[s], self._sizes[s] = stored, flags, size
+                self._account(s, stored, size, +1)
+                if flags == 0 and self.compression == "zstd" and stored:
+                    self.counters["stored_raw_incompressible"] += 1
+            self.counters["writes"] += len(meta)
+        return results  # type: ignore[return-value]
+
+    # ------------------------------------------------------------------ read
+    def _read_record(self, st: _ThreadState, slot: int, dst: memoryview | None,
+                     key: bytes | None, size: int | None, stored: int, flags: int):
+        """Read and verify one record; returns (header, payload view) or raises.
+
+        FormatError: header or length problem; ValueError: payload checksum mismatch;
+        OSError: I/O error. ``dst`` None reads into the bounce buffer.
+        """
+        f, off = self._locate(slot)
+        if self._fds[f] < 0:
+            raise FormatError(f"slab file {self._file_path(f).name} missing")
+        raw = not flags & FLAG_ZSTD
+        if size is not None and raw and stored != size:
+            raise FormatError(f"slot {slot}: size {size} asked, {stored} stored")
+        post, a = "", 0
+        if raw and dst is not None and not self.direct:
+            bufs = [dst[:stored]] if stored else []
+        elif raw and dst is not None and disk.address_of(dst) is not None \
+                and disk.address_of(dst) % ALIGN == 0:
+            a = stored - stored % ALIGN          # whole pages straight into dst, tail via a page
+            bufs = [dst[:a]] if a else []
+            if stored > a:
+                bufs.append(st.tail)
+                post = "tail"
+        else:
+            p = round_up(stored) if self.direct else stored
+            bufs = [st.bounce[:p]] if p else []
+            post = "bounce"
+        want = HEADER_BYTES + sum(b.nbytes for b in bufs)
+        got = disk.read_vec(self._fds[f], [st.hdr, *bufs], off, direct=self.direct)
+        if got < want:
+            raise FormatError(f"slot {slot}: record truncated ({got} of {want} bytes)")
+        h = verify_header(st.hdr, key=key, slot=slot)
+        if h.stored != stored or h.flags != flags or (size is not None and h.size != size):
+            raise FormatError(f"slot {slot}: header lengths/flags disagree with metadata")
+        if raw:
+            if dst is None:
+                payload = st.bounce[:stored]
+            else:
+                if post == "tail":
+                    dst[a:stored] = st.tail[:stored - a]
+                elif post == "bounce":
+                    dst[:stored] = st.bounce[:stored]
+                payload = dst[:stored]
+        else:
+            try:
+                out = self._decompress(st.bounce[:stored], h.size)
+            except Exception as e:  # noqa: BLE001 - a bad frame is corruption
+                raise ValueError(f"slot {slot}: zstd frame does not decode ({e})") from None
+            if len(out) != h.size:
+                raise ValueError(f"slot {slot}: decompressed {len(out)} of {h.size} bytes")
+            if dst is not None:
+                dst[:h.size] = out
+                payload = dst[:h.size]
+            else:
+                payload = memoryview(out)
+        if _xxh(payload) != h.checksum:
+            raise ValueError(f"slot {slot}: payload checksum mismatch")
+        return h, payload
+
+    def _read_one(self, r: DiskRead) -> tuple[DiskResult, str]:
+        st = self._thread_state()
+        try:
+            dst = memoryview(r.dst).cast("B")
+            if dst.nbytes < r.size:
+                return DiskResult(False, 0, "badbuf"), ""
+            h, _ = self._read_record(st, r.slot, dst, bytes(r.key), r.size,
+                                     self._stored[r.slot], self._flags[r.slot])
+        except OSError as e:
+            log.warning("nvme tier: read of slot %d failed: %s", r.slot, e)
+            return DiskResult(False, 0, "eio"), "io_errors"
+        except FormatError as e:
+            log.warning("nvme tier: %s", e)
+            return DiskResult(False, 0, "corrupt"), "header_failures"
+        except ValueError as e:
+            log.warning("nvme tier: %s", e)
+            return DiskResult(False, 0, "corrupt"), "checksum_failures"
+        if r.checksum and h.checksum != r.checksum:
+            return DiskResult(False, h.checksum, "corrupt"), "checksum_failures"
+        return DiskResult(True, h.checksum), ""
+
+    def read_batch(self, items: list[DiskRead]) -> list[DiskResult]:
+        self._ensure_open()
+        results: list[DiskResult | None] = [None] * len(items)
+        todo = []
+        for i, r in enumerate(items):
+            if not 0 <= r.slot < self.num_slots or self._stored[r.slot] < 0:
+                results[i] = DiskResult(False, 0, "missing")
+            else:
+                todo.append(i)
+        done = self._pool.map(lambda i: self._read_one(items[i]), todo)
+        for i, (res, counter) in zip(todo, done):
+            results[i] = res
+            if counter:
+                self.counters[counter] += 1
+        self.counters["reads"] += sum(1 for r in results if r.ok)  # type: ignore[union-attr]
+        return results  # type: ignore[return-value]
+
+    # ------------------------------------------------------------------ delete
+    def _zero_header(self, slot: int) -> None:
+        f, off = self._locate(slot)
+        if self._fds[f] >= 0 and self._is_ready(slot):
+            try:
+                disk.write_vec(self._fds[f], [self._zero], off, direct=self.direct)
+            except OSError as e:
+                log.warning("nvme tier: zeroing header of slot %d failed: %s", slot, e)
+
+    def delete_batch(self, slots: list[int]) -> None:
+        self._ensure_open()
+        slots = [s for s in dict.fromkeys(slots) if 0 <= s < self.num_slots]
+        live = [s for s in slots if self._stored[s] >= 0]
+        if live:
+            self._write_txn(lambda t: [t.delete(_slot_key(s)) for s in live])
+            self._pool.map(self._zero_header, live)
+            for s in live:
+                self._account(s, self._stored[s], self._sizes[s], -1)
+                self._stored[s] = -1
+                self._flags[s] = 0
+            self.counters["deletes"] += len(live)
+        for s in slots:
+            if self.slots.is_used(s) and s not in self.slots.disabled:
+                self.slots.free(s)
+
+    # ------------------------------------------------------------------ recovery and check
+    def _scan_files(self, remove_unknown: bool) -> list[str]:
+        """Names of files in slabs/ that are not ours (removed when asked)."""
+        unknown = []
+        for name in sorted(os.listdir(self.slab_dir)):
+            m = _SLAB_RE.match(name)
+            if m and int(m.group(1)) < self.num_files:
+                continue
+            unknown.append(name)
+            if remove_unknown:
+                p = self.slab_dir / name
+                if p.is_dir() and not p.is_symlink():
+                    import shutil
+                    shutil.rmtree(p)
+                else:
+                    p.unlink()
+        return unknown
+
+    def _open_existing(self) -> list[int]:
+        """Open every known slab file; returns indexes of files that are missing."""
+        missing = []
+        for f in range(self.num_files):
+            p = self._file_path(f)
+            if self._fds[f] >= 0:
+                os.close(self._fds[f])
+                self._fds[f] = -1
+            self._ready[f] = 0
+            try:
+                size = os.stat(p).st_size
+            except FileNotFoundError:
+                missing.append(f)
+                continue
+            ready = min(size // self.record_bytes, self._slots_in_file(f))
+            if ready == 0:
+                p.unlink()   # zero-length / partial leftovers of an interrupted grow
+                missing.append(f)
+                continue
+            fd = disk.open_file(str(p), direct=self.direct)
+            if size != ready * self.record_bytes:
+                os.ftruncate(fd, ready * self.record_bytes)
+            self._fds[f], self._ready[f] = fd, ready
+        return missing
+
+    def _header_ok(self, slot: int, val: tuple) -> str | None:
+        key, ns, size, stored, checksum, flags = val
+        st = self._thread_state()
+        f, off = self._locate(slot)
+        try:
+            if self._fds[f] < 0 or not self._is_ready(slot):
+                return "slab file missing or too short"
+            if off + HEADER_BYTES + round_up(stored) > self._ready[f] * self.record_bytes:
+                return "record extends past end of file"
+            if disk.read_vec(self._fds[f], [st.hdr], off, direct=self.direct) < HEADER_BYTES:
+                return "header truncated"
+            h = verify_header(st.hdr, key=key, slot=slot)
+        except OSError as e:
+            return f"I/O error reading header ({e.strerror})"
+        except FormatError as e:
+            return str(e)
+        if (h.size, h.stored, h.checksum, h.flags, h.ns_digest) != \
+                (size, stored, checksum, flags, ns):
+            return "header disagrees with metadata"
+        return None
+
+    def _orphan(self, slot: int) -> bool:
+        st = self._thread_state()
+        f, off = self._locate(slot)
+        try:
+            n = disk.read_vec(self._fds[f], [st.hdr], off, direct=self.direct)
+        except OSError:
+            return False
+        return n >= 4 and is_header_like(st.hdr)
+
+    def _find_orphans(self, live: set[int]) -> list[int]:
+        """Slots backed by disk, not in ``live``, whose header still carries the magic."""
+        cand = [s for f in range(self.num_files)
+                for s in range(f * self.file_slots, f * self.file_slots + self._ready[f])
+                if s not in live]
+        return [s for s, o in zip(cand, self._pool.map(self._orphan, cand)) if o]
+
+    def recover(self) -> list[DiskEntry]:
+        """Start-up recovery (see DiskTier); runs fully once, later calls list current entries."""
+        if self._closed:
+            raise RuntimeError("nvme tier is closed")
+        if self._recovered:
+            return self.entries()
+        unknown = self._scan_files(remove_unknown=True)
+        for name in unknown:
+            log.warning("nvme tier %s: removed unknown file slabs/%s", self.path, name)
+        missing = self._open_existing()
+        rows = self._read_entries()
+        problems = self._pool.map(
+            lambda sv: "slot out of range" if sv[0] >= self.num_slots else self._header_ok(*sv),
+            rows)
+        keep, drop = [], []
+        for (slot, val), why in zip(rows, problems):
+            if why is None:
+                keep.append((slot, val))
+            else:
+                log.warning("nvme tier %s: dropped entry of slot %d: %s", self.path, slot, why)
+                drop.append(slot)
+        if drop:
+            self._write_txn(lambda t: [t.delete(_slot_key(s)) for s in drop])
+        live = {s for s, _ in keep}
+        orphans = self._find_orphans(live)
+        self._pool.map(self._zero_header, orphans)
+        if orphans:
+            log.warning("nvme tier %s: freed %d orphan records", self.path, len(orphans))
+        self._used_bytes = self._payload_used = 0
+        for slot, (_k, _ns, size, stored, _cs, flags) in keep:
+            self._stored[slot], self._flags[slot], self._sizes[slot] = stored, flags, size
+            self._account(slot, stored, size, +1)
+        self.slots.take_many(sorted(live))
+        self._recovered = True
+        vanished = sorted({s // self.file_slots for s in drop if s < self.num_slots}
+                          & set(missing))
+        self.last_recovery = {"entries": len(keep), "dropped": len(drop), "orphans": len(orphans),
+                              "unknown_files": unknown,
+                              "missing_files": [self._file_path(f).name for f in vanished]}
+        return [DiskEntry(k, s, size, cs, ns) for s, (k, ns, size, _st, cs, _fl) in keep]
+
+    def _check_one(self, slot: int, val: tuple) -> str | None:
+        why = self._header_ok(slot, val)
+        if why is not None:
+            return why
+        try:
+            h, _ = self._read_record(self._thread_state(), slot, None, val[0], None,
+                                     val[3], val[5])
+        except OSError as e:
+            return f"I/O error reading record ({e.strerror})"
+        except (FormatError, ValueError) as e:
+            return str(e)
+        return None if h.checksum == val[4] else "payload checksum differs from metadata"
+
+    def check(self, fix: bool = False) -> list[str]:
+        self._ensure_open()
+        problems: list[str] = []
+        self.dropped_slots = []
+        for name in self._scan_files(remove_unknown=fix):
+            problems.append(f"unknown file slabs/{name}")
+        for f in range(self.num_files):
+            if self._fds[f] >= 0 and not self._file_path(f).exists():
+                problems.append(f"slab file {self._file_path(f).name} missing")
+                os.close(self._fds[f])
+                self._fds[f], self._ready[f] = -1, 0
+        rows = self._read_entries()
+        whys = self._pool.map(
+            lambda sv: "slot out of range" if sv[0] >= self.num_slots else self._check_one(*sv),
+            rows)
+        bad = []
+        for (slot, _), why in zip(rows, whys):
+            if why is not None:
+                problems.append(f"slot {slot}: {why}")
+                bad.append(slot)
+        orphans = self._find_orphans({s for s, _ in rows})
+        problems += [f"slot {s}: orphan record (no metadata entry)" for s in orphans]
+        if fix:
+            in_range = [s for s in bad if s < self.num_slots]
+            out_range = [s for s in bad if s >= self.num_slots]
+            if out_range:
+                self._write_txn(lambda t: [t.delete(_slot_key(s)) for s in out_range])
+            if in_range:
+                self.delete_batch(in_range)
+            self._pool.map(self._zero_header, orphans)
+            self.dropped_slots = in_range
+        return problems
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._pool.close()
+        for f, fd in enumerate(self._fds):
+            if fd >= 0:
+                os.close(fd)
+                self._fds[f] = -1
+        if self._env_obj is not None:
+            if self._env_pid == os.getpid():
+                self._env_obj.close()
+                self._env_obj = None
+            else:
+                self._drop_inherited_env()
+
