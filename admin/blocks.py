@@ -1,0 +1,143 @@
+"""``tierstore blocks ls|show|evict``: the resident blocks of a data directory.
+
+Keys are given as hex: the full 64 digits, or a unique prefix of at least 8. ``evict`` is
+destructive: ``--dry-run`` reports what it would do; without ``--yes`` it asks on a terminal and
+refuses (exit 2) otherwise.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import List, Optional
+
+import typer
+
+from tierstore.client import Client
+from tierstore.types import Tier
+from tierstore_admin.datadir import data_dir_option, open_client
+from tierstore_admin.output import (EXIT_FAILED, JSON_HELP, emit, fail, kv_table, table,
+                                    user_errors)
+
+app = typer.Typer(help="Blocks of a store: list, show, evict.", no_args_is_help=True)
+
+MIN_PREFIX = 8
+
+
+def _tier(text: Optional[str]) -> Optional[Tier]:
+    if text is None:
+        return None
+    try:
+        return Tier.parse(text)
+    except ValueError as e:
+        fail(str(e))
+
+
+def _resolve(client: Client, texts: List[str]) -> list[bytes]:
+    """Hex keys or unique prefixes -> keys. A bad or ambiguous key is a usage error; a prefix
+    that matches nothing is kept out (reported as missing by the caller)."""
+    out: list[bytes] = []
+    listing = None
+    for t in texts:
+        t = t.strip().lower()
+        try:
+            raw = bytes.fromhex(t) if len(t) % 2 == 0 else None
+        except ValueError:
+            raw = None
+        if raw is None and not all(c in "0123456789abcdef" for c in t):
+            fail(f"not a hex key: {t!r}")
+        if len(t) == 64:
+            out.append(raw)
+            continue
+        if len(t) < MIN_PREFIX:
+            fail(f"key prefix {t!r} too short (give at least {MIN_PREFIX} hex digits)")
+        if listing is None:
+            listing = [b["key"] for b in client.blocks()]
+        hits = [k for k in listing if k.startswith(t)]
+        if len(hits) > 1:
+            fail(f"key prefix {t!r} is ambiguous ({len(hits)} blocks)")
+        out.append(bytes.fromhex(hits[0]) if hits else bytes.fromhex(t.ljust(64, "0")))
+    return out
+
+
+@app.command("ls")
+def ls(data_dir: Optional[str] = data_dir_option(),
+       tier: Optional[str] = typer.Option(None, "--tier", help="Only blocks resident in this tier."),
+       limit: int = typer.Option(100, "--limit", min=0, help="At most this many (0 = all)."),
+       as_json: bool = typer.Option(False, "--json", help=JSON_HELP)) -> None:
+    """List resident blocks."""
+    t = _tier(tier)
+    with open_client(data_dir) as client, user_errors():
+        blocks = client.blocks(limit=(limit + 1) if limit else None, tier=t)
+    truncated = bool(limit) and len(blocks) > limit
+    blocks = blocks[:limit] if limit else blocks
+    emit({"data_dir": data_dir, "count": len(blocks), "truncated": truncated, "blocks": blocks},
+         as_json=as_json, human=_human_ls)
+
+
+@app.command("show")
+def show(key: str = typer.Argument(..., help="Block key (hex, or a unique prefix)."),
+         data_dir: Optional[str] = data_dir_option(),
+         as_json: bool = typer.Option(False, "--json", help=JSON_HELP)) -> None:
+    """Show one block: namespace, tiers, slots, size, checksum, pins."""
+    with open_client(data_dir) as client, user_errors():
+        (k,) = _resolve(client, [key])
+        info = client.block(k)
+    if info is None:
+        fail(f"no block {key}", EXIT_FAILED)
+    emit(info, as_json=as_json, human=_human_show)
+
+
+@app.command("evict")
+def evict(keys: List[str] = typer.Argument(None, help="Block keys (hex, or unique prefixes)."),
+          all_: bool = typer.Option(False, "--all", help="Every block (of --tier, if given)."),
+          tier: Optional[str] = typer.Option(None, "--tier", help="With --all: only this tier's blocks."),
+          dry_run: bool = typer.Option(False, "--dry-run", help="Say what would be evicted; change nothing."),
+          yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask for confirmation."),
+          data_dir: Optional[str] = data_dir_option(),
+          as_json: bool = typer.Option(False, "--json", help=JSON_HELP)) -> None:
+    """Remove unpinned blocks from every tier (destructive)."""
+    if bool(keys) == all_:
+        fail("give block keys or --all (not both)")
+    t = _tier(tier)
+    with open_client(data_dir) as client, user_errors():
+        targets = [bytes.fromhex(b["key"]) for b in client.blocks(tier=t)] if all_ \
+            else _resolve(client, keys)
+        if dry_run:
+            result = {"dry_run": True, "would_evict": 0, "pinned": 0, "missing": 0, "keys": []}
+            for k in targets:
+                info = client.block(k)
+                state = "missing" if info is None else ("pinned" if info["pins"] else "would_evict")
+                result[state] += 1
+                result["keys"].append({"key": k.hex(), "state": state})
+        else:
+            if not yes:
+                if not sys.stdin.isatty():
+                    fail(f"refusing to evict {len(targets)} block(s) without --yes (or use --dry-run)")
+                typer.confirm(f"evict {len(targets)} block(s) from {data_dir}?", abort=True,
+                              err=True)
+            counts = client.evict(targets)
+            result = {"dry_run": False, "evicted": counts.get("evicted", 0),
+                      "pinned": counts.get("pinned", 0), "missing": counts.get("missing", 0)}
+    emit(result, as_json=as_json, human=_human_evict)
+
+
+def _human_ls(console, r: dict) -> None:
+    console.print(table(f"{r['count']} block(s){' (truncated)' if r['truncated'] else ''}",
+                        ["key", "model", "tiers", "size", "checksum", "pins"],
+                        [(b["key"][:16], b["namespace"].get("model", "?"), b["tiers"],
+                          b["size_bytes"], b["checksum"], b["pins"]) for b in r["blocks"]]))
+
+
+def _human_show(console, b: dict) -> None:
+    console.print(kv_table(f"block {b['key'][:16]}", [
+        ("key", b["key"]), ("tiers", b["tiers"]), ("slots", b["slots"]),
+        ("size_bytes", b["size_bytes"]), ("checksum", b["checksum"]), ("pins", b["pins"]),
+        ("namespace", b["namespace"])]))
+
+
+def _human_evict(console, r: dict) -> None:
+    if r["dry_run"]:
+        console.print(f"dry run: would evict {r['would_evict']}, pinned {r['pinned']}, "
+                      f"missing {r['missing']}")
+    else:
+        console.print(f"evicted {r['evicted']}, pinned {r['pinned']}, missing {r['missing']}")

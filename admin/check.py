@@ -1,0 +1,40 @@
+"""``tierstore check [--fix]``: verify a data directory (index, pins, every NVMe record).
+
+Exit 0 when clean; 1 when problems were found (also when ``--fix`` repaired them: the output
+says what is left, ``remaining``).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import typer
+
+from tierstore_admin.datadir import data_dir_option, open_client
+from tierstore_admin.output import EXIT_FAILED, EXIT_OK, JSON_HELP, emit, user_errors
+
+
+def check_cmd(data_dir: Optional[str] = data_dir_option(),
+              fix: bool = typer.Option(False, "--fix", help="Repair what can be repaired "
+                                       "(drop bad records, free orphans)."),
+              as_json: bool = typer.Option(False, "--json", help=JSON_HELP)) -> None:
+    """Check the store's invariants and every record's header and checksum."""
+    with open_client(data_dir) as client, user_errors():
+        problems = client.check(fix=fix)
+        remaining = client.check(fix=False) if fix and problems else problems
+    result = {"data_dir": data_dir, "clean": not problems, "problems": problems,
+              "fixed": bool(fix and problems), "remaining": remaining}
+    emit(result, as_json=as_json, human=_human, code=EXIT_FAILED if problems else EXIT_OK)
+
+
+def _human(console, r: dict) -> None:
+    if r["clean"]:
+        console.print(f"{r['data_dir']}: clean")
+        return
+    console.print(f"{r['data_dir']}: {len(r['problems'])} problem(s)")
+    for p in r["problems"]:
+        console.print(f"  - {p}", markup=False, highlight=False)
+    if r["fixed"]:
+        console.print(f"after --fix: {len(r['remaining'])} remaining")
+        for p in r["remaining"]:
+            console.print(f"  - {p}", markup=False, highlight=False)

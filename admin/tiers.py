@@ -1,0 +1,30 @@
+"""``tierstore tiers usage``: slots and bytes used per tier of a data directory."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import typer
+
+from tierstore.units import format_bytes
+from tierstore_admin.datadir import data_dir_option, open_client
+from tierstore_admin.output import JSON_HELP, emit, table, user_errors
+
+app = typer.Typer(help="Tiers of a store (dram, nvme).", no_args_is_help=True)
+
+
+@app.command("usage")
+def usage(data_dir: Optional[str] = data_dir_option(),
+          as_json: bool = typer.Option(False, "--json", help=JSON_HELP)) -> None:
+    """Capacity and use of every tier."""
+    with open_client(data_dir) as client, user_errors():
+        tiers = client.usage()
+    emit({"data_dir": data_dir, "tiers": tiers}, as_json=as_json, human=_human)
+
+
+def _human(console, r: dict) -> None:
+    console.print(table(f"tiers of {r['data_dir']}",
+                        ["tier", "blocks", "slots used / total", "slot", "used", "capacity"],
+                        [(t["tier"], t.get("blocks"), f"{t['used_slots']:,} / {t['slots']:,}",
+                          format_bytes(t["slot_bytes"]), format_bytes(t["used_bytes"]),
+                          format_bytes(t["capacity_bytes"])) for t in r["tiers"]]))

@@ -1,0 +1,489 @@
+"""Trace replay: drive the real store with a Mooncake-format trace as a prefill node would.
+
+This is the main job before the vLLM connector exists (issue 2, item 9). No typer, no rich here:
+``tierstore_admin.replay`` parses flags and prints; this module reads the trace, builds the store
+through :class:`tierstore.client.Client`, replays and returns one plain dict.
+
+Trace format (JSONL, one request per line; blank lines are skipped)::
+
+    {"timestamp": 0, "input_length": 6758, "output_length": 500, "hash_ids": [0, 1, 2, ...]}
+
+``hash_ids[i]`` names the i-th 512-token block of the prompt given its prefix; the replay turns the
+ids into chain keys (:meth:`Keyer.chain_from_block_ids`). A malformed line raises
+:class:`ConfigError` naming the file and the line number.
+
+Per request (prefix semantics: every block of a request is inserted or touched after it)::
+
+    keys = chain(hash_ids) ──▶ lookup(keys) = hit prefix of n blocks
+      n > 0      : prepare_load(keys[:n]) ──▶ read + verify each block ──▶ complete_load
+      n < len    : prepare_store(keys[n:]) ──▶ fill each OK slot ──▶ complete_store
+
+Payload modes:
+
+- ``none``: one DRAM :class:`NullTier` of ``capacity`` blocks: index + policy only, no bytes.
+  Byte counters are then *nominal* (the model's block size times the blocks moved).
+- ``bytes``: a real DRAM slab of ``dram_capacity`` blocks and, with ``nvme_capacity``, a real
+  NVMe tier below it (exclusive by default: DRAM victims demote, NVMe hits promote). Each stored
+  block is filled with its 32-byte key repeated up to ``block_bytes``; every loaded block is
+  compared with that pattern (``verify_failures`` must stay 0).
+
+Definitions used in the result:
+
+- ``block_hit_ratio`` = blocks loaded from the cache / blocks referenced (sum of ``len(hash_ids)``).
+- ``token_hit_ratio`` = hit tokens / sum of ``input_length``, where a request's hit tokens are
+  ``min(hit_blocks * 512, input_length)``.
+- per-tier bytes: ``read`` = bytes read out of the tier, ``written`` = bytes written into it
+  (DRAM: loads and demotions read it, stores and promotions write it).
+- ``warnings``: one line per condition that makes the numbers mean less (e.g. a request longer
+  than the DRAM tier: every block of a request is staged in DRAM at once).
+- ``load_ms`` / ``store_ms``: per-request wall time of prepare + copy (+ verify) + complete, over
+  the requests that loaded (stored) at least one block.
+
+Single-threaded: one replay owns its client for its whole run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from tierstore.client import Client
+from tierstore.config import DramConfig, NvmeConfig, StoreConfig
+from tierstore.errors import ConfigError
+from tierstore.keys import Namespace
+from tierstore.types import BlockStatus
+from tierstore.units import format_bytes, parse_bytes, parse_capacity
+
+BLOCK_TOKENS = 512
+"""Tokens per block in Mooncake traces (``hash_ids`` are ids of 512-token blocks)."""
+
+DEFAULT_CAPACITY = "3M"
+DEFAULT_BYTES_BLOCK = "64KiB"
+DEFAULT_GENERATED_REQUESTS = 2000
+PAYLOADS = ("none", "bytes")
+_MEM_FRACTION = 0.8      # refuse a DRAM slab above this share of MemAvailable
+
+
+# ---------------------------------------------------------------------------------- models
+@dataclass(frozen=True)
+class ModelPreset:
+    """KV geometry of one model (one TP rank of 1, bf16 KV)."""
+
+    name: str
+    num_layers: int
+    num_kv_heads: int
+    head_size: int
+    use_mla: bool = False
+    kv_dtype: str = "bfloat16"
+
+    def namespace(self, block_tokens: int = BLOCK_TOKENS) -> Namespace:
+        return Namespace(model=self.name, block_size=block_tokens, kv_dtype=self.kv_dtype,
+                         num_layers=self.num_layers, num_kv_heads=self.num_kv_heads,
+                         head_size=self.head_size, use_mla=self.use_mla)
+
+    @property
+    def bytes_per_token(self) -> int:
+        return self.namespace().bytes_per_token
+
+
+MODELS: dict[str, ModelPreset] = {
+    # 2 (K,V) x 32 layers x 8 KV heads x 128 x 2 bytes = 128 KiB/token
+    "llama3-8b": ModelPreset("llama3-8b", 32, 8, 128),
+    # 2 x 80 x 8 x 128 x 2 = 320 KiB/token
+    "llama3-70b": ModelPreset("llama3-70b", 80, 8, 128),
+    # 2 x 28 x 4 x 128 x 2 = 56 KiB/token
+    "qwen2-7b": ModelPreset("qwen2-7b", 28, 4, 128),
+    # MLA: one latent of kv_lora_rank 512 + rope 64 per layer: 61 x 576 x 2 = 68.6 KiB/token
+    "deepseek-v3": ModelPreset("deepseek-v3", 61, 1, 576, use_mla=True),
+}
+DEFAULT_MODEL = "llama3-8b"
+
+
+def get_model(name: str) -> ModelPreset:
+    try:
+        return MODELS[name.lower()]
+    except KeyError:
+        raise ConfigError(f"unknown model {name!r}; known: {', '.join(MODELS)}") from None
+
+
+# ---------------------------------------------------------------------------------- trace
+@dataclass(frozen=True)
+class TraceRequest:
+    timestamp: float
+    input_length: int
+    output_length: int
+    hash_ids: tuple[int, ...]
+
+
+def _int(v, name: str, where: str) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+        raise ConfigError(f"{where}: {name!r} must be a non-negative integer, got {v!r}")
+    return v
+
+
+def parse_request(obj, where: str) -> TraceRequest:
+    """Validate one decoded trace record. Raises ConfigError naming ``where``."""
+    if not isinstance(obj, dict):
+        raise ConfigError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+    for f in ("input_length", "hash_ids"):
+        if f not in obj:
+            raise ConfigError(f"{where}: missing field {f!r}")
+    ts = obj.get("timestamp", 0)
+    if isinstance(ts, bool) or not isinstance(ts, (int, float)):
+        raise ConfigError(f"{where}: 'timestamp' must be a number, got {ts!r}")
+    ids = obj["hash_ids"]
+    if not isinstance(ids, list):
+        raise ConfigError(f"{where}: 'hash_ids' must be a list of integers")
+    for x in ids:
+        if isinstance(x, bool) or not isinstance(x, int) or x < 0:
+            raise ConfigError(f"{where}: 'hash_ids' must hold non-negative integers, got {x!r}")
+    return TraceRequest(ts, _int(obj["input_length"], "input_length", where),
+                        _int(obj.get("output_length", 0), "output_length", where), tuple(ids))
+
+
+def read_trace(path: str | os.PathLike, limit: int | None = None) -> list[TraceRequest]:
+    """Read up to ``limit`` requests of a Mooncake JSONL trace. Raises ConfigError."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"trace {p} does not exist")
+    out: list[TraceRequest] = []
+    try:
+        with p.open("r", encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if limit is not None and len(out) >= limit:
+                    break
+                if not line.strip():
+                    continue
+                where = f"{p}:{lineno}"
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ConfigError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
+                out.append(parse_request(obj, where))
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{p}: not UTF-8 text ({e.reason})") from None
+    return out
+
+
+def generated_trace(num_requests: int) -> list[TraceRequest]:
+    """The embedded default workload (``tierstore.workload``, seed 0)."""
+    try:
+        from tierstore.workload import generate_trace
+    except ImportError as e:
+        raise ConfigError(f"no TRACE given and the built-in workload generator is unavailable ({e})") from None
+    return [parse_request(r, f"generated request {i}")
+            for i, r in enumerate(generate_trace(num_requests=num_requests, seed=0))]
+
+
+# ---------------------------------------------------------------------------------- options
+@dataclass
+class ReplayOptions:
+    """What one replay does. Capacities are strings in the units grammar (tierstore.units)."""
+
+    trace: str | None = None            # None: the embedded generated workload
+    payload: str = "none"
+    capacity: str | None = None         # payload none: the whole cache (default 3M tokens)
+    dram_capacity: str | None = None    # payload bytes (default: capacity, else 3M tokens)
+    nvme_capacity: str | None = None    # payload bytes; absent or 0 = no NVMe tier
+    block_bytes: str | int | None = None  # none: model's block; bytes: 64KiB
+    model: str = DEFAULT_MODEL
+    policy: str = "lru"
+    data_dir: str | None = None         # bytes: where the store (NVMe tier) lives; temp if None
+    write_through: bool = False
+    limit: int | None = None
+    num_requests: int = DEFAULT_GENERATED_REQUESTS   # size of the generated default workload
+
+
+@dataclass(frozen=True)
+class _Plan:
+    model: ModelPreset
+    namespace: Namespace
+    block_bytes: int
+    dram_blocks: int
+    nvme_blocks: int
+
+
+def _mem_available_bytes() -> int | None:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def plan(opts: ReplayOptions) -> _Plan:
+    """Validate options and turn capacities into blocks. Raises ConfigError."""
+    if opts.payload not in PAYLOADS:
+        raise ConfigError(f"payload must be one of {', '.join(PAYLOADS)}, got {opts.payload!r}")
+    if opts.limit is not None and opts.limit < 0:
+        raise ConfigError(f"limit must not be negative, got {opts.limit}")
+    model = get_model(opts.model)
+    ns = model.namespace(BLOCK_TOKENS)
+    from tierstore.policy import make_eviction   # validates the name before any allocation
+    make_eviction(opts.policy, 1)
+    if opts.block_bytes is not None:
+        block_bytes = parse_bytes(opts.block_bytes)
+    else:
+        block_bytes = ns.block_bytes if opts.payload == "none" else parse_bytes(DEFAULT_BYTES_BLOCK)
+    if block_bytes <= 0:
+        raise ConfigError(f"block bytes must be positive, got {opts.block_bytes!r}")
+
+    def blocks(text: str | None, default: str | None) -> int:
+        t = text if text is not None else default
+        return 0 if t is None else parse_capacity(t).to_blocks(BLOCK_TOKENS, block_bytes)
+
+    if opts.payload == "none":
+        if opts.dram_capacity is not None or opts.nvme_capacity is not None:
+            raise ConfigError("payload none models one cache: use --capacity "
+                              "(--dram-capacity/--nvme-capacity are for --payload bytes)")
+        if opts.data_dir is not None:
+            raise ConfigError("--data-dir applies to --payload bytes only (payload none keeps nothing)")
+        if opts.write_through:
+            raise ConfigError("--write-through applies to --payload bytes with an NVMe tier")
+        return _Plan(model, ns, block_bytes, blocks(opts.capacity, DEFAULT_CAPACITY), 0)
+
+    if opts.capacity is not None and (opts.dram_capacity is not None or opts.nvme_capacity is not None):
+        raise ConfigError("with --payload bytes give --dram-capacity/--nvme-capacity, not --capacity")
+    dram = blocks(opts.dram_capacity if opts.dram_capacity is not None else opts.capacity,
+                  DEFAULT_CAPACITY)
+    nvme = blocks(opts.nvme_capacity, None)
+    if dram <= 0:
+        raise ConfigError("payload bytes needs a DRAM capacity of at least one block")
+    if opts.write_through and nvme <= 0:
+        raise ConfigError("--write-through needs an NVMe tier (--nvme-capacity)")
+    slab = dram * (-(-block_bytes // 4096) * 4096)
+    avail = _mem_available_bytes()
+    if avail is not None and slab > _MEM_FRACTION * avail:
+        raise ConfigError(f"a DRAM slab of {dram} blocks x {format_bytes(block_bytes)} = "
+                          f"{format_bytes(slab)} does not fit this machine ({format_bytes(avail)} "
+                          "available); use a smaller --block-bytes or --dram-capacity")
+    return _Plan(model, ns, block_bytes, dram, nvme)
+
+
+# ---------------------------------------------------------------------------------- replay
+def _pattern(key: bytes, size: int) -> bytes:
+    """Deterministic block content: the key repeated to ``size`` bytes."""
+    return (key * (size // len(key) + 1))[:size]
+
+
+def _percentile(sorted_ms: list[float], q: float) -> float | None:
+    if not sorted_ms:
+        return None
+    i = max(0, math.ceil(q / 100 * len(sorted_ms)) - 1)
+    return round(sorted_ms[i], 4)
+
+
+def _dist(ms: list[float]) -> dict:
+    s = sorted(ms)
+    return {"count": len(s), "p50": _percentile(s, 50), "p99": _percentile(s, 99),
+            "mean": round(sum(s) / len(s), 4) if s else None}
+
+
+def _open_client(opts: ReplayOptions, p: _Plan) -> tuple[Client, str | None]:
+    """Open the store; returns the client and a temp dir to remove afterwards (or None)."""
+    bytes_mode = opts.payload == "bytes"
+    dram = DramConfig(capacity_blocks=p.dram_blocks, policy=opts.policy, payload=bytes_mode)
+    if not bytes_mode:
+        return Client.embedded(None, StoreConfig(slot_bytes=p.block_bytes, dram=dram)), None
+    tmp = None
+    data_dir = opts.data_dir
+    if data_dir is None and p.nvme_blocks > 0:
+        tmp = data_dir = tempfile.mkdtemp(prefix="tierstore-replay-")
+    nvme = None
+    if p.nvme_blocks > 0:
+        target = Path(data_dir)
+        target.mkdir(parents=True, exist_ok=True)
+        need = p.nvme_blocks * (p.block_bytes + 4096)
+        free = shutil.disk_usage(target).free
+        if not (target / "store.json").is_file() and need > free:
+            if tmp:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise ConfigError(f"an NVMe tier of {p.nvme_blocks} blocks needs about {format_bytes(need)} "
+                              f"but {target} has {format_bytes(free)} free")
+        nvme = NvmeConfig(path="", capacity_blocks=p.nvme_blocks, policy=opts.policy,
+                          write_through=opts.write_through)
+    cfg = StoreConfig(slot_bytes=p.block_bytes, dram=dram, nvme=nvme)
+    try:
+        if data_dir is None:
+            client = Client.embedded(None, cfg)
+        else:
+            client = Client.embedded(data_dir, cfg, create=True)
+    except BaseException:
+        if tmp:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return client, tmp
+
+
+def replay(opts: ReplayOptions, progress: Callable[[int, int], None] | None = None) -> dict:
+    """Run one replay and return its result (see the module docstring for every field).
+
+    Raises ConfigError for bad options or a malformed trace (before anything is allocated).
+    ``progress(done, total)`` is called every ~0.5 % of the requests and at the end.
+    """
+    p = plan(opts)
+    if opts.trace is not None:
+        reqs = read_trace(opts.trace, opts.limit)
+        source = str(opts.trace)
+    else:
+        n = opts.num_requests if opts.limit is None else min(opts.num_requests, opts.limit)
+        reqs = generated_trace(n)
+        source = f"generated (tierstore.workload, {n} requests, seed 0)"
+    t_setup = time.perf_counter()
+    client, tmp = _open_client(opts, p)
+    try:
+        setup_s = time.perf_counter() - t_setup
+        slot_bytes = next(u["slot_bytes"] for u in client.usage() if u["tier"] == "dram")
+        if slot_bytes < p.block_bytes:
+            raise ConfigError(f"data dir {opts.data_dir} was created with blocks of {slot_bytes} bytes; "
+                              f"replay with --block-bytes {slot_bytes} or use another data dir")
+        result = _run(client, reqs, p, opts.payload == "bytes", progress)
+        result.update(_describe(client, opts, p, source, setup_s))
+        result["warnings"] = _warnings(reqs, result)
+        return result
+    finally:
+        client.close()
+        if tmp:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _run(client: Client, reqs: list[TraceRequest], p: _Plan, verify: bool,
+         progress: Callable[[int, int], None] | None) -> dict:
+    ns, size = p.namespace, p.block_bytes
+    keyer = client.keyer(ns)
+    before = dict(client.stats()["counters"])
+    lookup, prepare_load, complete_load = client.lookup, client.prepare_load, client.complete_load
+    prepare_store, complete_store, slot_view = client.prepare_store, client.complete_store, client.slot_view
+    perf = time.perf_counter
+    OK = BlockStatus.OK
+
+    total = len(reqs)
+    step = max(1, total // 200)
+    referenced = hit_blocks = input_tokens = hit_tokens = 0
+    stored = skipped = short_loads = checked = verify_failures = 0
+    load_ms: list[float] = []
+    store_ms: list[float] = []
+    t0 = perf()
+    for i, r in enumerate(reqs):
+        keys = keyer.chain_from_block_ids(r.hash_ids)
+        nk = len(keys)
+        n = lookup(keys, ns).num_blocks if nk else 0
+        if n:
+            t = perf()
+            job = prepare_load(keys[:n])
+            ready = job.num_ready
+            ok = True
+            if verify:
+                for j in range(ready):
+                    sz = job.sizes[j]
+                    checked += 1
+                    if slot_view(job.slots[j])[:sz] != _pattern(keys[j], sz):
+                        verify_failures += 1
+                        ok = False
+            complete_load(job.job_id, ok)
+            load_ms.append((perf() - t) * 1e3)
+            if ready < n:
+                short_loads += n - ready
+                n = ready
+            if not ok:   # wrong bytes are never a hit: recompute (store again) from here
+                n = 0
+        if n < nk:
+            t = perf()
+            job = prepare_store(keys[n:], ns, size, parent=keys[n - 1] if n else None)
+            if verify:
+                for k, s, st in zip(job.keys, job.slots, job.status):
+                    if st is OK:
+                        slot_view(s)[:size] = _pattern(k, size)
+            for st in complete_store(job.job_id, True):
+                if st is OK:
+                    stored += 1
+                elif st is BlockStatus.SKIPPED:
+                    skipped += 1
+            store_ms.append((perf() - t) * 1e3)
+        referenced += nk
+        hit_blocks += n
+        input_tokens += r.input_length
+        hit_tokens += min(n * BLOCK_TOKENS, r.input_length)
+        if progress is not None and (i + 1) % step == 0:
+            progress(i + 1, total)
+    wall_s = perf() - t0
+    if progress is not None:
+        progress(total, total)
+
+    after = client.stats()["counters"]
+    c = {k: after.get(k, 0) - before.get(k, 0) for k in set(after) | set(before)}
+    g = c.get
+    tiers = {
+        "dram": {"read_bytes": g("load_bytes", 0) + g("nvme_bytes_written", 0),
+                 "written_bytes": g("dram_bytes_written", 0) + g("nvme_bytes_read", 0)},
+    }
+    if p.nvme_blocks:
+        tiers["nvme"] = {"read_bytes": g("nvme_bytes_read", 0), "written_bytes": g("nvme_bytes_written", 0)}
+    return {
+        "block_hit_ratio": round(hit_blocks / referenced, 6) if referenced else 0.0,
+        "token_hit_ratio": round(hit_tokens / input_tokens, 6) if input_tokens else 0.0,
+        "token_hit_definition": "sum(min(hit_blocks*512, input_length)) / sum(input_length)",
+        "requests": total,
+        "referenced_blocks": referenced,
+        "hit_blocks": hit_blocks,
+        "input_tokens": input_tokens,
+        "hit_tokens": hit_tokens,
+        "stored_blocks": stored,
+        "skipped_blocks": skipped,
+        "short_load_blocks": short_loads,
+        "hits": {"dram": g("load_hits_dram", 0), "nvme": g("load_hits_nvme", 0)},
+        "tiers": tiers,
+        "verified_blocks": checked,
+        "verify_failures": verify_failures,
+        "load_ms": _dist(load_ms),
+        "store_ms": _dist(store_ms),
+        "wall_s": round(wall_s, 4),
+        "throughput": {"requests_per_s": round(total / wall_s, 1) if wall_s else None,
+                       "blocks_per_s": round(referenced / wall_s, 1) if wall_s else None},
+        "counters": {k: v for k, v in sorted(c.items()) if v},
+    }
+
+
+def _warnings(reqs: list[TraceRequest], r: dict) -> list[str]:
+    """Conditions under which the numbers mean less than they seem (one line each)."""
+    out = []
+    longest = max((len(q.hash_ids) for q in reqs), default=0)
+    dram = r["capacity_blocks"]["dram"]
+    if longest > dram:
+        out.append(f"the longest request has {longest} blocks but DRAM holds {dram}: a request's "
+                   "blocks are staged in DRAM, so its tail is skipped (see skipped_blocks)")
+    if r["verify_failures"]:
+        out.append(f"{r['verify_failures']} loaded blocks had wrong bytes")
+    return out
+
+
+def _describe(client: Client, opts: ReplayOptions, p: _Plan, source: str, setup_s: float) -> dict:
+    caps = {u["tier"]: u["slots"] for u in client.usage()}
+    return {
+        "trace": source,
+        "payload": opts.payload,
+        "bytes_nominal": opts.payload == "none",
+        "model": p.model.name,
+        "bytes_per_token": p.model.bytes_per_token,
+        "policy": opts.policy,
+        "block_tokens": BLOCK_TOKENS,
+        "block_bytes": p.block_bytes,
+        "capacity_blocks": {"dram": caps.get("dram", 0), **({"nvme": caps["nvme"]} if "nvme" in caps else {})},
+        "write_through": opts.write_through,
+        "data_dir": str(client.data_dir) if client.data_dir and opts.data_dir else None,
+        "setup_s": round(setup_s, 4),
+    }
+
+
+__all__ = ["BLOCK_TOKENS", "MODELS", "ModelPreset", "ReplayOptions", "TraceRequest", "get_model",
+           "parse_request", "plan", "read_trace", "replay"]
