@@ -1,0 +1,33 @@
+"""Packaging: every package folder ships, admin/ and plugins/ keep their distinct import names."""
+
+import tomllib
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+MAPPING = {"tierstore": "tierstore", "admin": "tierstore_admin", "plugins": "tierstore_plugins"}
+
+
+def test_every_package_folder_is_listed_in_pyproject():
+    cfg = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    assert cfg["package-dir"] == {v: k for k, v in MAPPING.items()}
+    listed = set(cfg["packages"])
+    found = set()
+    for folder, name in MAPPING.items():
+        for init in (ROOT / folder).rglob("__init__.py"):
+            rel = init.parent.relative_to(ROOT / folder).parts
+            found.add(".".join((name, *rel)))
+    assert found - listed == set(), f"package folders missing from pyproject packages: {found - listed}"
+    assert listed - found == set(), f"pyproject lists packages that do not exist: {listed - found}"
+
+
+def test_core_imports_neither_typer_nor_vllm():
+    """Heavy dependencies stay at the leaves (STYLE.md 9): the core never imports typer/rich or
+    vLLM; torch only where bytes meet a device."""
+    torch_ok = {"io/copy.py", "tiers/hbm.py", "tiers/pinning.py"}
+    for py in (ROOT / "tierstore").rglob("*.py"):
+        text = py.read_text()
+        rel = py.relative_to(ROOT / "tierstore").as_posix()
+        for mod in ("typer", "rich", "vllm"):
+            assert f"import {mod}" not in text and f"from {mod}" not in text, (rel, mod)
+        if rel not in torch_ok:
+            assert "import torch" not in text, rel
