@@ -18,6 +18,7 @@ EVICTION: dict[str, str] = {
     "s3fifo": "tierstore.policy.s3fifo:S3FIFO",
     "arc": "tierstore.policy.arc:ARC",
     "gdsf": "tierstore.policy.gdsf:GDSF",
+    "prefix-lhd": "tierstore.policy.lhd:PrefixLHD",
 }
 ADMISSION: dict[str, str] = {
     "all": "tierstore.policy.base:AdmitAll",
