@@ -53,7 +53,9 @@ def _lock_dir(path: Path):
 
 
 def config_to_json(cfg: StoreConfig) -> dict:
-    return dataclasses.asdict(cfg)
+    d = dataclasses.asdict(cfg)
+    d["dram"].pop("shm_name", None)   # a per-run choice of the daemon, never persisted
+    return d
 
 
 def config_from_json(d: dict) -> StoreConfig:
@@ -80,13 +82,16 @@ class Client:
     # ---------------------------------------------------------------- opening
     @classmethod
     def embedded(cls, data_dir: str | os.PathLike | None = None, config: StoreConfig | None = None,
-                 *, secret: bytes | str | None = None, create: bool = True) -> "Client":
+                 *, secret: bytes | str | None = None, create: bool = True,
+                 shm_name: str | None = None) -> "Client":
         """Open (or create) a store in this process.
 
         With ``data_dir``: the directory's ``store.json`` wins over ``config`` when it exists
         (a directory is reopened as it was created); otherwise ``config`` is written there. The
         NVMe path defaults to ``<data_dir>/nvme``. Raises DataDirBusy if another process holds
-        the directory, ConfigError if it does not exist and ``create`` is false.
+        the directory, ConfigError if it does not exist and ``create`` is false. ``shm_name``
+        (the daemon) puts the DRAM slab in POSIX shared memory under that name for this run
+        only; it is never written to ``store.json``.
         """
         if data_dir is None:
             if config is None:
@@ -112,11 +117,24 @@ class Client:
                 tmp = f.with_suffix(".tmp")
                 tmp.write_text(json.dumps(config_to_json(config), indent=2))
                 os.replace(tmp, f)
+            if shm_name is not None:
+                config = dataclasses.replace(
+                    config, dram=dataclasses.replace(config.dram, shm_name=shm_name))
             store = Store.open(config)
             return cls(store, secret=load_secret(secret, data_dir=d), data_dir=d, lock_fd=fd)
         except BaseException:
             os.close(fd)
             raise
+
+    @classmethod
+    def connect(cls, socket_path: str | os.PathLike, *, timeout_s: float = 5.0,
+                secret: bytes | str | None = None):
+        """A client of the daemon listening on ``socket_path`` (a
+        :class:`tierstore.daemon.remote.RemoteClient`: the same methods, bytes through the
+        daemon's shared-memory slab). Raises DaemonUnreachable when nothing answers."""
+        from tierstore.daemon.remote import RemoteClient
+
+        return RemoteClient.connect(socket_path, timeout_s=timeout_s, secret=secret)
 
     def close(self) -> None:
         self.store.close()
@@ -185,4 +203,15 @@ class Client:
         return self.store.stats()["tiers"]
 
 
-__all__ = ["Client", "DataDirBusy", "ExtraKeys", "Namespace", "NO_EXTRAS"]
+def open_client(data_dir: str | os.PathLike | None = None, socket: str | os.PathLike | None = None,
+                config: StoreConfig | None = None, *, create: bool = False,
+                secret: bytes | str | None = None, timeout_s: float = 5.0):
+    """The backend the caller asked for: the daemon when ``socket`` is given (DaemonUnreachable
+    when it does not answer; never a silent fallback to the data dir), else the store embedded
+    in this process on ``data_dir``. Both have the same methods."""
+    if socket:
+        return Client.connect(socket, timeout_s=timeout_s, secret=secret)
+    return Client.embedded(data_dir, config, secret=secret, create=create)
+
+
+__all__ = ["Client", "DataDirBusy", "ExtraKeys", "Namespace", "NO_EXTRAS", "open_client"]

@@ -10,7 +10,10 @@ Callers tell outcomes apart by class, never by message text::
     ├── JobError               unknown or already completed job id
     ├── TransferFailed         bytes could not be moved (I/O error, peer gone, copy failed)
     │   └── ChecksumFailed     bytes were moved but failed their checksum
-    └── RetryLater             transient: try again (carries ``after_s``)
+    ├── RetryLater             transient: try again (carries ``after_s``)
+    ├── ProtocolError          a malformed or unexpected frame on the daemon socket
+    └── DaemonUnreachable      a daemon was asked for and cannot be reached (CLI exit code 3);
+                               also raised when the connection is lost in the middle of a call
 """
 
 from __future__ import annotations
@@ -54,3 +57,12 @@ class RetryLater(TierStoreError):
     def __init__(self, message: str, after_s: float = 0.0) -> None:
         super().__init__(message)
         self.after_s = after_s
+
+
+class ProtocolError(TierStoreError):
+    """A frame or message that breaks the daemon protocol (tierstore/protocol/codec.py)."""
+
+
+class DaemonUnreachable(TierStoreError, ConnectionError):
+    """No daemon answers on the socket, or the connection to it was lost (its pins and
+    unfinished jobs were released by the daemon). The CLI maps it to exit code 3."""

@@ -1,0 +1,602 @@
+"""The per-node daemon: one Store, its DRAM slab in shared memory, local clients on a Unix socket.
+
+What it owns::
+
+    <data_dir>/lock, store.json, secret, nvme/      through Client.embedded (the data-dir lock:
+                                                    a second daemon gets DataDirBusy)
+    /dev/shm/tierstore-<dirhash>-<pid>-<rand>       the DRAM slab (mode 0600); unlinked on stop;
+                                                    leftovers of a crashed daemon on the same data
+                                                    dir are unlinked at start (the lock proves them stale)
+    <socket>                                        mode 0600, its directory 0700
+    <pid_file>                                      optional; removed on a clean stop
+
+Threading (every thread is owned by :class:`DaemonServer`)::
+
+    main thread      accept loop (listener with a 0.2 s timeout, so a stop request is seen
+                     promptly); SIGTERM/SIGINT only set the stop event
+    conn-N threads   one per client connection: read frame -> handle -> write reply, strictly
+                     request/reply in order; every Store call takes the store's own lock
+    metrics thread   prometheus-client's HTTP server, when [metrics] enabled
+
+Connections and ownership: each connection is one owner (``conn-<n>-pid<peer pid>``). Pins taken
+by its lookups/pins and its unfinished jobs belong to it; when the connection closes or dies
+(EOF, reset, kill -9 of the client), ``store.release_owner(owner)`` releases the pins and aborts
+the unfinished stores (their slots are freed, nothing becomes visible) and loads. A connection may
+complete only its own jobs.
+
+Keys: the daemon never sends the cluster secret. ``hello`` names the file the daemon read it from
+(``secret_file``: ``$TIERSTORE_SECRET_FILE`` or ``<data_dir>/secret``, mode 0600, so a client
+running as the same user reads it; ``None`` when the secret came from ``$TIERSTORE_SECRET``) and a
+``secret_id`` (keyed BLAKE2b of a constant under the secret: reveals nothing, lets a client detect
+that its secret differs instead of silently missing every block). Clients compute keys themselves.
+
+Requests (body fields; ``keys`` per tierstore.protocol.codec.pack_keys; ``ns`` = Namespace.describe())::
+
+    HELLO          {}                               -> {version, pid, owner, shm_name, shm_bytes,
+                                                        slot_stride, slot_bytes, num_slots, data_dir,
+                                                        socket, secret_source (env | file | data_dir),
+                                                        secret_file, secret_id, max_frame_bytes}
+    LOOKUP         {keys, ns, pin, ttl_s}           -> {n, tiers (bin, one Tier value per hit block)}
+    PREPARE_STORE  {keys, ns, size, parent}         -> {job, slots [int|nil], status [str]}
+    COMPLETE_STORE {job, ok}                        -> {status [str]}
+    PREPARE_LOAD   {keys}                           -> {job, slots, status, sizes}
+    COMPLETE_LOAD  {job, ok}                        -> {}
+    PIN / UNPIN    {keys, ttl_s}                    -> {n}
+    EVICT          {keys}                           -> {evicted, pinned, missing}
+    STATS          {}                               -> Store.stats() + {"daemon": {...}}
+    BLOCKS         {limit, tier}                    -> {blocks [...]}
+    BLOCK          {key}                            -> {block | nil}
+    CHECK          {fix}                            -> {problems [str]}
+    SHUTDOWN       {}                               -> {stopping: true}, then the SIGTERM path
+    PING           {}                               -> {}
+
+Errors: a frame whose header cannot be trusted (bad magic, version, flags, oversized length) gets
+one error reply (when its id is known) and the connection is closed; a well-framed request with an
+unknown type, an undecodable body or bad fields gets an error reply and the connection stays.
+
+Stop (SIGTERM, SHUTDOWN): stop accepting and unlink the socket; drain: refuse new prepares and
+pinning lookups with RetryLater while in-flight jobs complete (``drain_timeout_s``); then close
+every connection (release_owner aborts what is left), ``store.close()`` (NVMe write-through is
+synchronous in complete_store, so nothing is left to flush; LMDB closes cleanly), unlink the shm
+object, remove the pid file, release the data-dir lock last.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import hashlib
+import itertools
+import logging
+import os
+import secrets
+import signal
+import socket
+import stat
+import struct
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from tierstore import __version__
+from tierstore.client import Client
+from tierstore.errors import (ConfigError, JobError, ProtocolError, RejectedError, RetryLater,
+                              TierStoreError)
+from tierstore.keys import SECRET_ENV, SECRET_FILE_ENV, Namespace
+from tierstore.metrics import DaemonMetrics
+from tierstore.protocol.codec import (FLAG_ERROR, FLAG_REPLY, PROTOCOL_VERSION, FrameError,
+                                      MsgType, decode_body, encode_frame, error_body, read_frame,
+                                      tune_socket, unpack_keys)
+from tierstore.settings import DaemonSettings
+from tierstore.types import Tier
+
+log = logging.getLogger("tierstore.daemon")
+
+SHM_PREFIX = "tierstore-"
+SHM_DIR = "/dev/shm"
+REPLY_MAX_BYTES = 256 << 20
+_SUN_PATH_MAX = 107
+_TIMED_OPS = {MsgType.LOOKUP, MsgType.PREPARE_STORE, MsgType.COMPLETE_STORE,
+              MsgType.PREPARE_LOAD, MsgType.COMPLETE_LOAD}
+
+
+def secret_id(secret: bytes) -> str:
+    """Public fingerprint of the cluster secret (keyed hash of a constant)."""
+    return hashlib.blake2b(b"tierstore secret id", key=secret[:64], digest_size=8,
+                           person=b"tierstore.sid.v1").hexdigest()
+
+
+def shm_prefix(data_dir: str | os.PathLike) -> str:
+    """``tierstore-<12 hex of the data dir's real path>-``: names every slab of one data dir."""
+    h = hashlib.blake2b(os.path.realpath(data_dir).encode(), digest_size=6).hexdigest()
+    return f"{SHM_PREFIX}{h}-"
+
+
+def _cleanup_stale_shm(prefix: str, keep: str) -> list[str]:
+    removed = []
+    for path in glob.glob(os.path.join(SHM_DIR, prefix + "*")):
+        if os.path.basename(path) != keep:
+            try:
+                os.unlink(path)
+                removed.append(path)
+            except OSError as e:
+                log.warning("cannot remove stale shared memory %s: %s", path, e)
+    return removed
+
+
+def _secure_dir(d: Path) -> None:
+    """Create ``d`` with mode 0700, or tighten it to 0700 when we own it; refuse a directory
+    others may write (someone could replace the socket)."""
+    if not d.exists():
+        d.mkdir(mode=0o700, parents=True)
+        os.chmod(d, 0o700)
+        return
+    st = d.stat()
+    mode = stat.S_IMODE(st.st_mode)
+    if mode & 0o077 == 0:
+        return
+    if st.st_uid == os.getuid() and not mode & stat.S_ISVTX:
+        os.chmod(d, 0o700)
+        log.info("tightened %s from %04o to 0700", d, mode)
+    elif mode & 0o022 and not mode & stat.S_ISVTX:
+        raise ConfigError(f"socket directory {d} is writable by others (mode {mode:04o}); "
+                          "use a directory with mode 0700")
+    else:
+        log.warning("socket directory %s has mode %04o (not 0700); the socket itself is 0600", d, mode)
+
+
+def _bind_socket(path: str) -> socket.socket:
+    if len(os.fsencode(path)) > _SUN_PATH_MAX:
+        raise ConfigError(f"socket path {path} is longer than {_SUN_PATH_MAX} bytes")
+    p = Path(path)
+    _secure_dir(p.parent)
+    if os.path.lexists(p):
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        probe.settimeout(1.0)
+        try:
+            probe.connect(str(p))
+        except OSError:
+            os.unlink(p)   # nobody listens: a crashed daemon's leftover
+        else:
+            raise ConfigError(f"socket {p} is served by another running daemon")
+        finally:
+            probe.close()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old = os.umask(0o177)
+    try:
+        sock.bind(str(p))
+    finally:
+        os.umask(old)
+    os.chmod(p, 0o600)
+    sock.listen(128)
+    return sock
+
+
+class _Conn:
+    """One client connection: its socket, owner id and the jobs it may complete."""
+
+    def __init__(self, n: int, sock: socket.socket, owner: str, peer_pid: int) -> None:
+        self.n = n
+        self.sock = sock
+        self.owner = owner
+        self.peer_pid = peer_pid
+        self.store_jobs: set[int] = set()
+        self.load_jobs: set[int] = set()
+        self.thread: threading.Thread | None = None
+
+
+class DaemonServer:
+    """Owns the store, the listener, one thread per connection and the metrics endpoint.
+
+    Use: ``s = DaemonServer(settings); s.start(); s.serve_forever()`` (returns after a stop
+    request and a complete shutdown), or ``run_in_thread()`` in tests.
+    """
+
+    def __init__(self, settings: DaemonSettings) -> None:
+        if not settings.data_dir:
+            raise ConfigError("the daemon needs a data dir (--data-dir or TIERSTORE_DATA_DIR)")
+        self.settings = settings
+        self.data_dir = Path(settings.data_dir).absolute()
+        self.socket_path = os.path.abspath(settings.resolved_socket())
+        self.client: Client | None = None
+        self.store = None
+        self.metrics: DaemonMetrics | None = None
+        self.shm_name = ""
+        self._listener: socket.socket | None = None
+        self._socket_id: tuple[int, int] | None = None
+        self._stop = threading.Event()
+        self._done = threading.Event()
+        self._draining = False
+        self._conns: dict[int, _Conn] = {}
+        self._conns_lock = threading.Lock()
+        self._conn_ids = itertools.count(1)
+        self._started_at = time.time()
+        self._hello: dict = {}
+        self._handlers: dict[int, Callable[[_Conn, dict], dict]] = {
+            MsgType.HELLO: self._h_hello, MsgType.LOOKUP: self._h_lookup,
+            MsgType.PREPARE_STORE: self._h_prepare_store, MsgType.COMPLETE_STORE: self._h_complete_store,
+            MsgType.PREPARE_LOAD: self._h_prepare_load, MsgType.COMPLETE_LOAD: self._h_complete_load,
+            MsgType.PIN: self._h_pin, MsgType.UNPIN: self._h_unpin, MsgType.EVICT: self._h_evict,
+            MsgType.STATS: self._h_stats, MsgType.BLOCKS: self._h_blocks, MsgType.BLOCK: self._h_block,
+            MsgType.CHECK: self._h_check, MsgType.SHUTDOWN: self._h_shutdown, MsgType.PING: self._h_ping,
+        }
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self) -> None:
+        """Open the data dir (lock, store, shm slab), bind the socket, start metrics."""
+        s = self.settings
+        if not self.data_dir.exists():
+            self.data_dir.mkdir(mode=0o700, parents=True)
+        prefix = shm_prefix(self.data_dir)
+        self.shm_name = f"{prefix}{os.getpid()}-{secrets.token_hex(4)}"
+        self.client = Client.embedded(self.data_dir, s.store, shm_name=self.shm_name)
+        try:
+            stale = _cleanup_stale_shm(prefix, keep=self.shm_name)
+            if stale:
+                log.warning("removed %d stale shared-memory slab(s) of a previous daemon: %s",
+                            len(stale), ", ".join(stale))
+            self.store = self.client.store
+            cfg = self.store.config
+            if cfg.dram.payload is False:
+                raise ConfigError("the daemon needs a DRAM tier with payload")
+            if s.store != dataclasses.replace(cfg, dram=dataclasses.replace(cfg.dram, shm_name=None)):
+                log.info("data dir %s keeps the store config it was created with (store.json)",
+                         self.data_dir)
+            self._listener = _bind_socket(self.socket_path)
+            st = os.stat(self.socket_path)
+            self._socket_id = (st.st_dev, st.st_ino)
+            self._listener.settimeout(0.2)
+            self.metrics = DaemonMetrics(self.store.stats)
+            if s.metrics.enabled:
+                host, port = self.metrics.start(s.metrics.host, s.metrics.port)
+                log.info("metrics on http://%s:%d/metrics", host, port)
+            if s.pid_file:
+                Path(s.pid_file).write_text(f"{os.getpid()}\n")
+            self._hello = self._make_hello()
+        except BaseException:
+            self._close_store()
+            raise
+        log.info("tierstore daemon %s serving %s on %s (shm %s, %d slots of %d bytes)",
+                 __version__, self.data_dir, self.socket_path, self.shm_name,
+                 self._hello["num_slots"], self._hello["slot_stride"])
+
+    def _make_hello(self) -> dict:
+        dram = self.store.tiers[Tier.DRAM]
+        if os.environ.get(SECRET_ENV):
+            secret_source, secret_file = "env", None
+        elif os.environ.get(SECRET_FILE_ENV):
+            secret_source, secret_file = "file", os.path.abspath(os.environ[SECRET_FILE_ENV])
+        else:
+            secret_source, secret_file = "data_dir", str(self.data_dir / "secret")
+        return {
+            "version": PROTOCOL_VERSION, "server": __version__, "pid": os.getpid(),
+            "shm_name": self.shm_name, "shm_bytes": dram.size_bytes, "slot_stride": dram.slot_bytes,
+            "slot_bytes": self.store.config.slot_bytes, "num_slots": dram.num_slots,
+            "data_dir": str(self.data_dir), "socket": self.socket_path,
+            "secret_source": secret_source, "secret_file": secret_file,
+            "secret_id": secret_id(self.client.secret),
+            "max_frame_bytes": self.settings.max_frame_bytes,
+        }
+
+    def request_stop(self) -> None:
+        """Ask the accept loop to stop (safe from signal handlers and any thread)."""
+        self._stop.set()
+
+    def install_signal_handlers(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: self.request_stop())
+
+    def serve_forever(self) -> None:
+        """Accept until a stop request, then shut down completely."""
+        try:
+            while not self._stop.is_set():
+                try:
+                    sock, _ = self._listener.accept()
+                except socket.timeout:
+                    continue
+                except OSError as e:
+                    if self._stop.is_set():
+                        break
+                    log.warning("accept failed: %s", e)
+                    time.sleep(0.05)
+                    continue
+                self._spawn(sock)
+        finally:
+            self.shutdown()
+
+    def run_in_thread(self) -> threading.Thread:
+        t = threading.Thread(target=self.serve_forever, name="tierstore-accept", daemon=True)
+        t.start()
+        return t
+
+    def wait(self, timeout_s: float | None = None) -> bool:
+        return self._done.wait(timeout_s)
+
+    def shutdown(self) -> None:
+        """The SIGTERM path (idempotent): stop accepting, drain, close connections, close the
+        store, unlink socket / shm / pid file, release the data-dir lock."""
+        if self._done.is_set():
+            return
+        self._stop.set()
+        if self._listener is not None:
+            try:
+                self._listener.close()
+            finally:
+                self._listener = None
+                self._unlink_socket()
+        self._draining = True
+        deadline = time.monotonic() + self.settings.drain_timeout_s
+        while time.monotonic() < deadline:
+            st = self.store.stats()
+            if not st["pending_stores"] and not st["pending_loads"]:
+                break
+            time.sleep(0.02)
+        else:
+            log.warning("drain timeout: aborting unfinished jobs of %d connection(s)", len(self._conns))
+        with self._conns_lock:
+            conns = list(self._conns.values())
+        for c in conns:
+            try:
+                c.sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        for c in conns:
+            if c.thread is not None and c.thread is not threading.current_thread():
+                c.thread.join(timeout=5.0)
+        if self.metrics is not None:
+            self.metrics.stop()
+        self._close_store()
+        if self.settings.pid_file:
+            try:
+                os.unlink(self.settings.pid_file)
+            except FileNotFoundError:
+                pass
+        log.info("tierstore daemon stopped")
+        self._done.set()
+
+    def _unlink_socket(self) -> None:
+        """Remove the socket file if it is still the one this daemon bound."""
+        try:
+            st = os.stat(self.socket_path)
+            if (st.st_dev, st.st_ino) == self._socket_id:
+                os.unlink(self.socket_path)
+        except FileNotFoundError:
+            pass
+
+    def _close_store(self) -> None:
+        if self.client is not None:
+            self.client.close()   # store.close() (aborts jobs, closes LMDB, unlinks shm), then the lock
+            self.client = None
+
+    # ------------------------------------------------------------------ connections
+    def _spawn(self, sock: socket.socket) -> None:
+        n = next(self._conn_ids)
+        try:
+            cred = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+            pid, _uid, _gid = struct.unpack("3i", cred)
+        except OSError:
+            pid = 0
+        sock.settimeout(None)
+        tune_socket(sock)
+        conn = _Conn(n, sock, f"conn-{n}-pid{pid}", pid)
+        conn.thread = threading.Thread(target=self._serve_conn, args=(conn,), name=f"conn-{n}",
+                                       daemon=True)
+        with self._conns_lock:
+            self._conns[n] = conn
+        self.metrics.connections.inc()
+        conn.thread.start()
+
+    def _serve_conn(self, conn: _Conn) -> None:
+        sock = conn.sock
+        try:
+            while True:
+                try:
+                    frame = read_frame(sock, self.settings.max_frame_bytes)
+                except FrameError as e:
+                    self.metrics.protocol_errors.inc()
+                    if e.header is not None:
+                        self._reply_error(sock, e.header.type, e.header.request_id, e)
+                    log.info("%s: closing after a bad frame: %s", conn.owner, e)
+                    return
+                except (OSError, ConnectionError):
+                    return
+                if frame is None:
+                    return
+                hdr, raw = frame
+                if not self._answer(conn, hdr.type, hdr.request_id, hdr.flags, raw):
+                    return
+        finally:
+            self._drop(conn)
+
+    def _answer(self, conn: _Conn, mtype: int, rid: int, flags: int, raw: bytes) -> bool:
+        """Handle one request and send its reply; False when the connection must close."""
+        handler = self._handlers.get(mtype)
+        t0 = time.perf_counter()
+        try:
+            if flags & FLAG_REPLY or handler is None:
+                self.metrics.protocol_errors.inc()
+                raise ProtocolError(f"unknown message type {mtype}" if handler is None
+                                    else "a client must not send reply frames")
+            body = handler(conn, decode_body(raw))
+        except TierStoreError as e:
+            if isinstance(e, ProtocolError):
+                self.metrics.protocol_errors.inc()
+            return self._reply_error(conn.sock, mtype, rid, e, t0)
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError, OverflowError) as e:
+            self.metrics.protocol_errors.inc()
+            err = ProtocolError(f"bad {_op_name(mtype)} request: {type(e).__name__}: {e}")
+            return self._reply_error(conn.sock, mtype, rid, err, t0)
+        except Exception as e:   # a bug: answer, log, keep serving
+            log.exception("%s: internal error in %s", conn.owner, _op_name(mtype))
+            return self._reply_error(conn.sock, mtype, rid, e, t0)
+        try:
+            frame = encode_frame(mtype, rid, body, FLAG_REPLY)
+        except (TypeError, ValueError, OverflowError) as e:
+            log.exception("cannot encode the reply to %s", _op_name(mtype))
+            return self._reply_error(conn.sock, mtype, rid, e, t0)
+        if len(frame) > REPLY_MAX_BYTES:
+            return self._reply_error(conn.sock, mtype, rid, RejectedError(
+                f"reply of {len(frame)} bytes exceeds {REPLY_MAX_BYTES}; ask for fewer (limit)"), t0)
+        if mtype in _TIMED_OPS:
+            self.metrics.observe(_op_name(mtype), time.perf_counter() - t0)
+        try:
+            conn.sock.sendall(frame)
+        except OSError:
+            return False
+        return mtype != MsgType.SHUTDOWN or not self._stop.is_set()
+
+    def _reply_error(self, sock: socket.socket, mtype: int, rid: int, exc: BaseException,
+                     t0: float | None = None) -> bool:
+        if t0 is not None and mtype in _TIMED_OPS:
+            self.metrics.observe(_op_name(mtype), time.perf_counter() - t0, error=True)
+        try:
+            sock.sendall(encode_frame(mtype & 0xFF, rid, error_body(exc), FLAG_REPLY | FLAG_ERROR))
+            return True
+        except OSError:
+            return False
+
+    def _drop(self, conn: _Conn) -> None:
+        with self._conns_lock:
+            if self._conns.pop(conn.n, None) is None:
+                return
+        self.metrics.connections.dec()
+        try:
+            conn.sock.close()
+        except OSError:
+            pass
+        store = self.store
+        if store is not None and self.client is not None:
+            try:
+                r = store.release_owner(conn.owner)
+            except Exception:
+                log.exception("%s: release_owner failed", conn.owner)
+                return
+            if r["pins_released"] or r["jobs_aborted"]:
+                log.info("%s gone: released %d pin(s), aborted %d job(s)", conn.owner,
+                         r["pins_released"], r["jobs_aborted"])
+
+    # ------------------------------------------------------------------ handlers
+    def _refuse_when_draining(self) -> None:
+        if self._draining:
+            raise RetryLater("the daemon is stopping", after_s=1.0)
+
+    def _h_hello(self, conn: _Conn, body: dict) -> dict:
+        return dict(self._hello, owner=conn.owner)
+
+    def _h_ping(self, conn: _Conn, body: dict) -> dict:
+        return {}
+
+    def _h_lookup(self, conn: _Conn, body: dict) -> dict:
+        pin = bool(body.get("pin", False))
+        if pin:
+            self._refuse_when_draining()
+        keys = unpack_keys(body["keys"])
+        r = self.store.lookup(keys, _namespace(body["ns"]), pin=pin, owner=conn.owner,
+                              ttl_s=_opt_float(body.get("ttl_s")))
+        tiers = bytes(r.tiers)
+        if tiers:
+            self.metrics.count_lookup_hits(tiers, _tier_label)
+        return {"n": r.num_blocks, "tiers": tiers}
+
+    def _h_prepare_store(self, conn: _Conn, body: dict) -> dict:
+        self._refuse_when_draining()
+        keys = unpack_keys(body["keys"])
+        parent = body.get("parent")
+        if parent is not None and not isinstance(parent, bytes):
+            raise ProtocolError("parent must be bin")
+        job = self.store.prepare_store(keys, _namespace(body["ns"]), int(body["size"]),
+                                       owner=conn.owner, parent=parent)
+        conn.store_jobs.add(job.job_id)
+        return {"job": job.job_id, "slots": job.slots, "status": [s.value for s in job.status]}
+
+    def _h_complete_store(self, conn: _Conn, body: dict) -> dict:
+        jid = int(body["job"])
+        if jid not in conn.store_jobs:
+            raise JobError(f"store job {jid} is not this connection's")
+        conn.store_jobs.discard(jid)
+        status = self.store.complete_store(jid, ok=bool(body.get("ok", True)))
+        return {"status": [s.value for s in status]}
+
+    def _h_prepare_load(self, conn: _Conn, body: dict) -> dict:
+        self._refuse_when_draining()
+        keys = unpack_keys(body["keys"])
+        job = self.store.prepare_load(keys, owner=conn.owner)
+        conn.load_jobs.add(job.job_id)
+        return {"job": job.job_id, "slots": job.slots, "status": [s.value for s in job.status],
+                "sizes": job.sizes}
+
+    def _h_complete_load(self, conn: _Conn, body: dict) -> dict:
+        jid = int(body["job"])
+        if jid not in conn.load_jobs:
+            raise JobError(f"load job {jid} is not this connection's")
+        conn.load_jobs.discard(jid)
+        self.store.complete_load(jid, ok=bool(body.get("ok", True)))
+        return {}
+
+    def _h_pin(self, conn: _Conn, body: dict) -> dict:
+        self._refuse_when_draining()
+        return {"n": self.store.pin(unpack_keys(body["keys"]), owner=conn.owner,
+                                    ttl_s=_opt_float(body.get("ttl_s")))}
+
+    def _h_unpin(self, conn: _Conn, body: dict) -> dict:
+        return {"n": self.store.unpin(unpack_keys(body["keys"]), owner=conn.owner)}
+
+    def _h_evict(self, conn: _Conn, body: dict) -> dict:
+        return self.store.evict(unpack_keys(body["keys"]))
+
+    def _h_stats(self, conn: _Conn, body: dict) -> dict:
+        st = self.store.stats()
+        with self._conns_lock:
+            n_conns = len(self._conns)
+        st["daemon"] = {"pid": os.getpid(), "version": __version__, "socket": self.socket_path,
+                        "data_dir": str(self.data_dir), "shm_name": self.shm_name,
+                        "uptime_s": round(time.time() - self._started_at, 3),
+                        "connections": n_conns, "stopping": self._draining,
+                        "metrics": (f"http://{self.metrics.address[0]}:{self.metrics.address[1]}/metrics"
+                                    if self.metrics.address else None)}
+        return st
+
+    def _h_blocks(self, conn: _Conn, body: dict) -> dict:
+        limit = body.get("limit")
+        tier = body.get("tier")
+        return {"blocks": self.store.blocks(limit=None if limit is None else int(limit),
+                                            tier=None if tier is None else Tier.parse(str(tier)))}
+
+    def _h_block(self, conn: _Conn, body: dict) -> dict:
+        key = body["key"]
+        if not isinstance(key, bytes):
+            raise ProtocolError("key must be bin")
+        return {"block": self.store.block(key)}
+
+    def _h_check(self, conn: _Conn, body: dict) -> dict:
+        return {"problems": self.store.check(fix=bool(body.get("fix", False)))}
+
+    def _h_shutdown(self, conn: _Conn, body: dict) -> dict:
+        log.info("%s asked the daemon to stop", conn.owner)
+        self.request_stop()
+        return {"stopping": True, "pid": os.getpid()}
+
+
+def _op_name(mtype: int) -> str:
+    try:
+        return MsgType(mtype).name.lower()
+    except ValueError:
+        return f"type{mtype}"
+
+
+def _tier_label(value: int) -> str:
+    return Tier(value).label
+
+
+def _opt_float(v: Any) -> float | None:
+    return None if v is None else float(v)
+
+
+def _namespace(d: Any) -> Namespace:
+    if not isinstance(d, dict):
+        raise ProtocolError("ns must be a map of Namespace fields")
+    try:
+        return Namespace(**d)
+    except TypeError as e:
+        raise ProtocolError(f"bad namespace: {e}") from None

@@ -1,0 +1,159 @@
+"""Metric names and the Prometheus exporter of the daemon (prometheus-client).
+
+Two sources feed one registry (a private ``CollectorRegistry``, never the global one):
+
+- a collector that reads ``Store.stats()`` at scrape time (gauges for capacity and use, counters
+  derived from the store's own counters: nothing is double-counted, nothing is updated on the hot
+  path), and
+- histograms and counters the server updates per request (latency per message type, lookup hits
+  per tier, protocol errors, connections).
+
+Names (all prefixed ``tierstore_``)::
+
+    tier_capacity_bytes{tier}          gauge    configured capacity
+    tier_used_bytes{tier}              gauge    bytes of used slots
+    tier_blocks{tier}                  gauge    resident blocks
+    blocks                             gauge    blocks in the index (all tiers)
+    pins / pinned_blocks               gauge    pin references / blocks with at least one pin
+    pending_jobs{kind}                 gauge    unfinished store / load jobs
+    connections                        gauge    open client connections
+    lookup_hit_blocks_total{tier}      counter  blocks a lookup found, by nearest tier
+    lookup_miss_blocks_total           counter  blocks a lookup did not find (everything after the first miss)
+    load_hit_blocks_total{tier}        counter  blocks loaded, by the tier they were served from
+    bytes_moved_total{path}            counter  client_to_dram, dram_to_client, dram_to_nvme, nvme_to_dram
+    evictions_total{tier}              counter
+    checksum_failures_total            counter  NVMe records that failed verification on read
+    stores_aborted_total               counter  store jobs aborted (client died, ok=False, shutdown)
+    request_seconds{op}                histogram  daemon-side handling time per message type
+    request_errors_total{op}           counter  requests answered with an error
+    protocol_errors_total              counter  malformed frames
+
+The exporter listens on ``127.0.0.1:9464`` by default when enabled (settings ``[metrics]``); it
+runs prometheus-client's own HTTP server thread (owner: this module's :class:`DaemonMetrics`).
+Thread-safe: prometheus-client metrics are; the collector takes the store's lock via ``stats()``.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+log = logging.getLogger(__name__)
+
+PREFIX = "tierstore_"
+LATENCY_BUCKETS_S = (25e-6, 50e-6, 100e-6, 250e-6, 500e-6, 1e-3, 2.5e-3, 5e-3, 10e-3, 25e-3,
+                     50e-3, 100e-3, 250e-3, 1.0, 5.0)
+_BYTES_MOVED = {"dram_bytes_written": "client_to_dram", "load_bytes": "dram_to_client",
+                "nvme_bytes_written": "dram_to_nvme", "nvme_bytes_read": "nvme_to_dram"}
+
+
+class _StoreCollector:
+    def __init__(self, stats: Callable[[], dict]) -> None:
+        self._stats = stats
+
+    def describe(self):
+        return []   # do not call stats() at registration time
+
+    def collect(self):
+        try:
+            s = self._stats()
+        except Exception:   # a closed store during shutdown: export nothing, never fail a scrape
+            return
+        c = s.get("counters", {})
+        cap = GaugeMetricFamily(PREFIX + "tier_capacity_bytes", "Configured capacity", labels=["tier"])
+        used = GaugeMetricFamily(PREFIX + "tier_used_bytes", "Bytes of used slots", labels=["tier"])
+        blocks = GaugeMetricFamily(PREFIX + "tier_blocks", "Resident blocks", labels=["tier"])
+        evict = CounterMetricFamily(PREFIX + "evictions", "Blocks evicted", labels=["tier"])
+        loads = CounterMetricFamily(PREFIX + "load_hit_blocks", "Blocks loaded by source tier",
+                                    labels=["tier"])
+        for t in s.get("tiers", []):
+            name = t["tier"]
+            cap.add_metric([name], t.get("capacity_bytes", 0))
+            used.add_metric([name], t.get("used_bytes", 0))
+            blocks.add_metric([name], t.get("blocks", 0))
+            evict.add_metric([name], c.get(f"evictions_{name}", 0))
+            loads.add_metric([name], c.get(f"load_hits_{name}", 0))
+        yield from (cap, used, blocks, evict, loads)
+        yield GaugeMetricFamily(PREFIX + "blocks", "Blocks in the index", value=s.get("blocks", 0))
+        yield GaugeMetricFamily(PREFIX + "pins", "Pin references", value=s.get("pins", 0))
+        yield GaugeMetricFamily(PREFIX + "pinned_blocks", "Blocks with a pin",
+                                value=s.get("pinned_blocks", 0))
+        pend = GaugeMetricFamily(PREFIX + "pending_jobs", "Unfinished jobs", labels=["kind"])
+        pend.add_metric(["store"], s.get("pending_stores", 0))
+        pend.add_metric(["load"], s.get("pending_loads", 0))
+        yield pend
+        yield CounterMetricFamily(PREFIX + "lookup_miss_blocks", "Blocks a lookup did not find",
+                                  value=c.get("lookup_miss_blocks", 0))
+        moved = CounterMetricFamily(PREFIX + "bytes_moved", "Bytes moved by path", labels=["path"])
+        for counter, path in _BYTES_MOVED.items():
+            moved.add_metric([path], c.get(counter, 0))
+        yield moved
+        yield CounterMetricFamily(PREFIX + "checksum_failures", "Records failing verification",
+                                  value=c.get("checksum_failures", 0))
+        yield CounterMetricFamily(PREFIX + "stores_aborted", "Store jobs aborted",
+                                  value=c.get("stores_aborted", 0))
+
+
+class DaemonMetrics:
+    """The daemon's metrics; ``start()`` opens the HTTP endpoint (optional)."""
+
+    def __init__(self, stats: Callable[[], dict]) -> None:
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(_StoreCollector(stats))
+        self.latency = Histogram(PREFIX + "request_seconds", "Daemon-side request handling time",
+                                 ["op"], buckets=LATENCY_BUCKETS_S, registry=self.registry)
+        self.errors = Counter(PREFIX + "request_errors", "Requests answered with an error", ["op"],
+                              registry=self.registry)
+        self.protocol_errors = Counter(PREFIX + "protocol_errors", "Malformed frames",
+                                       registry=self.registry)
+        self.lookup_hits = Counter(PREFIX + "lookup_hit_blocks", "Lookup hits by nearest tier",
+                                   ["tier"], registry=self.registry)
+        self.connections = Gauge(PREFIX + "connections", "Open client connections",
+                                 registry=self.registry)
+        self._latency_children: dict[str, object] = {}
+        self._hit_children: dict[int, object] = {}
+        self._server = None
+        self._thread = None
+        self.address: tuple[str, int] | None = None
+
+    def observe(self, op: str, seconds: float, error: bool = False) -> None:
+        child = self._latency_children.get(op)
+        if child is None:
+            child = self._latency_children[op] = self.latency.labels(op)
+        child.observe(seconds)
+        if error:
+            self.errors.labels(op).inc()
+
+    def count_lookup_hits(self, tiers: bytes, labels: Callable[[int], str]) -> None:
+        """``tiers``: one byte per hit block (Tier values)."""
+        for value in set(tiers):
+            child = self._hit_children.get(value)
+            if child is None:
+                child = self._hit_children[value] = self.lookup_hits.labels(labels(value))
+            child.inc(tiers.count(value))
+
+    def start(self, host: str = "127.0.0.1", port: int = 9464) -> tuple[str, int]:
+        """Serve ``/metrics`` on ``host:port`` (port 0 picks a free one); returns the address."""
+        from prometheus_client import start_http_server
+
+        if host not in ("127.0.0.1", "::1", "localhost"):
+            log.warning("metrics endpoint on non-loopback address %s: anyone who can reach it "
+                        "sees block counts and traffic", host)
+        self._server, self._thread = start_http_server(port, addr=host, registry=self.registry)
+        self.address = (host, self._server.server_port)
+        return self.address
+
+    def render(self) -> bytes:
+        """The exposition text (tests, ``daemon status --metrics``)."""
+        from prometheus_client import generate_latest
+
+        return generate_latest(self.registry)
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
