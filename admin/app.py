@@ -8,6 +8,10 @@ into one stderr line and exit code 2.
     tierstore tiers usage           per-tier capacity and use of a data dir
     tierstore blocks ls|show|evict  resident blocks of a data dir
     tierstore check [--fix]         verify a data dir (exit 1 when it finds problems)
+    tierstore stats [--watch]       counters and per-tier use
+    tierstore daemon start|stop|status   the per-node daemon (tierstore/daemon/)
+
+Commands that inspect a store take ``--socket`` (through the daemon) or ``--data-dir``.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from typing import Sequence
 
 import typer
 
-from tierstore_admin import blocks, check, replay, tiers
+from tierstore_admin import blocks, check, daemon, replay, stats, tiers
 from tierstore_admin.output import EXIT_USAGE, message
 
 # typer >= 0.2x vendors click; take the exception bases from typer's own classes so that this works
@@ -31,6 +35,8 @@ app.command("replay")(replay.replay_cmd)
 app.add_typer(tiers.app, name="tiers")
 app.add_typer(blocks.app, name="blocks")
 app.command("check")(check.check_cmd)
+app.command("stats")(stats.stats_cmd)
+app.add_typer(daemon.daemon_app, name="daemon")
 
 
 def main(argv: Sequence[str] | None = None) -> None:

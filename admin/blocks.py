@@ -14,7 +14,7 @@ import typer
 
 from tierstore.client import Client
 from tierstore.types import Tier
-from tierstore_admin.datadir import data_dir_option, open_client
+from tierstore_admin.datadir import data_dir_option, open_client, socket_option
 from tierstore_admin.output import (EXIT_FAILED, JSON_HELP, emit, fail, kv_table, table,
                                     user_errors)
 
@@ -61,25 +61,27 @@ def _resolve(client: Client, texts: List[str]) -> list[bytes]:
 
 @app.command("ls")
 def ls(data_dir: Optional[str] = data_dir_option(),
+          socket: Optional[str] = socket_option(),
        tier: Optional[str] = typer.Option(None, "--tier", help="Only blocks resident in this tier."),
        limit: int = typer.Option(100, "--limit", min=0, help="At most this many (0 = all)."),
        as_json: bool = typer.Option(False, "--json", help=JSON_HELP)) -> None:
     """List resident blocks."""
     t = _tier(tier)
-    with open_client(data_dir) as client, user_errors():
+    with open_client(data_dir, socket) as client, user_errors():
         blocks = client.blocks(limit=(limit + 1) if limit else None, tier=t)
     truncated = bool(limit) and len(blocks) > limit
     blocks = blocks[:limit] if limit else blocks
-    emit({"data_dir": data_dir, "count": len(blocks), "truncated": truncated, "blocks": blocks},
+    emit({"store": socket or data_dir, "count": len(blocks), "truncated": truncated, "blocks": blocks},
          as_json=as_json, human=_human_ls)
 
 
 @app.command("show")
 def show(key: str = typer.Argument(..., help="Block key (hex, or a unique prefix)."),
          data_dir: Optional[str] = data_dir_option(),
+          socket: Optional[str] = socket_option(),
          as_json: bool = typer.Option(False, "--json", help=JSON_HELP)) -> None:
     """Show one block: namespace, tiers, slots, size, checksum, pins."""
-    with open_client(data_dir) as client, user_errors():
+    with open_client(data_dir, socket) as client, user_errors():
         (k,) = _resolve(client, [key])
         info = client.block(k)
     if info is None:
@@ -94,12 +96,13 @@ def evict(keys: List[str] = typer.Argument(None, help="Block keys (hex, or uniqu
           dry_run: bool = typer.Option(False, "--dry-run", help="Say what would be evicted; change nothing."),
           yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask for confirmation."),
           data_dir: Optional[str] = data_dir_option(),
+          socket: Optional[str] = socket_option(),
           as_json: bool = typer.Option(False, "--json", help=JSON_HELP)) -> None:
     """Remove unpinned blocks from every tier (destructive)."""
     if bool(keys) == all_:
         fail("give block keys or --all (not both)")
     t = _tier(tier)
-    with open_client(data_dir) as client, user_errors():
+    with open_client(data_dir, socket) as client, user_errors():
         targets = [bytes.fromhex(b["key"]) for b in client.blocks(tier=t)] if all_ \
             else _resolve(client, keys)
         if dry_run:
@@ -113,7 +116,7 @@ def evict(keys: List[str] = typer.Argument(None, help="Block keys (hex, or uniqu
             if not yes:
                 if not sys.stdin.isatty():
                     fail(f"refusing to evict {len(targets)} block(s) without --yes (or use --dry-run)")
-                typer.confirm(f"evict {len(targets)} block(s) from {data_dir}?", abort=True,
+                typer.confirm(f"evict {len(targets)} block(s) from {socket or data_dir}?", abort=True,
                               err=True)
             counts = client.evict(targets)
             result = {"dry_run": False, "evicted": counts.get("evicted", 0),

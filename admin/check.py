@@ -10,28 +10,29 @@ from typing import Optional
 
 import typer
 
-from tierstore_admin.datadir import data_dir_option, open_client
+from tierstore_admin.datadir import data_dir_option, open_client, socket_option
 from tierstore_admin.output import EXIT_FAILED, EXIT_OK, JSON_HELP, emit, user_errors
 
 
 def check_cmd(data_dir: Optional[str] = data_dir_option(),
+          socket: Optional[str] = socket_option(),
               fix: bool = typer.Option(False, "--fix", help="Repair what can be repaired "
                                        "(drop bad records, free orphans)."),
               as_json: bool = typer.Option(False, "--json", help=JSON_HELP)) -> None:
     """Check the store's invariants and every record's header and checksum."""
-    with open_client(data_dir) as client, user_errors():
+    with open_client(data_dir, socket) as client, user_errors():
         problems = client.check(fix=fix)
         remaining = client.check(fix=False) if fix and problems else problems
-    result = {"data_dir": data_dir, "clean": not problems, "problems": problems,
+    result = {"store": socket or data_dir, "clean": not problems, "problems": problems,
               "fixed": bool(fix and problems), "remaining": remaining}
     emit(result, as_json=as_json, human=_human, code=EXIT_FAILED if problems else EXIT_OK)
 
 
 def _human(console, r: dict) -> None:
     if r["clean"]:
-        console.print(f"{r['data_dir']}: clean")
+        console.print(f"{r['store']}: clean")
         return
-    console.print(f"{r['data_dir']}: {len(r['problems'])} problem(s)")
+    console.print(f"{r['store']}: {len(r['problems'])} problem(s)")
     for p in r["problems"]:
         console.print(f"  - {p}", markup=False, highlight=False)
     if r["fixed"]:

@@ -1,9 +1,11 @@
-"""Opening a data directory for the commands that inspect one (tiers, blocks, check).
+"""Opening the store for the commands that inspect one (tiers, blocks, check, stats).
 
-``--data-dir`` (or ``$TIERSTORE_DATA_DIR``) names a directory created by the store (replay with
-``--payload bytes --data-dir``, later the daemon). It is opened in-process with
-``Client.embedded(data_dir, create=False)``, which takes the directory's lock: a directory held by
-another process is a user error (exit 2), as is one that is missing or not a tierstore directory.
+``--socket`` (or ``$TIERSTORE_SOCKET``) goes through a running daemon; a daemon that does not
+answer is exit 3, never a silent fallback. Otherwise ``--data-dir`` (or ``$TIERSTORE_DATA_DIR``)
+names a directory created by the store (replay with ``--payload bytes --data-dir``, or the
+daemon), opened in-process with ``Client.embedded(data_dir, create=False)``, which takes the
+directory's lock: a directory held by another process (a running daemon: use ``--socket``) is a
+user error (exit 2), as is one that is missing or not a tierstore directory.
 """
 
 from __future__ import annotations
@@ -12,10 +14,11 @@ from typing import Optional
 
 import typer
 
-from tierstore.client import Client
+from tierstore.client import open_client as _open_backend
 from tierstore_admin.output import fail, user_errors
 
 DATA_DIR_ENV = "TIERSTORE_DATA_DIR"
+SOCKET_ENV = "TIERSTORE_SOCKET"
 
 
 def data_dir_option() -> Optional[str]:
@@ -23,8 +26,14 @@ def data_dir_option() -> Optional[str]:
                         help=f"Store directory (env {DATA_DIR_ENV}).")
 
 
-def open_client(data_dir: Optional[str]) -> Client:
-    if not data_dir:
-        fail(f"no data dir: pass --data-dir or set {DATA_DIR_ENV}")
+def socket_option() -> Optional[str]:
+    return typer.Option(None, "--socket", envvar=SOCKET_ENV,
+                        help=f"Go through the daemon on this Unix socket (env {SOCKET_ENV}).")
+
+
+def open_client(data_dir: Optional[str], socket: Optional[str] = None):
+    """The daemon backend when ``socket`` is given, else the data dir in-process."""
+    if not data_dir and not socket:
+        fail(f"no store: pass --socket (daemon) or --data-dir, or set {SOCKET_ENV} / {DATA_DIR_ENV}")
     with user_errors():
-        return Client.embedded(data_dir, create=False)
+        return _open_backend(data_dir=None if socket else data_dir, socket=socket, create=False)

@@ -9,7 +9,7 @@ Exit codes (DESIGN §9), relied on by scripts::
     0  ok
     1  the command ran and failed, or found problems (check)
     2  usage or bad input: bad flag, capacity string, trace line, missing or busy data dir
-    3  daemon unreachable (once the daemon exists)
+    3  a daemon was asked for (--socket) and cannot be reached
 
 A user error is one line on stderr, ``error: <message>``, never a traceback.
 """
@@ -25,7 +25,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from tierstore.errors import ConfigError, FormatError, TierStoreError
+from tierstore.errors import ConfigError, DaemonUnreachable, FormatError, TierStoreError
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -59,6 +59,8 @@ def user_errors() -> Iterator[None]:
     """Turn tierstore's errors into one stderr line and an exit code (2 for bad input, else 1)."""
     try:
         yield
+    except DaemonUnreachable as e:
+        fail(str(e), EXIT_UNREACHABLE)
     except (ConfigError, FormatError) as e:
         fail(str(e), EXIT_USAGE)
     except TierStoreError as e:

@@ -49,6 +49,9 @@ def replay_cmd(
     limit: Optional[int] = typer.Option(None, "--limit", min=0, help="Replay only the first N requests."),
     requests: int = typer.Option(engine.DEFAULT_GENERATED_REQUESTS, "--requests", min=1,
                                  help="Size of the generated workload when no TRACE is given."),
+    socket: Optional[str] = typer.Option(
+        None, "--socket", envvar="TIERSTORE_SOCKET",
+        help="Replay through the daemon on this socket (its tiers, capacities and policy)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
     as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
 ) -> None:
@@ -56,7 +59,8 @@ def replay_cmd(
     opts = engine.ReplayOptions(
         trace=trace, payload=payload.lower(), capacity=capacity, dram_capacity=dram_capacity,
         nvme_capacity=nvme_capacity, block_bytes=block_bytes, model=model, policy=policy,
-        data_dir=data_dir, write_through=write_through, limit=limit, num_requests=requests)
+        data_dir=data_dir, write_through=write_through, limit=limit, num_requests=requests,
+        socket=socket)
     show_progress = not quiet and sys.stderr.isatty()
     with user_errors(), _progress(show_progress) as progress:
         result = engine.replay(opts, progress=progress)

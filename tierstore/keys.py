@@ -214,8 +214,7 @@ def load_secret(value: str | bytes | None = None, path: str | os.PathLike | None
         p = Path(path)
         if not p.is_file():
             raise ConfigError(f"secret file {p} does not exist")
-        return _check_secret(_decode_secret_text(p.read_text().strip()) if p.stat().st_size < 200
-                             else p.read_bytes())
+        return _check_secret(_decode_secret_file(p.read_bytes()))
     if data_dir is not None:
         p = Path(data_dir) / "secret"
         if p.is_file():
@@ -234,6 +233,14 @@ def load_secret(value: str | bytes | None = None, path: str | os.PathLike | None
     if not generate:
         raise ConfigError("no cluster secret configured")
     return secrets.token_bytes(SECRET_BYTES)
+
+
+def _decode_secret_file(raw: bytes) -> bytes:
+    """A secret file holds hex, text, or raw bytes (as ``<data_dir>/secret`` does)."""
+    try:
+        return _decode_secret_text(raw.decode("ascii"))
+    except UnicodeDecodeError:
+        return raw
 
 
 def _decode_secret_text(text: str) -> bytes:

@@ -199,6 +199,7 @@ class ReplayOptions:
     write_through: bool = False
     limit: int | None = None
     num_requests: int = DEFAULT_GENERATED_REQUESTS   # size of the generated default workload
+    socket: str | None = None           # replay through the daemon on this socket (its tiers, its policy)
 
 
 @dataclass(frozen=True)
@@ -241,6 +242,15 @@ def plan(opts: ReplayOptions) -> _Plan:
     def blocks(text: str | None, default: str | None) -> int:
         t = text if text is not None else default
         return 0 if t is None else parse_capacity(t).to_blocks(BLOCK_TOKENS, block_bytes)
+
+    if opts.socket is not None:
+        given = [f for f, v in (("--capacity", opts.capacity), ("--dram-capacity", opts.dram_capacity),
+                                ("--nvme-capacity", opts.nvme_capacity), ("--data-dir", opts.data_dir))
+                 if v is not None] + (["--write-through"] if opts.write_through else [])
+        if given:
+            raise ConfigError(f"{', '.join(given)} cannot apply to a running daemon: its tiers and "
+                              "policy come from its own configuration")
+        return _Plan(model, ns, block_bytes, 0, 0)
 
     if opts.payload == "none":
         if opts.dram_capacity is not None or opts.nvme_capacity is not None:
@@ -291,6 +301,9 @@ def _dist(ms: list[float]) -> dict:
 
 def _open_client(opts: ReplayOptions, p: _Plan) -> tuple[Client, str | None]:
     """Open the store; returns the client and a temp dir to remove afterwards (or None)."""
+    if opts.socket is not None:
+        from tierstore.client import open_client
+        return open_client(socket=opts.socket), None
     bytes_mode = opts.payload == "bytes"
     dram = DramConfig(capacity_blocks=p.dram_blocks, policy=opts.policy, payload=bytes_mode)
     if not bytes_mode:
@@ -344,6 +357,10 @@ def replay(opts: ReplayOptions, progress: Callable[[int, int], None] | None = No
     try:
         setup_s = time.perf_counter() - t_setup
         slot_bytes = next(u["slot_bytes"] for u in client.usage() if u["tier"] == "dram")
+        if opts.socket is not None and opts.payload == "none":
+            # nothing is copied, but the daemon's slots bound the block size it accepts
+            from dataclasses import replace
+            p = replace(p, block_bytes=min(p.block_bytes, slot_bytes))
         if slot_bytes < p.block_bytes:
             raise ConfigError(f"data dir {opts.data_dir} was created with blocks of {slot_bytes} bytes; "
                               f"replay with --block-bytes {slot_bytes} or use another data dir")
@@ -469,18 +486,21 @@ def _warnings(reqs: list[TraceRequest], r: dict) -> list[str]:
 
 def _describe(client: Client, opts: ReplayOptions, p: _Plan, source: str, setup_s: float) -> dict:
     caps = {u["tier"]: u["slots"] for u in client.usage()}
+    if opts.socket is not None:
+        dram_policy = client.stats().get("policies", {}).get("dram")
     return {
         "trace": source,
         "payload": opts.payload,
         "bytes_nominal": opts.payload == "none",
         "model": p.model.name,
         "bytes_per_token": p.model.bytes_per_token,
-        "policy": opts.policy,
+        "policy": opts.policy if opts.socket is None else (dram_policy or "daemon's"),
+        "socket": opts.socket,
         "block_tokens": BLOCK_TOKENS,
         "block_bytes": p.block_bytes,
         "capacity_blocks": {"dram": caps.get("dram", 0), **({"nvme": caps["nvme"]} if "nvme" in caps else {})},
         "write_through": opts.write_through,
-        "data_dir": str(client.data_dir) if client.data_dir and opts.data_dir else None,
+        "data_dir": str(client.data_dir) if getattr(client, "data_dir", None) and opts.data_dir else None,
         "setup_s": round(setup_s, 4),
     }
 

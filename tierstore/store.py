@@ -615,6 +615,7 @@ class Store:
                 "pending_stores": len(self._stores),
                 "pending_loads": len(self._loads),
                 "tiers": tiers,
+                "policies": {t.label: p.name for t, p in self.policies.items()},
                 "counters": c,
             }
 

@@ -112,6 +112,9 @@ def test_secret_from_env_and_file(tmp_path, monkeypatch):
     f = tmp_path / "s"
     f.write_text("cd" * 16)
     assert load_secret(path=f) == bytes.fromhex("cd" * 16)
+    raw = bytes(range(200, 232))           # raw bytes, as <data_dir>/secret holds
+    (tmp_path / "raw").write_bytes(raw)
+    assert load_secret(path=tmp_path / "raw") == raw
     with pytest.raises(ConfigError):
         load_secret(path=tmp_path / "missing")
     with pytest.raises(ConfigError):

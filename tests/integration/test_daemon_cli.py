@@ -11,7 +11,6 @@ import sys
 import time
 
 import pytest
-import typer
 from typer.testing import CliRunner
 
 sys.path.insert(0, os.path.dirname(__file__))
@@ -21,27 +20,13 @@ pytestmark = pytest.mark.timeout(120)
 
 
 def _cli():
-    """(app, prefix): the real CLI when it has `daemon`, else a shell around daemon_app."""
-    from tierstore_admin.daemon import daemon_app
-
-    try:
-        from tierstore_admin.app import app
-        names = {g.name for g in app.registered_groups}
-        if "daemon" in names:
-            return app, ["daemon"]
-    except ImportError:
-        pass
-    shell = typer.Typer()
-    shell.add_typer(daemon_app, name="daemon")
-    return shell, ["daemon"]
+    """(app, prefix) of the real CLI."""
+    from tierstore_admin.app import app
+    return app, ["daemon"]
 
 
 def _stats_cmd(app, sock):
-    """`tierstore stats --socket S --json` when the CLI has it, else `daemon status --json`."""
-    cmds = getattr(app, "registered_commands", [])
-    if any("stats" in (c.name, getattr(c.callback, "__name__", "")) for c in cmds):
-        return ["stats", "--socket", str(sock), "--json"]
-    return ["daemon", "status", "--socket", str(sock), "--json"]
+    return ["stats", "--socket", str(sock), "--json"]
 
 
 def test_start_detach_stats_stop_then_unreachable(tmp_path):

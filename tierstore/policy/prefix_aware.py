@@ -67,6 +67,8 @@ class PrefixLRU(EvictionPolicy):
         if key in self._parent:
             self.access(key)
             return
+        if parent == key:   # a block cannot be its own parent; treat as a chain root
+            parent = None
         if parent is not None and parent not in self._parent:
             self._parent[key] = parent
             self._kids[key] = set()
@@ -114,9 +116,7 @@ class PrefixLRU(EvictionPolicy):
         heap = self._heap
         while heap and not self._live(heap[0]):
             heapq.heappop(heap)
-        if not heap:
-            return None
-        if evictable(heap[0][2]):
+        if heap and evictable(heap[0][2]):
             return heap[0][2]
         skipped = []
         found = None
@@ -131,8 +131,9 @@ class PrefixLRU(EvictionPolicy):
         for e in skipped:
             heapq.heappush(heap, e)
         if found is None:
-            # Every leaf is pinned or in flight: rather than fail the store's insert, give up an
-            # inner block (its children become orphans). Rare, so a linear scan is fine.
+            # Every leaf is pinned or in flight (or the parent links form no leaf at all, which
+            # a hash chain cannot but a caller's keys could): rather than fail the store's
+            # insert, give up an inner block (its children become orphans). Rare: a linear scan.
             inner = [e for e in self._entry.values() if evictable(e[2])]
             found = min(inner)[2] if inner else None
         return found
