@@ -579,6 +579,16 @@ class Store:
                     break
             return out
 
+    def checksums(self, keys: Sequence[BlockKey]) -> list[int]:
+        """xxh3-64 of each resident block's payload, 0 when unknown (DRAM-only, not yet written
+        to NVMe) or not resident."""
+        with self._lock:
+            out = []
+            for k in keys:
+                h = self.res.get(k)
+                out.append(self.res.checksum[h] if h >= 0 else 0)
+            return out
+
     def block(self, key: BlockKey) -> dict | None:
         with self._lock:
             h = self.res.get(key)

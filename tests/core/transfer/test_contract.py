@@ -1,0 +1,143 @@
+"""Contract suite: every transport (loopback, TCP on 127.0.0.1, RDMA over fakeverbs) keeps the
+job contract of tierstore/transfer/base.py."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(__file__))
+from transfer_support import NS, SLOT, SlowHooks, chain, payload  # noqa: E402
+
+from tierstore.errors import ChecksumFailed, TransferFailed
+from tierstore.transfer import JobState, OutOfRange
+
+
+def _store(p, keys):
+    p.a.put(keys, NS, payload(keys))
+
+
+def test_fetch_is_byte_exact_and_releases_pins(pair_factory, transport):
+    """B pulls 40 blocks A holds; bytes equal, A's pins all released, transport in stats."""
+    p = pair_factory(transport)
+    keys = chain(40)
+    _store(p, keys)
+    assert p.client.lookup(p.addr, keys, NS) == 40
+    assert p.client.fetch(p.addr, keys, NS) == 40
+    assert p.b.get(keys) == payload(keys)
+    assert p.a.stats()["pins"] == 0
+    (st,) = p.client.stats()
+    assert st["transport"] == transport and st["blocks_read"] == 40
+    assert st["bytes_read"] == 40 * SLOT
+    assert p.a.check() == [] and p.b.check() == []
+
+
+def test_partial_hit_fetches_exact_prefix(pair_factory, transport):
+    p = pair_factory(transport)
+    keys = chain(10)
+    _store(p, keys[:6])
+    assert p.client.fetch(p.addr, keys, NS) == 6
+    assert p.b.lookup(keys, NS).num_blocks == 6
+
+
+def test_miss_and_empty_read(pair_factory, transport):
+    p = pair_factory(transport)
+    assert p.client.fetch(p.addr, chain(3, seed=999), NS) == 0
+    peer = p.client._peer(p.addr)
+    job = peer.transport.read_blocks(peer.link, [], [], [])
+    assert job.wait(1) is JobState.DONE
+
+
+def test_unleased_or_out_of_range_slot_fails_job_server_stays_up(pair_factory, transport):
+    p = pair_factory(transport)
+    keys = chain(4)
+    _store(p, keys)
+    peer = p.client._peer(p.addr)
+    job = peer.transport.read_blocks(peer.link, [10 ** 6], [0], [SLOT])
+    assert job.wait(2) is JobState.FAILED
+    assert isinstance(job.error, TransferFailed) or isinstance(job.error, OutOfRange)
+    assert job.blocks_ok == bytearray(1)
+    with pytest.raises(OutOfRange):   # local bounds are checked before anything moves
+        peer.transport.read_blocks(peer.link, [0], [10 ** 6], [SLOT])
+    assert p.client.fetch(p.addr, keys, NS) == 4   # same server still serves
+    assert p.b.get(keys) == payload(keys)
+
+
+def test_checksum_mismatch_fails_and_publishes_nothing(pair_factory, transport):
+    p = pair_factory(transport, verify=True)
+    keys = chain(3)
+    good = payload(keys)
+    import xxhash
+    job = p.a.prepare_store(keys, NS, SLOT)
+    for s, b in zip(job.slots, good):
+        p.a.slot_view(s)[:SLOT] = b
+    sums = [xxhash.xxh3_64_intdigest(b) for b in good]
+    sums[1] ^= 1   # recorded checksum disagrees with the bytes
+    p.a.complete_store(job.job_id, ok=True, checksums=sums)
+    with pytest.raises(ChecksumFailed):
+        p.client.fetch(p.addr, keys, NS)
+    assert p.b.lookup(keys, NS).num_blocks == 0
+    assert p.b.stats()["tiers"][0]["used_slots"] == 0
+
+
+def _slow(p, transport):
+    """Make A's data path stall: TCP/loopback by a hook, RDMA by pausing the fake fabric."""
+    if transport == "rdma":
+        from tierstore.transfer.fakeverbs import FABRIC
+        FABRIC.pause()
+        return FABRIC.resume
+    return lambda: None
+
+
+@pytest.mark.parametrize("transport", ["tcp", "rdma"])
+def test_cancel_mid_read_frees_slots_only_when_quiescent(pair_factory, transport):
+    hooks = SlowHooks(delay_s=0.02)
+    p = pair_factory(transport, hooks=hooks)
+    keys = chain(30)
+    _store(p, keys)
+    undo = _slow(p, transport)
+    try:
+        f = p.client.start_fetch(p.addr, keys, NS)
+        time.sleep(0.05)
+        used = p.b.stats()["tiers"][0]["used_slots"]
+        assert used == 30   # reserved, invisible
+        assert p.b.lookup(keys, NS).num_blocks == 0
+        p.client.abort(f)
+    finally:
+        undo()
+    assert f.job.wait(2).terminal
+    assert f.job.state is JobState.CANCELLED
+    p.client.reap()
+    assert p.b.stats()["tiers"][0]["used_slots"] == 0
+    assert p.b.lookup(keys, NS).num_blocks == 0
+    assert f.settle() == 0   # a late completion is ignored: no double free
+    assert p.b.check() == []
+
+
+@pytest.mark.parametrize("transport", ["tcp", "rdma"])
+def test_peer_gone_mid_read_fails_within_timeout(pair_factory, transport):
+    timeout = 0.5
+    hooks = SlowHooks(delay_s=0.01)
+    p = pair_factory(transport, hooks=hooks, timeout_s=timeout)
+    keys = chain(40)
+    _store(p, keys)
+    undo = _slow(p, transport)
+    try:
+        f = p.client.start_fetch(p.addr, keys, NS)
+        time.sleep(0.05)
+        t0 = time.monotonic()
+        p.server.stop()   # A goes away mid-read (data sockets shut, RDMA QP to error)
+        if transport == "rdma":
+            undo()
+        st = f.job.wait(2 * timeout + 1)
+        elapsed = time.monotonic() - t0
+    finally:
+        undo()
+    assert st is JobState.FAILED and elapsed < 2 * timeout
+    with pytest.raises(TransferFailed):
+        f.finish()
+    assert p.b.lookup(keys, NS).num_blocks == 0
+    assert p.b.stats()["tiers"][0]["used_slots"] == 0

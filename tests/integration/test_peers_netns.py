@@ -1,0 +1,242 @@
+"""Three nodes in network namespaces on a bridge (issue 7 acceptance).
+
+Topology (all made here, all deleted in teardown; addresses exist only inside the namespaces;
+both ends of every connection run inside them with ``ip netns exec``)::
+
+    ns <p>a (node A, 169.254.X.1) ─┐
+    ns <p>b (node B, 169.254.X.2) ─┼─ br0 in ns <p>s
+    ns <p>c (node C, 169.254.X.3) ─┘
+
+- B fetches 1,000 blocks stored on A over TCP, byte-exact.
+- C finds A through etcd membership (a real etcd started here inside A's namespace) and fetches.
+- A is killed mid-read: B's job ends with an error within the timeout, and B's lookups then
+  miss A's blocks. Skipped cleanly without root / ``ip netns`` (or etcd, for that part).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+PID = os.getpid()
+NET = 1 + PID % 250
+SECRET_HEX = "ab" * 32
+
+NODE = textwrap.dedent(r'''
+    import json, os, sys, time, threading
+    from tierstore.config import DramConfig, StoreConfig
+    from tierstore.keys import Keyer, Namespace, load_secret
+    from tierstore.store import Store
+    from tierstore.transfer import PeerClient, PeerServer, PeerSettings
+    from tierstore.transfer.server import ServeHooks
+
+    args = json.loads(sys.argv[1])
+    NS = Namespace(model="m", block_size=16)
+    SEC = load_secret()
+    SLOT = args.get("slot", 65536)
+    store = Store.open(StoreConfig(slot_bytes=SLOT, dram=DramConfig(capacity_blocks=1100)))
+    keys = Keyer(NS, SEC).chain(list(range(16 * args.get("n", 1000))))
+    def data(k):
+        return (k * (SLOT // 32))[:SLOT]
+    st = PeerSettings(transports=("tcp",), timeout_s=args.get("timeout", 1.0))
+    if args["mode"] == "serve":
+        class Slow(ServeHooks):
+            def before_block(self, sess, i, slot):
+                time.sleep(args.get("delay", 0.0))
+        store.put(keys, NS, [data(k) for k in keys])
+        srv = PeerServer(store, SEC, node=args["node"], host=args["host"], port=args["port"],
+                         settings=st, hooks=Slow())
+        srv.start()
+        if args.get("etcd"):
+            from tierstore.cluster import EtcdMembership, Member
+            m = EtcdMembership(args["etcd"][0], args["etcd"][1],
+                               Member(args["node"], args["host"], srv.port), ttl_s=3)
+            m.start()
+        print("READY", flush=True)
+        time.sleep(args.get("life", 60))
+        sys.exit(0)
+    if args["mode"] == "find":
+        from tierstore.cluster import EtcdMembership
+        m = EtcdMembership(args["etcd"][0], args["etcd"][1])
+        deadline = time.monotonic() + 10
+        peers = []
+        while not peers and time.monotonic() < deadline:
+            peers = m.refresh()
+            time.sleep(0.1)
+        addr = peers[0].address
+    else:
+        addr = (args["peer"], args["port"])
+    c = PeerClient(store, SEC, node=args["node"], settings=st)
+    out = {"lookup": c.lookup(addr, keys, NS)}
+    if args["mode"] == "fetch-kill":
+        f = c.start_fetch(addr, keys, NS)
+        print("STARTED", flush=True)
+        try:
+            f.finish()
+            out["error"] = None
+        except Exception as e:
+            out["error"] = type(e).__name__
+        out["ended_s"] = time.monotonic()
+        out["local_hits"] = store.lookup(keys, NS).num_blocks
+        try:
+            out["remote_hits"] = c.lookup(addr, keys, NS)
+        except Exception as e:
+            out["remote_hits"] = 0
+            out["remote_error"] = type(e).__name__
+    else:
+        t0 = time.perf_counter()
+        out["fetched"] = c.fetch(addr, keys, NS)
+        out["fetch_s"] = time.perf_counter() - t0
+        got = store.get(keys)
+        out["exact"] = got == [data(k) for k in keys]
+        out["stats"] = c.stats()
+    c.close()
+    print("RESULT " + json.dumps(out), flush=True)
+''')
+
+
+def _ip(*args, check=True):
+    return subprocess.run(["ip", *args], check=check, capture_output=True, text=True, timeout=10)
+
+
+@pytest.fixture(scope="module")
+def netns(tmp_path_factory):
+    if shutil.which("ip") is None:
+        pytest.skip("iproute2 missing")
+    names = {n: f"ts{PID}{n}" for n in "abcs"}
+    if _ip("netns", "add", names["s"], check=False).returncode != 0:
+        pytest.skip("cannot create network namespaces (need root)")
+    made = [names["s"]]
+    try:
+        _ip("-n", names["s"], "link", "add", "br0", "type", "bridge")
+        _ip("-n", names["s"], "link", "set", "br0", "up")
+        addrs = {}
+        for i, n in enumerate("abc", start=1):
+            ns = names[n]
+            _ip("netns", "add", ns)
+            made.append(ns)
+            host, sw = f"tse{PID % 100000}{n}", f"tsp{PID % 100000}{n}"
+            _ip("link", "add", host, "type", "veth", "peer", "name", sw)
+            _ip("link", "set", host, "netns", ns)
+            _ip("link", "set", sw, "netns", names["s"])
+            _ip("-n", names["s"], "link", "set", sw, "master", "br0")
+            _ip("-n", names["s"], "link", "set", sw, "up")
+            addrs[n] = f"169.254.{NET}.{i}"
+            _ip("-n", ns, "addr", "add", f"{addrs[n]}/24", "dev", host)
+            _ip("-n", ns, "link", "set", host, "mtu", "9000")
+            _ip("-n", names["s"], "link", "set", sw, "mtu", "9000")
+            _ip("-n", ns, "link", "set", host, "up")
+            _ip("-n", ns, "link", "set", "lo", "up")
+        yield {"names": names, "addrs": addrs, "tmp": tmp_path_factory.mktemp("netns")}
+    finally:
+        for ns in made:
+            _ip("netns", "del", ns, check=False)
+
+
+ENV = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+           TIERSTORE_SECRET=SECRET_HEX)
+
+
+def _spawn(netns, node, args):
+    cmd = ["ip", "netns", "exec", netns["names"][node], sys.executable, "-c", NODE, json.dumps(args)]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=ENV)
+
+
+def _wait_line(proc, prefix, timeout_s=30):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            if proc.poll() is not None:
+                raise AssertionError(f"process ended: {proc.stderr.read()[-2000:]}")
+            continue
+        if line.startswith(prefix):
+            return line[len(prefix):].strip()
+    raise AssertionError(f"no {prefix!r} within {timeout_s} s")
+
+
+def _stop(proc):
+    if proc.poll() is None:
+        proc.kill()
+    proc.wait(timeout=10)
+
+
+def test_b_fetches_1000_blocks_from_a_byte_exact(netns):
+    a = netns["addrs"]["a"]
+    srv = _spawn(netns, "a", {"mode": "serve", "node": "A", "host": a, "port": 7700, "life": 60})
+    try:
+        _wait_line(srv, "READY")
+        cl = _spawn(netns, "b", {"mode": "fetch", "node": "B", "peer": a, "port": 7700})
+        res = json.loads(_wait_line(cl, "RESULT", 60))
+        cl.wait(timeout=10)
+    finally:
+        _stop(srv)
+    assert res["lookup"] == 1000 and res["fetched"] == 1000 and res["exact"]
+    assert res["stats"][0]["transport"] == "tcp"
+    assert res["stats"][0]["bytes_read"] == 1000 * 65536
+
+
+def test_c_finds_a_through_etcd(netns):
+    etcd = shutil.which("etcd")
+    if etcd is None:
+        pytest.skip("etcd-server is not installed (apt-get install -y etcd-server)")
+    try:
+        import etcd3gw  # noqa: F401
+    except ImportError:
+        pytest.skip("etcd3gw is not installed (pip install etcd3gw)")
+    a = netns["addrs"]["a"]
+    data = netns["tmp"] / "etcd"
+    ep = subprocess.Popen(
+        ["ip", "netns", "exec", netns["names"]["a"], etcd, "--name", "ts", "--data-dir", str(data),
+         "--listen-client-urls", f"http://{a}:23790", "--advertise-client-urls", f"http://{a}:23790",
+         "--listen-peer-urls", "http://127.0.0.1:23800",
+         "--initial-advertise-peer-urls", "http://127.0.0.1:23800",
+         "--initial-cluster", "ts=http://127.0.0.1:23800"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    srv = None
+    try:
+        time.sleep(1.0)
+        srv = _spawn(netns, "a", {"mode": "serve", "node": "A", "host": a, "port": 7701,
+                                  "etcd": [a, 23790], "life": 60, "n": 50})
+        _wait_line(srv, "READY")
+        cl = _spawn(netns, "c", {"mode": "find", "node": "C", "etcd": [a, 23790], "n": 50})
+        res = json.loads(_wait_line(cl, "RESULT", 60))
+        cl.wait(timeout=10)
+    finally:
+        if srv is not None:
+            _stop(srv)
+        _stop(ep)
+    assert res["lookup"] == 50 and res["fetched"] == 50 and res["exact"]
+
+
+def test_killing_a_mid_read_fails_b_within_timeout_then_misses(netns):
+    a = netns["addrs"]["a"]
+    timeout = 1.0
+    srv = _spawn(netns, "a", {"mode": "serve", "node": "A", "host": a, "port": 7702,
+                              "delay": 0.005, "life": 60, "timeout": timeout})
+    try:
+        _wait_line(srv, "READY")
+        cl = _spawn(netns, "b", {"mode": "fetch-kill", "node": "B", "peer": a, "port": 7702,
+                                 "timeout": timeout})
+        _wait_line(cl, "STARTED")
+        time.sleep(0.3)
+        srv.send_signal(signal.SIGKILL)
+        killed = time.monotonic()
+        res = json.loads(_wait_line(cl, "RESULT", 30))
+        cl.wait(timeout=10)
+    finally:
+        _stop(srv)
+    assert res["error"] == "TransferFailed"
+    assert res["ended_s"] - killed < timeout
+    assert res["local_hits"] == 0 and res["remote_hits"] == 0
