@@ -172,6 +172,13 @@ class Client:
     def slot_view(self, slot: int) -> memoryview:
         return self.store.slot_view(slot)
 
+    def slab(self) -> tuple[memoryview, int, int]:
+        """``(buffer, num_slots, slot_bytes)`` of the DRAM slab: slot ``i`` is
+        ``buffer[i * slot_bytes:(i + 1) * slot_bytes]`` (for batched copies over many slots)."""
+        from tierstore.types import Tier
+        dram = self.store.tiers[Tier.DRAM]
+        return dram.buffer, dram.num_slots, dram.slot_bytes
+
     def put(self, keys, namespace, blocks, parent=None) -> list[BlockStatus]:
         return self.store.put(keys, namespace, blocks, owner=self.owner, parent=parent)
 

