@@ -1,21 +1,30 @@
 """Offline policy harness: replay a Mooncake-format trace against eviction policies, no store.
 
-Semantics (identical to the reference simulator for LRU, and to what the store does per block):
+By default (``--order store``) every policy is driven with exactly the calls, in exactly the
+order, that ``tierstore replay --payload none`` makes through the real Store (tierstore/store.py:
+lookup, prepare_load, prepare_store/_make_room/_alloc, complete_store), so its hit ratios equal
+the real replay's::
 
     for each request (hash_ids = 512-token prefix blocks, in order):
-        hit += number of leading blocks already resident          (prefix semantics)
-        for each block b with parent p (previous block, None for the first):
-            resident -> policy.access(b)
-            else     -> while len(resident) >= capacity: v = policy.victim(all); policy.remove(v)
-                        policy.insert(b, BLOCK_BYTES, p)
+        n = number of leading blocks already resident            (lookup: no policy call)
+        hit += n
+        access(b) for b in h[:n]                                   (prepare_load)
+        rest = h[n:]; need = #(rest not resident)                 (prepare_store)
+        if need > free slots: evict (need - free) victims in ONE batch: victim(all); remove(v)
+        per key of rest: resident -> PRESENT; else a slot (free, or _alloc evicts one more)
+        per key of rest, in chain order: OK -> insert(b, size, prev); PRESENT -> access(b)
+                                                                   (complete_store)
     block_hit_ratio = hit / total blocks
+
+``--order interleaved`` keeps the reference simulator's per-block order (touch, or evict while
+full then insert, block by block); LRU gives the same numbers both ways, other policies do not.
 
 Reference rows: ``belady`` (offline optimum: evict the block whose next use is farthest; a block
 is inserted first and the farthest is evicted afterwards, as in the reference simulator) and
 ``infinite`` (no eviction). Usage::
 
     python3 benchmarks/policy_sim.py [--trace PATH | --synthetic N] [--policies lru,s3fifo,...]
-        [--capacity 1M,3M,10M,30M] [--seed 0] [--format table|json]
+        [--capacity 1M,3M,10M,30M] [--seed 0] [--order store|interleaved] [--format table|json]
 """
 
 from __future__ import annotations
@@ -48,10 +57,76 @@ def parse_tokens(text: str) -> int:
     return int(float(text.rstrip("KMG")) * mult)
 
 
-def simulate(reqs: list[list], policy, capacity_blocks: int) -> dict:
+def simulate(reqs: list[list], policy, capacity_blocks: int, order: str = "store") -> dict:
     """Replay ``reqs`` against ``policy``; return hit ratio, op count and seconds spent."""
+    if order == "interleaved":
+        return _simulate_interleaved(reqs, policy, capacity_blocks)
+    if order != "store":
+        raise ValueError(f"unknown order {order!r}")
     resident: set = set()
-    everything = lambda _k: True  # noqa: E731 - nothing is pinned offline
+    everything = lambda _k: True  # noqa: E731 - nothing is pinned between requests
+    access, insert, victim, remove = policy.access, policy.insert, policy.victim, policy.remove
+    hit = total = ops = 0
+    t0 = time.perf_counter()
+    for h in reqs:
+        nk = len(h)
+        n = 0
+        while n < nk and h[n] in resident:  # lookup: longest resident prefix
+            n += 1
+        hit += n
+        total += nk
+        for b in h[:n]:  # prepare_load: hit blocks touched in order
+            access(b)
+        ops += n
+        if n == nk:
+            continue
+        rest = h[n:]
+        # prepare_store: one eviction batch for the shortfall, before any new block is inserted
+        need = sum(1 for b in rest if b not in resident)
+        short = need - (capacity_blocks - len(resident))
+        for _ in range(short):
+            v = victim(everything)
+            if v is None:
+                break
+            remove(v)
+            resident.discard(v)
+            ops += 2
+        status = []  # True: OK (new slot), False: PRESENT, None: SKIPPED
+        pending: set = set()
+        for b in rest:
+            if b in resident or b in pending:
+                status.append(False)
+                continue
+            if len(resident) + len(pending) >= capacity_blocks:  # _alloc: evict one more
+                v = victim(everything)
+                ops += 1
+                if v is None:
+                    status.append(None)
+                    continue
+                remove(v)
+                resident.discard(v)
+                ops += 1
+            pending.add(b)
+            status.append(True)
+        # complete_store: chain order, insert new blocks, touch already-present ones
+        prev = h[n - 1] if n else None
+        for b, st in zip(rest, status):
+            if st:
+                insert(b, BLOCK_BYTES, prev)
+                resident.add(b)
+                ops += 1
+            elif st is False and b in resident:
+                access(b)
+                ops += 1
+            prev = b
+    dt = time.perf_counter() - t0
+    return {"block_hit_ratio": hit / total, "ops": ops, "seconds": dt, "us_per_op": dt / max(ops, 1) * 1e6}
+
+
+def _simulate_interleaved(reqs: list[list], policy, capacity_blocks: int) -> dict:
+    """The reference simulator's order: per block, touch it or (evict while full; insert)."""
+    resident: set = set()
+    everything = lambda _k: True  # noqa: E731
     hit = total = ops = 0
     t0 = time.perf_counter()
     for h in reqs:
@@ -79,7 +154,7 @@ def simulate(reqs: list[list], policy, capacity_blocks: int) -> dict:
                 ops += 1
             parent = b
     dt = time.perf_counter() - t0
-    return {"block_hit_ratio": hit / total, "ops": ops, "seconds": dt, "us_per_op": dt / ops * 1e6}
+    return {"block_hit_ratio": hit / total, "ops": ops, "seconds": dt, "us_per_op": dt / max(ops, 1) * 1e6}
 
 
 def belady(reqs: list[list], capacity_blocks: int) -> float:
@@ -132,12 +207,12 @@ def infinite(reqs: list[list]) -> float:
     return hit / total
 
 
-def run(reqs, policies, capacities_tokens, refs=True) -> list[dict]:
+def run(reqs, policies, capacities_tokens, refs=True, order="store") -> list[dict]:
     rows = []
     for name in policies:
         for tok in capacities_tokens:
             cap = tok // BLOCK_TOKENS
-            r = simulate(reqs, make_eviction(name, cap), cap)
+            r = simulate(reqs, make_eviction(name, cap), cap, order)
             rows.append({"policy": name, "capacity_tokens": tok, "capacity_blocks": cap, **r})
     if refs:
         inf = infinite(reqs)
@@ -176,6 +251,8 @@ def main(argv=None) -> int:
     ap.add_argument("--policies", default=",".join(EVICTION))
     ap.add_argument("--capacity", default="1M,3M,10M,30M")
     ap.add_argument("--no-refs", action="store_true", help="skip the belady / infinite rows")
+    ap.add_argument("--order", choices=["store", "interleaved"], default="store",
+                    help="store: the real Store's call order (default); interleaved: per block")
     ap.add_argument("--format", choices=["table", "json"], default="table")
     a = ap.parse_args(argv)
     if a.synthetic is not None:
@@ -184,7 +261,7 @@ def main(argv=None) -> int:
     else:
         reqs = load_trace(a.trace or DEFAULT_TRACE)
     caps = [parse_tokens(c) for c in a.capacity.split(",")]
-    rows = run(reqs, [p.strip() for p in a.policies.split(",")], caps, refs=not a.no_refs)
+    rows = run(reqs, [p.strip() for p in a.policies.split(",")], caps, refs=not a.no_refs, order=a.order)
     if a.format == "json":
         print(json.dumps(rows, indent=1))
     else:

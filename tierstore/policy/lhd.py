@@ -20,23 +20,32 @@ The tail of a request is detected from the call order the store guarantees (a re
 are accessed/inserted in chain order): when the next block's parent is not the previous block,
 the previous block ended its request.
 
-Constants and why:
+Density with a prior: each class's histograms are smoothed toward the pooled histogram of all
+classes (empirical Bayes shrinkage): ``H'_c = H_c + PRIOR_EVENTS * H_all / N_all`` (and the same for
+evictions), so a class with little evidence behaves like the average block of its age instead of
+sitting at density 0, and a class only departs from the average once it has evidence.
 
-- ``BUCKETS_PER_CAP = 6``: an age bucket is ``capacity / 6`` references wide. Ages are measured
-  relative to the cache's own turnover (a block survives roughly ``capacity`` references), so
-  this scales with the tier and not with a trace. CAVEAT: chosen from the sweep {4, 6, 8, 16, 32}
-  on the Mooncake trace (see docs/policies.md); results are sensitive to it.
-- ``HORIZON_CAPS = 16``: ages up to 16 cache turnovers are distinguished; older blocks share the
-  last bucket (LHD's saturating age).
+Constants and why (none is fitted to a trace; docs/policies.md shows how results move with each):
+
+- ``BUCKETS_PER_CAP = 1``: ages are counted in whole cache *turnovers* (``capacity`` block
+  references): "how many times could the cache have replaced its contents since this block was
+  last touched". Finer ages let LHD's feedback loop feed on itself (a class evicted young never
+  shows hits at older ages, so its density there stays low: measured, finer buckets lose 0.01-0.03
+  at 3M); coarser ones lose the ability to age out stale frequent blocks (10M drops by 0.02 at
+  4 turnovers per bucket). One turnover is the natural unit between those two failure modes.
+- ``HORIZON_CAPS = 64``: ages up to 64 turnovers are distinguished; older blocks share the last
+  bucket (LHD's saturating age). Far beyond any reuse a cache of that size can act on.
+- ``PRIOR_EVENTS = 1000``: the prior is worth 1000 observed lifetimes (hits + evictions). A hit
+  rate estimated from n events has a relative standard error of about 1/sqrt(n); at n = 1000 that
+  is ~3%, the point where a class's own histogram starts to outweigh the pooled one.
 - Reconfiguration every ``max(4096, capacity)`` references with ``DECAY = 0.9``: statistics are
   rebuilt once per cache turnover (LHD reconfigures periodically) and old counts fade with a
   memory of about ten turnovers; 4096 keeps tiny caches from reconfiguring on noise.
 - ``WARMUP``: until the statistics include one cache's worth of evictions, every density is 0,
   i.e. the policy is LRU among leaves: before the cache has turned over once the eviction ages
   are not observed yet and LHD's estimates are meaningless.
-- ``GHOST_FACTOR = 4``: reference counts of the last ``4 x capacity`` evicted blocks are kept
-  (the prefix-gdsf measurement: reuse gaps are 1.5-2x the turnover of a 3M cache, so one
-  cache's worth of history forgets most returning blocks).
+- ``GHOST_FACTOR = 4``: reference counts of the last ``4 x capacity`` evicted blocks are kept, so
+  a block that returns after a few turnovers keeps its frequency class.
 
 Cost: dictionaries for the tree and per-key state; a heap of leaf entries scored at push time,
 rebuilt (O(leaves)) whenever the age bucket advances or the densities are recomputed, so every
@@ -74,8 +83,9 @@ class PrefixLHD(EvictionPolicy):
 
     name = "prefix-lhd"
 
-    BUCKETS_PER_CAP = 6
-    HORIZON_CAPS = 16
+    BUCKETS_PER_CAP = 1
+    HORIZON_CAPS = 64
+    PRIOR_EVENTS = 1000.0
     DECAY = 0.9
     MIN_RECONF = 4096
     GHOST_FACTOR = 4
@@ -84,8 +94,8 @@ class PrefixLHD(EvictionPolicy):
     def __init__(self, capacity_blocks: int) -> None:
         super().__init__(capacity_blocks)
         cap = max(1, capacity_blocks)
-        self._width = max(1, cap // self.BUCKETS_PER_CAP)
-        self._nb = self.BUCKETS_PER_CAP * self.HORIZON_CAPS
+        self._width = max(1, int(cap / self.BUCKETS_PER_CAP))
+        self._nb = max(1, int(self.BUCKETS_PER_CAP * self.HORIZON_CAPS))
         self._ncls = REF_CLASSES * 2
         self._hits = [[0.0] * self._nb for _ in range(self._ncls)]
         self._evs = [[0.0] * self._nb for _ in range(self._ncls)]
@@ -134,16 +144,23 @@ class PrefixLHD(EvictionPolicy):
         self._dens_ver += 1
         warm = self.WARMUP and self._nev < self.capacity_blocks
         decay = self.DECAY
+        nb = self._nb
+        PH = [sum(self._hits[c][b] for c in range(self._ncls)) for b in range(nb)]
+        PE = [sum(self._evs[c][b] for c in range(self._ncls)) for b in range(nb)]
+        tot = sum(PH) + sum(PE)
+        f = self.PRIOR_EVENTS / tot if tot > 0 else 0.0  # prior: PRIOR_EVENTS pooled events
         for c in range(self._ncls):
-            H, E, d = self._hits[c], self._evs[c], self._dens[c]
+            H0, E0, d = self._hits[c], self._evs[c], self._dens[c]
+            H = [H0[b] + f * PH[b] for b in range(nb)]
+            E = [E0[b] + f * PE[b] for b in range(nb)]
             hits_above = events_above = life_above = 0.0
             for b in range(self._nb - 1, -1, -1):
                 hits_above += H[b]
                 events_above += H[b] + E[b]
                 life_above += events_above
                 d[b] = 0.0 if warm or life_above <= 0 else hits_above / life_above
-                H[b] *= decay
-                E[b] *= decay
+                H0[b] *= decay
+                E0[b] *= decay
 
     # -- protocol ---------------------------------------------------------------------------------
     def insert(self, key: Key, size_bytes: int, parent: Optional[Key] = None) -> None:
@@ -152,7 +169,7 @@ class PrefixLHD(EvictionPolicy):
             return
         self._observe(key, parent)
         self._parent[key] = parent
-        self._kids[key] = set()
+        self._kids[key] = {}  # ordered set: deterministic across hash seeds
         self._last[key] = self._tick
         self._refs[key] = self._ghost.pop(key, 0) + 1
         self._tail[key] = False
@@ -163,7 +180,7 @@ class PrefixLHD(EvictionPolicy):
             kids = self._kids[parent]
             if not kids:
                 self._leaves.pop(parent, None)
-            kids.add(key)
+            kids[key] = None
         self._push_leaf(key)
 
     def access(self, key: Key) -> None:
@@ -182,7 +199,7 @@ class PrefixLHD(EvictionPolicy):
                     pk = self._kids[parent]
                     if not pk:
                         self._leaves.pop(parent, None)
-                    pk.add(key)
+                    pk[key] = None
                 if not self._kids[key]:
                     self._push_leaf(key)
         elif key in self._leaves:
@@ -204,7 +221,7 @@ class PrefixLHD(EvictionPolicy):
         if parent is not None and parent in self._kids:
             pk = self._kids[parent]
             if key in pk:
-                pk.discard(key)
+                del pk[key]
                 if not pk and parent not in self._orphans:
                     self._push_leaf(parent)
         self._ghost[key] = self._refs.pop(key)
@@ -213,7 +230,10 @@ class PrefixLHD(EvictionPolicy):
         del self._last[key], self._tail[key]
 
     def victim(self, evictable: Callable[[Key], bool]) -> Optional[Key]:
-        for k in self._orphans:
+        kids = self._kids
+        for k in self._orphans:  # unreachable blocks first, deepest first (leaves before parents)
+            while kids[k]:
+                k = next(iter(kids[k]))
             if evictable(k):
                 return k
         if self._tick // self._width != self._heap_epoch or self._heap_ver != self._dens_ver:

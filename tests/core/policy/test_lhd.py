@@ -146,3 +146,41 @@ def test_model_property(ops, cap):
         assert set(p._parent) == set(model)
         v = p.victim(EVERYTHING)
         assert (v in model) if model else v is None
+
+
+def test_orphan_subtree_goes_deepest_first():
+    """A chain hanging off a missing parent is unreachable; it is trimmed from its leaf up, so a
+    victim never has a resident child while an evictable leaf exists."""
+    p = PrefixLHD(10)
+    chain(p, ["r", "s"])
+    p.insert("o1", SIZE, "gone")
+    p.insert("o2", SIZE, "o1")
+    p.insert("o3", SIZE, "o2")
+    assert drain(p)[:3] == ["o3", "o2", "o1"]
+
+
+def test_prior_gives_unobserved_classes_the_pooled_density():
+    """After warm-up, a class with no events of its own gets the pooled density (shrinkage toward
+    all classes) instead of 0, and a class with evidence departs from it."""
+    cap = 32
+    p = PrefixLHD(cap)
+    resident: set = set()
+    for r in range(3 * PrefixLHD.MIN_RECONF):  # single-block requests, a hot set reused often and a cold stream
+        b = ("hot", r % 8) if r % 2 else ("cold", r)
+        if b in resident:
+            p.access(b)
+        else:
+            while len(resident) >= cap:
+                v = p.victim(EVERYTHING)
+                p.remove(v)
+                resident.discard(v)
+            p.insert(b, SIZE, None)
+            resident.add(b)
+    dens = p._dens
+    assert p._nev >= cap and p._dens_ver >= 2  # warmed up and reconfigured
+    seen_cls = {c for c in range(len(dens)) if any(p._hits[c]) or any(p._evs[c])}
+    empty = [c for c in range(len(dens)) if c not in seen_cls]
+    assert empty, "some class must be unobserved for this test"
+    for c in empty:
+        assert dens[c][0] > 0  # the prior, not 0
+        assert dens[c] == dens[empty[0]]  # every unobserved class gets the same pooled estimate
