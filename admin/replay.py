@@ -13,6 +13,7 @@ import typer
 from rich.console import Group
 
 from tierstore import replay as engine
+from tierstore.policy import DEFAULT_EVICTION
 from tierstore.units import format_bytes
 from tierstore_admin.output import (JSON_HELP, emit, kv_table, message, stderr_console, table,
                                     user_errors)
@@ -40,8 +41,8 @@ def replay_cmd(
              "64KiB for payload bytes, since a model-sized block would not fit in RAM."),
     model: str = typer.Option(engine.DEFAULT_MODEL, "--model",
                               help=f"KV geometry preset: {', '.join(engine.MODELS)}."),
-    policy: str = typer.Option("lru", "--policy", help="Eviction policy of every tier (registry "
-                               "name such as lru, or module:Class)."),
+    policy: str = typer.Option(DEFAULT_EVICTION, "--policy", help="Eviction policy of every tier "
+                               "(registry name such as prefix-lhd or lru, or module:Class)."),
     data_dir: Optional[str] = typer.Option(
         None, "--data-dir", help="Payload bytes: store directory (NVMe tier); a temp dir if omitted."),
     write_through: bool = typer.Option(False, "--write-through",

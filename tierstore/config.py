@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from tierstore.errors import ConfigError
+from tierstore.policy import DEFAULT_EVICTION
 
 DIRECT_IO_MODES = ("auto", "on", "off")
 COMPRESSION = ("none", "zstd")
@@ -17,7 +18,7 @@ COMPRESSION = ("none", "zstd")
 @dataclass(frozen=True)
 class DramConfig:
     capacity_blocks: int = 1024
-    policy: str = "lru"
+    policy: str = DEFAULT_EVICTION   # evidence in docs/policies.md
     shm_name: str | None = None  # POSIX shared-memory name in daemon mode
     payload: bool = True          # False: slot accounting only (trace replay --payload none)
 
@@ -30,7 +31,7 @@ class DramConfig:
 class NvmeConfig:
     path: str
     capacity_blocks: int = 4096
-    policy: str = "lru"
+    policy: str = DEFAULT_EVICTION
     admission: str = "all"
     write_through: bool = False   # True: every stored block also goes to NVMe (survives restart)
     direct_io: str = "auto"

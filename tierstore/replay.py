@@ -58,6 +58,7 @@ from tierstore.client import Client
 from tierstore.config import DramConfig, NvmeConfig, StoreConfig
 from tierstore.errors import ConfigError
 from tierstore.keys import Namespace
+from tierstore.policy import DEFAULT_EVICTION
 from tierstore.types import BlockStatus
 from tierstore.units import format_bytes, parse_bytes, parse_capacity
 
@@ -194,7 +195,7 @@ class ReplayOptions:
     nvme_capacity: str | None = None    # payload bytes; absent or 0 = no NVMe tier
     block_bytes: str | int | None = None  # none: model's block; bytes: 64KiB
     model: str = DEFAULT_MODEL
-    policy: str = "lru"
+    policy: str = DEFAULT_EVICTION
     data_dir: str | None = None         # bytes: where the store (NVMe tier) lives; temp if None
     write_through: bool = False
     limit: int | None = None

@@ -97,8 +97,8 @@ def test_payload_bytes_dram_nvme_matches_one_lru_of_total(cli, trace_file, fast_
     of the summed capacity: same block_hit_ratio as payload none; no loaded block is wrong."""
     pytest.importorskip("tierstore.tiers.nvme")
     total, dram = 120, 60    # DRAM holds the longest request (49 blocks): it stages whole requests
-    none = cli("replay", trace_file, "--capacity", f"{total}blocks", "--json").json()
-    r = cli("replay", trace_file, "--payload", "bytes", "--dram-capacity", f"{dram}blocks",
+    none = cli("replay", trace_file, "--capacity", f"{total}blocks", "--policy", "lru", "--json").json()
+    r = cli("replay", trace_file, "--payload", "bytes", "--policy", "lru", "--dram-capacity", f"{dram}blocks",
             "--nvme-capacity", f"{total - dram}blocks", "--block-bytes", "16KiB",
             "--data-dir", fast_dir / "d", "--json")
     assert r.code == 0, r.stderr

@@ -126,8 +126,10 @@ def test_pin_lease_expiry_gives_exact_shorter_count():
     now[0] = 3.0
     Q = k.chain(list(range(500, 532)))
     assert put(s, Q) == [BlockStatus.OK] * 2         # the lease expired: two P blocks evicted
+    hit = s.lookup(P, NS).num_blocks
     job = s.prepare_load(P)
-    assert job.num_ready == 0 and job.status[0] is BlockStatus.MISSING
+    assert job.num_ready == hit < 4 and job.status[hit] is BlockStatus.MISSING
+    assert [bytes(s.slot_view(x)[:n]) for x, n in zip(job.slots, job.sizes)] == blocks_for(P[:hit])
     s.complete_load(job.job_id)
     assert s.counters["pins_expired"] == 4
     with pytest.raises(PinError):

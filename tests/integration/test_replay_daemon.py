@@ -10,6 +10,7 @@ from typer.testing import CliRunner
 sys.path.insert(0, os.path.dirname(__file__))
 from daemon_support import DaemonProc, config_toml  # noqa: E402
 
+from tierstore.policy import DEFAULT_EVICTION  # noqa: E402
 from tierstore_admin.app import app  # noqa: E402
 
 pytestmark = pytest.mark.timeout(120)
@@ -22,16 +23,16 @@ def _replay(args):
 
 
 def test_replay_through_daemon_matches_in_process(tmp_path):
-    """Same trace, same capacity (256 blocks), same policy (lru): the same block_hit_ratio."""
+    """Same trace, same capacity (256 blocks), same (default) policy: the same block_hit_ratio."""
     cfg = config_toml(tmp_path / "ts.toml", slot_bytes=4096, dram_blocks=256)
     d = DaemonProc(tmp_path / "d", tmp_path / "d" / "ts.sock", cfg).start()
     try:
         remote = _replay(["--socket", str(d.socket)])
-        local = _replay(["--capacity", "256blocks", "--policy", "lru"])
+        local = _replay(["--capacity", "256blocks"])
         assert remote["block_hit_ratio"] == local["block_hit_ratio"]
         assert remote["hit_blocks"] == local["hit_blocks"] > 0
         assert remote["capacity_blocks"]["dram"] == 256
-        assert remote["policy"] == "lru"
+        assert remote["policy"] == local["policy"] == DEFAULT_EVICTION
         # flags that cannot apply to a running daemon are refused with exit 2
         r = CliRunner().invoke(app, ["replay", "--socket", str(d.socket), "--capacity", "1M"])
         assert r.exit_code == 2 and "daemon" in r.output
