@@ -10,6 +10,7 @@ into one stderr line and exit code 2.
     tierstore check [--fix]         verify a data dir (exit 1 when it finds problems)
     tierstore stats [--watch]       counters and per-tier use
     tierstore daemon start|stop|status   the per-node daemon (tierstore/daemon/)
+    tierstore peers ls|ping         the daemon's peers: transport, state, latency, bytes moved
 
 Commands that inspect a store take ``--socket`` (through the daemon) or ``--data-dir``.
 """
@@ -21,7 +22,7 @@ from typing import Sequence
 
 import typer
 
-from tierstore_admin import blocks, check, daemon, replay, stats, tiers
+from tierstore_admin import blocks, check, daemon, peers, replay, stats, tiers
 from tierstore_admin.output import EXIT_USAGE, message
 
 # typer >= 0.2x vendors click; take the exception bases from typer's own classes so that this works
@@ -37,6 +38,7 @@ app.add_typer(blocks.app, name="blocks")
 app.command("check")(check.check_cmd)
 app.command("stats")(stats.stats_cmd)
 app.add_typer(daemon.daemon_app, name="daemon")
+app.add_typer(peers.app, name="peers")
 
 
 def main(argv: Sequence[str] | None = None) -> None:

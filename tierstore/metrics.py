@@ -28,6 +28,15 @@ Names (all prefixed ``tierstore_``)::
     request_errors_total{op}           counter  requests answered with an error
     protocol_errors_total              counter  malformed frames
 
+  per peer (when [peers] is enabled; read from the daemon's peer state at scrape time)::
+
+    peer_up{peer,address,transport}            gauge    1 while a session is up, else 0
+    peer_rpc_seconds{peer,transport}           gauge    running mean of control RPC latency
+    peer_bytes_read_total{peer,transport}      counter  bytes pulled from the peer (XFER-15:
+    peer_blocks_read_total{peer,transport}     counter    the transport label is the one in use)
+    peer_lookups_total{peer,transport}         counter  batched lookup RPCs sent
+    peer_failures_total{peer,transport}        counter  failed RPCs, connects and fetches
+
 The exporter listens on ``127.0.0.1:9464`` by default when enabled (settings ``[metrics]``); it
 runs prometheus-client's own HTTP server thread (owner: this module's :class:`DaemonMetrics`).
 Thread-safe: prometheus-client metrics are; the collector takes the store's lock via ``stats()``.
@@ -97,6 +106,40 @@ class _StoreCollector:
                                   value=c.get("stores_aborted", 0))
 
 
+class _PeerCollector:
+    """Per-peer series from ``rows()`` (DaemonPeers.metric_rows: dicts, no I/O)."""
+
+    def __init__(self, rows: Callable[[], list]) -> None:
+        self._rows = rows
+
+    def describe(self):
+        return []
+
+    def collect(self):
+        try:
+            rows = self._rows()
+        except Exception:
+            return
+        up = GaugeMetricFamily(PREFIX + "peer_up", "Peer session up (1) or not (0)",
+                               labels=["peer", "address", "transport"])
+        rpc = GaugeMetricFamily(PREFIX + "peer_rpc_seconds", "Mean control RPC latency",
+                                labels=["peer", "transport"])
+        fams = {k: CounterMetricFamily(PREFIX + name, text, labels=["peer", "transport"])
+                for k, name, text in (("bytes_read", "peer_bytes_read", "Bytes pulled from the peer"),
+                                      ("blocks_read", "peer_blocks_read", "Blocks pulled from the peer"),
+                                      ("lookups", "peer_lookups", "Batched lookup RPCs to the peer"),
+                                      ("failures", "peer_failures", "Failed RPCs, connects, fetches"))}
+        for r in rows:
+            tr = r.get("transport") or "none"
+            up.add_metric([r["name"], r["address"], tr], 1 if r.get("state") == "up" else 0)
+            rpc.add_metric([r["name"], tr], r.get("avg_rpc_ms", 0.0) / 1e3)
+            for k, fam in fams.items():
+                fam.add_metric([r["name"], tr], r.get(k, 0))
+        yield up
+        yield rpc
+        yield from fams.values()
+
+
 class DaemonMetrics:
     """The daemon's metrics; ``start()`` opens the HTTP endpoint (optional)."""
 
@@ -118,6 +161,10 @@ class DaemonMetrics:
         self._server = None
         self._thread = None
         self.address: tuple[str, int] | None = None
+
+    def add_peer_source(self, rows: Callable[[], list]) -> None:
+        """Export per-peer series read from ``rows()`` at scrape time (see the docstring)."""
+        self.registry.register(_PeerCollector(rows))
 
     def observe(self, op: str, seconds: float, error: bool = False) -> None:
         child = self._latency_children.get(op)

@@ -370,14 +370,17 @@ class RemoteClient:
         return self.stats()["tiers"]
 
     # ---------------------------------------------------------------- peers
-    def fetch_remote(self, keys: Sequence[BlockKey], namespace: Namespace, *,
-                     detail: bool = False) -> int | dict:
+    def fetch_remote(self, keys: Sequence[BlockKey], namespace: Namespace, *, pin: bool = False,
+                     ttl_s: float | None = None, detail: bool = False) -> int | dict:
         """Pull the blocks of ``keys`` this node lacks from the nearest peers into the daemon's
         DRAM; returns how many blocks of ``keys`` are now local (a prefix), or with ``detail``
-        the daemon's ``{n, fetched, sources, errors}``. Raises TransferFailed when a peer failed
-        mid-read and no other peer covered its part (nothing partial became visible)."""
-        r = self._call(MsgType.FETCH_REMOTE, {"keys": pack_keys(keys), "ns": self._ns(namespace)},
-                       idempotent=True)
+        the daemon's ``{n, fetched, sources, errors[, pinned]}``. ``pin``: the local prefix is
+        pinned for this connection (like ``lookup(pin=True)``) so nothing evicts it before
+        ``prepare_load``. Raises TransferFailed when a peer failed mid-read and no other peer
+        covered its part (nothing partial became visible). Blocks for the whole transfer: use
+        a client of its own from a side thread when the caller must not wait."""
+        r = self._call(MsgType.FETCH_REMOTE, {"keys": pack_keys(keys), "ns": self._ns(namespace),
+                                              "pin": pin, "ttl_s": ttl_s}, idempotent=not pin)
         return r if detail else int(r["n"])
 
     def peers(self, probe: bool = False) -> dict:

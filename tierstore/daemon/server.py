@@ -17,6 +17,9 @@ Threading (every thread is owned by :class:`DaemonServer`)::
     conn-N threads   one per client connection: read frame -> handle -> write reply, strictly
                      request/reply in order; every Store call takes the store's own lock
     metrics thread   prometheus-client's HTTP server, when [metrics] enabled
+    peer threads     when [peers] enabled: the peer server's accept/connection threads, the etcd
+                     keeper and the lookup pool, all owned by tierstore/daemon/peers.py
+                     (DaemonPeers), started after the store and stopped before it closes
 
 Connections and ownership: each connection is one owner (``conn-<n>-pid<peer pid>``). Pins taken
 by its lookups/pins and its unfinished jobs belong to it; when the connection closes or dies
@@ -37,6 +40,15 @@ Requests (body fields; ``keys`` per tierstore.protocol.codec.pack_keys; ``ns`` =
                                                         socket, secret_source (env | file | data_dir),
                                                         secret_file, secret_id, max_frame_bytes}
     LOOKUP         {keys, ns, pin, ttl_s}           -> {n, tiers (bin, one Tier value per hit block)}
+    LOOKUP         {…, peers: true}                 -> {n, local, tiers, remote [[peer, blocks]…]}:
+                                                       local prefix first, then blocks only peers
+                                                       hold (one batched RPC per peer; ``tiers``
+                                                       is where each block lives on its node)
+    FETCH_REMOTE   {keys, ns, pin, ttl_s}           -> {n (local prefix now), fetched,
+                                                        sources {peer: blocks}, errors[, pinned]}
+    PEERS          {probe}                          -> {node, listen, membership, transports,
+                                                        peers [per-peer state], serving, counters}
+    PEER_PING      {peer (name or host:port)}       -> per-peer state + {rtt_ms}
     PREPARE_STORE  {keys, ns, size, parent}         -> {job, slots [int|nil], status [str]}
     COMPLETE_STORE {job, ok}                        -> {status [str]}
     PREPARE_LOAD   {keys}                           -> {job, slots, status, sizes}
@@ -49,6 +61,14 @@ Requests (body fields; ``keys`` per tierstore.protocol.codec.pack_keys; ``ns`` =
     CHECK          {fix}                            -> {problems [str]}
     SHUTDOWN       {}                               -> {stopping: true}, then the SIGTERM path
     PING           {}                               -> {}
+
+Peers (tierstore/daemon/peers.py; ``[peers] enabled``): this daemon serves its Store to other
+nodes' daemons and pulls from them. ``lookup(keys, ns, peers=True)`` on a RemoteClient reports
+where each hit block lives (local hbm/dram/nvme, or ``peer:<name>/dram|nvme``);
+``fetch_remote(keys, ns)`` pulls the non-local part from the nearest copies into this node's
+DRAM (a peer's NVMe block is staged through its DRAM under its lease; only whole, verified blocks
+become visible) and returns the local prefix length; then ``prepare_load`` reads them as usual.
+Without ``[peers]`` both answer from the local store alone; PEERS / PEER_PING are ConfigError.
 
 Errors: a frame whose header cannot be trusted (bad magic, version, flags, oversized length) gets
 one error reply (when its id is known) and the connection is closed; a well-framed request with an
@@ -98,7 +118,7 @@ SHM_DIR = "/dev/shm"
 REPLY_MAX_BYTES = 256 << 20
 _SUN_PATH_MAX = 107
 _TIMED_OPS = {MsgType.LOOKUP, MsgType.PREPARE_STORE, MsgType.COMPLETE_STORE,
-              MsgType.PREPARE_LOAD, MsgType.COMPLETE_LOAD}
+              MsgType.PREPARE_LOAD, MsgType.COMPLETE_LOAD, MsgType.FETCH_REMOTE}
 
 
 def secret_id(secret: bytes) -> str:
@@ -202,6 +222,7 @@ class DaemonServer:
         self.client: Client | None = None
         self.store = None
         self.metrics: DaemonMetrics | None = None
+        self.peers: Any = None   # tierstore.daemon.peers.DaemonPeers when [peers] enabled
         self.shm_name = ""
         self._listener: socket.socket | None = None
         self._socket_id: tuple[int, int] | None = None
@@ -220,6 +241,8 @@ class DaemonServer:
             MsgType.PIN: self._h_pin, MsgType.UNPIN: self._h_unpin, MsgType.EVICT: self._h_evict,
             MsgType.STATS: self._h_stats, MsgType.BLOCKS: self._h_blocks, MsgType.BLOCK: self._h_block,
             MsgType.CHECK: self._h_check, MsgType.SHUTDOWN: self._h_shutdown, MsgType.PING: self._h_ping,
+            MsgType.FETCH_REMOTE: self._h_fetch_remote, MsgType.PEERS: self._h_peers,
+            MsgType.PEER_PING: self._h_peer_ping,
         }
 
     # ------------------------------------------------------------------ lifecycle
@@ -251,10 +274,16 @@ class DaemonServer:
             if s.metrics.enabled:
                 host, port = self.metrics.start(s.metrics.host, s.metrics.port)
                 log.info("metrics on http://%s:%d/metrics", host, port)
+            if s.peers.enabled:
+                from tierstore.daemon.peers import DaemonPeers
+
+                self.peers = DaemonPeers(s.peers, self.store, self.client.secret).start()
+                self.metrics.add_peer_source(self.peers.metric_rows)
             if s.pid_file:
                 Path(s.pid_file).write_text(f"{os.getpid()}\n")
             self._hello = self._make_hello()
         except BaseException:
+            self._stop_peers()
             self._close_store()
             raise
         log.info("tierstore daemon %s serving %s on %s (shm %s, %d slots of %d bytes)",
@@ -325,6 +354,7 @@ class DaemonServer:
             finally:
                 self._listener = None
                 self._unlink_socket()
+        self._stop_peers()   # in-flight peer fetches fail and free their slots; peers' pins go
         self._draining = True
         deadline = time.monotonic() + self.settings.drain_timeout_s
         while time.monotonic() < deadline:
@@ -363,6 +393,14 @@ class DaemonServer:
                 os.unlink(self.socket_path)
         except FileNotFoundError:
             pass
+
+    def _stop_peers(self) -> None:
+        if self.peers is not None:
+            try:
+                self.peers.stop()
+            except Exception:
+                log.exception("stopping the peer transports failed")
+            self.peers = None
 
     def _close_store(self) -> None:
         if self.client is not None:
@@ -492,12 +530,51 @@ class DaemonServer:
         if pin:
             self._refuse_when_draining()
         keys = unpack_keys(body["keys"])
+        if body.get("peers"):
+            return self._lookup_peers(conn, keys, body, pin)
         r = self.store.lookup(keys, _namespace(body["ns"]), pin=pin, owner=conn.owner,
                               ttl_s=_opt_float(body.get("ttl_s")))
         tiers = bytes(r.tiers)
         if tiers:
             self.metrics.count_lookup_hits(tiers, _tier_label)
         return {"n": r.num_blocks, "tiers": tiers}
+
+    def _lookup_peers(self, conn: _Conn, keys: list, body: dict, pin: bool) -> dict:
+        ns, ttl_s = _namespace(body["ns"]), _opt_float(body.get("ttl_s"))
+        if self.peers is None:
+            r = self.store.lookup(keys, ns, pin=pin, owner=conn.owner, ttl_s=ttl_s)
+            return {"n": r.num_blocks, "local": r.num_blocks, "tiers": bytes(r.tiers), "remote": []}
+        out = self.peers.locate(keys, ns, pin=pin, owner=conn.owner, ttl_s=ttl_s)
+        if out["local"]:
+            self.metrics.count_lookup_hits(out["tiers"][:out["local"]], _tier_label)
+        return out
+
+    def _h_fetch_remote(self, conn: _Conn, body: dict) -> dict:
+        self._refuse_when_draining()
+        keys, ns = unpack_keys(body["keys"]), _namespace(body["ns"])
+        if self.peers is None:
+            n = self.store.lookup(keys, ns).num_blocks
+            out = {"n": n, "fetched": 0, "sources": {}, "errors": []}
+        else:
+            out = self.peers.fetch(keys, ns)
+        if body.get("pin") and out["n"]:   # hold the now-local prefix for this connection
+            out["pinned"] = self.store.pin(keys[:out["n"]], owner=conn.owner,
+                                           ttl_s=_opt_float(body.get("ttl_s")))
+        return out
+
+    def _need_peers(self):
+        if self.peers is None:
+            raise ConfigError("peers are not enabled on this daemon (set [peers] enabled = true)")
+        return self.peers
+
+    def _h_peers(self, conn: _Conn, body: dict) -> dict:
+        return self._need_peers().ls(probe=bool(body.get("probe", False)))
+
+    def _h_peer_ping(self, conn: _Conn, body: dict) -> dict:
+        peer = body["peer"]
+        if not isinstance(peer, str) or not peer:
+            raise ProtocolError("peer must be a name or host:port")
+        return self._need_peers().ping(peer)
 
     def _h_prepare_store(self, conn: _Conn, body: dict) -> dict:
         self._refuse_when_draining()

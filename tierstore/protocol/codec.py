@@ -73,6 +73,9 @@ class MsgType(enum.IntEnum):
     CHECK = 13
     SHUTDOWN = 14
     PING = 15
+    FETCH_REMOTE = 16   # pull a chain's missing blocks from peers (tierstore/daemon/peers.py)
+    PEERS = 17          # per-peer state for `tierstore peers ls`
+    PEER_PING = 18      # one authenticated round trip to a peer
 
 
 _TYPES = {int(t) for t in MsgType}
