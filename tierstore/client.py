@@ -24,6 +24,7 @@ from typing import Sequence
 
 from tierstore.config import DramConfig, NvmeConfig, StoreConfig
 from tierstore.errors import ConfigError
+from tierstore.index.residency import session_name, session_owner
 from tierstore.keys import ExtraKeys, Keyer, Namespace, NO_EXTRAS, load_secret
 from tierstore.store import LOCAL, Store
 from tierstore.types import BlockKey, BlockStatus, LoadJob, LookupResult, StoreJob
@@ -50,6 +51,18 @@ def _lock_dir(path: Path):
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
     return fd
+
+
+def _relative_to(path: str, data_dir: Path) -> str:
+    """``path`` as stored in store.json: relative to the data dir when inside it (or given
+    relative), absolute otherwise."""
+    p = Path(path)
+    if not p.is_absolute():
+        return str(p)
+    try:
+        return str(p.relative_to(data_dir))
+    except ValueError:
+        return str(p)
 
 
 def config_to_json(cfg: StoreConfig) -> dict:
@@ -88,7 +101,9 @@ class Client:
 
         With ``data_dir``: the directory's ``store.json`` wins over ``config`` when it exists
         (a directory is reopened as it was created); otherwise ``config`` is written there. The
-        NVMe path defaults to ``<data_dir>/nvme``. Raises DataDirBusy if another process holds
+        NVMe path defaults to ``<data_dir>/nvme``; a relative NVMe path is stored and resolved
+        relative to the data dir (never to the working directory), so a data dir opens the same
+        from anywhere and a copied data dir never shares its original's NVMe tier. Raises DataDirBusy if another process holds
         the directory, ConfigError if it does not exist and ``create`` is false. ``shm_name``
         (the daemon) puts the DRAM slab in POSIX shared memory under that name for this run
         only; it is never written to ``store.json``.
@@ -97,7 +112,7 @@ class Client:
             if config is None:
                 raise ConfigError("need a data dir or a config")
             return cls(Store.open(config), secret=load_secret(secret))
-        d = Path(data_dir)
+        d = Path(data_dir).absolute()
         if not create and not (d / STORE_FILE).is_file():
             raise ConfigError(f"{d} is not a tierstore data dir (no {STORE_FILE})")
         fd = _lock_dir(d)
@@ -111,12 +126,15 @@ class Client:
             else:
                 if config is None:
                     raise ConfigError(f"{d} has no {STORE_FILE} and no config was given")
-                if config.nvme is not None and not config.nvme.path:
-                    config = dataclasses.replace(
-                        config, nvme=dataclasses.replace(config.nvme, path=str(d / "nvme")))
+                if config.nvme is not None:
+                    config = dataclasses.replace(config, nvme=dataclasses.replace(
+                        config.nvme, path=_relative_to(config.nvme.path or "nvme", d)))
                 tmp = f.with_suffix(".tmp")
                 tmp.write_text(json.dumps(config_to_json(config), indent=2))
                 os.replace(tmp, f)
+            if config.nvme is not None and not Path(config.nvme.path).is_absolute():
+                config = dataclasses.replace(config, nvme=dataclasses.replace(
+                    config.nvme, path=str(d / config.nvme.path)))
             if shm_name is not None:
                 config = dataclasses.replace(
                     config, dram=dataclasses.replace(config.dram, shm_name=shm_name))
@@ -185,11 +203,13 @@ class Client:
     def get(self, keys) -> list[bytes]:
         return self.store.get(keys, owner=self.owner)
 
-    def pin(self, keys, ttl_s: float | None = None) -> int:
-        return self.store.pin(keys, owner=self.owner, ttl_s=ttl_s)
+    def pin(self, keys, ttl_s: float | None = None, session: str | None = None) -> int:
+        """As :meth:`RemoteClient.pin`; a session's pins live as long as this process."""
+        owner = self.owner if session is None else session_owner(session, ttl_s)
+        return self.store.pin(keys, owner=owner, ttl_s=ttl_s)
 
-    def unpin(self, keys) -> int:
-        return self.store.unpin(keys, owner=self.owner)
+    def unpin(self, keys, session: str | None = None) -> int:
+        return self.store.unpin(keys, owner=self.owner if session is None else session_name(session))
 
     def evict(self, keys) -> dict:
         return self.store.evict(keys)

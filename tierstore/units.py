@@ -7,6 +7,10 @@ Grammar (case-insensitive, surrounding spaces ignored)::
     64GiB       bytes, binary units KiB MiB GiB TiB (also B, KB/MB/GB/TB = powers of 1000)
     256blocks   blocks (also "256 block")
 
+Durations (pin TTLs)::
+
+    30s  30m  2h  1d  1.5h     seconds, minutes, hours, days; a bare number is seconds
+
 Every parse error is a :class:`ConfigError` with a one-line message naming the bad text.
 """
 
@@ -22,6 +26,7 @@ _BYTE_UNITS = {
     "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
 }
 _TOKEN_MULT = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9}
+_MAX_NUMBER = 1e18   # beyond any real cache; keeps int conversion and slot arithmetic finite
 _RE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]*)\s*$")
 
 
@@ -54,6 +59,8 @@ def parse_capacity(text: str | int) -> Capacity:
         raise ConfigError(f"cannot parse capacity {text!r} (examples: 3M tokens, 64GiB, 256blocks)")
     num, unit = m.group(1), m.group(2).lower()
     value = float(num)
+    if not value < _MAX_NUMBER:
+        raise ConfigError(f"capacity {text!r} is too large")
     if unit in ("block", "blocks"):
         if value != int(value):
             raise ConfigError(f"block count must be whole: {text!r}")
@@ -74,7 +81,29 @@ def parse_bytes(text: str | int) -> int:
     if not m or m.group(2).lower() not in _BYTE_UNITS | {"": 1}:
         raise ConfigError(f"cannot parse size {text!r} (examples: 4096, 2MiB, 1.5GiB)")
     unit = m.group(2).lower() or "b"
-    return int(float(m.group(1)) * _BYTE_UNITS[unit])
+    value = float(m.group(1)) * _BYTE_UNITS[unit]
+    if not value < _MAX_NUMBER:
+        raise ConfigError(f"size {text!r} is too large")
+    return int(value)
+
+
+_DURATION_UNITS = {"": 1.0, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def parse_duration(text: str | int | float) -> float:
+    """Parse a positive duration ('30s', '30m', '2h', '1d', '90') into seconds. Raises
+    ConfigError."""
+    if isinstance(text, (int, float)) and not isinstance(text, bool):
+        value = float(text)
+    else:
+        m = _RE.match(str(text))
+        unit = m.group(2).lower() if m else None
+        if unit not in _DURATION_UNITS:
+            raise ConfigError(f"cannot parse duration {text!r} (examples: 30s, 30m, 2h, 1d)")
+        value = float(m.group(1)) * _DURATION_UNITS[unit]
+    if not value > 0:
+        raise ConfigError(f"duration must be positive: {text!r}")
+    return value
 
 
 def format_bytes(n: int | float) -> str:

@@ -178,3 +178,30 @@ def test_salt_never_reaches_disk_or_listing(tmp_path):
     for root, _, files in os.walk(d):
         for name in files:
             assert b"tenant-a" not in (Path(root) / name).read_bytes(), name
+
+
+def test_data_dir_opens_the_same_from_anywhere(tmp_path, monkeypatch):
+    """store.json keeps the NVMe path relative to the data dir: opening from another working
+    directory finds the same blocks, and a copy of the data dir has its own NVMe tier."""
+    import json
+    import shutil
+    monkeypatch.chdir(tmp_path)
+    c = Client.embedded("dd", StoreConfig(
+        slot_bytes=SLOT, dram=DramConfig(capacity_blocks=8),
+        nvme=NvmeConfig(path="", capacity_blocks=32, write_through=True, file_slots=16)), secret=SECRET)
+    P = c.keyer(NS).chain(list(range(32)))
+    c.put(P, NS, payload(P))
+    c.close()
+    assert json.loads((tmp_path / "dd" / "store.json").read_text())["nvme"]["path"] == "nvme"
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    with Client.embedded(tmp_path / "dd", create=False) as c2:
+        assert c2.lookup(P, NS).hit_tokens == 32
+    shutil.copytree(tmp_path / "dd", tmp_path / "copy")
+    (tmp_path / "copy" / "lock").unlink()
+    with Client.embedded(tmp_path / "copy", create=False) as c3:
+        assert Path(c3.store.tiers[Tier.NVME].path).resolve().is_relative_to((tmp_path / "copy").resolve())
+        c3.evict(P)
+    with Client.embedded(tmp_path / "dd", create=False) as c4:
+        assert c4.lookup(P, NS).hit_tokens == 32
