@@ -30,9 +30,10 @@ from __future__ import annotations
 import itertools
 import logging
 import threading
+import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 from tierstore.config import StoreConfig
 from tierstore.errors import JobError, PinError, RejectedError
@@ -75,11 +76,13 @@ class Store:
     All sizes are bytes, all capacities slots (= blocks).
     """
 
-    def __init__(self, config: StoreConfig, dram: MemoryTier, nvme: DiskTier | None = None) -> None:
+    def __init__(self, config: StoreConfig, dram: MemoryTier, nvme: DiskTier | None = None, *,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        """``clock``: seconds, for pin TTLs (tests pass a fake one)."""
         self.config = config
         self._lock = threading.RLock()
         self.res = Residency()
-        self.pins = PinBook(self.res)
+        self.pins = PinBook(self.res, clock=clock)
         self.tiers: dict[Tier, MemoryTier | DiskTier] = {Tier.DRAM: dram}
         self.policies: dict[Tier, EvictionPolicy] = {
             Tier.DRAM: make_eviction(config.dram.policy, dram.num_slots)}
@@ -97,12 +100,13 @@ class Store:
         self._pending_keys: set[BlockKey] = set()
         self._job_ids = itertools.count(1)
         self._closed = False
+        self._recovery_reported = False
         if nvme is not None:
             self._recover_nvme(nvme)
 
     # ---------------------------------------------------------------- construction
     @classmethod
-    def open(cls, config: StoreConfig) -> "Store":
+    def open(cls, config: StoreConfig, *, clock: Callable[[], float] = time.monotonic) -> "Store":
         """Build tiers from ``config`` and recover persisted NVMe content."""
         from tierstore.tiers.dram import DramTier
 
@@ -118,7 +122,7 @@ class Store:
             n = config.nvme
             nvme = NvmeTier(n.path, n.capacity_blocks, config.slot_bytes, direct_io=n.direct_io,
                             compression=n.compression, file_slots=n.file_slots)
-        return cls(config, dram, nvme)
+        return cls(config, dram, nvme, clock=clock)
 
     def _recover_nvme(self, nvme: DiskTier) -> None:
         for digest, desc in nvme.namespaces().items():
@@ -193,6 +197,7 @@ class Store:
         pins released before it stay released (each release is individually valid)."""
         n = 0
         with self._lock:
+            self._expire()
             for k in keys:
                 self.pins.unpin(owner, k)
                 n += 1
@@ -544,6 +549,7 @@ class Store:
         """Remove unpinned ``keys`` from every tier. Returns counts of evicted / pinned / missing."""
         out = Counter()
         with self._lock:
+            self._expire()
             for k in keys:
                 h = self.res.get(k)
                 if h < 0:
@@ -569,6 +575,7 @@ class Store:
     def blocks(self, limit: int | None = None, tier: Tier | None = None) -> list[dict]:
         """One dict per resident block: key (hex), namespace, tiers, size, checksum, pins."""
         with self._lock:
+            self._expire()
             out = []
             for k, h in self.res.handles():
                 tiers = self.res.tiers_of(h)
@@ -590,9 +597,23 @@ class Store:
             return out
 
     def block(self, key: BlockKey) -> dict | None:
+        """:meth:`blocks`' dict for one block, plus ``pin_owners``: one ``{owner, pins,
+        expires_in_s}`` per owner holding a pin (``expires_in_s``: its nearest TTL, None if
+        one of its pins has none)."""
         with self._lock:
+            self._expire()
             h = self.res.get(key)
-            return None if h < 0 else self._describe(key, h, self.res.tiers_of(h))
+            if h < 0:
+                return None
+            d = self._describe(key, h, self.res.tiers_of(h))
+            now = self.pins.now()
+            owners = []
+            for o, n in sorted(self.pins.owners_of(key).items()):
+                dl = self.pins.deadlines(o, key)
+                owners.append({"owner": o, "pins": n, "expires_in_s":
+                               round(dl[0] - now, 3) if dl and len(dl) >= n else None})
+            d["pin_owners"] = owners
+            return d
 
     def _describe(self, k: BlockKey, h: int, tiers: list[Tier]) -> dict:
         ns = self._namespaces[self.res.ns[h]]
@@ -653,11 +674,30 @@ class Store:
                 problems.append("pin ledger and pin counts disagree")
             nvme = self.tiers.get(Tier.NVME)
             if nvme is not None:
+                problems.extend(self._recovery_problems(nvme))
                 disk = nvme.check(fix=fix)
                 problems.extend(f"nvme: {p}" for p in disk)
                 if fix and disk:
                     self._resync_nvme()
         return problems
+
+    def _recovery_problems(self, nvme: DiskTier) -> list[str]:
+        """What start-up recovery had to drop, reported by the first check after open: committed
+        entries whose record failed its check, vanished slab files, unknown files. Orphans (records
+        written but never committed when a process died) are expected after a crash and lost
+        nothing committed, so they are not problems."""
+        if self._recovery_reported:
+            return []
+        self._recovery_reported = True
+        rec = getattr(nvme, "last_recovery", None) or {}
+        out = []
+        if rec.get("dropped"):
+            out.append(f"nvme: recovery at open dropped {rec['dropped']} entries whose record failed its check")
+        if rec.get("missing_files"):
+            out.append(f"nvme: recovery at open found slab files missing: {', '.join(rec['missing_files'])}")
+        if rec.get("unknown_files"):
+            out.append(f"nvme: recovery at open removed unknown files: {', '.join(map(str, rec['unknown_files']))}")
+        return out
 
     def _resync_nvme(self) -> None:
         """After a disk repair, drop index entries whose NVMe record no longer exists."""

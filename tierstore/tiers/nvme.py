@@ -384,8 +384,10 @@ class NvmeTier(DiskTier):
 
     def usage(self) -> dict:
         u = super().usage()
+        # used_bytes is payload bytes, the unit of capacity_bytes; disk_used_bytes counts whole
+        # records (4 KiB header + payload padded to 4 KiB)
         u.update(effective_slots=self.effective_slots, clamped=self._clamped,
-                 used_bytes=self._used_bytes, payload_bytes=self._payload_used,
+                 used_bytes=self._payload_used, disk_used_bytes=self._used_bytes,
                  file_bytes=sum(self._ready) * self.record_bytes, direct_io=self.direct,
                  compression=self.compression, counters=dict(self.counters))
         return u

@@ -100,7 +100,7 @@ def test_roundtrip_and_clean_reopen(tmp_path):
     for i, s in slots.items():
         r, data = get(t, i, s)
         assert r.ok and data == block(i)
-    assert t.usage()["used_bytes"] == 6 * t.record_bytes
+    assert t.usage()["disk_used_bytes"] == 6 * t.record_bytes
     t.close()
     t = open_tier(tmp_path)
     assert {e.slot for e in t.entries()} == set(slots.values())
@@ -191,7 +191,7 @@ def test_delete_zeroes_magic_and_is_not_resurrected(tmp_path):
     slots = put(t, range(4))
     t.delete_batch([slots[0], slots[2]])
     assert headers_on_disk(t) == {slots[1], slots[3]}
-    assert t.slots.used == 2 and t.usage()["used_bytes"] == 2 * t.record_bytes
+    assert t.slots.used == 2 and t.usage()["disk_used_bytes"] == 2 * t.record_bytes
     t.close()
     t = open_tier(tmp_path)
     assert sorted(e.slot for e in t.entries()) == [slots[1], slots[3]]
@@ -269,7 +269,7 @@ def test_disk18_metadata_in_sync_after_clean_restart_and_crash(tmp_path):
     assert t.last_recovery["dropped"] == 3 and t.last_recovery["orphans"] == 1
     assert not (tmp_path / "slabs" / "stray.bin").exists()
     assert headers_on_disk(t) == survivors                # one-to-one
-    assert t.usage()["used_bytes"] == len(survivors) * t.record_bytes
+    assert t.usage()["disk_used_bytes"] == len(survivors) * t.record_bytes
     for s in survivors:
         r, data = get(t, s, s)
         assert r.ok and data == block(s)
