@@ -179,16 +179,25 @@ def unpack_keys(value: Any) -> list[bytes]:
 
 
 # ------------------------------------------------------------------------------ sockets
+_RECV_CHUNK = 1 << 20   # memory grows with the bytes that arrived, never with a claimed length
+
+
 def recv_exact(sock: socket.socket, n: int) -> bytearray | bytes | None:
     """Exactly ``n`` bytes, or None on a clean EOF before the first byte; ConnectionError on an
-    EOF in the middle."""
+    EOF in the middle.
+
+    The buffer grows as bytes arrive (in steps of at most 1 MiB), so a peer that announces a
+    large frame and then sends nothing holds at most one step of memory, not the whole length.
+    """
     if n == 0:
         return b""
-    buf = bytearray(n)
-    view = memoryview(buf)
+    buf = bytearray(min(n, _RECV_CHUNK))
     got = 0
     while got < n:
-        k = sock.recv_into(view[got:], n - got)
+        if got == len(buf):
+            buf.extend(bytes(min(n - got, len(buf))))   # double, bounded by what is still due
+        with memoryview(buf) as view:
+            k = sock.recv_into(view[got:], len(buf) - got)
         if k == 0:
             if got == 0:
                 return None
