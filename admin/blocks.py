@@ -1,8 +1,14 @@
-"""``tierstore blocks ls|show|evict``: the resident blocks of a data directory.
+"""``tierstore blocks ls|show|evict|pin|unpin``: the resident blocks of a store.
 
 Keys are given as hex: the full 64 digits, or a unique prefix of at least 8. ``evict`` is
 destructive: ``--dry-run`` reports what it would do; without ``--yes`` it asks on a terminal and
 refuses (exit 2) otherwise.
+
+``pin`` / ``unpin`` go through the daemon only (``--socket``): the pins belong to a named
+session (owner ``session:<NAME>``, default session ``default``), not to this short-lived
+connection, so they outlive the command; ``--ttl`` is required, so a forgotten pin still goes.
+In-process (``--data-dir``) a pin would die with this process: refused (exit 2). Exit 1 when a
+key could not be pinned (not resident) or unpinned (the session held no pin on it).
 """
 
 from __future__ import annotations
@@ -13,14 +19,17 @@ from typing import List, Optional
 import typer
 
 from tierstore.client import Client
+from tierstore.errors import PinError
 from tierstore.types import Tier
+from tierstore.units import parse_duration
 from tierstore_admin.datadir import data_dir_option, open_client, socket_option
-from tierstore_admin.output import (EXIT_FAILED, JSON_HELP, emit, fail, kv_table, table,
-                                    user_errors)
+from tierstore_admin.output import (EXIT_FAILED, EXIT_OK, JSON_HELP, emit, fail, kv_table,
+                                    table, user_errors)
 
-app = typer.Typer(help="Blocks of a store: list, show, evict.", no_args_is_help=True)
+app = typer.Typer(help="Blocks of a store: list, show, evict, pin, unpin.", no_args_is_help=True)
 
 MIN_PREFIX = 8
+DEFAULT_SESSION = "default"
 
 
 def _tier(text: Optional[str]) -> Optional[Tier]:
@@ -124,6 +133,68 @@ def evict(keys: List[str] = typer.Argument(None, help="Block keys (hex, or uniqu
     emit(result, as_json=as_json, human=_human_evict)
 
 
+def _session_option() -> str:
+    return typer.Option(DEFAULT_SESSION, "--session",
+                        help="Session owning the pins (owner session:<NAME>); they outlive this "
+                             "command and go by TTL or unpin.")
+
+
+def _daemon_only(data_dir: Optional[str], socket: Optional[str], verb: str) -> None:
+    if not socket and data_dir:
+        fail(f"{verb} in-process is pointless: the pins would end with this command; "
+             "pin through the daemon with --socket (or $TIERSTORE_SOCKET)")
+
+
+@app.command("pin")
+def pin(keys: List[str] = typer.Argument(..., help="Block keys (hex, or unique prefixes)."),
+        ttl: str = typer.Option(..., "--ttl", help="How long the pins hold: 30s, 30m, 2h, 1d (required)."),
+        session: str = _session_option(),
+        data_dir: Optional[str] = data_dir_option(),
+        socket: Optional[str] = socket_option(),
+        as_json: bool = typer.Option(False, "--json", help=JSON_HELP)) -> None:
+    """Pin blocks for a session until --ttl passes or they are unpinned (daemon only)."""
+    _daemon_only(data_dir, socket, "pinning")
+    with user_errors():
+        ttl_s = parse_duration(ttl)
+    with open_client(data_dir, socket) as client, user_errors():
+        targets = _resolve(client, keys)
+        n = client.pin(targets, ttl_s=ttl_s, session=session)
+    result = {"session": session, "ttl_s": ttl_s, "requested": len(targets), "pinned": n,
+              "not_resident": len(targets) - n}
+    emit(result, as_json=as_json, human=_human_pin, code=EXIT_OK if n == len(targets) else EXIT_FAILED)
+
+
+@app.command("unpin")
+def unpin(keys: List[str] = typer.Argument(..., help="Block keys (hex, or unique prefixes)."),
+          session: str = _session_option(),
+          data_dir: Optional[str] = data_dir_option(),
+          socket: Optional[str] = socket_option(),
+          as_json: bool = typer.Option(False, "--json", help=JSON_HELP)) -> None:
+    """Release one pin of the session on each block (daemon only)."""
+    _daemon_only(data_dir, socket, "unpinning")
+    out = []
+    with open_client(data_dir, socket) as client, user_errors():
+        for k in _resolve(client, keys):
+            try:
+                client.unpin([k], session=session)
+                out.append({"key": k.hex(), "state": "unpinned"})
+            except PinError:
+                out.append({"key": k.hex(), "state": "not_pinned"})
+    bad = sum(1 for x in out if x["state"] != "unpinned")
+    emit({"session": session, "unpinned": len(out) - bad, "not_pinned": bad, "keys": out},
+         as_json=as_json, human=_human_unpin, code=EXIT_FAILED if bad else EXIT_OK)
+
+
+def _human_pin(console, r: dict) -> None:
+    console.print(f"session {r['session']}: pinned {r['pinned']} of {r['requested']} block(s) "
+                  f"for {r['ttl_s']:g} s" + (f", {r['not_resident']} not resident" if r["not_resident"] else ""))
+
+
+def _human_unpin(console, r: dict) -> None:
+    console.print(f"session {r['session']}: unpinned {r['unpinned']}"
+                  + (f", {r['not_pinned']} held no pin of this session" if r["not_pinned"] else ""))
+
+
 def _human_ls(console, r: dict) -> None:
     console.print(table(f"{r['count']} block(s){' (truncated)' if r['truncated'] else ''}",
                         ["key", "model", "tiers", "size", "checksum", "pins"],
@@ -135,6 +206,10 @@ def _human_show(console, b: dict) -> None:
     console.print(kv_table(f"block {b['key'][:16]}", [
         ("key", b["key"]), ("tiers", b["tiers"]), ("slots", b["slots"]),
         ("size_bytes", b["size_bytes"]), ("checksum", b["checksum"]), ("pins", b["pins"]),
+        ("pin owners", "; ".join(
+            f"{o['owner']} x{o['pins']}" + ("" if o["expires_in_s"] is None
+                                            else f" (expires in {o['expires_in_s']:.0f} s)")
+            for o in b.get("pin_owners", [])) or None),
         ("namespace", b["namespace"])]))
 
 

@@ -1,6 +1,9 @@
-"""``tierstore replay [TRACE]``: parse flags, one call to :func:`tierstore.replay.replay`, one output.
+"""``tierstore replay [TRACE]``: parse flags, one call to the engine, one output.
 
-The engine and every definition of the result fields live in ``tierstore/replay.py``.
+One policy at one capacity calls :func:`tierstore.replay.replay` (its result keeps the top-level
+``block_hit_ratio``). Several policies or capacities (``--policy a,b --capacity 1M,3M``), or
+``--plot``, call :func:`tierstore.sweep.sweep` instead: one result with a ``results`` list and the
+Belady / infinite ``references``. The engines define every result field.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import typer
 from rich.console import Group
 
 from tierstore import replay as engine
+from tierstore import sweep as sweep_engine
 from tierstore.policy import DEFAULT_EVICTION
 from tierstore.units import format_bytes
 from tierstore_admin.output import (JSON_HELP, emit, kv_table, message, stderr_console, table,
@@ -30,7 +34,8 @@ def replay_cmd(
                    "Default: the built-in generated workload (seed 0)."),
     payload: str = typer.Option("none", "--payload", help=PAYLOAD_HELP),
     capacity: Optional[str] = typer.Option(
-        None, "--capacity", help=f"Payload none: the whole cache (default 3M). {CAPACITY_GRAMMAR}."),
+        None, "--capacity", help="Payload none: the whole cache (default 3M); a comma list "
+                                 f"(1M,3M,10M) sweeps. {CAPACITY_GRAMMAR}."),
     dram_capacity: Optional[str] = typer.Option(
         None, "--dram-capacity", help="Payload bytes: DRAM tier size (default 3M tokens)."),
     nvme_capacity: Optional[str] = typer.Option(
@@ -42,7 +47,8 @@ def replay_cmd(
     model: str = typer.Option(engine.DEFAULT_MODEL, "--model",
                               help=f"KV geometry preset: {', '.join(engine.MODELS)}."),
     policy: str = typer.Option(DEFAULT_EVICTION, "--policy", help="Eviction policy of every tier "
-                               "(registry name such as prefix-lhd or lru, or module:Class)."),
+                               "(registry name such as prefix-lhd or lru, or module:Class); a "
+                               "comma list (lru,s3fifo,prefix-lhd) sweeps."),
     data_dir: Optional[str] = typer.Option(
         None, "--data-dir", help="Payload bytes: store directory (NVMe tier); a temp dir if omitted."),
     write_through: bool = typer.Option(False, "--write-through",
@@ -53,29 +59,50 @@ def replay_cmd(
     socket: Optional[str] = typer.Option(
         None, "--socket", envvar="TIERSTORE_SOCKET",
         help="Replay through the daemon on this socket (its tiers, capacities and policy)."),
+    plot: Optional[str] = typer.Option(
+        None, "--plot", help="Also draw block hit ratio against capacity into this file (PNG); "
+                             "runs a sweep. Needs the extra 'plot' (matplotlib)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
     as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
 ) -> None:
-    """Replay a trace through the real store as a prefill node would; report hit ratios."""
+    """Replay a trace through the real store as a prefill node would; report hit ratios.
+
+    A comma list of policies or capacities runs a sweep (payload none), with Belady's offline
+    optimum and the infinite cache as reference rows."""
+    policies = [p.strip() for p in policy.split(",") if p.strip()]
+    capacities = [c.strip() for c in capacity.split(",") if c.strip()] if capacity else []
     opts = engine.ReplayOptions(
         trace=trace, payload=payload.lower(), capacity=capacity, dram_capacity=dram_capacity,
         nvme_capacity=nvme_capacity, block_bytes=block_bytes, model=model, policy=policy,
         data_dir=data_dir, write_through=write_through, limit=limit, num_requests=requests,
         socket=socket)
+    is_sweep = len(policies) > 1 or len(capacities) > 1 or plot is not None
     show_progress = not quiet and sys.stderr.isatty()
-    with user_errors(), _progress(show_progress) as progress:
-        result = engine.replay(opts, progress=progress)
+    with user_errors():
+        if plot is not None:
+            from tierstore_admin.plot import require_matplotlib
+            require_matplotlib()
+        with _progress(show_progress, "sweep" if is_sweep else "replay") as progress:
+            if is_sweep:
+                result = sweep_engine.sweep(opts, policies, capacities or [engine.DEFAULT_CAPACITY],
+                                            progress=progress)
+            else:
+                result = engine.replay(opts, progress=progress)
+        if plot is not None:
+            from tierstore_admin.plot import plot_sweep
+            plot_sweep(result, plot)
+            result["plot"] = plot
     for w in result.get("warnings", []):
         message("warning: " + w)
-    emit(result, as_json=as_json, human=_human)
+    emit(result, as_json=as_json, human=_human_sweep if is_sweep else _human)
 
 
 class _Bar:
-    def __init__(self) -> None:
+    def __init__(self, label: str) -> None:
         from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
                                    TimeElapsedColumn)
 
-        self._p = Progress(TextColumn("replay"), BarColumn(), MofNCompleteColumn(),
+        self._p = Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(),
                            TimeElapsedColumn(), console=stderr_console(), transient=True)
         self._task = None
 
@@ -92,8 +119,8 @@ class _Bar:
         self._p.update(self._task, completed=done)
 
 
-def _progress(on: bool):
-    return _Bar() if on else nullcontext(None)
+def _progress(on: bool, label: str):
+    return _Bar(label) if on else nullcontext(None)
 
 
 def _human(console, r: dict) -> None:
@@ -117,3 +144,26 @@ def _human(console, r: dict) -> None:
         (op, r[f"{op}_ms"]["count"], r[f"{op}_ms"]["p50"], r[f"{op}_ms"]["p99"], r[f"{op}_ms"]["mean"])
         for op in ("load", "store")])
     console.print(Group(summary, tiers, lat))
+
+
+def _human_sweep(console, r: dict) -> None:
+    caps = [c["capacity"] for c in r["capacities"]]
+    rows = r["results"] + r["references"]
+    by = {(x["policy"], x["capacity"]): x for x in rows}
+    names = list(dict.fromkeys(x["policy"] for x in rows))
+
+    def grid(field: str, title: str):
+        return table(title, ["policy", *caps, "wall s"], [
+            (n, *[by[(n, c)][field] for c in caps],
+             round(sum(by[(n, c)]["wall_s"] for c in caps), 2) if n != "infinite"
+             else by[(n, caps[0])]["wall_s"])
+            for n in names])
+
+    head = (f"{r['trace']}: {r['requests']:,} requests, {r['referenced_blocks']:,} block references "
+            f"({r['block_tokens']}-token blocks), payload none, {r['wall_s']:.1f} s in all")
+    parts = [head, grid("block_hit_ratio", "block_hit_ratio (belady = offline optimum, "
+                                           "infinite = no eviction)"),
+             grid("token_hit_ratio", "token_hit_ratio")]
+    if r.get("plot"):
+        parts.append(f"plot: {r['plot']}")
+    console.print(Group(*parts))

@@ -152,8 +152,10 @@ def parse_request(obj, where: str) -> TraceRequest:
 def read_trace(path: str | os.PathLike, limit: int | None = None) -> list[TraceRequest]:
     """Read up to ``limit`` requests of a Mooncake JSONL trace. Raises ConfigError."""
     p = Path(path)
-    if not p.is_file():
+    if not p.exists():
         raise ConfigError(f"trace {p} does not exist")
+    if not p.is_file():
+        raise ConfigError(f"trace {p} is not a regular file")
     out: list[TraceRequest] = []
     try:
         with p.open("r", encoding="utf-8") as f:
@@ -167,6 +169,8 @@ def read_trace(path: str | os.PathLike, limit: int | None = None) -> list[TraceR
                     obj = json.loads(line)
                 except json.JSONDecodeError as e:
                     raise ConfigError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
+                except RecursionError:
+                    raise ConfigError(f"{where}: JSON nested too deeply") from None
                 out.append(parse_request(obj, where))
     except UnicodeDecodeError as e:
         raise ConfigError(f"{p}: not UTF-8 text ({e.reason})") from None
@@ -345,14 +349,24 @@ def replay(opts: ReplayOptions, progress: Callable[[int, int], None] | None = No
     Raises ConfigError for bad options or a malformed trace (before anything is allocated).
     ``progress(done, total)`` is called every ~0.5 % of the requests and at the end.
     """
-    p = plan(opts)
+    plan(opts)
+    reqs, source = load_requests(opts)
+    return replay_requests(opts, reqs, source, progress)
+
+
+def load_requests(opts: ReplayOptions) -> tuple[list[TraceRequest], str]:
+    """The requests ``opts`` names (its trace file, else the generated workload) and a label for
+    them. Raises ConfigError."""
     if opts.trace is not None:
-        reqs = read_trace(opts.trace, opts.limit)
-        source = str(opts.trace)
-    else:
-        n = opts.num_requests if opts.limit is None else min(opts.num_requests, opts.limit)
-        reqs = generated_trace(n)
-        source = f"generated (tierstore.workload, {n} requests, seed 0)"
+        return read_trace(opts.trace, opts.limit), str(opts.trace)
+    n = opts.num_requests if opts.limit is None else min(opts.num_requests, opts.limit)
+    return generated_trace(n), f"generated (tierstore.workload, {n} requests, seed 0)"
+
+
+def replay_requests(opts: ReplayOptions, reqs: list[TraceRequest], source: str,
+                    progress: Callable[[int, int], None] | None = None) -> dict:
+    """:func:`replay` over requests already read (a sweep reads its trace once)."""
+    p = plan(opts)
     t_setup = time.perf_counter()
     client, tmp = _open_client(opts, p)
     try:
@@ -507,4 +521,4 @@ def _describe(client: Client, opts: ReplayOptions, p: _Plan, source: str, setup_
 
 
 __all__ = ["BLOCK_TOKENS", "MODELS", "ModelPreset", "ReplayOptions", "TraceRequest", "get_model",
-           "parse_request", "plan", "read_trace", "replay"]
+           "load_requests", "parse_request", "plan", "read_trace", "replay", "replay_requests"]

@@ -344,11 +344,23 @@ class RemoteClient:
         finally:
             self.complete_load(job.job_id)
 
-    def pin(self, keys: Sequence[BlockKey], ttl_s: float | None = None) -> int:
-        return int(self._call(MsgType.PIN, {"keys": pack_keys(keys), "ttl_s": ttl_s})["n"])
+    def pin(self, keys: Sequence[BlockKey], ttl_s: float | None = None,
+            session: str | None = None) -> int:
+        """Pin resident ``keys``; returns how many were pinned. Without ``session`` the pins
+        belong to this connection (gone when it closes); with one they belong to
+        ``session:<session>``, outlive the connection and need ``ttl_s`` (PinError without)."""
+        body = {"keys": pack_keys(keys), "ttl_s": ttl_s}
+        if session is not None:
+            body["session"] = session
+        return int(self._call(MsgType.PIN, body)["n"])
 
-    def unpin(self, keys: Sequence[BlockKey]) -> int:
-        return int(self._call(MsgType.UNPIN, {"keys": pack_keys(keys)})["n"])
+    def unpin(self, keys: Sequence[BlockKey], session: str | None = None) -> int:
+        """Release one pin per key of this connection, or of ``session``. PinError for a key
+        the owner holds no pin on (the keys before it stay released)."""
+        body = {"keys": pack_keys(keys)}
+        if session is not None:
+            body["session"] = session
+        return int(self._call(MsgType.UNPIN, body)["n"])
 
     def evict(self, keys: Sequence[BlockKey]) -> dict:
         return self._call(MsgType.EVICT, {"keys": pack_keys(keys)})

@@ -53,7 +53,10 @@ Requests (body fields; ``keys`` per tierstore.protocol.codec.pack_keys; ``ns`` =
     COMPLETE_STORE {job, ok}                        -> {status [str]}
     PREPARE_LOAD   {keys}                           -> {job, slots, status, sizes}
     COMPLETE_LOAD  {job, ok}                        -> {}
-    PIN / UNPIN    {keys, ttl_s}                    -> {n}
+    PIN / UNPIN    {keys, ttl_s[, session]}         -> {n}; with ``session`` the pins belong to
+                                                       ``session:<NAME>``, not the connection:
+                                                       they outlive it, go by TTL (required) or
+                                                       UNPIN {keys, session}
     EVICT          {keys}                           -> {evicted, pinned, missing}
     STATS          {}                               -> Store.stats() + {"daemon": {...}}
     BLOCKS         {limit, tier}                    -> {blocks [...]}
@@ -103,6 +106,7 @@ from tierstore import __version__
 from tierstore.client import Client
 from tierstore.errors import (ConfigError, JobError, ProtocolError, RejectedError, RetryLater,
                               TierStoreError)
+from tierstore.index.residency import session_name, session_owner
 from tierstore.keys import SECRET_ENV, SECRET_FILE_ENV, Namespace
 from tierstore.metrics import DaemonMetrics
 from tierstore.protocol.codec import (FLAG_ERROR, FLAG_REPLY, PROTOCOL_VERSION, FrameError,
@@ -613,11 +617,15 @@ class DaemonServer:
 
     def _h_pin(self, conn: _Conn, body: dict) -> dict:
         self._refuse_when_draining()
-        return {"n": self.store.pin(unpack_keys(body["keys"]), owner=conn.owner,
-                                    ttl_s=_opt_float(body.get("ttl_s")))}
+        ttl_s = _opt_float(body.get("ttl_s"))
+        session = body.get("session")   # named session: the pins outlive this connection
+        owner = conn.owner if session is None else session_owner(session, ttl_s)
+        return {"n": self.store.pin(unpack_keys(body["keys"]), owner=owner, ttl_s=ttl_s)}
 
     def _h_unpin(self, conn: _Conn, body: dict) -> dict:
-        return {"n": self.store.unpin(unpack_keys(body["keys"]), owner=conn.owner)}
+        session = body.get("session")
+        owner = conn.owner if session is None else session_name(session)
+        return {"n": self.store.unpin(unpack_keys(body["keys"]), owner=owner)}
 
     def _h_evict(self, conn: _Conn, body: dict) -> dict:
         return self.store.evict(unpack_keys(body["keys"]))

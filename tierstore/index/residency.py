@@ -144,9 +144,43 @@ class Residency:
         return sys.getsizeof(self._handle) + sys.getsizeof(self._keys) + 8 * n + keys + ints + cols
 
 
+SESSION_PREFIX = "session:"
+SESSION_NAME_MAX = 128
+
+
+def session_owner(session: str, ttl_s: float | None) -> str:
+    """The pin owner of a named session, ``session:<NAME>``: pins that outlive the connection
+    that took them (``tierstore blocks pin --session``) and go only by their TTL or an explicit
+    unpin. A session pin must carry a positive TTL, so none can leak forever (an unpin names
+    the owner with :func:`session_name`, no TTL). Raises PinError."""
+    if ttl_s is None or not ttl_s > 0:
+        raise PinError(f"a session pin needs a positive TTL (session {session!r}): without one "
+                       "nothing would ever release it")
+    return session_name(session)
+
+
+def session_name(session: str) -> str:
+    """``session:<NAME>`` for a valid name (1-128 printable characters, no spaces). Raises
+    PinError."""
+    if not isinstance(session, str) or not 0 < len(session) <= SESSION_NAME_MAX \
+            or not session.isprintable() or any(c.isspace() for c in session):
+        raise PinError(f"bad session name {session!r}: 1-{SESSION_NAME_MAX} printable characters, "
+                       "no spaces")
+    return SESSION_PREFIX + session
+
+
 class PinBook:
     """Who holds which pin. The residency ``pins`` column is the sum over owners; this is the
     ledger that makes double unpins detectable and dead owners' pins releasable.
+
+    TTLs: each pin taken with ``ttl_s`` has its own deadline; :meth:`expire` releases exactly
+    the pins whose deadline has passed. An explicit :meth:`unpin` of an owner's key releases a
+    pin without a TTL first (nothing else would ever release it), else the one whose deadline
+    is nearest; so a pin re-taken after an unpin never inherits the old pin's deadline.
+
+    Invariants (checked by ``tests/core/test_pin_books.py``): every count is positive; for each
+    resident block ``pins`` = sum over owners of their count on it; an owner's live deadlines on
+    a key never outnumber its pins on it.
 
     Single-threaded.
     """
@@ -154,7 +188,11 @@ class PinBook:
     def __init__(self, residency: Residency, clock=time.monotonic) -> None:
         self._res = residency
         self._by_owner: dict[str, dict[BlockKey, int]] = {}
+        # live TTL pins: (owner, key) -> {seq: deadline}; the heap may hold stale entries
+        # (released by unpin/release_owner/forget) that expire() skips and _compact() drops
+        self._ttl: dict[tuple[str, BlockKey], dict[int, float]] = {}
         self._expiry: list[tuple[float, int, str, BlockKey]] = []  # (deadline, seq, owner, key)
+        self._live_ttl = 0
         self._seq = 0
         self._clock = clock
 
@@ -162,12 +200,39 @@ class PinBook:
         h = self._res.get(key)
         if h < 0:
             raise PinError("cannot pin a block that is not resident")
+        if ttl_s is not None and not ttl_s > 0:
+            raise PinError(f"a pin TTL must be positive, got {ttl_s!r}")
         held = self._by_owner.setdefault(owner, {})
         held[key] = held.get(key, 0) + 1
         self._res.pins[h] += 1
         if ttl_s is not None:
             self._seq += 1
-            heapq.heappush(self._expiry, (self._clock() + ttl_s, self._seq, owner, key))
+            deadline = self._clock() + ttl_s
+            self._ttl.setdefault((owner, key), {})[self._seq] = deadline
+            self._live_ttl += 1
+            heapq.heappush(self._expiry, (deadline, self._seq, owner, key))
+            if len(self._expiry) > 64 and len(self._expiry) > 4 * self._live_ttl:
+                self._compact()
+
+    def _release_one(self, owner: str, key: BlockKey, seq: int | None) -> None:
+        """Drop one pin of ``owner`` on ``key`` (the TTL pin ``seq``, or a TTL-less one)."""
+        held = self._by_owner[owner]
+        n = held[key]
+        if seq is not None:
+            live = self._ttl[(owner, key)]
+            del live[seq]
+            self._live_ttl -= 1
+            if not live:
+                del self._ttl[(owner, key)]
+        if n == 1:
+            del held[key]
+            if not held:
+                del self._by_owner[owner]
+        else:
+            held[key] = n - 1
+        h = self._res.get(key)
+        if h >= 0 and self._res.pins[h] > 0:
+            self._res.pins[h] -= 1
 
     def unpin(self, owner: str, key: BlockKey) -> None:
         """Release one pin of ``owner`` on ``key``. Raises PinError (and changes nothing) if the
@@ -176,21 +241,23 @@ class PinBook:
         n = held.get(key, 0) if held else 0
         if n <= 0:
             raise PinError(f"owner {owner!r} holds no pin on this block")
-        h = self._res.get(key)
-        if n == 1:
-            del held[key]
-            if not held:
-                del self._by_owner[owner]
-        else:
-            held[key] = n - 1
-        if h >= 0 and self._res.pins[h] > 0:
-            self._res.pins[h] -= 1
+        live = self._ttl.get((owner, key))
+        seq = None
+        if live is not None and len(live) >= n:   # every pin has a TTL: release the nearest
+            seq = min(live, key=live.__getitem__)
+        self._release_one(owner, key, seq)
+
+    def _drop_ttls(self, owner: str, key: BlockKey) -> None:
+        live = self._ttl.pop((owner, key), None)
+        if live:
+            self._live_ttl -= len(live)
 
     def release_owner(self, owner: str) -> int:
         """Drop every pin ``owner`` holds; returns how many were released."""
         held = self._by_owner.pop(owner, {})
         total = 0
         for key, n in held.items():
+            self._drop_ttls(owner, key)
             h = self._res.get(key)
             if h >= 0:
                 self._res.pins[h] = max(0, self._res.pins[h] - n)
@@ -202,12 +269,17 @@ class PinBook:
         now = self._clock()
         released = 0
         while self._expiry and self._expiry[0][0] <= now:
-            _, _, owner, key = heapq.heappop(self._expiry)
-            held = self._by_owner.get(owner)
-            if held and held.get(key, 0) > 0:
-                self.unpin(owner, key)
+            _, seq, owner, key = heapq.heappop(self._expiry)
+            live = self._ttl.get((owner, key))
+            if live is not None and seq in live:
+                self._release_one(owner, key, seq)
                 released += 1
         return released
+
+    def _compact(self) -> None:
+        """Drop heap entries of pins already released another way (bounds the heap)."""
+        self._expiry = [e for e in self._expiry if e[1] in self._ttl.get((e[2], e[3]), ())]
+        heapq.heapify(self._expiry)
 
     def forget(self, key: BlockKey) -> int:
         """The block is gone for good (e.g. its only copy failed its checksum): drop every
@@ -216,6 +288,8 @@ class PinBook:
         for owner in list(self._by_owner):
             held = self._by_owner[owner]
             n = held.pop(key, 0)
+            if n:
+                self._drop_ttls(owner, key)
             dropped += n
             if not held:
                 del self._by_owner[owner]
@@ -224,11 +298,23 @@ class PinBook:
             self._res.pins[h] = 0
         return dropped
 
+    def now(self) -> float:
+        """The clock TTL deadlines are measured on."""
+        return self._clock()
+
     def held(self, owner: str) -> dict[BlockKey, int]:
         return dict(self._by_owner.get(owner, {}))
 
     def owners(self) -> list[str]:
         return list(self._by_owner)
+
+    def owners_of(self, key: BlockKey) -> dict[str, int]:
+        """Owner -> pins it holds on ``key`` (O(owners); for inspection, not the hot path)."""
+        return {o: d[key] for o, d in self._by_owner.items() if key in d}
+
+    def deadlines(self, owner: str, key: BlockKey) -> list[float]:
+        """Deadlines (clock time) of ``owner``'s TTL pins on ``key``, nearest first."""
+        return sorted(self._ttl.get((owner, key), {}).values())
 
     def total(self) -> int:
         return sum(sum(d.values()) for d in self._by_owner.values())
