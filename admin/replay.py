@@ -32,7 +32,8 @@ def replay_cmd(
     trace: Optional[str] = typer.Argument(
         None, help="Mooncake JSONL trace (timestamp, input_length, output_length, hash_ids). "
                    "Default: the built-in generated workload (seed 0)."),
-    payload: str = typer.Option("none", "--payload", help=PAYLOAD_HELP),
+    payload: Optional[str] = typer.Option(None, "--payload", help=PAYLOAD_HELP + " Default: none "
+                                          "in-process, bytes through a daemon (--socket)."),
     capacity: Optional[str] = typer.Option(
         None, "--capacity", help="Payload none: the whole cache (default 3M); a comma list "
                                  f"(1M,3M,10M) sweeps. {CAPACITY_GRAMMAR}."),
@@ -72,7 +73,7 @@ def replay_cmd(
     policies = [p.strip() for p in policy.split(",") if p.strip()]
     capacities = [c.strip() for c in capacity.split(",") if c.strip()] if capacity else []
     opts = engine.ReplayOptions(
-        trace=trace, payload=payload.lower(), capacity=capacity, dram_capacity=dram_capacity,
+        trace=trace, payload=payload.lower() if payload else None, capacity=capacity, dram_capacity=dram_capacity,
         nvme_capacity=nvme_capacity, block_bytes=block_bytes, model=model, policy=policy,
         data_dir=data_dir, write_through=write_through, limit=limit, num_requests=requests,
         socket=socket)

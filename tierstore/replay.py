@@ -193,7 +193,7 @@ class ReplayOptions:
     """What one replay does. Capacities are strings in the units grammar (tierstore.units)."""
 
     trace: str | None = None            # None: the embedded generated workload
-    payload: str = "none"
+    payload: str | None = None          # None: "none" in-process, "bytes" through a daemon
     capacity: str | None = None         # payload none: the whole cache (default 3M tokens)
     dram_capacity: str | None = None    # payload bytes (default: capacity, else 3M tokens)
     nvme_capacity: str | None = None    # payload bytes; absent or 0 = no NVMe tier
@@ -227,8 +227,25 @@ def _mem_available_bytes() -> int | None:
     return None
 
 
+def resolve(opts: ReplayOptions) -> ReplayOptions:
+    """Fill in defaults that depend on other options (idempotent). Raises ConfigError.
+
+    Through a daemon the payload is ``bytes``: a store through the daemon publishes whatever its
+    slots hold, so replaying without writing bytes would publish blocks that later readers take
+    for real KV. ``none`` is refused there.
+    """
+    from dataclasses import replace
+    if opts.payload is None:
+        return replace(opts, payload="bytes" if opts.socket is not None else "none")
+    if opts.socket is not None and opts.payload == "none":
+        raise ConfigError("--payload none cannot go through a daemon: it would publish blocks whose "
+                          "bytes were never written; use --payload bytes (the default with --socket)")
+    return opts
+
+
 def plan(opts: ReplayOptions) -> _Plan:
     """Validate options and turn capacities into blocks. Raises ConfigError."""
+    opts = resolve(opts)
     if opts.payload not in PAYLOADS:
         raise ConfigError(f"payload must be one of {', '.join(PAYLOADS)}, got {opts.payload!r}")
     if opts.limit is not None and opts.limit < 0:
@@ -366,19 +383,20 @@ def load_requests(opts: ReplayOptions) -> tuple[list[TraceRequest], str]:
 def replay_requests(opts: ReplayOptions, reqs: list[TraceRequest], source: str,
                     progress: Callable[[int, int], None] | None = None) -> dict:
     """:func:`replay` over requests already read (a sweep reads its trace once)."""
+    opts = resolve(opts)
     p = plan(opts)
     t_setup = time.perf_counter()
     client, tmp = _open_client(opts, p)
     try:
         setup_s = time.perf_counter() - t_setup
         slot_bytes = next(u["slot_bytes"] for u in client.usage() if u["tier"] == "dram")
-        if opts.socket is not None and opts.payload == "none":
-            # nothing is copied, but the daemon's slots bound the block size it accepts
-            from dataclasses import replace
-            p = replace(p, block_bytes=min(p.block_bytes, slot_bytes))
+        if opts.socket is not None and opts.block_bytes is None:
+            from dataclasses import replace     # the daemon's slot size is the natural block
+            p = replace(p, block_bytes=slot_bytes)
         if slot_bytes < p.block_bytes:
-            raise ConfigError(f"data dir {opts.data_dir} was created with blocks of {slot_bytes} bytes; "
-                              f"replay with --block-bytes {slot_bytes} or use another data dir")
+            where = f"the daemon's slots are {slot_bytes} bytes" if opts.socket is not None else \
+                f"data dir {opts.data_dir} was created with blocks of {slot_bytes} bytes"
+            raise ConfigError(f"{where}; replay with --block-bytes {slot_bytes} or less")
         result = _run(client, reqs, p, opts.payload == "bytes", progress)
         result.update(_describe(client, opts, p, source, setup_s))
         result["warnings"] = _warnings(reqs, result)

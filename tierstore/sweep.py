@@ -124,10 +124,11 @@ def sweep(base: ReplayOptions, policies: Sequence[str], capacities: Sequence[str
     capacities = [c.strip() for c in capacities if c.strip()]
     if not policies or not capacities:
         raise ConfigError("a sweep needs at least one policy and one capacity")
-    if base.payload != "none":
-        raise ConfigError("a sweep replays with --payload none (index + policy only)")
     if base.socket is not None:
         raise ConfigError("a sweep runs in-process: a daemon has one policy and one capacity")
+    if base.payload not in (None, "none"):
+        raise ConfigError("a sweep replays with --payload none (index + policy only)")
+    base = replace(base, payload="none")
     for c in capacities:
         parse_capacity(c)   # a bad capacity is reported by its own text
     plans = {(p, c): plan(replace(base, policy=p, capacity=c)) for p in policies for c in capacities}

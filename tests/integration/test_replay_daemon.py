@@ -33,9 +33,14 @@ def test_replay_through_daemon_matches_in_process(tmp_path):
         assert remote["hit_blocks"] == local["hit_blocks"] > 0
         assert remote["capacity_blocks"]["dram"] == 256
         assert remote["policy"] == local["policy"] == DEFAULT_EVICTION
+        assert remote["payload"] == "bytes" and remote["verify_failures"] == 0
+        assert remote["verified_blocks"] > 0
         # flags that cannot apply to a running daemon are refused with exit 2
         r = CliRunner().invoke(app, ["replay", "--socket", str(d.socket), "--capacity", "1M"])
         assert r.exit_code == 2 and "daemon" in r.output
+        # payload none through a daemon would publish unwritten slots (adversarial finding)
+        r = CliRunner().invoke(app, ["replay", "--socket", str(d.socket), "--payload", "none"])
+        assert r.exit_code == 2 and "never written" in r.output
     finally:
         d.kill()
     r = CliRunner().invoke(app, ["replay", "--socket", str(d.socket), "--quiet"])
