@@ -74,6 +74,15 @@ class Namespace:
     pp_rank: int = 0
 
     def __post_init__(self) -> None:
+        for name in ("model", "revision", "kv_dtype", "kv_layout"):
+            if not isinstance(getattr(self, name), str):
+                raise ConfigError(f"namespace {name} must be a string, got {getattr(self, name)!r}")
+        for name in ("block_size", "num_layers", "num_kv_heads", "head_size", "tp_size", "tp_rank", "pp_rank"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ConfigError(f"namespace {name} must be a non-negative integer, got {v!r}")
+        if not isinstance(self.use_mla, bool):
+            raise ConfigError(f"namespace use_mla must be a boolean, got {self.use_mla!r}")
         if self.block_size <= 0:
             raise ConfigError(f"block_size must be positive, got {self.block_size}")
         if not 0 <= self.tp_rank < max(self.tp_size, 1):

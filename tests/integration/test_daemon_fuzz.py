@@ -157,3 +157,41 @@ def test_header_byte_table_matches_the_codec():
     assert struct.unpack(">H", raw[4:6])[0] == FLAG_REPLY and raw[6:8] == b"\0\0"
     assert raw[8:12] == b"\x01\x02\x03\x04"
     assert struct.unpack(">I", raw[12:16])[0] == len(raw) - 16
+
+
+@pytest.mark.parametrize("mtype,body", [
+    (MsgType.LOOKUP, {"keys": [b"short"], "ns": {"model": "fuzz", "block_size": 16}}),
+    (MsgType.PREPARE_STORE, {"keys": [b"k" * 32], "ns": {"model": "fuzz", "block_size": 16}, "size": "12"}),
+    (MsgType.PREPARE_STORE, {"keys": [b"k" * 32], "ns": {"model": "fuzz", "block_size": float("nan")}, "size": 8}),
+    (MsgType.PREPARE_STORE, {"keys": [b"k" * 32], "ns": {"model": [1], "block_size": 16}, "size": 8}),
+    (MsgType.PREPARE_STORE, {"keys": [b"k" * 32], "ns": {"model": "fuzz", "block_size": 16}}),
+    (MsgType.BLOCKS, {"limit": -1}),
+])
+def test_field_validation_is_an_error_reply(daemon, good, mtype, body):
+    """Adversarial findings: keys that are not 32 bytes, a size given as a string, a namespace
+    with a NaN block size or a non-string model, a missing size and a negative limit are error
+    replies (the connection stays usable), never silently accepted."""
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(10)
+    try:
+        s.connect(str(daemon.socket))
+        s.sendall(encode_frame(int(mtype), 11, body))
+        hdr = decode_header(_recv(s, HEADER_BYTES))
+        assert hdr.flags & FLAG_ERROR and hdr.request_id == 11
+        _recv(s, hdr.length)
+        s.sendall(encode_frame(int(MsgType.PING), 12, {}))
+        hdr = decode_header(_recv(s, HEADER_BYTES))
+        assert hdr.flags & FLAG_REPLY and not hdr.flags & FLAG_ERROR
+    finally:
+        s.close()
+    c, ns, keys, blocks = good
+    assert c.get(keys) == blocks
+
+
+def _recv(s, n):
+    buf = b""
+    while len(buf) < n:
+        chunk = s.recv(n - len(buf))
+        assert chunk, "connection closed"
+        buf += chunk
+    return buf

@@ -150,8 +150,10 @@ def _cleanup_stale_shm(prefix: str, keep: str) -> list[str]:
 
 
 def _secure_dir(d: Path) -> None:
-    """Create ``d`` with mode 0700, or tighten it to 0700 when we own it; refuse a directory
-    others may write (someone could replace the socket)."""
+    """Create ``d`` with mode 0700; an existing directory is never changed (it may be /run or a
+    home directory): refuse one that others may write without the sticky bit (someone could
+    replace the socket), accept anything else with a warning when it is not 0700 (the socket
+    itself is 0600)."""
     if not d.exists():
         d.mkdir(mode=0o700, parents=True)
         os.chmod(d, 0o700)
@@ -160,10 +162,7 @@ def _secure_dir(d: Path) -> None:
     mode = stat.S_IMODE(st.st_mode)
     if mode & 0o077 == 0:
         return
-    if st.st_uid == os.getuid() and not mode & stat.S_ISVTX:
-        os.chmod(d, 0o700)
-        log.info("tightened %s from %04o to 0700", d, mode)
-    elif mode & 0o022 and not mode & stat.S_ISVTX:
+    if mode & 0o022 and not mode & stat.S_ISVTX:
         raise ConfigError(f"socket directory {d} is writable by others (mode {mode:04o}); "
                           "use a directory with mode 0700")
     else:
@@ -586,7 +585,7 @@ class DaemonServer:
         parent = body.get("parent")
         if parent is not None and not isinstance(parent, bytes):
             raise ProtocolError("parent must be bin")
-        job = self.store.prepare_store(keys, _namespace(body["ns"]), int(body["size"]),
+        job = self.store.prepare_store(keys, _namespace(body["ns"]), _uint(body, "size", required=True),
                                        owner=conn.owner, parent=parent)
         conn.store_jobs.add(job.job_id)
         return {"job": job.job_id, "slots": job.slots, "status": [s.value for s in job.status]}
@@ -643,9 +642,9 @@ class DaemonServer:
         return st
 
     def _h_blocks(self, conn: _Conn, body: dict) -> dict:
-        limit = body.get("limit")
+        limit = _uint(body, "limit")
         tier = body.get("tier")
-        return {"blocks": self.store.blocks(limit=None if limit is None else int(limit),
+        return {"blocks": self.store.blocks(limit=limit,
                                             tier=None if tier is None else Tier.parse(str(tier)))}
 
     def _h_block(self, conn: _Conn, body: dict) -> dict:
@@ -683,5 +682,17 @@ def _namespace(d: Any) -> Namespace:
         raise ProtocolError("ns must be a map of Namespace fields")
     try:
         return Namespace(**d)
-    except TypeError as e:
+    except (TypeError, ConfigError) as e:
         raise ProtocolError(f"bad namespace: {e}") from None
+
+
+def _uint(body: dict, name: str, required: bool = False) -> int | None:
+    """A non-negative integer field (not a string, not a bool); ProtocolError otherwise."""
+    v = body.get(name)
+    if v is None:
+        if required:
+            raise ProtocolError(f"{name} is required")
+        return None
+    if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+        raise ProtocolError(f"{name} must be a non-negative integer, got {v!r}")
+    return v

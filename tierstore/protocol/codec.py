@@ -173,9 +173,10 @@ def unpack_keys(value: Any) -> list[bytes]:
             return list(_key_struct(n).unpack(value))
         v = bytes(value)
         return [v[i:i + KEY_BYTES] for i in range(0, len(v), KEY_BYTES)]
-    if isinstance(value, list) and all(isinstance(k, (bytes, bytearray)) and k for k in value):
+    if isinstance(value, list) and all(isinstance(k, (bytes, bytearray)) and len(k) == KEY_BYTES
+                                       for k in value):
         return [bytes(k) for k in value]
-    raise ProtocolError("keys must be bin or an array of bin")
+    raise ProtocolError(f"keys must be bin or an array of {KEY_BYTES}-byte bin")
 
 
 # ------------------------------------------------------------------------------ sockets
