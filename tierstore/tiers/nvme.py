@@ -79,6 +79,15 @@ _xxh = xxhash.xxh3_64_intdigest
 _ABANDONED_ENVS: list = []   # inherited env handles a fork child could not close: kept, never used
 
 
+def _fs_full(path: Path) -> bool:
+    """Whether the filesystem holding ``path`` has (almost) no room left for a 4 KiB page."""
+    try:
+        st = os.statvfs(path)
+    except OSError:
+        return False
+    return st.f_bavail * st.f_frsize < 2 * 4096
+
+
 def _slot_key(slot: int) -> bytes:
     return _SLOT_KEY.pack(b"s", slot)
 
@@ -526,6 +535,8 @@ class NvmeTier(DiskTier):
                 log.warning("nvme tier: metadata commit failed: %s", e)
                 self.counters["meta_errors"] += 1
                 err = "enospc" if "ENOSPC" in str(e) or "No space" in str(e) else "eio"
+                if err == "eio" and _fs_full(self.meta_dir):   # LMDB reports a full disk as EIO
+                    err = "enospc"
                 for i in meta:
                     results[i] = DiskResult(False, results[i].checksum, err)
                 return results  # type: ignore[return-value]
