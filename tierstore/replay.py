@@ -385,6 +385,12 @@ def replay_requests(opts: ReplayOptions, reqs: list[TraceRequest], source: str,
     """:func:`replay` over requests already read (a sweep reads its trace once)."""
     opts = resolve(opts)
     p = plan(opts)
+    requested = p.dram_blocks
+    if opts.payload == "none" and opts.socket is None:
+        # A cache larger than the trace's block references never evicts: same result, and an
+        # absurd capacity (1000G tokens) allocates nothing absurd.
+        from dataclasses import replace
+        p = replace(p, dram_blocks=min(p.dram_blocks, sum(len(r.hash_ids) for r in reqs)))
     t_setup = time.perf_counter()
     client, tmp = _open_client(opts, p)
     try:
@@ -399,6 +405,8 @@ def replay_requests(opts: ReplayOptions, reqs: list[TraceRequest], source: str,
             raise ConfigError(f"{where}; replay with --block-bytes {slot_bytes} or less")
         result = _run(client, reqs, p, opts.payload == "bytes", progress)
         result.update(_describe(client, opts, p, source, setup_s))
+        if requested != p.dram_blocks:
+            result["capacity_blocks"]["dram"] = requested
         result["warnings"] = _warnings(reqs, result)
         return result
     finally:
