@@ -26,7 +26,7 @@ import typer
 from tierstore.client import open_client
 from tierstore.errors import ConfigError, DaemonUnreachable, TierStoreError
 from tierstore.units import format_bytes
-from tierstore_admin.output import (EXIT_FAILED, EXIT_UNREACHABLE, EXIT_USAGE, JSON_HELP, emit,
+from tierstore_admin.output import (stdout_console, EXIT_FAILED, EXIT_UNREACHABLE, EXIT_USAGE, JSON_HELP, emit,
                                     fail, kv_table, table)
 
 daemon_app = typer.Typer(help="The per-node daemon (start, stop, status).", no_args_is_help=True)
@@ -236,7 +236,8 @@ def watch_stats(get_stats: Callable[[], dict], *, interval_s: float = 1.0,
     prev: dict[str, Any] | None = None
     t_prev = time.monotonic()
     n = 0
-    live = None if as_json else Live(auto_refresh=False, transient=False)
+    # a live view redraws in place on a terminal; piped output gets one table per refresh
+    live = None if as_json or not sys.stdout.isatty() else Live(auto_refresh=False, transient=False)
     try:
         if live is not None:
             live.start()
@@ -251,8 +252,10 @@ def watch_stats(get_stats: Callable[[], dict], *, interval_s: float = 1.0,
             if as_json:
                 sys.stdout.write(json.dumps({"stats": st, "rates_per_s": rates}) + "\n")
                 sys.stdout.flush()
-            else:
+            elif live is not None:
                 live.update(_watch_view(st, rates), refresh=True)
+            else:
+                stdout_console().print(_watch_view(st, rates))
             n += 1
             if iterations is None or n < iterations:
                 time.sleep(interval_s)

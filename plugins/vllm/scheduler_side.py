@@ -20,21 +20,39 @@ a key derived from the request identity (``transfer_id``); ``request_finished`` 
 identity in ``kv_transfer_params["tierstore"]``. The consumer gets those params back on its
 request and loads the full blocks plus the tail, so it computes only the last prompt token.
 
-Threading: called by vLLM's scheduler thread only; not thread-safe.
+P/D across nodes (``fetch_from_peers``): the producer's node serves its blocks to peers (nothing
+changes there). On the consumer, a request whose blocks are not all on this node has them pulled
+from the other nodes' daemons first, without blocking the scheduler::
+
+    get_num_new_matched_tokens  probe: local lookup short of the prompt's full blocks (or tail)
+        -> PeerFetcher.submit(fetch_remote per rank)        return None: vLLM asks again later
+    get_num_new_matched_tokens  fetch still in flight       return None (until the deadline)
+    get_num_new_matched_tokens  fetch done (or failed, or past peer_fetch_timeout_s)
+        -> the usual pinning lookup on this node's daemon, then PeerFetcher.release (the side
+           connection's pins)                                return (hit tokens, False)
+
+A failed fetch (TransferFailed: a peer died mid-read and nobody else had the blocks) leaves
+only whole verified blocks visible; the request loads what is local and vLLM computes the rest.
+
+Threading: every method is called by vLLM's scheduler thread only; not thread-safe. The one
+other thread is :class:`PeerFetcher`'s (owned by this object, stopped in ``shutdown``).
 """
 
 from __future__ import annotations
 
 import logging
+import queue
+import threading
+import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable, Sequence
 
 from tierstore.errors import PinError, TierStoreError
 from tierstore.keys import Keyer
 from tierstore.plan import plan_load
 from tierstore.types import BlockKey
 
-from tierstore_plugins.vllm.backend import Geometry, extras_of, tail_key
+from tierstore_plugins.vllm.backend import Geometry, extras_of, open_side_client, tail_key
 from tierstore_plugins.vllm.metadata import (PARAMS_KEY, PARAMS_VERSION, LoadSpec, PluginSettings,
                                              SaveSpec, TierStoreMetadata)
 
@@ -52,6 +70,155 @@ class _Req:
     transfer_id: str | None = None
     plan: tuple[int, int] = (0, 0)             # planned load, blocks [first, end)
     plan_tail: list[BlockKey] | None = None    # planned tail keys per rank (P/D consumer)
+    pd: dict | None | bool = False             # P/D params once checked (False: not yet)
+    fetch: str = ""                            # peer fetch: "" | "pending" | "done"
+    fetch_deadline: float = 0.0
+
+
+@dataclass
+class FetchResult:
+    """What one request's peer fetch did: ``blocks[i]`` blocks of job ``i``'s keys are local
+    now (a prefix), ``fetched`` came from peers, ``errors`` name the peers that failed."""
+
+    blocks: list[int]
+    fetched: int
+    errors: list[str]
+    seconds: float
+
+
+class PeerFetcher:
+    """Pulls blocks this node lacks from other nodes' daemons, off the scheduler thread.
+
+    Owner: one :class:`SchedulerSide`. It owns one side connection to the node's daemon and one
+    thread (``tierstore-peer-fetch``: started on the first submit, stopped by ``close``) that
+    alone uses that connection: ``fetch_remote`` lasts as long as the transfer, and the
+    scheduler's own connection must stay free. The scheduler thread only calls ``submit``,
+    ``poll`` and ``release``; they touch a queue and a dict under one lock::
+
+        scheduler  submit(req, jobs) --queue--> thread: fetch_remote(keys, ns, pin) per job
+                   poll(req)  <--- results ---'          (pins held by the side connection)
+                   release(req) --queue--> thread: unpin what that fetch pinned
+
+    The fetch pins what became local (on the side connection), so nothing evicts it before the
+    scheduler's own pinning lookup; ``release`` hands those pins back. The pins carry a lease
+    (``ttl_s``), so a lost release costs nothing permanent. Fetches run one at a time (one
+    connection), in submission order.
+    """
+
+    def __init__(self, connect: Callable[[], Any], *, ttl_s: float) -> None:
+        self._connect = connect
+        self.ttl_s = ttl_s
+        self._client = None
+        self._q: queue.Queue = queue.Queue()
+        self._lock = threading.Lock()
+        self._results: dict[str, FetchResult] = {}
+        self._pins: dict[str, list[list[BlockKey]]] = {}
+        self._inflight: set[str] = set()
+        self._dropped: set[str] = set()
+        self._thread: threading.Thread | None = None
+
+    def submit(self, req_id: str, jobs: Sequence[tuple[Sequence[BlockKey], Any]]) -> None:
+        """Start fetching ``jobs`` (``(keys, namespace)`` each) for request ``req_id``."""
+        with self._lock:
+            self._dropped.discard(req_id)
+            self._results.pop(req_id, None)
+            self._inflight.add(req_id)
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="tierstore-peer-fetch",
+                                            daemon=True)
+            self._thread.start()
+        self._q.put(("fetch", req_id, [(list(k), ns) for k, ns in jobs]))
+
+    def poll(self, req_id: str) -> FetchResult | None:
+        """The request's result once its fetch ended, else None."""
+        with self._lock:
+            return self._results.get(req_id)
+
+    def release(self, req_id: str) -> None:
+        """Forget the request: unpin what its fetch pinned (now, or when it ends)."""
+        with self._lock:
+            if req_id in self._inflight:
+                self._dropped.add(req_id)   # unpinned when the fetch ends
+                return
+            if self._results.pop(req_id, None) is None:
+                return                      # never submitted, or released already
+        self._q.put(("release", req_id, None))
+
+    def close(self, timeout_s: float = 5.0) -> None:
+        if self._thread is not None:
+            self._q.put(None)
+            self._thread.join(timeout_s)
+            self._thread = None
+        if self._client is not None:
+            try:
+                self._client.close()
+            except Exception:  # pragma: no cover - best effort at shutdown
+                pass
+            self._client = None
+
+    # ---------------------------------------------------------------- the thread
+    def _run(self) -> None:
+        while True:
+            item = self._q.get()
+            if item is None:
+                return
+            op, req_id, jobs = item
+            try:
+                if op == "fetch":
+                    self._fetch(req_id, jobs)
+                else:
+                    self._unpin(req_id)
+            except Exception:  # never let the thread die: the request then computes
+                logger.exception("tierstore: peer fetch thread: %s %s failed", op, req_id)
+                with self._lock:
+                    if op == "fetch" and req_id in self._inflight:
+                        self._inflight.discard(req_id)
+                        if req_id not in self._dropped:
+                            self._results[req_id] = FetchResult([0] * len(jobs), 0,
+                                                                ["internal error"], 0.0)
+                        self._dropped.discard(req_id)
+
+    def _fetch(self, req_id: str, jobs) -> None:
+        t0 = time.perf_counter()
+        blocks, fetched, errors, pins = [], 0, [], []
+        for keys, ns in jobs:
+            try:
+                if self._client is None:
+                    self._client = self._connect()
+                r = self._client.fetch_remote(keys, ns, pin=True, ttl_s=self.ttl_s, detail=True)
+            except TierStoreError as e:   # TransferFailed: only whole verified blocks landed
+                errors.append(f"{type(e).__name__}: {e}")
+                blocks.append(0)
+                continue
+            n = int(r.get("n", 0))
+            blocks.append(n)
+            fetched += int(r.get("fetched", 0))
+            errors.extend(r.get("errors") or [])
+            if r.get("pinned"):
+                pins.append(keys[:n])
+        res = FetchResult(blocks, fetched, errors, time.perf_counter() - t0)
+        with self._lock:
+            self._pins[req_id] = pins
+            self._inflight.discard(req_id)
+            dropped = req_id in self._dropped
+            if not dropped:
+                self._results[req_id] = res
+            self._dropped.discard(req_id)
+        if dropped:
+            self._unpin(req_id)
+
+    def _unpin(self, req_id: str) -> None:
+        with self._lock:
+            pins = self._pins.pop(req_id, [])
+        for keys in pins:
+            try:
+                self._client.unpin(keys)
+            except TierStoreError:   # a lease ran out in between: the rest one by one
+                for k in keys:
+                    try:
+                        self._client.unpin([k])
+                    except TierStoreError:
+                        pass
 
 
 class SchedulerSide:
@@ -74,7 +241,13 @@ class SchedulerSide:
         self._loads: list[LoadSpec] = []
         self._kv_cache_manager = None
         self.counters = {"lookups": 0, "hit_tokens": 0, "loads": 0, "saves": 0,
-                         "tails_saved": 0, "tails_loaded": 0, "pd_params_rejected": 0}
+                         "tails_saved": 0, "tails_loaded": 0, "pd_params_rejected": 0,
+                         "peer_fetches": 0, "peer_fetched_blocks": 0, "peer_fetch_errors": 0,
+                         "peer_fetch_timeouts": 0, "peer_fetch_s": 0.0}
+        self.fetcher: PeerFetcher | None = None
+        if settings.fetch_from_peers and self.loads_enabled:
+            self.fetcher = PeerFetcher(lambda: open_side_client(settings),
+                                       ttl_s=settings.pin_ttl_s)
 
     def bind_kv_cache_manager(self, manager) -> None:
         self._kv_cache_manager = manager
@@ -110,6 +283,12 @@ class SchedulerSide:
         self._unpin(st.tail_pinned)
         st.pinned, st.tail_pinned = [], []
 
+    def _pd(self, st: _Req) -> dict | None:
+        """``_pd_params`` once per request (get_num_new_matched_tokens may run many times)."""
+        if st.pd is False:
+            st.pd = self._pd_params(st.request)
+        return st.pd or None
+
     def _pd_params(self, request) -> dict | None:
         """The producer's hand-off params on a consumer request, if valid for this engine."""
         params = (getattr(request, "kv_transfer_params", None) or {}).get(PARAMS_KEY)
@@ -138,6 +317,13 @@ class SchedulerSide:
         n_full = len(st.keys[0])
         if n_full == 0:
             return 0, False
+        tail_tokens = n_prompt - n_full * self.bs
+        params = self._pd(st) if tail_tokens > 1 and self.settings.load_tail else None
+        if params and params.get("tail_tokens") != tail_tokens:
+            params = None
+        if self.fetcher is not None and st.fetch != "done":
+            if self._peer_fetch(st, params):
+                return None, False      # blocks in flight from a peer: vLLM asks again later
         try:
             hit = n_full
             pinned: list[list[BlockKey]] = []
@@ -150,6 +336,9 @@ class SchedulerSide:
             logger.warning("tierstore: lookup failed; computing request %s", request.request_id,
                            exc_info=True)
             return 0, False
+        finally:
+            if self.fetcher is not None:
+                self.fetcher.release(request.request_id)   # ours are pinned now (or missed)
         self.counters["lookups"] += 1
         plan = plan_load(n_prompt, hit, num_computed_tokens, self.bs)
         # keep pins on the planned blocks only
@@ -159,11 +348,7 @@ class SchedulerSide:
         if plan.num_blocks:
             st.saved_upto = max(st.saved_upto, plan.end_block)
         ext = plan.num_tokens
-        tail_tokens = n_prompt - n_full * self.bs
-        params = (self._pd_params(request)
-                  if tail_tokens > 1 and self.settings.load_tail else None)
-        if params and params.get("tail_tokens") == tail_tokens and plan.end_block == n_full \
-                and num_computed_tokens <= n_full * self.bs:
+        if params and plan.end_block == n_full and num_computed_tokens <= n_full * self.bs:
             tkeys = self._tail_keys(st, params["transfer_id"])
             try:
                 got: list[BlockKey] = []
@@ -180,6 +365,52 @@ class SchedulerSide:
         st.plan = (plan.first_block, plan.end_block)
         self.counters["hit_tokens"] += ext
         return ext, False
+
+    def _peer_fetch(self, st: _Req, params: dict | None) -> bool:
+        """Advance the request's peer fetch; True while the scheduler should wait for it.
+
+        First call: a local (non-pinning) lookup per rank; when this node already holds every
+        full block (and the P/D tail, when wanted) nothing is fetched. Otherwise the blocks are
+        fetched on the fetcher's thread until done, failed, or ``peer_fetch_timeout_s``."""
+        req_id = st.request.request_id
+        if st.fetch == "":
+            n_full = len(st.keys[0])
+            tkeys = self._tail_keys(st, params["transfer_id"]) if params else []
+            try:
+                short = any(self.client.lookup(keys, ns).num_blocks < n_full
+                            for keys, ns in zip(st.keys, self.namespaces))
+                short = short or any(self.client.lookup([k], ns).num_blocks < 1
+                                     for k, ns in zip(tkeys, self.namespaces))
+            except TierStoreError:
+                logger.warning("tierstore: lookup failed before a peer fetch", exc_info=True)
+                short = False
+            if not short:
+                st.fetch = "done"
+                return False
+            jobs = list(zip(st.keys, self.namespaces)) + [([k], ns) for k, ns in
+                                                          zip(tkeys, self.namespaces)]
+            self.fetcher.submit(req_id, jobs)
+            st.fetch = "pending"
+            st.fetch_deadline = time.monotonic() + float(self.settings.peer_fetch_timeout_s)
+            self.counters["peer_fetches"] += 1
+            return True
+        res = self.fetcher.poll(req_id)
+        if res is None:
+            if time.monotonic() < st.fetch_deadline:
+                return True
+            self.counters["peer_fetch_timeouts"] += 1
+            logger.warning("tierstore: peer fetch of request %s still running after %.1f s; "
+                           "computing what is not local", req_id,
+                           self.settings.peer_fetch_timeout_s)
+        else:
+            self.counters["peer_fetched_blocks"] += res.fetched
+            self.counters["peer_fetch_s"] += res.seconds
+            if res.errors:
+                self.counters["peer_fetch_errors"] += 1
+                logger.warning("tierstore: peer fetch of request %s: %s", req_id,
+                               "; ".join(res.errors)[:500])
+        st.fetch = "done"
+        return False
 
     def _tail_keys(self, st: _Req, transfer_id: str) -> list[BlockKey]:
         n_full = len(st.keys[0])
@@ -261,6 +492,8 @@ class SchedulerSide:
         if st is None:
             return False, None
         self._release(st)
+        if self.fetcher is not None and st.fetch:
+            self.fetcher.release(request.request_id)
         if not self.saves_enabled or not (st.tail_saved or self.role == "kv_producer"):
             return False, None
         n_prompt = request.num_prompt_tokens
@@ -274,4 +507,9 @@ class SchedulerSide:
     def shutdown(self) -> None:
         for st in self._reqs.values():
             self._release(st)
+            if self.fetcher is not None and st.fetch:
+                self.fetcher.release(st.request.request_id)
         self._reqs.clear()
+        if self.fetcher is not None:
+            self.fetcher.close()
+            self.fetcher = None

@@ -774,9 +774,12 @@ class NvmeTier(DiskTier):
             if why is None:
                 keep.append((slot, val))
             else:
-                log.warning("nvme tier %s: dropped entry of slot %d: %s", self.path, slot, why)
+                log.debug("nvme tier %s: dropped entry of slot %d: %s", self.path, slot, why)
                 drop.append(slot)
         if drop:
+            log.warning("nvme tier %s: dropped %d entries whose record failed its check "
+                        "(first: slot %d: %s)", self.path, len(drop), drop[0],
+                        next(w for w in problems if w is not None))
             self._write_txn(lambda t: [t.delete(_slot_key(s)) for s in drop])
         live = {s for s, _ in keep}
         orphans = self._find_orphans(live)
@@ -806,7 +809,7 @@ class NvmeTier(DiskTier):
         except OSError as e:
             return f"I/O error reading record ({e.strerror})"
         except (FormatError, ValueError) as e:
-            return str(e)
+            return str(e).removeprefix(f"slot {slot}: ")   # the caller names the slot
         return None if h.checksum == val[4] else "payload checksum differs from metadata"
 
     def check(self, fix: bool = False) -> list[str]:

@@ -1,0 +1,440 @@
+"""P/D across two nodes (issue 7, last acceptance bullet): a vLLM prefill instance on node A and a
+decode instance on node B, each node with its own daemon, the daemons peered over TCP.
+
+Topology (made here, deleted in teardown; addresses exist only inside the namespaces; every
+daemon and every vLLM process runs inside its node's namespace with ``ip netns exec``; nothing
+dials a namespace address from the root namespace)::
+
+    ns <tag>a: daemon A (169.254.X.1:7471)  <-- veth -->  ns <tag>b: daemon B (169.254.X.2:7471)
+               vLLM kv_producer (socket A)                           vLLM kv_consumer (socket B,
+                                                                     fetch_from_peers, no prefix
+                                                                     caching)
+                                                                     vLLM plain (the baseline)
+
+The test is the proxy: it reads the producer's ``kv_transfer_params`` from the producer's output
+file and hands them to the consumer's requests in a file. The consumer's scheduler finds the
+prompt blocks missing on B, has daemon B pull them from A (``fetch_remote``, off the scheduler
+thread) and loads them; so it computes at most one block of each prompt, and its greedy outputs
+equal the plain single-instance run's.
+
+Skipped cleanly without vLLM, without root / ``ip netns``. About 1-2 min on a 2-core box (three
+vLLM processes, the first two at once).
+
+The first tests drive the consumer scheduler's peer fetch (``PeerFetcher``) without vLLM or a
+network: two in-process stores stand for the two nodes, and a hand-written fake side client
+moves blocks between them when told to (or fails, or hangs).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tierstore.client import Client
+from tierstore.config import DramConfig, StoreConfig
+from tierstore.errors import TransferFailed
+from tierstore.store import Store
+from tierstore_plugins.vllm.backend import Geometry
+from tierstore_plugins.vllm.metadata import PluginSettings
+from tierstore_plugins.vllm.scheduler_side import PeerFetcher, SchedulerSide
+
+ROOT = Path(__file__).resolve().parents[2]
+RUNNER = Path(__file__).with_name("vllm_e2e_runner.py")
+CONNECTOR_MODULE = "tierstore_plugins.vllm.connector"
+PID = os.getpid()
+TAG = f"tvpd{PID % 100000}"
+NET = 1 + (PID + 151) % 250
+PORT = 7471
+SECRET = "3c" * 32
+BS = 32
+ENGINE_TIMEOUT_S = 400.0
+
+
+# ---------------------------------------------------------------------------- without vLLM
+GEO = Geometry(model="m", revision="", kv_dtype="bfloat16", num_layers=2, num_kv_heads=2,
+               head_size=32, use_mla=False, block_size=BS, tp_size=1, pp_size=1)
+
+
+@dataclass
+class FakeRequest:
+    request_id: str
+    prompt_token_ids: list[int]
+    kv_transfer_params: dict | None = None
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+
+class FakeSideClient:
+    """The consumer's side connection: ``fetch_remote`` copies the blocks that ``remote`` holds
+    and ``local`` lacks (as daemon B does from A), once ``gate`` is set; ``fail_after`` copies
+    that many blocks, then raises TransferFailed (a peer died mid-read). Records its calls."""
+
+    def __init__(self, local: Store, remote: Client, secret: bytes, *,
+                 fail_after: int | None = None) -> None:
+        self.c = Client(local, secret=secret, owner="side")
+        self.remote = remote
+        self.fail_after = fail_after
+        self.gate = threading.Event()
+        self.calls: list[str] = []
+
+    def fetch_remote(self, keys, ns, *, pin=False, ttl_s=None, detail=False):
+        self.calls.append("fetch_remote")
+        assert self.gate.wait(10), "the test never opened the gate"
+        n = self.c.lookup(keys, ns).num_blocks
+        m = self.remote.lookup(keys, ns).num_blocks
+        if self.fail_after is not None:
+            m = min(m, n + self.fail_after)
+        if m > n:
+            self.c.put(keys[n:m], ns, self.remote.get(keys[n:m]),
+                       parent=keys[n - 1] if n else None)
+        if self.fail_after is not None:
+            raise TransferFailed(f"fetch stopped at block {m}")
+        r = {"n": m, "fetched": m - n, "sources": {"A": m - n}, "errors": []}
+        if pin and m:
+            r["pinned"] = self.c.pin(keys[:m], ttl_s=ttl_s)
+        return r if detail else m
+
+    def unpin(self, keys):
+        self.calls.append("unpin")
+        return self.c.unpin(keys)
+
+    def close(self):
+        self.calls.append("close")
+
+
+def _nodes(timeout_s: float = 30.0, **fake_kw):
+    """(scheduler side on node B, fake side client, remote client on A, keys of a prompt)."""
+    secret = bytes(range(32))
+    ns = GEO.namespace(0)
+    cfg = StoreConfig(slot_bytes=ns.block_bytes, dram=DramConfig(capacity_blocks=64))
+    a = Client(Store.open(cfg), secret=secret)
+    b = Client(Store.open(cfg), secret=secret)
+    settings = PluginSettings(socket="/unused", fetch_from_peers=True,
+                              peer_fetch_timeout_s=timeout_s)
+    side = SchedulerSide(b, GEO, settings, role="kv_consumer", engine_id="e")
+    fake = FakeSideClient(b.store, a, secret, **fake_kw)
+    side.fetcher = PeerFetcher(lambda: fake, ttl_s=60.0)
+    return side, fake, a, b
+
+
+def _store_prefix(a: Client, tokens: list[int], blocks: int) -> list[bytes]:
+    ns = GEO.namespace(0)
+    keys = a.keyer(ns).chain(tokens)
+    a.put(keys[:blocks], ns, [bytes([i]) * ns.block_bytes for i in range(blocks)])
+    return keys
+
+
+def _ask(side: SchedulerSide, req, deadline_s: float = 10.0):
+    """Call get_num_new_matched_tokens as vLLM's scheduler does: again while it answers None."""
+    nones = 0
+    deadline = time.monotonic() + deadline_s
+    while time.monotonic() < deadline:
+        n, is_async = side.get_num_new_matched_tokens(req, 0)
+        assert is_async is False
+        if n is not None:
+            return n, nones
+        nones += 1
+        time.sleep(0.01)
+    raise AssertionError("the scheduler side kept answering None")
+
+
+@pytest.mark.parametrize("extra", [{"data_dir": "/d", "fetch_from_peers": True},
+                                   {"socket": "/s", "fetch_from_peers": True,
+                                    "peer_fetch_timeout_s": 0}])
+def test_peer_settings_are_checked(extra):
+    """Peers are reached through the daemon only; a fetch needs a positive deadline."""
+    from tierstore.errors import ConfigError
+
+    with pytest.raises(ConfigError):
+        PluginSettings.from_extra_config(extra)
+
+
+def test_missing_blocks_are_fetched_without_blocking_the_scheduler():
+    """Node B lacks the prompt's 4 full blocks that node A holds: the scheduler answers None
+    while the fetch is in flight (it never waits on it), then the full hit; the side
+    connection's pins are handed back once the scheduler's own lookup pinned the blocks."""
+    side, fake, a, b = _nodes()
+    tokens = list(range(1, 4 * BS + 11))
+    _store_prefix(a, tokens, 4)
+    req = FakeRequest("r1", tokens)
+    assert side.get_num_new_matched_tokens(req, 0) == (None, False)
+    assert side.get_num_new_matched_tokens(req, 0) == (None, False)   # still in flight
+    fake.gate.set()
+    n, _ = _ask(side, req)
+    assert n == 4 * BS
+    assert side.counters["peer_fetches"] == 1 and side.counters["peer_fetched_blocks"] == 4
+    side.fetcher.close()        # drains the queued unpin
+    assert fake.calls == ["fetch_remote", "unpin", "close"]
+    assert b.store.release_owner("side")["pins_released"] == 0
+    side.request_finished(req, [])
+    assert b.store.release_owner(b.owner)["pins_released"] == 0
+
+
+def test_blocks_already_local_need_no_fetch():
+    """A prompt whose full blocks are all on this node is answered at once, no fetch."""
+    side, fake, a, b = _nodes()
+    tokens = list(range(1, 3 * BS + 5))
+    _store_prefix(b, tokens, 3)
+    req = FakeRequest("r1", tokens)
+    assert side.get_num_new_matched_tokens(req, 0) == (3 * BS, False)
+    assert fake.calls == [] and side.counters["peer_fetches"] == 0
+
+
+def test_a_failed_fetch_loads_the_whole_blocks_that_landed():
+    """TransferFailed after 2 of 4 blocks (A died mid-read): the request loads those 2 and
+    vLLM computes the rest; the failure is counted, nothing raises into vLLM."""
+    side, fake, a, b = _nodes(fail_after=2)
+    tokens = list(range(1, 4 * BS + 11))
+    _store_prefix(a, tokens, 4)
+    fake.gate.set()
+    n, nones = _ask(side, FakeRequest("r1", tokens))
+    assert n == 2 * BS and nones >= 1
+    assert side.counters["peer_fetch_errors"] == 1
+    side.shutdown()
+
+
+def test_a_fetch_past_its_deadline_is_given_up():
+    """The peer never answers within peer_fetch_timeout_s: the request goes on with what is
+    local (nothing), and the fetch's pins are released when it finally ends."""
+    side, fake, a, b = _nodes(timeout_s=0.2)
+    tokens = list(range(1, 2 * BS + 3))
+    _store_prefix(a, tokens, 2)
+    req = FakeRequest("r1", tokens)
+    n, nones = _ask(side, req)
+    assert n == 0 and nones >= 1 and side.counters["peer_fetch_timeouts"] == 1
+    side.request_finished(req, [])
+    fake.gate.set()             # the late fetch lands, then its pins are dropped
+    side.shutdown()
+    assert fake.calls == ["fetch_remote", "unpin", "close"]
+    assert b.store.release_owner("side")["pins_released"] == 0
+
+
+# ---------------------------------------------------------------------------- two namespaces
+def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    return subprocess.run(["ip", *args], check=check, capture_output=True, text=True, timeout=10)
+
+
+def _env() -> dict:
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               TIERSTORE_SECRET=SECRET, VLLM_ENABLE_V1_MULTIPROCESSING="0",
+               VLLM_CPU_KVCACHE_SPACE="1")
+    for k in ("TIERSTORE_SECRET_FILE", "TIERSTORE_CONFIG"):
+        env.pop(k, None)
+    return env
+
+
+class Daemon:
+    """A tierstore daemon inside namespace ``ns``, peered with ``peers``."""
+
+    def __init__(self, name: str, ns: str, addr: str, tmp: Path, peers: list[str]) -> None:
+        self.name, self.ns = name, ns
+        self.data_dir = tmp / f"data-{name}"
+        self.socket = tmp / f"{name}.sock"
+        self.log = tmp / f"daemon-{name}.log"
+        self.config = tmp / f"{name}.toml"
+        self.config.write_text(textwrap.dedent(f"""
+            [daemon]
+            drain_timeout_s = 1.0
+            [store]
+            slot_bytes = "16KiB"
+            [dram]
+            capacity = "64MiB"
+            [peers]
+            enabled = true
+            node = "{name}"
+            host = "{addr}"
+            port = {PORT}
+            peers = {json.dumps(peers)}
+            timeout_s = 5.0
+            connect_timeout_s = 2.0
+            retry_s = 0.5
+            """))
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout_s: float = 30.0) -> "Daemon":
+        with open(self.log, "ab") as logf:
+            self.proc = subprocess.Popen(
+                ["ip", "netns", "exec", self.ns, sys.executable, "-m", "tierstore.daemon",
+                 "--data-dir", str(self.data_dir), "--socket", str(self.socket),
+                 "--config", str(self.config)],
+                stdout=logf, stderr=logf, env=_env(), cwd=str(ROOT))
+        deadline = time.monotonic() + timeout_s
+        while "tierstore daemon ready" not in self.log_text():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise AssertionError(f"daemon {self.name} did not start: {self.log_text()}")
+            time.sleep(0.05)
+        return self
+
+    def log_text(self) -> str:
+        try:
+            return self.log.read_text(errors="replace")[-4000:]
+        except OSError:
+            return ""
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        from tierstore.daemon.server import shm_prefix
+
+        prefix = shm_prefix(self.data_dir)
+        for name in os.listdir("/dev/shm"):
+            if name.startswith(prefix):
+                try:
+                    os.unlink(os.path.join("/dev/shm", name))
+                except OSError:
+                    pass
+
+
+@pytest.fixture
+def two_nodes(tmp_path):
+    """Namespaces A and B joined by a veth pair, a daemon in each, peered with the other."""
+    pytest.importorskip("vllm")
+    pytest.importorskip("msgpack")
+    if shutil.which("ip") is None:
+        pytest.skip("iproute2 missing")
+    ns = {n: f"{TAG}{n}" for n in "ab"}
+    if _ip("netns", "add", ns["a"], check=False).returncode != 0:
+        pytest.skip("cannot create network namespaces (need root)")
+    made = [ns["a"]]
+    daemons: list[Daemon] = []
+    try:
+        _ip("netns", "add", ns["b"])
+        made.append(ns["b"])
+        va, vb = f"{TAG}va", f"{TAG}vb"
+        _ip("link", "add", va, "type", "veth", "peer", "name", vb)
+        addr = {"a": f"169.254.{NET}.1", "b": f"169.254.{NET}.2"}
+        for n, dev in (("a", va), ("b", vb)):
+            _ip("link", "set", dev, "netns", ns[n])
+            _ip("-n", ns[n], "addr", "add", f"{addr[n]}/30", "dev", dev)
+            _ip("-n", ns[n], "link", "set", dev, "up")
+            _ip("-n", ns[n], "link", "set", "lo", "up")
+        a = Daemon("A", ns["a"], addr["a"], tmp_path, [f"B={addr['b']}:{PORT}"])
+        daemons.append(a)
+        b = Daemon("B", ns["b"], addr["b"], tmp_path, [f"A={addr['a']}:{PORT}"])
+        daemons.append(b)
+        a.start()
+        b.start()
+        yield {"a": a, "b": b, "tmp": tmp_path}
+    finally:
+        for d in daemons:
+            d.stop()
+        for n in made:
+            _ip("netns", "del", n, check=False)
+
+
+def connector(role: str, **extra) -> dict:
+    return {"kv_connector": "TierStoreConnector", "kv_connector_module_path": CONNECTOR_MODULE,
+            "kv_role": role, "kv_connector_extra_config": extra}
+
+
+class Engine:
+    """One vLLM process (tests/plugins/vllm_e2e_runner.py) inside namespace ``ns``."""
+
+    def __init__(self, ns: str, model: str, prompts: list[dict], out: Path, *,
+                 conn: dict | None = None, prefix_caching: bool = True, max_tokens: int = 8,
+                 params_in: list | None = None) -> None:
+        self.out = out
+        pf = out.with_suffix(".prompts.json")
+        pf.write_text(json.dumps(prompts))
+        cmd = ["ip", "netns", "exec", ns, sys.executable, str(RUNNER), "run", "--model", model,
+               "--prompts", str(pf), "--out", str(out), "--max-tokens", str(max_tokens)]
+        if conn is not None:
+            cmd += ["--connector", json.dumps(conn)]
+        if not prefix_caching:
+            cmd.append("--no-prefix-caching")
+        if params_in is not None:   # the proxy step: the producer's params, through a file
+            pi = out.with_suffix(".params.json")
+            pi.write_text(json.dumps(params_in))
+            cmd += ["--params-in", str(pi)]
+        with open(out.with_suffix(".log"), "w") as log:
+            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=_env(),
+                                         cwd=str(ROOT))
+
+    def finish(self, timeout_s: float = ENGINE_TIMEOUT_S) -> dict:
+        try:
+            rc = self.proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise
+        if rc != 0 or not self.out.exists():
+            tail = self.out.with_suffix(".log").read_text(errors="replace")[-4000:]
+            raise AssertionError(f"vLLM process failed (rc={rc}):\n{tail}")
+        return json.loads(self.out.read_text())
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+
+def make_prompts() -> list[dict]:
+    """Three prompts sharing a 256-token prefix (8 blocks) with tails of 40-42 tokens."""
+    rng = random.Random(23)
+    prefix = [rng.randrange(1, 500) for _ in range(256)]
+    return [{"tokens": prefix + [rng.randrange(1, 500) for _ in range(40 + i)], "salt": None}
+            for i in range(3)]
+
+
+def test_pd_across_two_namespaces(tiny_model, two_nodes):
+    """The producer prefills on A (its blocks stay in daemon A); the consumer on B gets the
+    producer's kv_transfer_params; its daemon pulls the prompt blocks from A over TCP; the
+    consumer computes at most one block of each prompt and its outputs equal a plain run's. A
+    fourth prompt the producer never saw finds nothing on any node and is computed in full,
+    with the same output as the plain run."""
+    a, b, tmp = two_nodes["a"], two_nodes["b"], two_nodes["tmp"]
+    prompts = make_prompts()
+    unseen = {"tokens": [random.Random(29).randrange(1, 500) for _ in range(100)], "salt": None}
+    engines: list[Engine] = []
+    try:
+        base_e = Engine(b.ns, tiny_model, prompts + [unseen], tmp / "base.json")
+        engines.append(base_e)
+        prod_e = Engine(a.ns, tiny_model, prompts, tmp / "prod.json", max_tokens=1,
+                        conn=connector("kv_producer", socket=str(a.socket)))
+        engines.append(prod_e)
+        prod = prod_e.finish()
+        base = base_e.finish()
+        params = [r["kv_transfer_params"] for r in prod["results"]]
+        assert all(p and p["tierstore"]["transfer_id"] for p in params), params
+        cons_e = Engine(b.ns, tiny_model, prompts + [unseen], tmp / "cons.json",
+                        prefix_caching=False, params_in=params + [None],
+                        conn=connector("kv_consumer", socket=str(b.socket),
+                                       fetch_from_peers=True, peer_fetch_timeout_s=60))
+        engines.append(cons_e)
+        cons = cons_e.finish()
+    finally:
+        for e in engines:
+            e.kill()
+
+    for p, x, y in zip(prompts, base["results"], cons["results"]):
+        assert x["tokens"] == y["tokens"]
+        assert y["num_cached_tokens"] >= len(p["tokens"]) - BS, y
+    assert cons["results"][3]["tokens"] == base["results"][3]["tokens"]
+    assert cons["results"][3]["num_cached_tokens"] == 0
+
+    sched, worker = cons["counters"]["scheduler"], cons["counters"]["worker"]
+    full = {tuple(p["tokens"][:BS * k]) for p in prompts
+            for k in range(1, (len(p["tokens"]) - 1) // BS + 1)}
+    assert sched["peer_fetched_blocks"] == len(full), sched    # 8 shared + 1 per prompt
+    assert sched["peer_fetches"] == 4 and sched["peer_fetch_errors"] == 0, sched
+    assert sched["peer_fetch_timeouts"] == 0, sched
+    assert worker["load_error_blocks"] == 0 and worker["saved_blocks"] == 0, worker
+    assert worker["loaded_blocks"] == sum((len(p["tokens"]) - 1) // BS for p in prompts), worker
