@@ -2,8 +2,9 @@
 
     server (PeerServer.rdma = RdmaServer)          client (RdmaTransport / RdmaLink)
     slab registered REMOTE_READ in chunks           slab registered LOCAL_WRITE in chunks
-              ◀──── RDMA_CONNECT {qpn, psn, gid, lid} (control session)
-    new RC QP, connected to the client's ──────────▶ {qpn, psn, gid, lid, mrs [[addr, len, rkey]]}
+              ◀──── RDMA_CONNECT {qpn, psn, gid, lid, mtu} (control session)
+    new RC QP, connected to the client's ──────────▶ {qpn, psn, gid, lid, mtu,
+                                                      mrs [[addr, len, rkey]]}
                                                      client QP -> RTS
                                                      read_blocks: one READ WR per block,
                                                      posted in chained batches of <= max_send_wr
@@ -42,8 +43,8 @@ from tierstore.errors import ChecksumFailed, TransferFailed
 from tierstore.tiers.pinning import plan_chunks
 from tierstore.transfer.base import Link, ReadJob, Slab, Transport
 from tierstore.transfer.protocol import PeerMsg
-from tierstore.transfer.verbs import (ACCESS_LOCAL_WRITE, ACCESS_REMOTE_READ, WC_NAMES,
-                                      WC_SUCCESS, VerbsUnavailable)
+from tierstore.transfer.verbs import (ACCESS_LOCAL_WRITE, ACCESS_REMOTE_READ, MTU_1024,
+                                      WC_NAMES, WC_SUCCESS, VerbsUnavailable)
 
 MAX_CHUNK_BYTES = 1 << 36   # 64 GiB, like the CUDA registration
 
@@ -107,7 +108,8 @@ class RdmaServer:
         from tierstore.errors import ProtocolError
         try:
             remote = {"qpn": int(body["qpn"]), "psn": int(body["psn"]),
-                      "gid": bytes(body["gid"]), "lid": int(body.get("lid", 0))}
+                      "gid": bytes(body["gid"]), "lid": int(body.get("lid", 0)),
+                      "mtu": int(body.get("mtu", MTU_1024))}
         except (KeyError, TypeError, ValueError):
             raise ProtocolError("bad RDMA_CONNECT body") from None
         qp = self.device.create_qp(self.cq, 16)
@@ -119,6 +121,7 @@ class RdmaServer:
             old.close()
         s = self.reg.slab
         return {"qpn": qp.qpn, "psn": qp.psn, "gid": self.device.gid, "lid": self.device.lid,
+                "mtu": getattr(self.device, "mtu", MTU_1024),
                 "mrs": self.reg.describe(), "slot_bytes": s.slot_bytes, "num_slots": s.num_slots,
                 "base": self.reg.base, "per_chunk": self.reg.per_chunk}
 
@@ -173,8 +176,10 @@ class RdmaLink(Link):
         self.cq = dev.create_cq(self.transport.max_send_wr * 2)
         qp = dev.create_qp(self.cq, self.transport.max_send_wr)
         r = self.session.rpc(PeerMsg.RDMA_CONNECT,
-                             {"qpn": qp.qpn, "psn": qp.psn, "gid": dev.gid, "lid": dev.lid})
-        qp.connect({"qpn": r["qpn"], "psn": r["psn"], "gid": r["gid"], "lid": r.get("lid", 0)})
+                             {"qpn": qp.qpn, "psn": qp.psn, "gid": dev.gid, "lid": dev.lid,
+                              "mtu": getattr(dev, "mtu", MTU_1024)})
+        qp.connect({"qpn": r["qpn"], "psn": r["psn"], "gid": r["gid"], "lid": r.get("lid", 0),
+                    "mtu": r.get("mtu", MTU_1024)})
         self.remote_mrs = [(int(a), int(n), int(k)) for a, n, k in r["mrs"]]
         self.remote_slot_bytes = int(r["slot_bytes"])
         self.remote_num_slots = int(r["num_slots"])
@@ -262,13 +267,22 @@ class RdmaLink(Link):
                         if len(self._inflight) == len(batch):
                             self._last_progress = time.monotonic()
                     except Exception as e:
+                        # WRs that reached the QP stay in flight: the QP goes to ERR, they are
+                        # flushed, and their completions account for them (no byte lands in a
+                        # slot after its job ended). The rest never reached the device.
+                        posted = getattr(e, "posted", 0)
                         self.broken = True
-                        for wr in batch:
+                        for wr in batch[posted:]:
                             track, _ = self._inflight.pop(wr[0])
                             track.error = track.error or TransferFailed(f"post failed: {e}")
                             track.left -= 1
                             if track.left == 0:
                                 track.job.part_done(track.error)
+                        for wr in batch[:posted]:
+                            track, _ = self._inflight[wr[0]]
+                            track.error = track.error or TransferFailed(f"post failed: {e}")
+                        if posted:
+                            self.qp.to_error()
                 busy = bool(self._inflight)
             if not busy:
                 self._wake.wait(0.05)

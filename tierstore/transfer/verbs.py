@@ -6,12 +6,13 @@ rdma.py talks to a small device interface; two implementations keep the same sem
 
 Interface (duck-typed)::
 
-    dev.name, dev.gid -> 16 bytes, dev.lid -> int
+    dev.name, dev.gid -> 16 bytes, dev.lid -> int, dev.mtu -> ibv_mtu (optional; 1024)
     dev.reg_mr(addr, length, access) -> mr (.addr .length .lkey .rkey .close())
     dev.create_cq(depth) -> cq (.poll(n) -> [(wr_id, status)], .close())
     dev.create_qp(cq, max_send_wr) -> qp (.qpn, .state, .connect(remote: dict),
         .post_reads([(wr_id, laddr, length, lkey, raddr, rkey), ...]) -- one chained post, every
-        WR signaled; .to_error() -- outstanding WRs complete with WC_WR_FLUSH_ERR; .close())
+        WR signaled; a failure part-way raises PostFailed(posted=k): the first k are on the QP;
+        .to_error() -- outstanding WRs complete with WC_WR_FLUSH_ERR; .close())
     dev.close()
 
 Constants follow ``ibv_*`` values. :func:`probe` answers "is RDMA usable here, and if not, why"
@@ -39,6 +40,8 @@ WC_WR_FLUSH_ERR = 5
 WC_REM_ACCESS_ERR = 10
 WC_RETRY_EXC_ERR = 12
 
+MTU_1024 = 3   # enum ibv_mtu
+
 QPS_RESET, QPS_INIT, QPS_RTR, QPS_RTS, QPS_SQD, QPS_SQE, QPS_ERR = range(7)
 
 WC_NAMES = {0: "success", 1: "local length error", 4: "local protection error",
@@ -49,6 +52,15 @@ DEBIAN_DIST = "/usr/lib/python3/dist-packages"
 
 class VerbsUnavailable(TransportUnavailable):
     """No usable RDMA here (no pyverbs, no device support in the kernel, no device)."""
+
+
+class PostFailed(RuntimeError):
+    """``post_reads`` failed part-way: the first ``posted`` WRs of the list reached the QP (they
+    will complete or be flushed), the rest did not."""
+
+    def __init__(self, msg: str, posted: int) -> None:
+        super().__init__(msg)
+        self.posted = posted
 
 
 def import_pyverbs():
@@ -138,7 +150,8 @@ class _QP:
         attr = QPAttr(qp_state=e.IBV_QPS_INIT, cur_qp_state=e.IBV_QPS_RESET)
         attr.qp_access_flags = e.IBV_ACCESS_REMOTE_READ | e.IBV_ACCESS_LOCAL_WRITE
         attr.port_num = self.dev.port
-        attr.path_mtu = e.IBV_MTU_1024
+        # the smaller of both ports' active MTUs (a peer that does not say: 1024)
+        attr.path_mtu = max(1, min(self.dev.mtu, int(remote.get("mtu", MTU_1024))))
         attr.dest_qp_num = int(remote["qpn"])
         attr.rq_psn = int(remote["psn"])
         attr.sq_psn = self.psn
@@ -160,15 +173,38 @@ class _QP:
         import pyverbs.enums as e
         from pyverbs.wr import SGE, SendWR
 
+        # pyverbs links ``next_wr`` by a bare C pointer and keeps no reference to the next
+        # SendWR: every WR of the chain must stay alive (``chain``) until post_send returns, or
+        # the driver walks freed memory. SendWR also never frees its sg_list on its own
+        # (rdma-core 44 names the hook ``__dealloc``), hence the explicit close().
+        # ibv_post_send stops at the first WR it cannot take (``bad``): the ones before it are
+        # posted. PostFailed says how many, so the caller waits for exactly those.
+        from pyverbs.pyverbs_error import PyverbsError
+
+        wrs = list(wrs)
+        chain = []
         head = None
-        for wr_id, laddr, length, lkey, raddr, rkey in reversed(list(wrs)):
-            w = SendWR(wr_id=wr_id, opcode=e.IBV_WR_RDMA_READ, num_sge=1,
-                       sg=[SGE(laddr, length, lkey)], send_flags=e.IBV_SEND_SIGNALED,
-                       next_wr=head)
-            w.set_wr_rdma(rkey, raddr)
-            head = w
-        if head is not None:
-            self._qp.post_send(head)
+        bad = SendWR(wr_id=_NO_WR, opcode=e.IBV_WR_RDMA_READ, num_sge=1, sg=[SGE(0, 0, 0)])
+        try:
+            for wr_id, laddr, length, lkey, raddr, rkey in reversed(wrs):
+                w = SendWR(wr_id=wr_id, opcode=e.IBV_WR_RDMA_READ, num_sge=1,
+                           sg=[SGE(laddr, length, lkey)], send_flags=e.IBV_SEND_SIGNALED,
+                           next_wr=head)
+                w.set_wr_rdma(rkey, raddr)
+                chain.append(w)
+                head = w
+            if head is not None:
+                try:
+                    self._qp.post_send(head, bad)
+                except PyverbsError as ex:
+                    ids = [w[0] for w in wrs]
+                    posted = ids.index(bad.wr_id) if bad.wr_id in ids else 0
+                    raise PostFailed(f"post_send: {ex}", posted) from None
+        finally:
+            for w in chain:
+                w.close()
+            if bad.wr_id == _NO_WR:   # else pyverbs copied a chain WR (its sg_list) into it
+                bad.close()
 
     def to_error(self) -> None:
         import pyverbs.enums as e
@@ -179,6 +215,9 @@ class _QP:
 
     def close(self) -> None:
         self._qp.close()
+
+
+_NO_WR = (1 << 64) - 1   # wr_id that no caller uses: "post_send named no bad WR"
 
 
 def _gid_text(raw: bytes) -> str:
@@ -199,7 +238,9 @@ class PyverbsDevice:
         self._pd = PD(self._ctx)
         g = self._ctx.query_gid(port_num=port, index=gid_index)
         self.gid = bytes.fromhex(str(g.gid).replace(":", ""))
-        self.lid = self._ctx.query_port(port).lid
+        pa = self._ctx.query_port(port)
+        self.lid = pa.lid
+        self.mtu = int(pa.active_mtu)   # ibv_mtu enum: 1=256 ... 3=1024 ... 5=4096
 
     def reg_mr(self, addr: int, length: int, access: int) -> _MR:
         from pyverbs.mr import MR
