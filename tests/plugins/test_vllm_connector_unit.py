@@ -41,13 +41,12 @@ def test_settings_refuse_bad_extra_config(extra):
         PluginSettings.from_extra_config(extra)
 
 
-def _scheduler(model: str, data_dir: str):
+def _configs(model: str, data_dir: str):
+    """A VllmConfig with the connector (embedded store) and a 2-layer, 64-block KVCacheConfig."""
     from vllm.config import (CacheConfig, DeviceConfig, KVTransferConfig, ModelConfig,
                              SchedulerConfig, VllmConfig)
-    from vllm.v1.core.sched.scheduler import Scheduler
     from vllm.v1.kv_cache_interface import (FullAttentionSpec, KVCacheConfig, KVCacheGroupSpec,
                                             KVCacheTensor)
-    from vllm.v1.structured_output import StructuredOutputManager
     import torch
 
     mc = ModelConfig(model=model, skip_tokenizer_init=True, dtype="bfloat16", max_model_len=2048)
@@ -71,6 +70,14 @@ def _scheduler(model: str, data_dir: str):
                                                         layer_stride=spec.page_size_bytes * num_blocks,
                                                         block_stride=spec.page_size_bytes)],
                         kv_cache_groups=[KVCacheGroupSpec(["layers.0", "layers.1"], spec)])
+    return vc, kcc
+
+
+def _scheduler(model: str, data_dir: str):
+    from vllm.v1.core.sched.scheduler import Scheduler
+    from vllm.v1.structured_output import StructuredOutputManager
+
+    vc, kcc = _configs(model, data_dir)
     return Scheduler(vllm_config=vc, kv_cache_config=kcc, log_stats=True,
                      structured_output_manager=StructuredOutputManager(vc), block_size=BS)
 
@@ -105,6 +112,8 @@ def test_scheduler_loads_hit_beyond_engine_and_unpins_on_abort(tiny_model, tmp_p
     sched.add_request(req)
     out = sched.schedule()
     assert out.num_scheduled_tokens["r1"] == 300 - 288
+    # vLLM >= 0.33 starts loads after the forward unless this is set; ours are synchronous
+    assert getattr(out, "has_sync_kv_loads", True)
     meta = out.kv_connector_metadata
     assert isinstance(meta, TierStoreMetadata) and len(meta.loads) == 1
     block_ids = sched.kv_cache_manager.get_block_ids("r1")[0]
@@ -136,3 +145,53 @@ def test_scheduler_salt_and_partial_blocks(tiny_model, tmp_path):
     store = side.client.store
     assert sum(store.res.pins[store.res.get(k)] for k in keys) == 0
     sched.connector.shutdown()
+
+
+def test_worker_sleep_hooks_stop_and_resume_copies(tiny_model, tmp_path):
+    """Sleep mode (vLLM >= 0.33 calls unregister_kv_caches / restore_kv_caches; 0.32 never does,
+    the methods are plain extras there): while unregistered no copy touches the KV cache (a load
+    is reported as load errors, a save is skipped); after restore a load round-trips the blocks
+    saved before the sleep. Both calls are idempotent."""
+    import torch
+    from vllm.distributed.kv_transfer.kv_connector.factory import KVConnectorFactory
+    from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
+
+    from tierstore_plugins.vllm.connector import TierStoreConnector
+    from tierstore_plugins.vllm.metadata import LoadSpec, SaveSpec
+
+    vc, kcc = _configs(tiny_model, str(tmp_path / "store"))
+    assert TierStoreConnector.supports_sleep_mode(vc.kv_transfer_config) is True
+    sched = KVConnectorFactory.create_connector(vc, KVConnectorRole.SCHEDULER, kcc)
+    worker = KVConnectorFactory.create_connector(vc, KVConnectorRole.WORKER, kcc)
+    nb, heads, c = 64, 2, 64                       # [num_blocks, H, N, K|V] per layer, bf16
+    storage = torch.randn(2 * nb * heads * BS * c).to(torch.bfloat16)
+    layers = storage.view(2, nb, heads, BS, c)
+    worker.register_kv_caches({"layers.0": layers[0], "layers.1": layers[1]})
+    keys = sched.scheduler_side.keyers[0].chain([(3 * i) % 500 + 1 for i in range(2 * BS)])
+
+    def step(meta, load: bool) -> set[int]:
+        worker.bind_connector_metadata(meta)
+        (worker.start_load_kv if load else lambda _ctx: worker.wait_for_save())(None)
+        worker.clear_connector_metadata()
+        return worker.get_block_ids_with_load_errors()
+
+    side = worker.worker_side
+    assert step(TierStoreMetadata(saves=[SaveSpec("a", [3, 4], [keys], [None])]), False) == set()
+    assert side.counters["saved_blocks"] == 2
+    layers[:, 10:12].zero_()
+
+    worker.unregister_kv_caches()
+    worker.unregister_kv_caches()
+    assert side.engine is None
+    load = TierStoreMetadata(loads=[LoadSpec("b", [10, 11], [keys])])
+    assert step(load, True) == {10, 11}
+    assert not layers[:, 10:12].any()
+    step(TierStoreMetadata(saves=[SaveSpec("c", [5], [keys[:1]], [None])]), False)
+    assert side.counters["save_jobs"] == 1
+
+    worker.restore_kv_caches()
+    worker.restore_kv_caches()
+    assert step(load, True) == set()
+    assert torch.equal(layers[:, 10:12], layers[:, 3:5])
+    worker.shutdown()
+    sched.shutdown()

