@@ -44,17 +44,17 @@ def bench_dram(num_blocks: int, batch: int, rounds: int) -> tuple[float, float]:
         src.view(i)[:] = os.urandom(16) * (bs // 16)
     plain = DramTier(num_blocks, bs)    # the memcpy baseline's own slab
     t_store, t_copy = [], []
-    for r in range(rounds):
-        chains = [keyer.chain(list(range((r * num_blocks + i) * 16, (r * num_blocks + i + batch) * 16)))
-                  for i in range(0, num_blocks, batch)]
-        # baseline: the same bytes in and out of a slab with plain memoryview copies
+
+    def baseline(chains) -> float:
         t0 = time.perf_counter()
         for c, _ in enumerate(chains):
             for j in range(batch):
                 plain.view(c * batch + j)[:] = src.view(j)
             for j in range(batch):
                 dst.view(j)[:] = plain.view(c * batch + j)
-        t_copy.append(time.perf_counter() - t0)
+        return time.perf_counter() - t0
+
+    def through_store(chains) -> float:
         t0 = time.perf_counter()
         for keys in chains:
             job = store.prepare_store(keys, ns, bs)
@@ -65,8 +65,20 @@ def bench_dram(num_blocks: int, batch: int, rounds: int) -> tuple[float, float]:
             for j, s in enumerate(lj.slots):
                 dst.view(j)[:] = store.slot_view(s)
             store.complete_load(lj.job_id)
-        t_store.append(time.perf_counter() - t0)
+        return time.perf_counter() - t0
+
+    for r in range(rounds + 1):
+        chains = [keyer.chain(list(range((r * num_blocks + i) * 16, (r * num_blocks + i + batch) * 16)))
+                  for i in range(0, num_blocks, batch)]
+        # alternate which side goes first, so neither always runs on the other's warm caches
+        if r % 2:
+            tc, ts = baseline(chains), through_store(chains)
+        else:
+            ts, tc = through_store(chains), baseline(chains)
         assert bytes(dst.view(batch - 1)[:64]) == bytes(src.view(batch - 1)[:64])
+        if r:   # round 0 warms both slabs (first use of every slot), untimed
+            t_copy.append(tc)
+            t_store.append(ts)
     moved = 2 * num_blocks * bs
     store.close()
     return moved / statistics.median(t_store) / 1e9, moved / statistics.median(t_copy) / 1e9

@@ -89,7 +89,15 @@ class Namespace:
             raise ConfigError(f"tp_rank {self.tp_rank} outside tp_size {self.tp_size}")
 
     def digest(self) -> bytes:
-        """16-byte BLAKE2b digest of the tagged fields (stable across processes and releases)."""
+        """16-byte BLAKE2b digest of the tagged fields (stable across processes and releases);
+        computed once per instance."""
+        d = self.__dict__.get("_digest")
+        if d is None:
+            d = self._compute_digest()
+            object.__setattr__(self, "_digest", d)
+        return d
+
+    def _compute_digest(self) -> bytes:
         h = hashlib.blake2b(digest_size=16, person=b"tierstore.ns.v1")
         for name, value in sorted(asdict(self).items()):
             h.update(_field(name.encode(), str(value).encode()))

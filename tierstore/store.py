@@ -37,7 +37,7 @@ from typing import Callable, Iterable, Sequence
 
 from tierstore.config import StoreConfig
 from tierstore.errors import JobError, PinError, RejectedError
-from tierstore.index.prefix import longest_prefix
+from tierstore.index.prefix import longest_prefix, longest_prefix_tiers
 from tierstore.index.residency import TIER_BY_VALUE, PinBook, Residency
 from tierstore.keys import Namespace
 from tierstore.policy import make_admission, make_eviction
@@ -168,10 +168,13 @@ class Store:
         ``block_size`` of the result comes from ``namespace``."""
         with self._lock:
             self._expire()
-            hs = longest_prefix(self.res, keys)
-            near, by_value = self.res.near, TIER_BY_VALUE
-            tiers = tuple([by_value[near[h]] for h in hs])
-            hit = tuple(keys[: len(hs)])
+            hs, codes = longest_prefix_tiers(self.res, keys)
+            n = len(hs)
+            if n and codes.count(codes[0]) == n:    # the common case: one tier for the whole hit
+                tiers = (TIER_BY_VALUE[codes[0]],) * n
+            else:
+                tiers = tuple(map(TIER_BY_VALUE.__getitem__, codes))
+            hit = tuple(keys[:n])
             if pin:
                 for k in hit:
                     self.pins.pin(owner, k, ttl_s)

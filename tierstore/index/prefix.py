@@ -15,11 +15,15 @@ from tierstore.types import BlockKey
 
 def longest_prefix(residency: Residency, keys: Sequence[BlockKey]) -> list[int]:
     """Handles of the longest prefix of ``keys`` that is resident in any local tier."""
-    out: list[int] = []
-    get = residency.get
-    for k in keys:
-        h = get(k)
-        if h < 0:
-            break
-        out.append(h)
-    return out
+    hs = list(map(residency._handle.get, keys))   # C-level probes; cut at the first miss
+    try:
+        del hs[hs.index(None):]
+    except ValueError:
+        pass
+    return hs
+
+
+def longest_prefix_tiers(residency: Residency, keys: Sequence[BlockKey]) -> tuple[list[int], bytes]:
+    """``longest_prefix`` plus each hit block's nearest tier as one byte (``Tier`` value)."""
+    hs = longest_prefix(residency, keys)
+    return hs, bytes(map(residency.near.__getitem__, hs))
