@@ -10,7 +10,7 @@
    benchmark runs ``--repeat`` times; the run with the median ratio is printed. Both sides use a
    slot per block (no slot reuse), so neither gets a cache-resident advantage.
 
-Usage: python benchmarks/bench_daemon.py [--clients 8] [--batch 8] [--rounds 8] [--repeat 3]
+Usage: python benchmarks/bench_daemon.py [--clients 8] [--batch 32] [--rounds 4] [--repeat 3]
 Starts its own daemon on a temp data dir (killed at exit). Prints a table; results go to
 docs/benchmarks.md by hand with the date and machine.
 """
@@ -183,8 +183,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--chain", type=int, default=8192)
     ap.add_argument("--reps", type=int, default=200)
     ap.add_argument("--clients", type=int, default=8)
-    ap.add_argument("--batch", type=int, default=8, help="2 MiB blocks per job")
-    ap.add_argument("--rounds", type=int, default=8)
+    ap.add_argument("--batch", type=int, default=32, help="2 MiB blocks per job")
+    ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--repeat", type=int, default=3, help="runs per copy benchmark (median)")
     args = ap.parse_args(argv)
     procs = []
