@@ -22,7 +22,7 @@ import os
 from pathlib import Path
 from typing import Sequence
 
-from tierstore.config import DramConfig, NvmeConfig, StoreConfig
+from tierstore.config import DramConfig, HbmConfig, NvmeConfig, StoreConfig
 from tierstore.errors import ConfigError
 from tierstore.index.residency import session_name, session_owner
 from tierstore.keys import ExtraKeys, Keyer, Namespace, NO_EXTRAS, load_secret
@@ -75,8 +75,9 @@ def config_from_json(d: dict) -> StoreConfig:
     try:
         dram = DramConfig(**d.get("dram", {}))
         nvme = NvmeConfig(**d["nvme"]) if d.get("nvme") else None
+        hbm = HbmConfig(**d["hbm"]) if d.get("hbm") else None
         return StoreConfig(slot_bytes=int(d["slot_bytes"]), dram=dram, nvme=nvme,
-                           exclusive=bool(d.get("exclusive", True)))
+                           exclusive=bool(d.get("exclusive", True)), hbm=hbm)
     except (KeyError, TypeError) as e:
         raise ConfigError(f"invalid store config: {e}") from None
 

@@ -48,6 +48,19 @@ class NvmeConfig:
 
 
 @dataclass(frozen=True)
+class HbmConfig:
+    """A slab of slots in GPU memory (tiers/hbm.py); on the CPU device when there is no GPU."""
+
+    capacity_blocks: int = 0
+    device: str | None = None     # None: cuda:<current> when CUDA is available, else "cpu"
+    policy: str = DEFAULT_EVICTION
+
+    def __post_init__(self) -> None:
+        if self.capacity_blocks < 0:
+            raise ConfigError("hbm capacity must not be negative")
+
+
+@dataclass(frozen=True)
 class StoreConfig:
     """Everything a :class:`tierstore.store.Store` needs.
 
@@ -59,6 +72,7 @@ class StoreConfig:
     dram: DramConfig = field(default_factory=DramConfig)
     nvme: NvmeConfig | None = None
     exclusive: bool = True
+    hbm: HbmConfig | None = None
 
     def __post_init__(self) -> None:
         if self.slot_bytes <= 0:

@@ -7,9 +7,10 @@ Policies decide which block leaves; tiers move bytes; the store keeps these inva
    store publishes nothing and frees its slots.
 2. A pinned block is never evicted, demoted or promoted away (pins live in the index's PinBook,
    per owner; a dead owner's pins go with ``release_owner``).
-3. Tiers are exclusive by default: DRAM victims demote to NVMe (if present and admitted), NVMe
-   hits promote to DRAM on load. With ``nvme.write_through`` every stored block is also written
-   to NVMe, so a restart keeps it.
+3. Tiers are exclusive by default: HBM victims demote to DRAM, DRAM victims demote to NVMe (if
+   present and admitted); a load moves each block into the tier it is loaded into (``into``:
+   DRAM by default, HBM for a GPU reader). With ``nvme.write_through`` every block stored into
+   DRAM is also written to NVMe, so a restart keeps it.
 4. A load returns an exact prefix: it stops at the first block that is missing or fails its
    checksum (a miss plus a counter, never wrong bytes).
 
@@ -36,7 +37,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterable, Sequence
 
 from tierstore.config import StoreConfig
-from tierstore.errors import JobError, PinError, RejectedError
+from tierstore.errors import ConfigError, JobError, PinError, RejectedError
 from tierstore.index.prefix import longest_prefix, longest_prefix_tiers
 from tierstore.index.residency import TIER_BY_VALUE, PinBook, Residency
 from tierstore.keys import Namespace
@@ -59,6 +60,7 @@ class _PendingStore:
     slots: list[int | None]
     status: list[BlockStatus]
     parent: BlockKey | None
+    tier: Tier = Tier.DRAM
 
 
 @dataclass
@@ -76,9 +78,10 @@ class Store:
     All sizes are bytes, all capacities slots (= blocks).
     """
 
-    def __init__(self, config: StoreConfig, dram: MemoryTier, nvme: DiskTier | None = None, *,
-                 clock: Callable[[], float] = time.monotonic) -> None:
-        """``clock``: seconds, for pin TTLs (tests pass a fake one)."""
+    def __init__(self, config: StoreConfig, dram: MemoryTier, nvme: DiskTier | None = None,
+                 hbm=None, *, clock: Callable[[], float] = time.monotonic) -> None:
+        """``clock``: seconds, for pin TTLs (tests pass a fake one). ``hbm``: an
+        :class:`~tierstore.tiers.hbm.HbmTier` attached to ``dram`` (Store.open builds it)."""
         self.config = config
         self._lock = threading.RLock()
         self.res = Residency()
@@ -91,6 +94,10 @@ class Store:
             self.tiers[Tier.NVME] = nvme
             self.policies[Tier.NVME] = make_eviction(config.nvme.policy, nvme.num_slots)
             self.admission[Tier.NVME] = make_admission(config.nvme.admission)
+        if hbm is not None:   # tiers/hbm.py: a torch slab with a copy engine to the DRAM slab
+            self.tiers[Tier.HBM] = hbm
+            self.policies[Tier.HBM] = make_eviction(config.hbm.policy if config.hbm else
+                                                    config.dram.policy, hbm.num_slots)
         self.counters: Counter[str] = Counter()
         self._namespaces: list[Namespace | dict] = []   # by ns id; dict = known only from disk
         self._ns_digests: list[bytes] = []
@@ -122,7 +129,19 @@ class Store:
             n = config.nvme
             nvme = NvmeTier(n.path, n.capacity_blocks, config.slot_bytes, direct_io=n.direct_io,
                             compression=n.compression, file_slots=n.file_slots)
-        return cls(config, dram, nvme, clock=clock)
+        hbm = None
+        if config.hbm is not None and config.hbm.capacity_blocks > 0:
+            if not config.dram.payload:
+                raise ConfigError("an hbm tier needs a DRAM tier that holds bytes")
+            from tierstore.tiers.hbm import HbmTier   # torch only where bytes meet a device
+
+            hbm = HbmTier(config.hbm.capacity_blocks, dram.slot_bytes, device=config.hbm.device)
+            if hbm.device.type == "cuda":   # pinned once at start, never on the hot path
+                from tierstore.tiers.pinning import HostPinning, default_registrar, pin_buffer
+                hbm.host_pinning = HostPinning(default_registrar())
+                pin_buffer(hbm.host_pinning, dram.buffer, dram.capacity_bytes, dram.slot_bytes)
+            hbm.attach_dram(dram)
+        return cls(config, dram, nvme, hbm, clock=clock)
 
     def _recover_nvme(self, nvme: DiskTier) -> None:
         for digest, desc in nvme.namespaces().items():
@@ -244,6 +263,8 @@ class Store:
             return 0
         if tier is Tier.DRAM and Tier.NVME in self.tiers:
             self._demote(victims)
+        elif tier is Tier.HBM:
+            self._move_hbm(victims, down=True)
         t = self.tiers[tier]
         for v in victims:
             h = self.res.get(v)
@@ -259,6 +280,39 @@ class Store:
         if s is None and self._make_room(tier, 1):
             s = t.alloc()
         return s
+
+    def _move_hbm(self, keys: list[BlockKey], down: bool) -> list[bool]:
+        """Copy blocks HBM -> DRAM (``down``) or DRAM -> HBM, one batched copy job, and record the
+        new slots; the source slot is left to the caller. A block whose destination slot cannot
+        be had (everything pinned) is not moved. Returns per key whether it now has the slot."""
+        hbm = self.tiers[Tier.HBM]
+        dst_tier = Tier.DRAM if down else Tier.HBM
+        src_tier = Tier.HBM if down else Tier.DRAM
+        moved = [False] * len(keys)
+        pairs: list[tuple[int, int, int]] = []      # (index, source slot, destination slot)
+        for i, k in enumerate(keys):
+            h = self.res.get(k)
+            if self.res.slot(h, dst_tier) >= 0:
+                moved[i] = True                      # already there (e.g. write-through copy)
+                continue
+            d = self._alloc(dst_tier)
+            if d is None:
+                self.counters[f"{dst_tier.label}_staging_failed"] += 1
+                continue
+            pairs.append((i, self.res.slot(h, src_tier), d))
+        if pairs:
+            src = [p[1] for p in pairs]
+            dst = [p[2] for p in pairs]
+            job = hbm.copy_to_dram(src, dst) if down else hbm.copy_from_dram(src, dst)
+            hbm.wait(job)
+            for i, _, d in pairs:
+                k = keys[i]
+                h = self.res.get(k)
+                self.res.set_slot(h, dst_tier, d)
+                self.policies[dst_tier].insert(k, self.res.size[h], None)
+                moved[i] = True
+            self.counters["demotions_hbm" if down else "promotions_hbm"] += len(pairs)
+        return moved
 
     def _demote(self, victims: list[BlockKey]) -> None:
         """Write DRAM victims that NVMe does not hold yet to NVMe (one batch)."""
@@ -321,35 +375,39 @@ class Store:
 
     # ---------------------------------------------------------------- store
     def prepare_store(self, keys: Sequence[BlockKey], namespace: Namespace, size_bytes: int, *,
-                      owner: str = LOCAL, parent: BlockKey | None = None) -> StoreJob:
+                      owner: str = LOCAL, parent: BlockKey | None = None,
+                      tier: Tier = Tier.DRAM) -> StoreJob:
         """Reserve DRAM slots for blocks of ``size_bytes`` each.
 
         Per key: ``PRESENT`` if resident or being stored by another job (nothing to write),
         ``SKIPPED`` if no slot could be freed (every victim pinned), else ``OK`` with a slot the
-        caller fills through ``slot_view``. ``parent`` is the block before ``keys[0]`` in its
+        caller fills through ``slot_view`` (``tier=Tier.HBM``: an HBM slot, filled through
+        ``hbm_tensor``; raises ConfigError without an HBM tier). ``parent`` is the block before ``keys[0]`` in its
         chain (for prefix-aware policies). Raises RejectedError if ``size_bytes`` exceeds
         ``slot_bytes``.
         """
         if size_bytes > self.config.slot_bytes or size_bytes <= 0:
             raise RejectedError(f"block of {size_bytes} bytes does not fit slots of "
                                 f"{self.config.slot_bytes} bytes")
+        if tier not in (Tier.DRAM, Tier.HBM) or tier not in self.tiers:
+            raise ConfigError(f"cannot store into tier {tier.label}: this store has no such tier")
         with self._lock:
             self._expire()
             ns_id = self._ns_id(namespace)
             slots: list[int | None] = []
             status: list[BlockStatus] = []
-            dram = self.tiers[Tier.DRAM]
+            target = self.tiers[tier]
             need = sum(1 for k in keys if k not in self.res and k not in self._pending_keys)
-            short = need - dram.slots.free_count
+            short = need - target.slots.free_count
             if short > 0:
-                self._make_room(Tier.DRAM, short)
+                self._make_room(tier, short)
             seen: set[BlockKey] = set()
             for k in keys:
                 if k in self.res or k in self._pending_keys or k in seen:
                     slots.append(None)
                     status.append(BlockStatus.PRESENT)
                     continue
-                s = self._alloc(Tier.DRAM)
+                s = self._alloc(tier)
                 if s is None:
                     slots.append(None)
                     status.append(BlockStatus.SKIPPED)
@@ -360,8 +418,9 @@ class Store:
                 status.append(BlockStatus.OK)
             self._pending_keys.update(seen)
             jid = next(self._job_ids)
-            self._stores[jid] = _PendingStore(owner, ns_id, size_bytes, list(keys), slots, status, parent)
-            return StoreJob(jid, list(keys), slots, status, size_bytes)
+            self._stores[jid] = _PendingStore(owner, ns_id, size_bytes, list(keys), slots, status,
+                                              parent, tier)
+            return StoreJob(jid, list(keys), slots, status, size_bytes, tier)
 
     def complete_store(self, job_id: int, ok: bool = True,
                        checksums: Sequence[int] | None = None) -> list[BlockStatus]:
@@ -372,19 +431,20 @@ class Store:
             if job is None:
                 raise JobError(f"unknown store job {job_id}")
             dram = self.tiers[Tier.DRAM]
-            pol = self.policies[Tier.DRAM]
+            target = self.tiers[job.tier]
+            pol = self.policies[job.tier]
             new: list[BlockKey] = []
             prev = job.parent
             for i, (k, s, st) in enumerate(zip(job.keys, job.slots, job.status)):
                 if st is BlockStatus.OK:
                     self._pending_keys.discard(k)
                     if not ok:
-                        dram.free(s)
+                        target.free(s)
                         job.status[i] = BlockStatus.FAILED
                         prev = k
                         continue
                     h = self.res.add(k, job.ns_id, job.size, checksums[i] if checksums else 0)
-                    self.res.set_slot(h, Tier.DRAM, s)
+                    self.res.set_slot(h, job.tier, s)
                     pol.insert(k, job.size, prev)
                     new.append(k)
                 elif st is BlockStatus.PRESENT and ok:
@@ -392,8 +452,9 @@ class Store:
                 prev = k
             if ok:
                 self.counters["stored_blocks"] += len(new)
-                self.counters["dram_bytes_written"] += len(new) * job.size
-                if new and self.config.nvme is not None and self.config.nvme.write_through \
+                self.counters[f"{job.tier.label}_bytes_written"] += len(new) * job.size
+                if new and job.tier is Tier.DRAM and self.config.nvme is not None \
+                        and self.config.nvme.write_through \
                         and Tier.NVME in self.tiers and getattr(dram, "holds_bytes", True):
                     admitted = [k for k in new
                                 if self.admission[Tier.NVME].admit(k, job.size).admitted]
@@ -410,45 +471,77 @@ class Store:
         self.policies[t].access(key)
 
     # ---------------------------------------------------------------- load
-    def prepare_load(self, keys: Sequence[BlockKey], *, owner: str = LOCAL) -> LoadJob:
-        """Pin and stage the longest loadable prefix of ``keys`` in DRAM.
+    def prepare_load(self, keys: Sequence[BlockKey], *, owner: str = LOCAL,
+                     into: Tier = Tier.DRAM) -> LoadJob:
+        """Pin and stage the longest loadable prefix of ``keys`` in tier ``into`` (DRAM, or HBM
+        for a GPU reader; ConfigError if the store has no such tier).
 
-        NVMe-only blocks are read into DRAM slots (promotion) and verified; the job stops at the
-        first block that is missing, corrupt or cannot be staged. The first ``num_ready``
-        blocks are readable through ``slot_view(slot)`` until ``complete_load``.
+        NVMe-only blocks are read into DRAM slots (promotion) and verified; blocks are then moved
+        between HBM and DRAM to reach ``into`` (exclusive tiers: a move, not a copy). The job
+        stops at the first block that is missing, corrupt or cannot be staged. The first
+        ``num_ready`` blocks are readable through ``slot_view(slot)`` (``hbm_tensor(slot)`` for
+        HBM) until ``complete_load``.
         """
+        if into not in (Tier.DRAM, Tier.HBM) or into not in self.tiers:
+            raise ConfigError(f"cannot load into tier {into.label}: this store has no such tier")
         with self._lock:
             self._expire()
             jid = next(self._job_ids)
             pin_owner = f"job:{jid}"
-            dram = self.tiers[Tier.DRAM]
             hs = longest_prefix(self.res, keys)
             status: list[BlockStatus] = [BlockStatus.MISSING] * len(keys)
+            came_from = [self.res.nearest(h) for h in hs]
             for k in keys[: len(hs)]:
                 self.pins.pin(pin_owner, k)
-            # stage NVMe-only blocks into DRAM
-            need = [i for i, h in enumerate(hs) if self.res.slot(h, Tier.DRAM) < 0]
+            slot = self.res.slot
+            # 1. NVMe-only blocks -> DRAM
+            need = [i for i, h in enumerate(hs)
+                    if slot(h, Tier.DRAM) < 0 and (Tier.HBM not in self.tiers or slot(h, Tier.HBM) < 0)]
             n_ok = len(hs)
             if need:
                 n_ok = self._promote(keys, hs, need, status)
-            promoted = set(need)
+            # 2. between HBM and DRAM, towards ``into``
+            if Tier.HBM in self.tiers and n_ok:
+                src = Tier.HBM if into is Tier.DRAM else Tier.DRAM
+                move = [i for i in range(n_ok) if slot(hs[i], into) < 0]
+                if move:
+                    moved = self._move_hbm([keys[i] for i in move], down=into is Tier.DRAM)
+                    for i, ok in zip(move, moved):
+                        if not ok:
+                            status[i] = BlockStatus.FAILED
+                            n_ok = min(n_ok, i)
+                            break
+                    for i, ok in zip(move, moved):
+                        if ok and self.config.exclusive and i < n_ok and \
+                                not (src is Tier.DRAM and self._persisted(hs[i])):
+                            self._release_slot(keys[i], hs[i], src)
             slots: list[int] = []
             sizes: list[int] = []
             for i in range(n_ok):
                 h = hs[i]
-                slots.append(self.res.slot(h, Tier.DRAM))
+                slots.append(slot(h, into))
                 sizes.append(self.res.size[h])
                 status[i] = BlockStatus.OK
-                if i not in promoted:
-                    self.policies[Tier.DRAM].access(keys[i])
-                self.counters["load_hits_nvme" if i in promoted else "load_hits_dram"] += 1
+                if came_from[i] is into:
+                    self.policies[into].access(keys[i])
+                self.counters[f"load_hits_{came_from[i].label}"] += 1
             for k in keys[n_ok: len(hs)]:
                 if self.pins.held(pin_owner).get(k):
                     self.pins.unpin(pin_owner, k)
             self.counters["loaded_blocks"] += n_ok
             self.counters["load_bytes"] += sum(sizes)
             self._loads[jid] = _PendingLoad(owner, list(keys[:n_ok]), pin_owner, sizes)
-            return LoadJob(jid, list(keys), slots, status, sizes)
+            return LoadJob(jid, list(keys), slots, status, sizes, into)
+
+    def _persisted(self, h: int) -> bool:
+        """A DRAM copy that write-through keeps (the block is on NVMe too) is not freed by a move."""
+        return False
+
+    def _release_slot(self, key: BlockKey, h: int, tier: Tier) -> None:
+        """Drop ``key``'s copy in ``tier`` (it lives on elsewhere)."""
+        s = self.res.clear_slot(h, tier)
+        self.policies[tier].remove(key)
+        self.tiers[tier].free(s)
 
     def _promote(self, keys: Sequence[BlockKey], hs: list[int], need: list[int],
                  status: list[BlockStatus]) -> int:
@@ -528,6 +621,14 @@ class Store:
     def slot_view(self, slot: int) -> memoryview:
         """Writable view of a DRAM slot (``slot_bytes`` long) of a prepared job."""
         return self.tiers[Tier.DRAM].view(slot)
+
+    def hbm_tensor(self, slot: int):
+        """The ``[slot_bytes]`` uint8 torch view of an HBM slot of a prepared job (on the tier's
+        device). Raises ConfigError without an HBM tier."""
+        hbm = self.tiers.get(Tier.HBM)
+        if hbm is None:
+            raise ConfigError("this store has no hbm tier")
+        return hbm.tensor(slot)
 
     def put(self, keys: Sequence[BlockKey], namespace: Namespace, blocks: Sequence[bytes | memoryview],
             *, owner: str = LOCAL, parent: BlockKey | None = None) -> list[BlockStatus]:
@@ -722,8 +823,15 @@ class Store:
                 self.complete_store(jid, ok=False)
             for jid in list(self._loads):
                 self.complete_load(jid, ok=False)
-            for t in self.tiers.values():
-                t.close()
+            hbm = self.tiers.get(Tier.HBM)
+            if hbm is not None:   # its copy engine holds views of the DRAM slab: close it first
+                hbm.close()
+                pinning = getattr(hbm, "host_pinning", None)
+                if pinning is not None:
+                    pinning.unpin()
+            for t, tier in self.tiers.items():
+                if t is not Tier.HBM:
+                    tier.close()
             self._closed = True
 
     def __enter__(self) -> "Store":

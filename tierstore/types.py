@@ -89,6 +89,7 @@ class StoreJob:
     slots: list[int | None]
     status: list[BlockStatus]
     size_bytes: int
+    tier: Tier = Tier.DRAM   # the tier the slots belong to (DRAM, or HBM for a GPU writer)
 
 
 @dataclass
@@ -105,6 +106,7 @@ class LoadJob:
     slots: list[int]
     status: list[BlockStatus]
     sizes: list[int] = field(default_factory=list)
+    tier: Tier = Tier.DRAM   # the tier the slots belong to (``into`` of prepare_load)
 
     @property
     def num_ready(self) -> int:
