@@ -98,11 +98,27 @@ class WorkerSide:
         live in the store). Idempotent."""
         self._suspended = False
 
+    def _pin_slab(self, buf, slot_bytes: int) -> None:
+        """With the KV cache on a GPU, register the DRAM slab mapping with CUDA once (pageable
+        copies run at 7-13 GB/s against 55 GB/s pinned on an H200). A failed registration is
+        rolled back by tiers/pinning.py and leaves the copies correct, only slower."""
+        if self.kv.device.type != "cuda":
+            return
+        from tierstore.tiers.pinning import HostPinning, default_registrar, pin_buffer
+
+        if getattr(self, "_pinning", None) is not None:
+            self._pinning.unpin()
+        self._pinning = HostPinning(default_registrar())
+        r = pin_buffer(self._pinning, buf, len(buf), slot_bytes)
+        if not r.pinned:
+            logger.warning("tierstore: DRAM slab not pinned (%s); copies run unpinned", r.error)
+
     def _ensure_engine(self) -> CopyEngine:
         buf, num_slots, slot_bytes = slab_of(self.client)
         if self.engine is None or buf is not self._slab_src:   # first use, or daemon restarted
             if self.engine is not None:
                 self.engine.close()
+            self._pin_slab(buf, slot_bytes)
             slab = slab_tensor(buf, num_slots, slot_bytes)
             self.engine = CopyEngine(self.kv, slab, chunk_blocks=32,
                                      max_job_blocks=min(self.kv.num_blocks, 8192), max_inflight=2)
