@@ -165,12 +165,19 @@ class ReadJob:
             self.blocks_ok[i] = 1
             self.bytes_moved += nbytes
 
-    def part_done(self, error: BaseException | None = None) -> None:
-        """A part stopped writing into local slots (successfully or not)."""
+    def record_error(self, error: BaseException) -> None:
+        """Keep the first error as the job's cause. A part that fails calls this before it
+        tears down the other parts, so their secondary errors (a closed stream) never mask it."""
         with self._cond:
-            if error is not None and self.error is None and not self._cancel_requested:
+            if self.error is None and not self._cancel_requested:
                 self.error = error if isinstance(error, TransferFailed) else \
                     TransferFailed(f"{type(error).__name__}: {error}")
+
+    def part_done(self, error: BaseException | None = None) -> None:
+        """A part stopped writing into local slots (successfully or not)."""
+        if error is not None:
+            self.record_error(error)
+        with self._cond:
             self._parts_left -= 1
             if self._parts_left == 0:
                 if self._cancel_requested:

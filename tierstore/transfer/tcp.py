@@ -105,6 +105,7 @@ class TcpLink(Link):
                 self._run_part(st, job, part, checksums)
             except BaseException as e:   # recorded on the job; the worker lives on
                 err = e
+                job.record_error(e)      # the cause, before the other streams see closed sockets
                 self._drop(st)
                 if not job.cancel_requested:
                     self._shutdown_job(job)
