@@ -123,6 +123,16 @@ def simulate(reqs: list[list], policy, capacity_blocks: int, order: str = "store
     return {"block_hit_ratio": hit / total, "ops": ops, "seconds": dt, "us_per_op": dt / max(ops, 1) * 1e6}
 
 
+def _hit_prefix(h: list, held: set) -> int:
+    """How many leading blocks of request ``h`` are in ``held`` (a prefix hit)."""
+    k = 0
+    for b in h:
+        if b not in held:
+            break
+        k += 1
+    return k
+
+
 def _simulate_interleaved(reqs: list[list], policy, capacity_blocks: int) -> dict:
     """The reference simulator's order: per block, touch it or (evict while full; insert)."""
     resident: set = set()
@@ -130,13 +140,7 @@ def _simulate_interleaved(reqs: list[list], policy, capacity_blocks: int) -> dic
     hit = total = ops = 0
     t0 = time.perf_counter()
     for h in reqs:
-        k = 0
-        for b in h:
-            if b in resident:
-                k += 1
-            else:
-                break
-        hit += k
+        hit += _hit_prefix(h, resident)
         total += len(h)
         parent = None
         for b in h:
@@ -171,13 +175,7 @@ def belady(reqs: list[list], capacity_blocks: int) -> float:
     heap: list = []
     hit = total = 0
     for h in reqs:
-        k = 0
-        for b in h:
-            if b in cache:
-                k += 1
-            else:
-                break
-        hit += k
+        hit += _hit_prefix(h, cache)
         total += len(h)
         for b in h:
             q = future[b]

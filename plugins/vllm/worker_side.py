@@ -137,12 +137,18 @@ class WorkerSide:
                 continue
             self._load(spec)
 
-    def _load(self, spec: LoadSpec) -> None:
+    def _rank_blocks(self, spec: LoadSpec | SaveSpec) -> tuple[list[bytes], list[int]]:
+        """This rank's keys of ``spec`` and the vLLM block ids they go with, the partial tail
+        block (a P/D hand-off's) last when there is one."""
         keys = list(spec.keys[self.rank])
         block_ids = list(spec.block_ids)
         if spec.tail_keys is not None and spec.tail_block_id is not None:
             keys.append(spec.tail_keys[self.rank])
             block_ids.append(spec.tail_block_id)
+        return keys, block_ids
+
+    def _load(self, spec: LoadSpec) -> None:
+        keys, block_ids = self._rank_blocks(spec)
         if not keys:
             return
         n_ok = 0
@@ -190,11 +196,7 @@ class WorkerSide:
             self._save(spec)
 
     def _save(self, spec: SaveSpec) -> None:
-        keys = list(spec.keys[self.rank])
-        block_ids = list(spec.block_ids)
-        if spec.tail_keys is not None and spec.tail_block_id is not None:
-            keys.append(spec.tail_keys[self.rank])
-            block_ids.append(spec.tail_block_id)
+        keys, block_ids = self._rank_blocks(spec)
         if not keys:
             return
         try:

@@ -101,22 +101,33 @@ class DaemonProc:
     def kill(self) -> None:
         """Teardown: SIGTERM (clean stop), SIGKILL after 10 s; then remove a slab a killed
         daemon left in /dev/shm (nobody would restart it on this temp dir)."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        from tierstore.daemon.server import shm_prefix
+        stop_daemon(self.proc, self.data_dir)
 
-        prefix = shm_prefix(self.data_dir)
-        for name in os.listdir("/dev/shm"):
-            if name.startswith(prefix):
-                try:
-                    os.unlink(os.path.join("/dev/shm", name))
-                except OSError:
-                    pass
+
+def stop_process(proc: subprocess.Popen | None) -> None:
+    """SIGTERM ``proc`` if it still runs, SIGKILL it after 10 s; returns once it has exited."""
+    if proc is not None and proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+
+
+def stop_daemon(proc: subprocess.Popen | None, data_dir: Path) -> None:
+    """Teardown of a daemon process: ``stop_process``, then remove any slab it left in
+    /dev/shm for ``data_dir`` (nobody would restart it on this temp dir)."""
+    stop_process(proc)
+    from tierstore.daemon.server import shm_prefix
+
+    prefix = shm_prefix(data_dir)
+    for name in os.listdir("/dev/shm"):
+        if name.startswith(prefix):
+            try:
+                os.unlink(os.path.join("/dev/shm", name))
+            except OSError:
+                pass
 
 
 def python(code: str, *args: str, timeout_s: float = 30.0) -> subprocess.CompletedProcess:

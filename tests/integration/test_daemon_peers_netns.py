@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -36,7 +35,10 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, os.path.dirname(__file__))
+from netns_support import (ROOT, NetnsDaemon, bridged_nodes, etcd_or_skip, in_netns,  # noqa: E402
+                           netns_env, start_etcd, stop_process)
+
 PID = os.getpid()
 TAG = f"tdp{PID % 100000}"
 NET = 1 + (PID + 97) % 250
@@ -97,83 +99,12 @@ CLIENT = textwrap.dedent(r'''
 ''')
 
 
-def _ip(*args, check=True):
-    return subprocess.run(["ip", *args], check=check, capture_output=True, text=True, timeout=10)
-
-
-def _env(secret: str) -> dict:
-    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-               TIERSTORE_SECRET=secret)
-    env.pop("TIERSTORE_SECRET_FILE", None)
-    env.pop("TIERSTORE_CONFIG", None)
-    return env
-
-
-class Node:
+class Node(NetnsDaemon):
     def __init__(self, name: str, ns: str, addr: str, tmp: Path, peers: list[str], secret: str,
                  dram_blocks: int, *, port: int = PORT, extra: str = "") -> None:
-        self.name, self.ns, self.addr, self.secret = name, ns, addr, secret
-        self.data_dir = tmp / f"data-{name}"
-        self.socket = tmp / f"{name}.sock"
-        self.log = tmp / f"daemon-{name}.log"
-        self.config = tmp / f"{name}.toml"
-        self.config.write_text(textwrap.dedent(f"""
-            [daemon]
-            drain_timeout_s = 1.0
-            [store]
-            slot_bytes = {SLOT}
-            [dram]
-            capacity_blocks = {dram_blocks}
-            [peers]
-            enabled = true
-            node = "{name}"
-            host = "{addr}"
-            port = {port}
-            peers = {json.dumps(peers)}
-            timeout_s = {TIMEOUT_S}
-            connect_timeout_s = 1.0
-            retry_s = 0.5
-            """) + extra)
-        self.proc: subprocess.Popen | None = None
-
-    def start(self, timeout_s: float = 20.0) -> "Node":
-        with open(self.log, "ab") as logf:
-            self.proc = subprocess.Popen(
-                ["ip", "netns", "exec", self.ns, sys.executable, "-m", "tierstore.daemon",
-                 "--data-dir", str(self.data_dir), "--socket", str(self.socket),
-                 "--config", str(self.config)],
-                stdout=logf, stderr=logf, env=_env(self.secret), cwd=str(ROOT))
-        deadline = time.monotonic() + timeout_s
-        while "tierstore daemon ready" not in self.log_text():
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise AssertionError(f"daemon {self.name} did not start: {self.log_text()}")
-            time.sleep(0.05)
-        return self
-
-    def log_text(self) -> str:
-        try:
-            return self.log.read_text(errors="replace")[-4000:]
-        except OSError:
-            return ""
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        from tierstore.daemon.server import shm_prefix
-
-        prefix = shm_prefix(self.data_dir)
-        for name in os.listdir("/dev/shm"):
-            if name.startswith(prefix):
-                try:
-                    os.unlink(os.path.join("/dev/shm", name))
-                except OSError:
-                    pass
+        super().__init__(name, ns, addr, tmp, peers, env=netns_env(secret), port=port,
+                         slot_bytes=SLOT, dram={"capacity_blocks": dram_blocks},
+                         timeout_s=TIMEOUT_S, connect_timeout_s=1.0, extra=extra)
 
     # clients, inside this node's namespace
     def client(self, mode: str, timeout_s: float = 40.0, n: int = N) -> dict:
@@ -190,63 +121,39 @@ class Node:
 
     def spawn_client(self, mode: str, n: int = N) -> subprocess.Popen:
         args = {"mode": mode, "socket": str(self.socket), "n": n, "slot": SLOT}
-        return subprocess.Popen(["ip", "netns", "exec", self.ns, sys.executable, "-u", "-c",
-                                 CLIENT, json.dumps(args)], stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True, env=_env(self.secret),
-                                cwd=str(ROOT))
+        return subprocess.Popen(in_netns(self.ns, sys.executable, "-u", "-c", CLIENT,
+                                         json.dumps(args)), stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, env=self.env, cwd=str(ROOT))
 
     def cli(self, *argv: str, timeout_s: float = 30.0) -> subprocess.CompletedProcess:
-        return subprocess.run(["ip", "netns", "exec", self.ns, sys.executable, "-m",
-                               "tierstore_admin.app", *argv, "--socket", str(self.socket)],
-                              capture_output=True, text=True, timeout=timeout_s,
-                              env=_env(self.secret), cwd=str(ROOT))
+        return subprocess.run(in_netns(self.ns, sys.executable, "-m", "tierstore_admin.app",
+                                       *argv, "--socket", str(self.socket)),
+                              capture_output=True, text=True, timeout=timeout_s, env=self.env,
+                              cwd=str(ROOT))
 
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    if shutil.which("ip") is None:
-        pytest.skip("iproute2 missing")
-    names = {n: f"{TAG}{n}" for n in "abcs"}
-    if _ip("netns", "add", names["s"], check=False).returncode != 0:
-        pytest.skip("cannot create network namespaces (need root)")
-    made = [names["s"]]
     nodes: dict[str, Node] = {}
-    try:
-        _ip("-n", names["s"], "link", "add", "br0", "type", "bridge")
-        _ip("-n", names["s"], "link", "set", "br0", "up")
-        addrs, devs = {}, {}
-        for i, n in enumerate("abc", start=1):
-            ns = names[n]
-            _ip("netns", "add", ns)
-            made.append(ns)
-            host, sw = f"{TAG}h{n}", f"{TAG}w{n}"
-            _ip("link", "add", host, "type", "veth", "peer", "name", sw)
-            _ip("link", "set", host, "netns", ns)
-            _ip("link", "set", sw, "netns", names["s"])
-            _ip("-n", names["s"], "link", "set", sw, "master", "br0")
-            _ip("-n", names["s"], "link", "set", sw, "up")
-            addrs[n] = f"169.254.{NET}.{i}"
-            devs[n] = host
-            _ip("-n", ns, "addr", "add", f"{addrs[n]}/24", "dev", host)
-            _ip("-n", ns, "link", "set", host, "up")
-            _ip("-n", ns, "link", "set", "lo", "up")
-        tmp = tmp_path_factory.mktemp("dpeers")
-        ep = {n: f"{addrs[n]}:{PORT}" for n in "abc"}
-        nodes["a"] = Node("A", names["a"], addrs["a"], tmp, [f"B={ep['b']}", f"C={ep['c']}"],
-                          SECRET, 2 * N + 100)
-        nodes["b"] = Node("B", names["b"], addrs["b"], tmp, [f"A={ep['a']}", f"C={ep['c']}"],
-                          SECRET, 2 * N + 100)
-        nodes["c"] = Node("C", names["c"], addrs["c"], tmp, [f"A={ep['a']}"], OTHER_SECRET, 64)
-        for n in nodes.values():
-            n.start()
-        put = nodes["a"].client("put")
-        assert put == {"chain1": N, "chain2": N}
-        yield {"nodes": nodes, "names": names, "devs": devs, "addrs": addrs, "tmp": tmp}
-    finally:
-        for n in nodes.values():
-            n.stop()
-        for ns in made:
-            _ip("netns", "del", ns, check=False)
+    with bridged_nodes(TAG, NET) as topo:
+        names, addrs = topo["names"], topo["addrs"]
+        try:
+            tmp = tmp_path_factory.mktemp("dpeers")
+            ep = {n: f"{addrs[n]}:{PORT}" for n in "abc"}
+            nodes["a"] = Node("A", names["a"], addrs["a"], tmp,
+                              [f"B={ep['b']}", f"C={ep['c']}"], SECRET, 2 * N + 100)
+            nodes["b"] = Node("B", names["b"], addrs["b"], tmp,
+                              [f"A={ep['a']}", f"C={ep['c']}"], SECRET, 2 * N + 100)
+            nodes["c"] = Node("C", names["c"], addrs["c"], tmp, [f"A={ep['a']}"],
+                              OTHER_SECRET, 64)
+            for n in nodes.values():
+                n.start()
+            put = nodes["a"].client("put")
+            assert put == {"chain1": N, "chain2": N}
+            yield {**topo, "nodes": nodes, "tmp": tmp}
+        finally:
+            for n in nodes.values():
+                n.stop()
 
 
 def test_b_fetches_1000_blocks_from_a_through_the_daemons(cluster):
@@ -309,29 +216,16 @@ def test_nodes_find_each_other_through_etcd(cluster):
     """Daemons D (in B's namespace) and E (in C's) use etcd membership (a real etcd started here
     inside C's namespace): E finds D's blocks without any static list and fetches them; when D
     stops, its lease is revoked and E's membership drops it."""
-    etcd = shutil.which("etcd")
-    if etcd is None:
-        pytest.skip("etcd-server is not installed (apt-get install -y etcd-server)")
-    try:
-        import etcd3gw  # noqa: F401
-    except ImportError:
-        pytest.skip("etcd3gw is not installed")
+    etcd = etcd_or_skip()
     names, addrs, tmp = cluster["names"], cluster["addrs"], cluster["tmp"]
     c_addr = addrs["c"]
-    ep = subprocess.Popen(
-        ["ip", "netns", "exec", names["c"], etcd, "--name", TAG, "--data-dir", str(tmp / "etcd"),
-         "--listen-client-urls", f"http://{c_addr}:23790",
-         "--advertise-client-urls", f"http://{c_addr}:23790",
-         "--listen-peer-urls", "http://127.0.0.1:23800",
-         "--initial-advertise-peer-urls", "http://127.0.0.1:23800",
-         "--initial-cluster", f"{TAG}=http://127.0.0.1:23800"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ep = start_etcd(etcd, names["c"], c_addr, TAG, tmp / "etcd")
     extra = f'etcd = ["{c_addr}:23790"]\nlease_ttl_s = 2\n'
     d = Node("D", names["b"], addrs["b"], tmp, [], SECRET, 300, port=PORT + 1, extra=extra)
     e = Node("E", names["c"], addrs["c"], tmp, [], SECRET, 300, port=PORT + 1, extra=extra)
     try:
-        w = subprocess.run(["ip", "netns", "exec", names["c"], sys.executable, "-c", WAIT_PORT,
-                            c_addr, "23790"], timeout=30)
+        w = subprocess.run(in_netns(names["c"], sys.executable, "-c", WAIT_PORT, c_addr, "23790"),
+                           timeout=30)
         assert w.returncode == 0, "etcd did not come up"
         d.start()
         e.start()
@@ -352,13 +246,7 @@ def test_nodes_find_each_other_through_etcd(cluster):
     finally:
         d.stop()
         e.stop()
-        if ep.poll() is None:
-            ep.terminate()
-            try:
-                ep.wait(10)
-            except subprocess.TimeoutExpired:
-                ep.kill()
-                ep.wait(10)
+        stop_process(ep)
 
 
 def test_killing_a_mid_fetch_fails_bs_job_and_lookups_then_miss(cluster):
@@ -366,9 +254,9 @@ def test_killing_a_mid_fetch_fails_bs_job_and_lookups_then_miss(cluster):
     daemon is SIGKILLed after 1 s: B's fetch_remote raises TransferFailed within the timeout,
     no block of chain 2 became visible on B, and B's lookups then miss A's blocks."""
     nodes, names, devs = cluster["nodes"], cluster["names"], cluster["devs"]
-    tc = subprocess.run(["ip", "netns", "exec", names["a"], "tc", "qdisc", "add", "dev",
-                         devs["a"], "root", "tbf", "rate", "80mbit", "burst", "64kb",
-                         "latency", "200ms"], capture_output=True, text=True, timeout=10)
+    tc = subprocess.run(in_netns(names["a"], "tc", "qdisc", "add", "dev", devs["a"], "root",
+                                 "tbf", "rate", "80mbit", "burst", "64kb", "latency", "200ms"),
+                        capture_output=True, text=True, timeout=10)
     if tc.returncode != 0:
         pytest.skip(f"tc tbf unavailable: {tc.stderr.strip()}")
     p = nodes["b"].spawn_client("fetch-kill")

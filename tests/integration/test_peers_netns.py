@@ -17,17 +17,17 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
 import textwrap
 import time
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, os.path.dirname(__file__))
+from netns_support import bridged_nodes, etcd_or_skip, in_netns, netns_env, start_etcd  # noqa: E402
+
 PID = os.getpid()
 NET = 1 + PID % 250
 SECRET_HEX = "ab" * 32
@@ -105,50 +105,17 @@ NODE = textwrap.dedent(r'''
 ''')
 
 
-def _ip(*args, check=True):
-    return subprocess.run(["ip", *args], check=check, capture_output=True, text=True, timeout=10)
-
-
 @pytest.fixture(scope="module")
 def netns(tmp_path_factory):
-    if shutil.which("ip") is None:
-        pytest.skip("iproute2 missing")
-    names = {n: f"ts{PID}{n}" for n in "abcs"}
-    if _ip("netns", "add", names["s"], check=False).returncode != 0:
-        pytest.skip("cannot create network namespaces (need root)")
-    made = [names["s"]]
-    try:
-        _ip("-n", names["s"], "link", "add", "br0", "type", "bridge")
-        _ip("-n", names["s"], "link", "set", "br0", "up")
-        addrs = {}
-        for i, n in enumerate("abc", start=1):
-            ns = names[n]
-            _ip("netns", "add", ns)
-            made.append(ns)
-            host, sw = f"tse{PID % 100000}{n}", f"tsp{PID % 100000}{n}"
-            _ip("link", "add", host, "type", "veth", "peer", "name", sw)
-            _ip("link", "set", host, "netns", ns)
-            _ip("link", "set", sw, "netns", names["s"])
-            _ip("-n", names["s"], "link", "set", sw, "master", "br0")
-            _ip("-n", names["s"], "link", "set", sw, "up")
-            addrs[n] = f"169.254.{NET}.{i}"
-            _ip("-n", ns, "addr", "add", f"{addrs[n]}/24", "dev", host)
-            _ip("-n", ns, "link", "set", host, "mtu", "9000")
-            _ip("-n", names["s"], "link", "set", sw, "mtu", "9000")
-            _ip("-n", ns, "link", "set", host, "up")
-            _ip("-n", ns, "link", "set", "lo", "up")
-        yield {"names": names, "addrs": addrs, "tmp": tmp_path_factory.mktemp("netns")}
-    finally:
-        for ns in made:
-            _ip("netns", "del", ns, check=False)
+    with bridged_nodes(f"ts{PID}", NET, mtu=9000) as topo:
+        yield {**topo, "tmp": tmp_path_factory.mktemp("netns")}
 
 
-ENV = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-           TIERSTORE_SECRET=SECRET_HEX)
+ENV = netns_env(SECRET_HEX)
 
 
 def _spawn(netns, node, args):
-    cmd = ["ip", "netns", "exec", netns["names"][node], sys.executable, "-c", NODE, json.dumps(args)]
+    cmd = in_netns(netns["names"][node], sys.executable, "-c", NODE, json.dumps(args))
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=ENV)
 
@@ -188,22 +155,9 @@ def test_b_fetches_1000_blocks_from_a_byte_exact(netns):
 
 
 def test_c_finds_a_through_etcd(netns):
-    etcd = shutil.which("etcd")
-    if etcd is None:
-        pytest.skip("etcd-server is not installed (apt-get install -y etcd-server)")
-    try:
-        import etcd3gw  # noqa: F401
-    except ImportError:
-        pytest.skip("etcd3gw is not installed (pip install etcd3gw)")
+    etcd = etcd_or_skip()
     a = netns["addrs"]["a"]
-    data = netns["tmp"] / "etcd"
-    ep = subprocess.Popen(
-        ["ip", "netns", "exec", netns["names"]["a"], etcd, "--name", "ts", "--data-dir", str(data),
-         "--listen-client-urls", f"http://{a}:23790", "--advertise-client-urls", f"http://{a}:23790",
-         "--listen-peer-urls", "http://127.0.0.1:23800",
-         "--initial-advertise-peer-urls", "http://127.0.0.1:23800",
-         "--initial-cluster", "ts=http://127.0.0.1:23800"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ep = start_etcd(etcd, netns["names"]["a"], a, "ts", netns["tmp"] / "etcd")
     srv = None
     try:
         time.sleep(1.0)

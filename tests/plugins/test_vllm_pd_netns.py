@@ -30,10 +30,8 @@ from __future__ import annotations
 import json
 import os
 import random
-import shutil
 import subprocess
 import sys
-import textwrap
 import threading
 import time
 from dataclasses import dataclass
@@ -49,7 +47,10 @@ from tierstore_plugins.vllm.backend import Geometry
 from tierstore_plugins.vllm.metadata import PluginSettings
 from tierstore_plugins.vllm.scheduler_side import PeerFetcher, SchedulerSide
 
-ROOT = Path(__file__).resolve().parents[2]
+# the namespace and daemon helpers shared with tests/integration
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "integration"))
+from netns_support import ROOT, NetnsDaemon, in_netns, netns_env, paired_nodes  # noqa: E402
+
 RUNNER = Path(__file__).with_name("vllm_e2e_runner.py")
 CONNECTOR_MODULE = "tierstore_plugins.vllm.connector"
 PID = os.getpid()
@@ -223,85 +224,14 @@ def test_a_fetch_past_its_deadline_is_given_up():
 
 
 # ---------------------------------------------------------------------------- two namespaces
-def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    return subprocess.run(["ip", *args], check=check, capture_output=True, text=True, timeout=10)
-
-
 def _env() -> dict:
-    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-               TIERSTORE_SECRET=SECRET, VLLM_ENABLE_V1_MULTIPROCESSING="0",
-               VLLM_CPU_KVCACHE_SPACE="1")
-    for k in ("TIERSTORE_SECRET_FILE", "TIERSTORE_CONFIG"):
-        env.pop(k, None)
-    return env
+    return netns_env(SECRET, VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_CPU_KVCACHE_SPACE="1")
 
 
-class Daemon:
+def _daemon(name: str, ns: str, addr: str, tmp: Path, peers: list[str]) -> NetnsDaemon:
     """A tierstore daemon inside namespace ``ns``, peered with ``peers``."""
-
-    def __init__(self, name: str, ns: str, addr: str, tmp: Path, peers: list[str]) -> None:
-        self.name, self.ns = name, ns
-        self.data_dir = tmp / f"data-{name}"
-        self.socket = tmp / f"{name}.sock"
-        self.log = tmp / f"daemon-{name}.log"
-        self.config = tmp / f"{name}.toml"
-        self.config.write_text(textwrap.dedent(f"""
-            [daemon]
-            drain_timeout_s = 1.0
-            [store]
-            slot_bytes = "16KiB"
-            [dram]
-            capacity = "64MiB"
-            [peers]
-            enabled = true
-            node = "{name}"
-            host = "{addr}"
-            port = {PORT}
-            peers = {json.dumps(peers)}
-            timeout_s = 5.0
-            connect_timeout_s = 2.0
-            retry_s = 0.5
-            """))
-        self.proc: subprocess.Popen | None = None
-
-    def start(self, timeout_s: float = 30.0) -> "Daemon":
-        with open(self.log, "ab") as logf:
-            self.proc = subprocess.Popen(
-                ["ip", "netns", "exec", self.ns, sys.executable, "-m", "tierstore.daemon",
-                 "--data-dir", str(self.data_dir), "--socket", str(self.socket),
-                 "--config", str(self.config)],
-                stdout=logf, stderr=logf, env=_env(), cwd=str(ROOT))
-        deadline = time.monotonic() + timeout_s
-        while "tierstore daemon ready" not in self.log_text():
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise AssertionError(f"daemon {self.name} did not start: {self.log_text()}")
-            time.sleep(0.05)
-        return self
-
-    def log_text(self) -> str:
-        try:
-            return self.log.read_text(errors="replace")[-4000:]
-        except OSError:
-            return ""
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        from tierstore.daemon.server import shm_prefix
-
-        prefix = shm_prefix(self.data_dir)
-        for name in os.listdir("/dev/shm"):
-            if name.startswith(prefix):
-                try:
-                    os.unlink(os.path.join("/dev/shm", name))
-                except OSError:
-                    pass
+    return NetnsDaemon(name, ns, addr, tmp, peers, env=_env(), port=PORT, slot_bytes="16KiB",
+                       dram={"capacity": "64MiB"}, timeout_s=5.0, connect_timeout_s=2.0)
 
 
 @pytest.fixture
@@ -309,36 +239,20 @@ def two_nodes(tmp_path):
     """Namespaces A and B joined by a veth pair, a daemon in each, peered with the other."""
     pytest.importorskip("vllm")
     pytest.importorskip("msgpack")
-    if shutil.which("ip") is None:
-        pytest.skip("iproute2 missing")
-    ns = {n: f"{TAG}{n}" for n in "ab"}
-    if _ip("netns", "add", ns["a"], check=False).returncode != 0:
-        pytest.skip("cannot create network namespaces (need root)")
-    made = [ns["a"]]
-    daemons: list[Daemon] = []
-    try:
-        _ip("netns", "add", ns["b"])
-        made.append(ns["b"])
-        va, vb = f"{TAG}va", f"{TAG}vb"
-        _ip("link", "add", va, "type", "veth", "peer", "name", vb)
-        addr = {"a": f"169.254.{NET}.1", "b": f"169.254.{NET}.2"}
-        for n, dev in (("a", va), ("b", vb)):
-            _ip("link", "set", dev, "netns", ns[n])
-            _ip("-n", ns[n], "addr", "add", f"{addr[n]}/30", "dev", dev)
-            _ip("-n", ns[n], "link", "set", dev, "up")
-            _ip("-n", ns[n], "link", "set", "lo", "up")
-        a = Daemon("A", ns["a"], addr["a"], tmp_path, [f"B={addr['b']}:{PORT}"])
-        daemons.append(a)
-        b = Daemon("B", ns["b"], addr["b"], tmp_path, [f"A={addr['a']}:{PORT}"])
-        daemons.append(b)
-        a.start()
-        b.start()
-        yield {"a": a, "b": b, "tmp": tmp_path}
-    finally:
-        for d in daemons:
-            d.stop()
-        for n in made:
-            _ip("netns", "del", n, check=False)
+    daemons: list[NetnsDaemon] = []
+    with paired_nodes(TAG, NET) as topo:
+        ns, addr = topo["names"], topo["addrs"]
+        try:
+            a = _daemon("A", ns["a"], addr["a"], tmp_path, [f"B={addr['b']}:{PORT}"])
+            daemons.append(a)
+            b = _daemon("B", ns["b"], addr["b"], tmp_path, [f"A={addr['a']}:{PORT}"])
+            daemons.append(b)
+            a.start(timeout_s=30.0)
+            b.start(timeout_s=30.0)
+            yield {"a": a, "b": b, "tmp": tmp_path}
+        finally:
+            for d in daemons:
+                d.stop()
 
 
 def connector(role: str, **extra) -> dict:
@@ -355,8 +269,8 @@ class Engine:
         self.out = out
         pf = out.with_suffix(".prompts.json")
         pf.write_text(json.dumps(prompts))
-        cmd = ["ip", "netns", "exec", ns, sys.executable, str(RUNNER), "run", "--model", model,
-               "--prompts", str(pf), "--out", str(out), "--max-tokens", str(max_tokens)]
+        cmd = in_netns(ns, sys.executable, str(RUNNER), "run", "--model", model,
+                       "--prompts", str(pf), "--out", str(out), "--max-tokens", str(max_tokens))
         if conn is not None:
             cmd += ["--connector", json.dumps(conn)]
         if not prefix_caching:

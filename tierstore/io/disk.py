@@ -89,12 +89,17 @@ def _advance(bufs: list[memoryview], done: int) -> list[memoryview]:
     return out
 
 
-def write_vec(fd: int, bufs: Sequence, offset: int, *, direct: bool = False) -> None:
-    """Write all of ``bufs`` at ``offset`` (retries short writes; OSError on failure)."""
+def _byte_views(bufs: Sequence, offset: int, direct: bool) -> tuple[list[memoryview], int]:
+    """Byte views of ``bufs`` and their total size (alignment checked first for O_DIRECT)."""
     if direct:
         _check_aligned(bufs, offset)
     views = [memoryview(b).cast("B") for b in bufs]
-    total = sum(v.nbytes for v in views)
+    return views, sum(v.nbytes for v in views)
+
+
+def write_vec(fd: int, bufs: Sequence, offset: int, *, direct: bool = False) -> None:
+    """Write all of ``bufs`` at ``offset`` (retries short writes; OSError on failure)."""
+    views, total = _byte_views(bufs, offset, direct)
     done = 0
     while done < total:
         n = _sys_pwritev(fd, views if done == 0 else _advance(views, done), offset + done)
@@ -105,10 +110,7 @@ def write_vec(fd: int, bufs: Sequence, offset: int, *, direct: bool = False) -> 
 
 def read_vec(fd: int, bufs: Sequence, offset: int, *, direct: bool = False) -> int:
     """Read into ``bufs`` from ``offset``; returns bytes read (less than asked only at EOF)."""
-    if direct:
-        _check_aligned(bufs, offset)
-    views = [memoryview(b).cast("B") for b in bufs]
-    total = sum(v.nbytes for v in views)
+    views, total = _byte_views(bufs, offset, direct)
     done = 0
     while done < total:
         n = _sys_preadv(fd, views if done == 0 else _advance(views, done), offset + done)
