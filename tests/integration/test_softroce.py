@@ -61,7 +61,9 @@ def test_contract_suite_and_two_node_fetch_pass_on_real_rxe(guest):
     must = ["test_b_reads_1000_blocks_from_a_byte_exact",
             "test_qp_moved_to_error_mid_transfer_fails_the_job_and_publishes_nothing",
             "test_peer_gone_mid_transfer_fails_within_timeout_and_publishes_nothing",
-            "test_real_pyverbs_imports_and_enumerates_devices"]
+            "test_real_pyverbs_imports_and_enumerates_devices",
+            "test_daemon_b_reads_1000_blocks_from_daemon_a_over_rdma_byte_exact",
+            "test_daemon_a_killed_mid_fetch_fails_b_within_timeout_and_nothing_partial"]
     for name in must:
         hits = [o for t, o in outcomes.items() if t.endswith("::" + name)]
         assert hits == ["passed"], (name, hits)

@@ -21,7 +21,7 @@ HERE=$(cd "$(dirname "$0")" && pwd)
 : "${DEBIAN_MIRROR:=http://deb.debian.org/debian}"
 : "${DEBIAN_SECURITY_MIRROR:=http://deb.debian.org/debian-security}"   # point kernels live here
 # python3-cffi-backend: python3-zstandard needs it through a virtual package debootstrap cannot resolve
-PKGS=kmod,iproute2,rdma-core,ibverbs-utils,ibverbs-providers,python3,python3-pyverbs,python3-msgpack,python3-xxhash,python3-lmdb,python3-zstandard,python3-cffi-backend,python3-pytest,python3-hypothesis
+PKGS=kmod,iproute2,rdma-core,ibverbs-utils,ibverbs-providers,python3,python3-pyverbs,python3-msgpack,python3-xxhash,python3-lmdb,python3-zstandard,python3-cffi-backend,python3-pytest,python3-hypothesis,python3-prometheus-client
 export LC_ALL=C DEBIAN_FRONTEND=noninteractive
 
 t0=$(date +%s)
@@ -50,7 +50,7 @@ cp "$K/boot/vmlinuz-$KVER" "$OUT/vmlinuz"
 {
   echo "kernel: $(basename "$KDEB")"
   chroot "$R" dpkg-query -W -f '${Package} ${Version}\n' | grep -E \
-    '^(python3|python3-pyverbs|rdma-core|ibverbs-providers|python3-(msgpack|xxhash|lmdb|zstandard|pytest|hypothesis)) '
+    '^(python3|python3-pyverbs|rdma-core|ibverbs-providers|python3-(msgpack|xxhash|lmdb|zstandard|pytest|hypothesis|prometheus-client)) '
 } > "$OUT/manifest.txt"
 rm -f "$KDEB"
 chroot "$R" apt-get clean

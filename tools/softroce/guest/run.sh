@@ -3,7 +3,9 @@
 # not part of the image key). Brings up Soft-RoCE on a dummy netdev and runs $tsmode:
 #   test   the transfer contract suite's rdma cases on the real device (TIERSTORE_RDMA_DEVICE=rxe0,
 #          see tests/core/transfer/conftest.py), the verbs tests, the rdma negotiation case
-#          (XFER-15) and the two-node block fetch (guest/test_rxe_two_node.py), one pytest run;
+#          (XFER-15), the two-node block fetch (guest/test_rxe_two_node.py) and the two-daemon
+#          one (guest/test_rxe_two_daemons.py: real `python3 -m tierstore.daemon` processes,
+#          daemon logs to /out), one pytest run;
 #          loopback/TCP cases are left to the host (under TCG their timing-based cases, e.g.
 #          XFER-12's 0.3 s lease, do not hold)
 #   bench  benchmarks/bench_rdma_guest.py (RDMA READ vs TCP, same transfer, same guest)
@@ -57,12 +59,12 @@ cd /src
 case "$MODE" in
   test)
     up "pytest starts"
-    TIERSTORE_RDMA_DEVICE=rxe0 python3 -m pytest -p no:cacheprovider -q -o addopts="" \
+    TIERSTORE_RDMA_DEVICE=rxe0 TIERSTORE_SOFTROCE_LOGS=$OUT python3 -m pytest -p no:cacheprovider -q -o addopts="" \
       --import-mode=importlib -rfE --durations=8 --junitxml=$OUT/junit.xml \
-      -k "rdma or test_verbs or xfer15 or two_node or rxe_verbs" \
+      -k "rdma or test_verbs or xfer15 or two_node or two_daemons or rxe_verbs" \
       tests/core/transfer/test_contract.py tests/core/transfer/test_verbs.py \
       tests/core/transfer/test_cases.py tools/softroce/guest/test_rxe_verbs.py \
-      tools/softroce/guest/test_rxe_two_node.py \
+      tools/softroce/guest/test_rxe_two_node.py tools/softroce/guest/test_rxe_two_daemons.py \
       2>&1 | tee $OUT/pytest.log
     up "pytest done"
     python3 tools/softroce/guest/summarize.py $OUT/junit.xml $OUT/summary.json test \
