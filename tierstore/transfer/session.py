@@ -37,7 +37,7 @@ import os
 import socket
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 from tierstore.errors import ProtocolError, TransferFailed

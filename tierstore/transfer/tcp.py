@@ -34,7 +34,6 @@ from typing import Sequence
 import xxhash
 
 from tierstore.errors import ChecksumFailed, TransferFailed
-from tierstore.protocol import codec
 from tierstore.transfer.base import JobState, Link, ReadJob, Slab, Transport
 from tierstore.transfer.protocol import PeerMsg, pack_u32
 from tierstore.transfer.session import Conn, ControlSession, open_data_conn
