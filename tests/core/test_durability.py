@@ -6,7 +6,6 @@ reopened: ``check()`` must find nothing, every journaled chain must hit with the
 no block may ever come back with wrong bytes (issue 2 acceptance: >= 20 rounds).
 """
 
-import json
 import os
 import random
 import signal

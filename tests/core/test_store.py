@@ -1,6 +1,5 @@
 """Store: two-phase API, pins, eviction, prefix lookups, public cases on the DRAM tier."""
 
-import os
 
 import pytest
 from hypothesis import given, settings, strategies as st

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import os
 import time
 
-import pytest
 
 from tierstore.config import DramConfig, StoreConfig
 from tierstore.keys import Keyer, Namespace
