@@ -237,7 +237,9 @@ def watch_stats(get_stats: Callable[[], dict], *, interval_s: float = 1.0,
     t_prev = time.monotonic()
     n = 0
     # a live view redraws in place on a terminal; piped output gets one table per refresh
-    live = None if as_json or not sys.stdout.isatty() else Live(auto_refresh=False, transient=False)
+    live = None
+    if not as_json and sys.stdout.isatty():
+        live = Live(console=stdout_console(), auto_refresh=False, transient=False)
     try:
         if live is not None:
             live.start()

@@ -36,11 +36,13 @@ JSON_HELP = "Print the result as one JSON object on stdout."
 
 
 def stdout_console() -> Console:
-    return Console(soft_wrap=False)
+    # markup, emoji codes and highlighting off: block listings carry strings that clients chose
+    # (model names, session names); "[/x]" or ":b:" must print as themselves, never as markup
+    return Console(soft_wrap=False, markup=False, emoji=False, highlight=False)
 
 
 def stderr_console() -> Console:
-    return Console(stderr=True)
+    return Console(stderr=True, markup=False, emoji=False, highlight=False)
 
 
 def message(text: str) -> None:

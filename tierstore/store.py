@@ -494,14 +494,23 @@ class Store(TierMoves):
                     break
             return out
 
-    def checksums(self, keys: Sequence[BlockKey]) -> list[int]:
-        """xxh3-64 of each resident block's payload, 0 when unknown (DRAM-only, not yet written
-        to NVMe) or not resident."""
+    def checksums(self, keys: Sequence[BlockKey], *, compute: bool = False) -> list[int]:
+        """xxh3-64 of each resident block's payload; 0 when not resident, or when unknown
+        (DRAM-only blocks get theirs when first written to NVMe). ``compute``: compute and record
+        the unknown ones of blocks in DRAM now (one pass over their bytes; a peer lease does this
+        so that the reader can verify every block)."""
         with self._lock:
             out = []
+            dram = self.tiers[Tier.DRAM]
             for k in keys:
                 h = self.res.get(k)
-                out.append(self.res.checksum[h] if h >= 0 else 0)
+                c = self.res.checksum[h] if h >= 0 else 0
+                if not c and compute and h >= 0 and getattr(dram, "holds_bytes", True) \
+                        and self.res.slot(h, Tier.DRAM) >= 0:
+                    import xxhash
+                    c = xxhash.xxh3_64_intdigest(dram.view(self.res.slot(h, Tier.DRAM))[: self.res.size[h]])
+                    self.res.checksum[h] = c
+                out.append(c)
             return out
 
     def block(self, key: BlockKey) -> dict | None:

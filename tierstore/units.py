@@ -103,6 +103,8 @@ def parse_duration(text: str | int | float) -> float:
         value = float(m.group(1)) * _DURATION_UNITS[unit]
     if not value > 0:
         raise ConfigError(f"duration must be positive: {text!r}")
+    if not value < _MAX_NUMBER:
+        raise ConfigError(f"duration {text!r} is too large")
     return value
 
 

@@ -117,3 +117,23 @@ def test_dram_only_data_dir_is_empty_after_reopen(cli, trace_file, tmp_path):
     assert r.code == 0, r.stderr
     assert _keys(cli, d) == []
     assert cli("check", "--data-dir", d).code == 0
+
+
+def test_listing_prints_client_strings_verbatim(cli, tmp_path):
+    """Adversarial finding: a namespace model named "[/x]" (any client may choose it) crashed
+    `blocks ls` with a rich MarkupError; strings print as themselves."""
+    pytest.importorskip("tierstore.tiers.nvme")
+    from tierstore.client import Client
+    from tierstore.config import DramConfig, NvmeConfig, StoreConfig
+    from tierstore.keys import Namespace
+
+    d = tmp_path / "d"
+    ns = Namespace("[/x] :b:", 16)
+    with Client.embedded(d, StoreConfig(slot_bytes=4096, dram=DramConfig(capacity_blocks=4),
+                                        nvme=NvmeConfig(path="", capacity_blocks=8,
+                                                        write_through=True))) as c:
+        keys = c.keyer(ns).chain(list(range(16)))
+        c.put(keys, ns, [b"x" * 4096])
+    r = cli("blocks", "ls", "--data-dir", d)
+    assert r.code == 0, r.stderr
+    assert "[/x] :b:" in r.stdout

@@ -246,3 +246,25 @@ def test_unpin_releases_ttl_less_pin_first_and_repin_gets_a_fresh_deadline():
     clock.now += 11
     assert store.block(k)["pins"] == 0 and store.pins.owners() == []
     assert store.res.slot(store.res.get(k), Tier.DRAM) >= 0
+
+
+def test_pin_ttl_must_be_finite_and_bounded():
+    """Adversarial finding: a TTL of inf (or 1e24 s) made a pin that never expires."""
+    import math
+
+    from tierstore.errors import ConfigError, PinError
+    from tierstore.index.residency import MAX_PIN_TTL_S, PinBook, Residency, session_owner
+    from tierstore.types import Tier
+    from tierstore.units import parse_duration
+
+    r = Residency()
+    r.set_slot(r.add(b"k" * 32, 0, 1), Tier.DRAM, 0)
+    p = PinBook(r)
+    for bad in (math.inf, math.nan, MAX_PIN_TTL_S * 2, 0.0, -1.0):
+        with pytest.raises(PinError):
+            p.pin("o", b"k" * 32, ttl_s=bad)
+        with pytest.raises(PinError):
+            session_owner("s", bad)
+    assert p.total() == 0
+    with pytest.raises(ConfigError):
+        parse_duration("9" * 400)

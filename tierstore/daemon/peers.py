@@ -339,6 +339,10 @@ class DaemonPeers:
         tiers = list(r["tiers"])[:hit]
         if len(tiers) < hit:
             tiers += [int(Tier.DRAM)] * (hit - len(tiers))
+        # a peer's tier bytes are not trusted: anything but a local tier is read as DRAM (the
+        # peer stages it there for the read anyway)
+        local = {int(Tier.HBM), int(Tier.DRAM), int(Tier.NVME)}
+        tiers = [t if t in local else int(Tier.DRAM) for t in tiers]
         with self._lock:
             s.rpc_done(ms)
             s.lookups += 1

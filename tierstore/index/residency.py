@@ -33,6 +33,7 @@ from tierstore.types import BlockKey, Tier
 
 _LOCAL_TIERS = (Tier.HBM, Tier.DRAM, Tier.NVME)
 NOWHERE = 255
+MAX_PIN_TTL_S = 30 * 86400.0   # a pin held longer than a month is a leak by another name
 TIER_BY_VALUE = {int(t): t for t in Tier}
 
 
@@ -153,9 +154,9 @@ def session_owner(session: str, ttl_s: float | None) -> str:
     that took them (``tierstore blocks pin --session``) and go only by their TTL or an explicit
     unpin. A session pin must carry a positive TTL, so none can leak forever (an unpin names
     the owner with :func:`session_name`, no TTL). Raises PinError."""
-    if ttl_s is None or not ttl_s > 0:
-        raise PinError(f"a session pin needs a positive TTL (session {session!r}): without one "
-                       "nothing would ever release it")
+    if ttl_s is None or not 0 < ttl_s <= MAX_PIN_TTL_S:
+        raise PinError(f"a session pin needs a TTL between 0 and {MAX_PIN_TTL_S:.0f} s "
+                       f"(session {session!r}): without one nothing would ever release it")
     return session_name(session)
 
 
@@ -200,8 +201,9 @@ class PinBook:
         h = self._res.get(key)
         if h < 0:
             raise PinError("cannot pin a block that is not resident")
-        if ttl_s is not None and not ttl_s > 0:
-            raise PinError(f"a pin TTL must be positive, got {ttl_s!r}")
+        if ttl_s is not None and not 0 < ttl_s <= MAX_PIN_TTL_S:
+            raise PinError(f"a pin TTL must be positive and at most {MAX_PIN_TTL_S:.0f} s "
+                           f"(30 days), got {ttl_s!r}")
         held = self._by_owner.setdefault(owner, {})
         held[key] = held.get(key, 0) + 1
         self._res.pins[h] += 1

@@ -94,7 +94,8 @@ class StoreProvider:
         n, tiers = self.lookup(keys, ns_fields)
         job = self.store.prepare_load(list(keys[:n]), owner=owner)
         return Lease(job.job_id, list(job.slots), list(job.sizes),
-                     self.store.checksums(job.keys[: job.num_ready]), tiers[: job.num_ready])
+                     self.store.checksums(job.keys[: job.num_ready], compute=True),
+                     tiers[: job.num_ready])
 
     def release(self, lease_id: int) -> None:
         self.store.complete_load(lease_id, ok=True)

@@ -250,7 +250,7 @@ class ControlSession:
             out["slots"] = unpack_u32(r.get("slots", b""), "slots")
             out["sizes"] = unpack_u32(r.get("sizes", b""), "sizes")
             out["checksums"] = unpack_u64(r.get("checksums", b""), "checksums")
-            if not len(out["slots"]) == len(out["sizes"]) == out["hit"]:
+            if not len(out["slots"]) == len(out["sizes"]) == len(out["checksums"]) == out["hit"]:
                 raise ProtocolError("lease reply lengths disagree")
         return out
 

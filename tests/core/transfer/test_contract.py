@@ -14,6 +14,7 @@ from transfer_support import NS, SLOT, SlowHooks, chain, payload  # noqa: E402
 
 from tierstore.errors import ChecksumFailed, TransferFailed
 from tierstore.transfer import JobState, OutOfRange
+from tierstore.transfer.server import ServeHooks
 
 
 def _store(p, keys):
@@ -141,3 +142,27 @@ def test_peer_gone_mid_read_fails_within_timeout(pair_factory, transport):
         f.finish()
     assert p.b.lookup(keys, NS).num_blocks == 0
     assert p.b.stats()["tiers"][0]["used_slots"] == 0
+
+
+class _Tamper(ServeHooks):
+    """Overwrites the first bytes of every slot it serves, after the lease (adversarial case)."""
+
+    def __init__(self, store):
+        self.store = store
+
+    def before_block(self, sess, index, slot):
+        self.store.slot_view(slot)[:4] = b"EVIL"
+
+
+def test_dram_only_blocks_are_verified_too(pair_factory):
+    """A block that only ever lived in the serving node's DRAM has no recorded checksum; the
+    lease computes one, so a block whose bytes change in transit fails its check and nothing is
+    published (adversarial finding: verify_checksums did nothing for DRAM-only blocks)."""
+    p = pair_factory("tcp", verify=True)
+    p.server.hooks = _Tamper(p.a)
+    keys = chain(3)
+    p.a.put(keys, NS, payload(keys))
+    assert p.a.checksums(keys) == [0, 0, 0]        # never written to NVMe: not computed yet
+    with pytest.raises(ChecksumFailed):
+        p.client.fetch(p.addr, keys, NS)
+    assert p.b.lookup(keys, NS).num_blocks == 0
