@@ -8,8 +8,10 @@ Belady / infinite ``references``. The engines define every result field.
 
 from __future__ import annotations
 
+import os
 import sys
 from contextlib import nullcontext
+from pathlib import Path
 from typing import Optional
 
 import typer
@@ -19,7 +21,7 @@ from tierstore import replay as engine
 from tierstore import sweep as sweep_engine
 from tierstore.policy import DEFAULT_EVICTION
 from tierstore.units import format_bytes
-from tierstore_admin.output import (JSON_HELP, emit, kv_table, message, stderr_console, table,
+from tierstore_admin.output import (JSON_HELP, emit, fail, kv_table, message, stderr_console, table,
                                     user_errors)
 
 PAYLOAD_HELP = ("none: index + policy only, one cache of --capacity (fast); bytes: real bytes "
@@ -70,11 +72,20 @@ def replay_cmd(
 
     A comma list of policies or capacities runs a sweep (payload none), with Belady's offline
     optimum and the infinite cache as reference rows."""
-    policies = [p.strip() for p in policy.split(",") if p.strip()]
-    capacities = [c.strip() for c in capacity.split(",") if c.strip()] if capacity else []
+    # empty items are dropped and repeats kept once, in order ("lru,,lru" is one policy)
+    policies = list(dict.fromkeys(p.strip() for p in policy.split(",") if p.strip()))
+    capacities = list(dict.fromkeys(c.strip() for c in capacity.split(",") if c.strip())) \
+        if capacity else []
+    if plot is not None and not Path(plot).suffix:
+        plot += ".png"   # the file matplotlib writes, and the name reported
+    if plot is not None and not os.access(Path(plot).resolve().parent, os.W_OK):
+        fail(f"cannot write plot {plot}: its directory is missing or not writable")
     opts = engine.ReplayOptions(
-        trace=trace, payload=payload.lower() if payload else None, capacity=capacity, dram_capacity=dram_capacity,
-        nvme_capacity=nvme_capacity, block_bytes=block_bytes, model=model, policy=policy,
+        trace=trace, payload=payload.lower() if payload else None,
+        capacity=capacities[0] if len(capacities) == 1 else capacity,
+        dram_capacity=dram_capacity,
+        nvme_capacity=nvme_capacity, block_bytes=block_bytes, model=model,
+        policy=policies[0] if len(policies) == 1 else policy,
         data_dir=data_dir, write_through=write_through, limit=limit, num_requests=requests,
         socket=socket)
     is_sweep = len(policies) > 1 or len(capacities) > 1 or plot is not None
