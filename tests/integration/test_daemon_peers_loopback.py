@@ -171,3 +171,28 @@ def test_without_peers_the_calls_answer_locally(tmp_path, monkeypatch):
     finally:
         d.request_stop()
         assert d.wait(15)
+
+
+def test_a_node_listed_as_its_own_peer_is_skipped(tmp_path, monkeypatch):
+    """Adversarial finding: a member that is this node under another name ("me=localhost:PORT")
+    was asked on every lookup. The proved node name gives it away: it shows as "self" and is
+    never asked again, while a real peer keeps serving."""
+    monkeypatch.setenv("TIERSTORE_SECRET", SECRET)
+    pa, pb = _free_port(), _free_port()
+    a = _daemon(tmp_path, "A", pa, [], dram=64)
+    b = _daemon(tmp_path, "B", pb, [f"A=127.0.0.1:{pa}", f"me=localhost:{pb}"], dram=64)
+    ca, cb = RemoteClient.connect(a.socket_path), RemoteClient.connect(b.socket_path)
+    try:
+        keys = ca.keyer(NS).chain(list(range(16 * 4)))
+        ca.put(keys, NS, [_data(k) for k in keys])
+        assert cb.lookup(keys, NS, peers=True).by_peer() == {"A": 4}
+        assert cb.lookup(keys, NS, peers=True).by_peer() == {"A": 4}
+        states = {p["name"]: p for p in cb.peers()["peers"]}
+        assert states["me"]["state"] == "self" and states["me"]["failures"] == 0
+        assert states["A"]["state"] == "up"
+    finally:
+        for c in (ca, cb):
+            c.close()
+        for d in (a, b):
+            d.request_stop()
+            assert d.wait(15)

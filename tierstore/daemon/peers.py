@@ -304,13 +304,15 @@ class DaemonPeers:
         out = []
         for m in self._members():
             s = self._state(m)
-            if s.state == "down" and now < s.down_until:
+            if s.state in ("down", "self") and now < s.down_until:
                 continue
             out.append((m, s))
         return out
 
     def _failed(self, s: _PeerState, e: BaseException) -> None:
         with self._lock:
+            if s.state == "self":   # not a failure: skipped for good (see _session)
+                return
             s.state = "down"
             s.failures += 1
             s.last_error = f"{type(e).__name__}: {e}"
@@ -319,6 +321,11 @@ class DaemonPeers:
 
     def _session(self, s: _PeerState) -> Any:
         sess = self.client.session(s.address)
+        if sess.peer_node == self.node:
+            # the member is this node under another name or address: never ask ourselves
+            with self._lock:
+                s.state, s.node, s.down_until = "self", sess.peer_node, float("inf")
+            raise ConfigError(f"peer {s.name} at {s.address} is this node ({self.node}); skipped")
         with self._lock:
             if s.state != "up":
                 s.connects += 1
