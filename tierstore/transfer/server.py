@@ -224,13 +224,21 @@ class PeerServer:
     def _serve_conn(self, sock: socket.socket) -> None:
         sess: ServerSession | None = None
         role = "control"
+        # One deadline for the whole handshake (not per recv): a peer that trickles bytes cannot
+        # hold a connection and its thread open while unauthenticated.
+        deadline = threading.Timer(2 * self.settings.timeout_s, _shutdown, args=(sock,))
+        deadline.daemon = True
         try:
             sock.settimeout(self.settings.timeout_s)   # a silent unauthenticated peer goes
+            deadline.start()
             got = self._handshake(sock)
+            deadline.cancel()
             if got is None:
                 return
             sess, role = got
             sock.settimeout(None if role == "control" else self.settings.timeout_s * 4)
+            if role == "control":   # a peer that vanishes without a FIN is noticed, its leases go
+                _keepalive(sock)
             if role == "data":
                 with sess.cond:
                     sess.data_socks.add(sock)
@@ -241,6 +249,7 @@ class PeerServer:
             self.counters["conn_crashes"] += 1
             log.exception("peer connection crashed")
         finally:
+            deadline.cancel()
             _shutdown(sock)
             sock.close()
             with self._lock:
@@ -499,6 +508,15 @@ class PeerServer:
                 "sessions": [{"peer": s.node, "transport": s.transport, "leases": len(s.leases),
                               "bytes_served": s.bytes_served} for s in self.sessions.values()],
                 "counters": dict(self.counters)}
+
+
+def _keepalive(sock: socket.socket, idle_s: int = 10, interval_s: int = 5, count: int = 3) -> None:
+    """TCP keepalive: a silent peer is declared gone after about idle + interval x count
+    seconds (25 s), so its session ends and its leases and pins are released."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    for opt, v in (("TCP_KEEPIDLE", idle_s), ("TCP_KEEPINTVL", interval_s), ("TCP_KEEPCNT", count)):
+        if hasattr(socket, opt):
+            sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, opt), v)
 
 
 def _shutdown(sock: socket.socket) -> None:

@@ -142,3 +142,38 @@ def test_malformed_frames_leave_the_server_up(pair_factory, data):
         p.client.close()
     keys = chain(2)
     assert p.client.lookup(p.addr, keys, NS) == 2
+
+
+def test_handshake_has_one_deadline_not_one_per_recv(pair_factory):
+    """Adversarial finding: a peer that trickles its HELLO one byte at a time kept an
+    unauthenticated connection (and its thread) open indefinitely; now the whole handshake has
+    one deadline of 2 x timeout_s."""
+    import socket as _socket
+    import time as _time
+
+    from tierstore.protocol import codec
+    from tierstore.transfer.protocol import PeerMsg
+
+    p = pair_factory("tcp", timeout_s=0.5)
+    host, port = p.addr
+    frame = codec.encode_frame(int(PeerMsg.HELLO), 1, {"node": "slow", "pad": "x" * 64})
+    s = _socket.create_connection((host, port), timeout=5)
+    t0 = _time.monotonic()
+    closed = False
+    try:
+        for i in range(40):            # 40 x 0.1 s = 4 s of a valid frame, trickled
+            try:
+                s.send(frame[i:i + 1])
+            except OSError:
+                closed = True
+                break
+            s.settimeout(0.1)
+            try:
+                if s.recv(1) == b"":
+                    closed = True
+                    break
+            except _socket.timeout:
+                pass
+    finally:
+        s.close()
+    assert closed and _time.monotonic() - t0 < 2.5
