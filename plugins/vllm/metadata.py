@@ -22,7 +22,7 @@ key                         default     meaning
                                         else ``<data_dir>/secret``)
 ``load_failure_policy``     recompute   ``recompute``: a failed or corrupt load is recomputed
                                         by vLLM; ``fail``: the request fails
-``dram_bytes``              1 GiB       DRAM tier size when the embedded store is created
+``dram_bytes``              1 GiB       DRAM tier size when the embedded store is created (int or "8GiB")
 ``nvme_bytes``              4 GiB       NVMe tier size when created (0 = no NVMe tier)
 ``nvme_write_through``      true        every stored block also goes to NVMe (survives a
                                         restart: the cross-session reuse path)
@@ -90,6 +90,10 @@ class PluginSettings:
         if unknown:
             raise ConfigError(f"unknown tierstore connector settings: {', '.join(unknown)}; "
                               f"expected some of {', '.join(sorted(known))}")
+        for name in ("dram_bytes", "nvme_bytes"):   # "8GiB" as well as 8 << 30 (tierstore.units)
+            if isinstance(extra.get(name), str):
+                from tierstore.units import parse_bytes
+                extra = {**extra, name: parse_bytes(extra[name])}
         s = cls(**extra)
         if bool(s.socket) == bool(s.data_dir):
             raise ConfigError("kv_connector_extra_config needs exactly one of 'socket' (daemon) "
