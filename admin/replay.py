@@ -165,7 +165,7 @@ def _human_sweep(console, r: dict) -> None:
     names = list(dict.fromkeys(x["policy"] for x in rows))
 
     def grid(field: str, title: str):
-        return table(title, ["policy", *caps, "wall s (all capacities)"], [
+        return table(title, ["policy", *caps, "total wall s"], [
             (n, *[by[(n, c)][field] for c in caps],
              round(sum(by[(n, c)]["wall_s"] for c in caps), 2) if n != "infinite"
              else by[(n, caps[0])]["wall_s"])
