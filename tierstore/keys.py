@@ -252,6 +252,13 @@ def load_secret(value: str | bytes | None = None, path: str | os.PathLike | None
     return secrets.token_bytes(SECRET_BYTES)
 
 
+def secret_id(secret: bytes) -> str:
+    """Public fingerprint of the cluster secret (keyed BLAKE2b of a constant, 8 bytes hex): two
+    processes compare secrets without revealing them."""
+    return hashlib.blake2b(b"tierstore secret id", key=secret[:64], digest_size=8,
+                           person=b"tierstore.sid.v1").hexdigest()
+
+
 def _decode_secret_file(raw: bytes) -> bytes:
     """A secret file holds hex, text, or raw bytes (as ``<data_dir>/secret`` does)."""
     try:

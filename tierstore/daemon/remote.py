@@ -222,7 +222,7 @@ class RemoteClient:
         return self._secret
 
     def _resolve_secret(self) -> bytes:
-        from tierstore.daemon.server import secret_id
+        from tierstore.keys import secret_id
 
         explicit = self._explicit_secret
         env = os.environ

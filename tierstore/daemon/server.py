@@ -107,7 +107,7 @@ from tierstore.client import Client
 from tierstore.errors import (ConfigError, JobError, ProtocolError, RejectedError, RetryLater,
                               TierStoreError)
 from tierstore.index.residency import session_name, session_owner
-from tierstore.keys import SECRET_ENV, SECRET_FILE_ENV, Namespace
+from tierstore.keys import SECRET_ENV, SECRET_FILE_ENV, Namespace, secret_id
 from tierstore.metrics import DaemonMetrics
 from tierstore.protocol.codec import (FLAG_ERROR, FLAG_REPLY, PROTOCOL_VERSION, FrameError,
                                       MsgType, decode_body, encode_frame, error_body, read_frame,
@@ -123,12 +123,6 @@ REPLY_MAX_BYTES = 256 << 20
 _SUN_PATH_MAX = 107
 _TIMED_OPS = {MsgType.LOOKUP, MsgType.PREPARE_STORE, MsgType.COMPLETE_STORE,
               MsgType.PREPARE_LOAD, MsgType.COMPLETE_LOAD, MsgType.FETCH_REMOTE}
-
-
-def secret_id(secret: bytes) -> str:
-    """Public fingerprint of the cluster secret (keyed hash of a constant)."""
-    return hashlib.blake2b(b"tierstore secret id", key=secret[:64], digest_size=8,
-                           person=b"tierstore.sid.v1").hexdigest()
 
 
 def shm_prefix(data_dir: str | os.PathLike) -> str:
