@@ -153,6 +153,7 @@ class PeerServer:
         self.counters: Counter[str] = Counter()
         self._lock = threading.Lock()
         self._conns: set[socket.socket] = set()
+        self._preauth = threading.BoundedSemaphore(MAX_PREAUTH_CONNS)
         self._threads: list[threading.Thread] = []
         self._listener: socket.socket | None = None
         self._stopping = False
@@ -210,6 +211,10 @@ class PeerServer:
                 sock, _ = self._listener.accept()
             except OSError:
                 return
+            if not self._preauth.acquire(blocking=False):
+                self.counters["preauth_refused"] += 1   # too many unauthenticated at once
+                sock.close()
+                continue
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             codec.tune_socket(sock)
             with self._lock:
@@ -228,11 +233,16 @@ class PeerServer:
         # hold a connection and its thread open while unauthenticated.
         deadline = threading.Timer(2 * self.settings.timeout_s, _shutdown, args=(sock,))
         deadline.daemon = True
+        preauth = True
         try:
             sock.settimeout(self.settings.timeout_s)   # a silent unauthenticated peer goes
             deadline.start()
-            got = self._handshake(sock)
-            deadline.cancel()
+            try:
+                got = self._handshake(sock)
+            finally:
+                deadline.cancel()
+                self._preauth.release()
+                preauth = False
             if got is None:
                 return
             sess, role = got
@@ -250,6 +260,8 @@ class PeerServer:
             log.exception("peer connection crashed")
         finally:
             deadline.cancel()
+            if preauth:
+                self._preauth.release()
             _shutdown(sock)
             sock.close()
             with self._lock:
@@ -508,6 +520,9 @@ class PeerServer:
                 "sessions": [{"peer": s.node, "transport": s.transport, "leases": len(s.leases),
                               "bytes_served": s.bytes_served} for s in self.sessions.values()],
                 "counters": dict(self.counters)}
+
+
+MAX_PREAUTH_CONNS = 64   # unauthenticated connections at once; more are closed on accept
 
 
 def _keepalive(sock: socket.socket, idle_s: int = 10, interval_s: int = 5, count: int = 3) -> None:

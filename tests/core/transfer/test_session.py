@@ -177,3 +177,38 @@ def test_handshake_has_one_deadline_not_one_per_recv(pair_factory):
     finally:
         s.close()
     assert closed and _time.monotonic() - t0 < 2.5
+
+
+def test_unauthenticated_connections_are_capped(pair_factory):
+    """Adversarial finding: every pre-auth connection held a thread, without limit. Past
+    MAX_PREAUTH_CONNS at once, new ones are closed on accept; authenticated peers still work once
+    the idle ones are gone."""
+    import socket as _socket
+
+    from tierstore.transfer.server import MAX_PREAUTH_CONNS
+    from transfer_support import NS, chain, payload
+
+    p = pair_factory("tcp", timeout_s=3.0)
+    host, port = p.addr
+    idle = [_socket.create_connection((host, port), timeout=5) for _ in range(MAX_PREAUTH_CONNS)]
+    try:
+        extra = _socket.create_connection((host, port), timeout=5)
+        extra.settimeout(2.0)
+        assert extra.recv(1) == b""          # closed at once, not held until a deadline
+        extra.close()
+        assert p.server.counters["preauth_refused"] >= 1
+    finally:
+        for s in idle:
+            s.close()
+    keys = chain(2)
+    p.a.put(keys, NS, payload(keys))
+    import time as _time
+    deadline = _time.monotonic() + 10
+    while True:   # the server notices the closed idle sockets and frees their places
+        try:
+            assert p.client.fetch(p.addr, keys, NS) == 2
+            break
+        except Exception:
+            if _time.monotonic() > deadline:
+                raise
+            _time.sleep(0.2)
