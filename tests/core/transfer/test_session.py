@@ -186,7 +186,6 @@ def test_unauthenticated_connections_are_capped(pair_factory):
     import socket as _socket
 
     from tierstore.transfer.server import MAX_PREAUTH_CONNS
-    from transfer_support import NS, chain, payload
 
     p = pair_factory("tcp", timeout_s=3.0)
     host, port = p.addr
@@ -200,9 +199,10 @@ def test_unauthenticated_connections_are_capped(pair_factory):
     finally:
         for s in idle:
             s.close()
+    import time as _time
+
     keys = chain(2)
     p.a.put(keys, NS, payload(keys))
-    import time as _time
     deadline = _time.monotonic() + 10
     while True:   # the server notices the closed idle sockets and frees their places
         try:
