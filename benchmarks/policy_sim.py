@@ -30,12 +30,10 @@ is inserted first and the farthest is evicted afterwards, as in the reference si
 from __future__ import annotations
 
 import argparse
-import heapq
 import json
 import os
 import sys
 import time
-from collections import defaultdict, deque
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
@@ -161,48 +159,20 @@ def _simulate_interleaved(reqs: list[list], policy, capacity_blocks: int) -> dic
     return {"block_hit_ratio": hit / total, "ops": ops, "seconds": dt, "us_per_op": dt / max(ops, 1) * 1e6}
 
 
+def _as_requests(reqs: list[list]):
+    from tierstore.replay import BLOCK_TOKENS, TraceRequest
+    return [TraceRequest(0, len(h) * BLOCK_TOKENS, 0, tuple(h)) for h in reqs]
+
+
 def belady(reqs: list[list], capacity_blocks: int) -> float:
-    """Offline optimum with the reference simulator's order (insert, then evict farthest next use)."""
-    future: dict = defaultdict(deque)
-    t = 0
-    for h in reqs:
-        for b in h:
-            future[b].append(t)
-            t += 1
-    inf = float("inf")
-    cache: set = set()
-    nxt: dict = {}
-    heap: list = []
-    hit = total = 0
-    for h in reqs:
-        hit += _hit_prefix(h, cache)
-        total += len(h)
-        for b in h:
-            q = future[b]
-            q.popleft()
-            n = q[0] if q else inf
-            nxt[b] = n
-            cache.add(b)
-            heapq.heappush(heap, (-n, b))
-            while len(cache) > capacity_blocks:
-                negn, y = heapq.heappop(heap)
-                if y in cache and nxt[y] == -negn:
-                    cache.discard(y)
-    return hit / total
+    """Offline optimum: the one implementation in tierstore/sweep.py (the replay's reference row)."""
+    from tierstore.sweep import belady as _belady
+    return _belady(_as_requests(reqs), capacity_blocks)["block_hit_ratio"]
 
 
 def infinite(reqs: list[list]) -> float:
-    seen: set = set()
-    hit = total = 0
-    for h in reqs:
-        for b in h:
-            if b in seen:
-                hit += 1
-            else:
-                break
-        total += len(h)
-        seen.update(h)
-    return hit / total
+    from tierstore.sweep import infinite as _infinite
+    return _infinite(_as_requests(reqs))["block_hit_ratio"]
 
 
 def run(reqs, policies, capacities_tokens, refs=True, order="store") -> list[dict]:

@@ -26,6 +26,7 @@ provider is called from those threads (the Store takes its own lock).
 
 from __future__ import annotations
 
+import hmac
 import logging
 import os
 import socket
@@ -318,7 +319,6 @@ class PeerServer:
             if hdr.type != PeerMsg.AUTH:
                 raise AuthFailed("expected AUTH")
             b = codec.decode_body(raw)
-            import hmac
             if not hmac.compare_digest(bin_field(b, "proof", 32), proof(self._key, b"client", tx)):
                 raise AuthFailed(f"peer {node_c} failed to prove the cluster secret")
             chosen = choose_transport(tr_c, self.transports,
