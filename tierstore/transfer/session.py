@@ -62,7 +62,6 @@ class PeerSettings:
     timeout_s: float = 5.0
     connect_timeout_s: float = 2.0
     verify_checksums: bool = False
-    lease_ttl_s: float | None = None   # server side: pins of a lease expire (None: with session)
 
 
 def auth_key(secret: bytes) -> bytes:
