@@ -28,7 +28,7 @@ commits the LMDB delete first, then zeroes the header magic (a lost zeroing is a
 So after ``kill -9`` at any moment, every surviving entry points at a record whose header verifies.
 ``recover()`` also removes unknown files from slabs/, drops the entries of a vanished or truncated
 slab file (the next ``alloc()`` that needs it recreates it) and recomputes used bytes; ``check()``
-adds the full payload checksum of every entry.
+adds the full payload checksum of every entry. Both live in tiers/nvme_recovery.py.
 
 Data path (O_DIRECT when the filesystem allows it, see io/disk.py): a DRAM-slot source is
 page-aligned, so a write sends ``[header page, payload's whole pages, one tail page]`` with only the
@@ -51,7 +51,6 @@ import errno
 import json
 import logging
 import os
-import re
 import struct
 import threading
 from array import array
@@ -63,9 +62,23 @@ import xxhash
 from tierstore.errors import ConfigError, FormatError
 from tierstore.io import disk
 from tierstore.io.disk import ALIGN, IoPool, aligned_buffer, round_up
-from tierstore.tiers.base import DiskEntry, DiskRead, DiskResult, DiskTier, DiskWrite, SlotAllocator
-from tierstore.tiers.record import (FLAG_ZSTD, HEADER_BYTES, KEY_BYTES, NS_BYTES, encode_header,
-                                    is_header_like, verify_header)
+from tierstore.tiers.base import (
+    DiskEntry,
+    DiskRead,
+    DiskResult,
+    DiskTier,
+    DiskWrite,
+    SlotAllocator,
+)
+from tierstore.tiers.nvme_recovery import NvmeRecovery
+from tierstore.tiers.record import (
+    FLAG_ZSTD,
+    HEADER_BYTES,
+    KEY_BYTES,
+    NS_BYTES,
+    encode_header,
+    verify_header,
+)
 from tierstore.types import Tier
 
 log = logging.getLogger(__name__)
@@ -73,7 +86,6 @@ log = logging.getLogger(__name__)
 FORMAT_TAG = b"tierstore-nvme-meta/1"
 _VALUE = struct.Struct("<32s16sQQQH")
 _SLOT_KEY = struct.Struct(">cQ")
-_SLAB_RE = re.compile(r"^slab-(\d{5})\.dat$")
 _ZEROS = bytes(ALIGN)
 _xxh = xxhash.xxh3_64_intdigest
 _ABANDONED_ENVS: list = []   # inherited env handles a fork child could not close: kept, never used
@@ -140,7 +152,7 @@ class _ThreadState:
         return self._bounce
 
 
-class NvmeTier(DiskTier):
+class NvmeTier(NvmeRecovery, DiskTier):
     """Records of at most ``slot_bytes`` payload bytes in ``num_slots`` slots under ``path``."""
 
     def __init__(self, path: str | os.PathLike, num_slots: int, slot_bytes: int, *,
@@ -651,6 +663,10 @@ class NvmeTier(DiskTier):
         return results  # type: ignore[return-value]
 
     # ------------------------------------------------------------------ delete
+    def _delete_entries(self, slots: list[int]) -> None:
+        """Delete the LMDB entries of ``slots`` in one write txn (records are left as they are)."""
+        self._write_txn(lambda t: [t.delete(_slot_key(s)) for s in slots])
+
     def _zero_header(self, slot: int) -> None:
         f, off = self._locate(slot)
         if self._fds[f] >= 0 and self._is_ready(slot):
@@ -664,7 +680,7 @@ class NvmeTier(DiskTier):
         slots = [s for s in dict.fromkeys(slots) if 0 <= s < self.num_slots]
         live = [s for s in slots if self._stored[s] >= 0]
         if live:
-            self._write_txn(lambda t: [t.delete(_slot_key(s)) for s in live])
+            self._delete_entries(live)
             self._pool.map(self._zero_header, live)
             for s in live:
                 self._account(s, self._stored[s], self._sizes[s], -1)
@@ -674,176 +690,6 @@ class NvmeTier(DiskTier):
         for s in slots:
             if self.slots.is_used(s) and s not in self.slots.disabled:
                 self.slots.free(s)
-
-    # ------------------------------------------------------------------ recovery and check
-    def _scan_files(self, remove_unknown: bool) -> list[str]:
-        """Names of files in slabs/ that are not ours (removed when asked)."""
-        unknown = []
-        for name in sorted(os.listdir(self.slab_dir)):
-            m = _SLAB_RE.match(name)
-            if m and int(m.group(1)) < self.num_files:
-                continue
-            unknown.append(name)
-            if remove_unknown:
-                p = self.slab_dir / name
-                if p.is_dir() and not p.is_symlink():
-                    import shutil
-                    shutil.rmtree(p)
-                else:
-                    p.unlink()
-        return unknown
-
-    def _open_existing(self) -> list[int]:
-        """Open every known slab file; returns indexes of files that are missing."""
-        missing = []
-        for f in range(self.num_files):
-            p = self._file_path(f)
-            if self._fds[f] >= 0:
-                os.close(self._fds[f])
-                self._fds[f] = -1
-            self._ready[f] = 0
-            try:
-                size = os.stat(p).st_size
-            except FileNotFoundError:
-                missing.append(f)
-                continue
-            ready = min(size // self.record_bytes, self._slots_in_file(f))
-            if ready == 0:
-                p.unlink()   # zero-length / partial leftovers of an interrupted grow
-                missing.append(f)
-                continue
-            fd = disk.open_file(str(p), direct=self.direct)
-            if size != ready * self.record_bytes:
-                os.ftruncate(fd, ready * self.record_bytes)
-            self._fds[f], self._ready[f] = fd, ready
-        return missing
-
-    def _header_ok(self, slot: int, val: tuple) -> str | None:
-        key, ns, size, stored, checksum, flags = val
-        st = self._thread_state()
-        f, off = self._locate(slot)
-        try:
-            if self._fds[f] < 0 or not self._is_ready(slot):
-                return "slab file missing or too short"
-            if off + HEADER_BYTES + round_up(stored) > self._ready[f] * self.record_bytes:
-                return "record extends past end of file"
-            if disk.read_vec(self._fds[f], [st.hdr], off, direct=self.direct) < HEADER_BYTES:
-                return "header truncated"
-            h = verify_header(st.hdr, key=key, slot=slot)
-        except OSError as e:
-            return f"I/O error reading header ({e.strerror})"
-        except FormatError as e:
-            return str(e)
-        if (h.size, h.stored, h.checksum, h.flags, h.ns_digest) != \
-                (size, stored, checksum, flags, ns):
-            return "header disagrees with metadata"
-        return None
-
-    def _orphan(self, slot: int) -> bool:
-        st = self._thread_state()
-        f, off = self._locate(slot)
-        try:
-            n = disk.read_vec(self._fds[f], [st.hdr], off, direct=self.direct)
-        except OSError:
-            return False
-        return n >= 4 and is_header_like(st.hdr)
-
-    def _find_orphans(self, live: set[int]) -> list[int]:
-        """Slots backed by disk, not in ``live``, whose header still carries the magic."""
-        cand = [s for f in range(self.num_files)
-                for s in range(f * self.file_slots, f * self.file_slots + self._ready[f])
-                if s not in live]
-        return [s for s, o in zip(cand, self._pool.map(self._orphan, cand)) if o]
-
-    def recover(self) -> list[DiskEntry]:
-        """Start-up recovery (see DiskTier); runs fully once, later calls list current entries."""
-        if self._closed:
-            raise RuntimeError("nvme tier is closed")
-        if self._recovered:
-            return self.entries()
-        unknown = self._scan_files(remove_unknown=True)
-        for name in unknown:
-            log.warning("nvme tier %s: removed unknown file slabs/%s", self.path, name)
-        missing = self._open_existing()
-        rows = self._read_entries()
-        problems = self._pool.map(
-            lambda sv: "slot out of range" if sv[0] >= self.num_slots else self._header_ok(*sv),
-            rows)
-        keep, drop = [], []
-        for (slot, val), why in zip(rows, problems):
-            if why is None:
-                keep.append((slot, val))
-            else:
-                log.debug("nvme tier %s: dropped entry of slot %d: %s", self.path, slot, why)
-                drop.append(slot)
-        if drop:
-            log.warning("nvme tier %s: dropped %d entries whose record failed its check "
-                        "(first: slot %d: %s)", self.path, len(drop), drop[0],
-                        next(w for w in problems if w is not None))
-            self._write_txn(lambda t: [t.delete(_slot_key(s)) for s in drop])
-        live = {s for s, _ in keep}
-        orphans = self._find_orphans(live)
-        self._pool.map(self._zero_header, orphans)
-        if orphans:
-            log.warning("nvme tier %s: freed %d orphan records", self.path, len(orphans))
-        self._used_bytes = self._payload_used = 0
-        for slot, (_k, _ns, size, stored, _cs, flags) in keep:
-            self._stored[slot], self._flags[slot], self._sizes[slot] = stored, flags, size
-            self._account(slot, stored, size, +1)
-        self.slots.take_many(sorted(live))
-        self._recovered = True
-        vanished = sorted({s // self.file_slots for s in drop if s < self.num_slots}
-                          & set(missing))
-        self.last_recovery = {"entries": len(keep), "dropped": len(drop), "orphans": len(orphans),
-                              "unknown_files": unknown,
-                              "missing_files": [self._file_path(f).name for f in vanished]}
-        return [DiskEntry(k, s, size, cs, ns) for s, (k, ns, size, _st, cs, _fl) in keep]
-
-    def _check_one(self, slot: int, val: tuple) -> str | None:
-        why = self._header_ok(slot, val)
-        if why is not None:
-            return why
-        try:
-            h, _ = self._read_record(self._thread_state(), slot, None, val[0], None,
-                                     val[3], val[5])
-        except OSError as e:
-            return f"I/O error reading record ({e.strerror})"
-        except (FormatError, ValueError) as e:
-            return str(e).removeprefix(f"slot {slot}: ")   # the caller names the slot
-        return None if h.checksum == val[4] else "payload checksum differs from metadata"
-
-    def check(self, fix: bool = False) -> list[str]:
-        self._ensure_open()
-        problems: list[str] = []
-        self.dropped_slots = []
-        for name in self._scan_files(remove_unknown=fix):
-            problems.append(f"unknown file slabs/{name}")
-        for f in range(self.num_files):
-            if self._fds[f] >= 0 and not self._file_path(f).exists():
-                problems.append(f"slab file {self._file_path(f).name} missing")
-                os.close(self._fds[f])
-                self._fds[f], self._ready[f] = -1, 0
-        rows = self._read_entries()
-        whys = self._pool.map(
-            lambda sv: "slot out of range" if sv[0] >= self.num_slots else self._check_one(*sv),
-            rows)
-        bad = []
-        for (slot, _), why in zip(rows, whys):
-            if why is not None:
-                problems.append(f"slot {slot}: {why}")
-                bad.append(slot)
-        orphans = self._find_orphans({s for s, _ in rows})
-        problems += [f"slot {s}: orphan record (no metadata entry)" for s in orphans]
-        if fix:
-            in_range = [s for s in bad if s < self.num_slots]
-            out_range = [s for s in bad if s >= self.num_slots]
-            if out_range:
-                self._write_txn(lambda t: [t.delete(_slot_key(s)) for s in out_range])
-            if in_range:
-                self.delete_batch(in_range)
-            self._pool.map(self._zero_header, orphans)
-            self.dropped_slots = in_range
-        return problems
 
     def close(self) -> None:
         if self._closed:

@@ -1,0 +1,197 @@
+"""Start-up recovery and ``check()`` of the NVMe tier (mixed into :class:`NvmeTier`).
+
+``recover()`` runs once at open: unknown files in slabs/ are removed, every known slab file is
+opened (a zero-length or partial leftover of an interrupted grow is removed or truncated to whole
+records), every LMDB entry whose record header does not verify is dropped, orphan records (a valid
+header with no entry: a crash between the records and the LMDB commit) get their magic zeroed, and
+the used-byte accounting is rebuilt. ``check()`` reports the same problems plus a full payload
+checksum of every entry, and with ``fix`` repairs them. Why this order is safe: the publish order
+in the module docstring of tiers/nvme.py.
+
+Uses the tier's state and helpers (``_fds``, ``_ready``, ``_locate``, ``_file_path``,
+``_read_entries``, ``_delete_entries``, ``_read_record``, ``_zero_header``, ``_pool``); runs on
+the caller's thread like the rest of the tier, with per-slot header reads on the tier's pool.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+
+from tierstore.errors import FormatError
+from tierstore.io import disk
+from tierstore.io.disk import round_up
+from tierstore.tiers.base import DiskEntry
+from tierstore.tiers.record import HEADER_BYTES, is_header_like, verify_header
+
+log = logging.getLogger("tierstore.tiers.nvme")
+
+
+class NvmeRecovery:
+    """``recover()`` and ``check()`` of :class:`tierstore.tiers.nvme.NvmeTier`."""
+
+    def _scan_files(self, remove_unknown: bool) -> list[str]:
+        """Names of files in slabs/ that are not ours (removed when asked)."""
+        ours = {self._file_path(f).name for f in range(self.num_files)}
+        unknown = [name for name in sorted(os.listdir(self.slab_dir)) if name not in ours]
+        if remove_unknown:
+            for name in unknown:
+                p = self.slab_dir / name
+                if p.is_dir() and not p.is_symlink():
+                    shutil.rmtree(p)
+                else:
+                    p.unlink()
+        return unknown
+
+    def _open_existing(self) -> list[int]:
+        """Open every known slab file; returns indexes of files that are missing."""
+        missing = []
+        for f in range(self.num_files):
+            p = self._file_path(f)
+            if self._fds[f] >= 0:
+                os.close(self._fds[f])
+                self._fds[f] = -1
+            self._ready[f] = 0
+            try:
+                size = os.stat(p).st_size
+            except FileNotFoundError:
+                missing.append(f)
+                continue
+            ready = min(size // self.record_bytes, self._slots_in_file(f))
+            if ready == 0:
+                p.unlink()   # zero-length / partial leftovers of an interrupted grow
+                missing.append(f)
+                continue
+            fd = disk.open_file(str(p), direct=self.direct)
+            if size != ready * self.record_bytes:
+                os.ftruncate(fd, ready * self.record_bytes)
+            self._fds[f], self._ready[f] = fd, ready
+        return missing
+
+    def _header_ok(self, slot: int, val: tuple) -> str | None:
+        key, ns, size, stored, checksum, flags = val
+        st = self._thread_state()
+        f, off = self._locate(slot)
+        try:
+            if self._fds[f] < 0 or not self._is_ready(slot):
+                return "slab file missing or too short"
+            if off + HEADER_BYTES + round_up(stored) > self._ready[f] * self.record_bytes:
+                return "record extends past end of file"
+            if disk.read_vec(self._fds[f], [st.hdr], off, direct=self.direct) < HEADER_BYTES:
+                return "header truncated"
+            h = verify_header(st.hdr, key=key, slot=slot)
+        except OSError as e:
+            return f"I/O error reading header ({e.strerror})"
+        except FormatError as e:
+            return str(e)
+        if (h.size, h.stored, h.checksum, h.flags, h.ns_digest) != \
+                (size, stored, checksum, flags, ns):
+            return "header disagrees with metadata"
+        return None
+
+    def _orphan(self, slot: int) -> bool:
+        st = self._thread_state()
+        f, off = self._locate(slot)
+        try:
+            n = disk.read_vec(self._fds[f], [st.hdr], off, direct=self.direct)
+        except OSError:
+            return False
+        return n >= 4 and is_header_like(st.hdr)
+
+    def _find_orphans(self, live: set[int]) -> list[int]:
+        """Slots backed by disk, not in ``live``, whose header still carries the magic."""
+        cand = [s for f in range(self.num_files)
+                for s in range(f * self.file_slots, f * self.file_slots + self._ready[f])
+                if s not in live]
+        return [s for s, o in zip(cand, self._pool.map(self._orphan, cand)) if o]
+
+    def recover(self) -> list[DiskEntry]:
+        """Start-up recovery (see DiskTier); runs fully once, later calls list current entries."""
+        if self._closed:
+            raise RuntimeError("nvme tier is closed")
+        if self._recovered:
+            return self.entries()
+        unknown = self._scan_files(remove_unknown=True)
+        for name in unknown:
+            log.warning("nvme tier %s: removed unknown file slabs/%s", self.path, name)
+        missing = self._open_existing()
+        rows = self._read_entries()
+        problems = self._pool.map(
+            lambda sv: "slot out of range" if sv[0] >= self.num_slots else self._header_ok(*sv),
+            rows)
+        keep, drop = [], []
+        for (slot, val), why in zip(rows, problems):
+            if why is None:
+                keep.append((slot, val))
+            else:
+                log.debug("nvme tier %s: dropped entry of slot %d: %s", self.path, slot, why)
+                drop.append(slot)
+        if drop:
+            log.warning("nvme tier %s: dropped %d entries whose record failed its check "
+                        "(first: slot %d: %s)", self.path, len(drop), drop[0],
+                        next(w for w in problems if w is not None))
+            self._delete_entries(drop)
+        live = {s for s, _ in keep}
+        orphans = self._find_orphans(live)
+        self._pool.map(self._zero_header, orphans)
+        if orphans:
+            log.warning("nvme tier %s: freed %d orphan records", self.path, len(orphans))
+        self._used_bytes = self._payload_used = 0
+        for slot, (_k, _ns, size, stored, _cs, flags) in keep:
+            self._stored[slot], self._flags[slot], self._sizes[slot] = stored, flags, size
+            self._account(slot, stored, size, +1)
+        self.slots.take_many(sorted(live))
+        self._recovered = True
+        vanished = sorted({s // self.file_slots for s in drop if s < self.num_slots}
+                          & set(missing))
+        self.last_recovery = {"entries": len(keep), "dropped": len(drop), "orphans": len(orphans),
+                              "unknown_files": unknown,
+                              "missing_files": [self._file_path(f).name for f in vanished]}
+        return [DiskEntry(k, s, size, cs, ns) for s, (k, ns, size, _st, cs, _fl) in keep]
+
+    def _check_one(self, slot: int, val: tuple) -> str | None:
+        why = self._header_ok(slot, val)
+        if why is not None:
+            return why
+        try:
+            h, _ = self._read_record(self._thread_state(), slot, None, val[0], None,
+                                     val[3], val[5])
+        except OSError as e:
+            return f"I/O error reading record ({e.strerror})"
+        except (FormatError, ValueError) as e:
+            return str(e).removeprefix(f"slot {slot}: ")   # the caller names the slot
+        return None if h.checksum == val[4] else "payload checksum differs from metadata"
+
+    def check(self, fix: bool = False) -> list[str]:
+        self._ensure_open()
+        problems: list[str] = []
+        self.dropped_slots = []
+        for name in self._scan_files(remove_unknown=fix):
+            problems.append(f"unknown file slabs/{name}")
+        for f in range(self.num_files):
+            if self._fds[f] >= 0 and not self._file_path(f).exists():
+                problems.append(f"slab file {self._file_path(f).name} missing")
+                os.close(self._fds[f])
+                self._fds[f], self._ready[f] = -1, 0
+        rows = self._read_entries()
+        whys = self._pool.map(
+            lambda sv: "slot out of range" if sv[0] >= self.num_slots else self._check_one(*sv),
+            rows)
+        bad = []
+        for (slot, _), why in zip(rows, whys):
+            if why is not None:
+                problems.append(f"slot {slot}: {why}")
+                bad.append(slot)
+        orphans = self._find_orphans({s for s, _ in rows})
+        problems += [f"slot {s}: orphan record (no metadata entry)" for s in orphans]
+        if fix:
+            in_range = [s for s in bad if s < self.num_slots]
+            out_range = [s for s in bad if s >= self.num_slots]
+            if out_range:
+                self._delete_entries(out_range)
+            if in_range:
+                self.delete_batch(in_range)
+            self._pool.map(self._zero_header, orphans)
+            self.dropped_slots = in_range
+        return problems
