@@ -19,11 +19,12 @@ Flow of one request as a prefill node sees it::
     lookup(keys, pin=True) -> hit prefix ──▶ prepare_load(hit) -> DRAM slots ──▶ copy out ──▶ complete_load
                             └─ rest ──────▶ prepare_store(rest) -> DRAM slots ──▶ copy in ──▶ complete_store
 
-Threading: every public method takes ``self._lock`` (an RLock) for its whole duration; byte
-copies by callers into or out of the slots of a prepared job happen outside the lock, protected by
-the job's pins (loads) or by the slots not being published yet (stores). NVMe I/O triggered by
-eviction or promotion currently runs under the lock (simple and correct; the daemon issue may
-move it out).
+Threading: every public method takes ``self._lock`` (an RLock); byte copies by callers into or
+out of the slots of a prepared job happen outside the lock, protected by the job's pins (loads)
+or by the slots not being published yet (stores). NVMe reads and writes of ``prepare_store``,
+``complete_store`` and ``prepare_load`` run with the lock released (``_nvme_lock`` held instead),
+so lookups and DRAM hits of other threads do not wait for the disk; what keeps the index
+consistent meanwhile is in tierstore/moves.py's docstring.
 """
 
 from __future__ import annotations
@@ -85,6 +86,10 @@ class Store(TierMoves):
         :class:`~tierstore.tiers.hbm.HbmTier` attached to ``dram`` (Store.open builds it)."""
         self.config = config
         self._lock = threading.RLock()
+        self._nvme_lock = threading.RLock()       # every call into the NVMe tier (moves.py)
+        self._promoting: set[BlockKey] = set()    # NVMe-only blocks being read into DRAM
+        self._moved = threading.Condition(self._lock)   # notified when promotions finish
+        self._reserved: Counter[Tier] = Counter()   # slots allocated, not in the index yet
         self.res = Residency()
         self.pins = PinBook(self.res, clock=clock)
         self.tiers: dict[Tier, MemoryTier | DiskTier] = {Tier.DRAM: dram}
@@ -174,7 +179,8 @@ class Store(TierMoves):
             return i
         nvme = self.tiers.get(Tier.NVME)
         if nvme is not None:
-            nvme.put_namespace(d, ns.describe())
+            with self._nvme_lock:
+                nvme.put_namespace(d, ns.describe())
         return self._add_ns(d, ns)
 
     def _ns_digest(self, ns_id: int) -> bytes:
@@ -270,8 +276,8 @@ class Store(TierMoves):
             target = self.tiers[tier]
             need = sum(1 for k in keys if k not in self.res and k not in self._pending_keys)
             short = need - target.slots.free_count
-            if short > 0:
-                self._make_room(tier, short)
+            if short > 0:   # DRAM victims go to NVMe with the lock released; re-checked below
+                self._make_room(tier, short, unlocked_io=tier is Tier.DRAM)
             seen: set[BlockKey] = set()
             for k in keys:
                 if k in self.res or k in self._pending_keys or k in seen:
@@ -329,7 +335,7 @@ class Store(TierMoves):
                         and Tier.NVME in self.tiers and getattr(dram, "holds_bytes", True):
                     admitted = [k for k in new
                                 if self.admission[Tier.NVME].admit(k, job.size).admitted]
-                    self._write_nvme(admitted)
+                    self._write_nvme(admitted, unlocked_io=True)
             else:
                 self.counters["stores_aborted"] += 1
             return list(job.status)
@@ -357,20 +363,31 @@ class Store(TierMoves):
             raise ConfigError(f"cannot load into tier {into.label}: this store has no such tier")
         with self._lock:
             self._expire()
+            slot = self.res.slot
+            while True:
+                hs = longest_prefix(self.res, keys)
+                # NVMe-only blocks, to be read into DRAM
+                need = [i for i, h in enumerate(hs) if slot(h, Tier.DRAM) < 0
+                        and (Tier.HBM not in self.tiers or slot(h, Tier.HBM) < 0)]
+                if not any(keys[i] in self._promoting for i in need):
+                    break
+                self._moved.wait()   # another load is reading some of them: wait, then look again
             jid = next(self._job_ids)
             pin_owner = f"job:{jid}"
-            hs = longest_prefix(self.res, keys)
             status: list[BlockStatus] = [BlockStatus.MISSING] * len(keys)
             came_from = [self.res.nearest(h) for h in hs]
             for k in keys[: len(hs)]:
                 self.pins.pin(pin_owner, k)
-            slot = self.res.slot
-            # 1. NVMe-only blocks -> DRAM
-            need = [i for i, h in enumerate(hs)
-                    if slot(h, Tier.DRAM) < 0 and (Tier.HBM not in self.tiers or slot(h, Tier.HBM) < 0)]
+            # 1. NVMe-only blocks -> DRAM (the lock is released for the disk I/O)
             n_ok = len(hs)
             if need:
-                n_ok = self._promote(keys, hs, need, status)
+                promoting = [keys[i] for i in need]
+                self._promoting.update(promoting)
+                try:
+                    n_ok = self._promote(keys, hs, need, status, unlocked_io=True)
+                finally:
+                    self._promoting.difference_update(promoting)
+                    self._moved.notify_all()
             # 2. between HBM and DRAM, towards ``into``
             if Tier.HBM in self.tiers and n_ok:
                 src = Tier.HBM if into is Tier.DRAM else Tier.DRAM
@@ -384,7 +401,8 @@ class Store(TierMoves):
                             break
                     for i, ok in zip(move, moved):
                         if ok and self.config.exclusive and i < n_ok:
-                            self._release_slot(keys[i], hs[i], src)
+                            self._release_slot(keys[i], hs[i], src,
+                                               own_pins=self.pins.held(pin_owner).get(keys[i], 0))
             slots: list[int] = []
             sizes: list[int] = []
             for i in range(n_ok):
@@ -474,10 +492,7 @@ class Store(TierMoves):
         for t in list(self.res.tiers_of(h)):
             s = self.res.clear_slot(h, t)
             self.policies[t].remove(key)
-            if t is Tier.NVME:
-                self.tiers[t].delete_batch([s])
-            else:
-                self.tiers[t].free(s)
+            self._free(t, s)   # NVMe: deletes the record
         self.res.remove(h)
 
     def blocks(self, limit: int | None = None, tier: Tier | None = None) -> list[dict]:
@@ -553,8 +568,8 @@ class Store(TierMoves):
                 u["blocks"] = len(self.policies[t])
                 tiers.append(u)
             c = dict(self.counters)
-            for t, tier in self.tiers.items():
-                for name, v in getattr(tier, "counters", {}).items():
+            for t, tier in self.tiers.items():   # a copy: NVMe I/O may run beside this
+                for name, v in dict(getattr(tier, "counters", {})).items():
                     c[f"{t.label}_{name}"] = v
             return {
                 "blocks": len(self.res),
@@ -582,8 +597,8 @@ class Store(TierMoves):
                         problems.append(f"block {k.hex()[:16]} points at free {t.label} slot {s}")
             for t, tier in self.tiers.items():
                 n_index = sum(1 for _, h in self.res.handles() if self.res.slot(h, t) >= 0)
-                pending = sum(1 for j in self._stores.values() for s in j.slots if s is not None) \
-                    if t is Tier.DRAM else 0
+                pending = self._reserved[t] + sum(
+                    1 for j in self._stores.values() if j.tier is t for s in j.slots if s is not None)
                 if tier.slots.used != n_index + pending:
                     problems.append(f"{t.label}: {tier.slots.used} slots used but index holds "
                                     f"{n_index} (+{pending} pending)")
@@ -592,7 +607,8 @@ class Store(TierMoves):
             nvme = self.tiers.get(Tier.NVME)
             if nvme is not None:
                 problems.extend(self._recovery_problems(nvme))
-                disk = nvme.check(fix=fix)
+                with self._nvme_lock:
+                    disk = nvme.check(fix=fix)
                 problems.extend(f"nvme: {p}" for p in disk)
                 if fix and disk:
                     self._resync_nvme()
@@ -644,7 +660,8 @@ class Store(TierMoves):
                     pinning.unpin()
             for t, tier in self.tiers.items():
                 if t is not Tier.HBM:
-                    tier.close()
+                    with self._tier_lock(t):   # waits for NVMe I/O in flight
+                        tier.close()
             self._closed = True
 
     def __enter__(self) -> "Store":
