@@ -241,6 +241,9 @@ class TierMoves:
         written = 0
         for (k, s, _w), r in zip(items, results):
             h = self.res.get(k)
+            if h < 0:   # gone (cannot happen while MOVE_OWNER pins it): never index it
+                self._free(Tier.NVME, s)
+                continue
             if r.ok:
                 self.res.set_slot(h, Tier.NVME, s)
                 self.res.checksum[h] = r.checksum
