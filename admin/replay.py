@@ -65,13 +65,17 @@ def replay_cmd(
     plot: Optional[str] = typer.Option(
         None, "--plot", help="Also draw block hit ratio against capacity into this file (PNG); "
                              "runs a sweep. Needs the extra 'plot' (matplotlib)."),
+    save_trace: Optional[str] = typer.Option(
+        None, "--save-trace", help="Also write the requests this run replays (the generated "
+                                   "workload, or TRACE cut by --limit) to this file as a JSONL "
+                                   "trace; `tierstore replay FILE` replays it again."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
     as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
 ) -> None:
     """Replay a trace through the real store as a prefill node would; report hit ratios.
 
-    A comma list of policies or capacities runs a sweep (payload none), with Belady's offline
-    optimum and the infinite cache as reference rows."""
+    A comma list of policies or capacities runs a sweep (payload none), with Belady's
+    offline optimum and the infinite cache as reference rows."""
     # empty items are dropped and repeats kept once, in order ("lru,,lru" is one policy)
     policies = list(dict.fromkeys(p.strip() for p in policy.split(",") if p.strip()))
     capacities = list(dict.fromkeys(c.strip() for c in capacity.split(",") if c.strip())) \
@@ -94,6 +98,9 @@ def replay_cmd(
         if plot is not None:
             from tierstore_admin.plot import require_matplotlib
             require_matplotlib()
+        if save_trace is not None:
+            n = engine.write_trace(save_trace, engine.load_requests(opts)[0])
+            message(f"wrote {n:,} requests to {save_trace}")
         with _progress(show_progress, "sweep" if is_sweep else "replay") as progress:
             if is_sweep:
                 result = sweep_engine.sweep(opts, policies, capacities or [engine.DEFAULT_CAPACITY],
@@ -140,7 +147,9 @@ def _human(console, r: dict) -> None:
     summary = kv_table("replay", [
         ("trace", r["trace"]),
         ("payload / model / policy", f"{r['payload']} / {r['model']} / {r['policy']}"),
-        ("block", f"{r['block_tokens']} tokens, {format_bytes(r['block_bytes'])}"),
+        ("block", f"{r['block_tokens']} tokens, {format_bytes(r['block_bytes'])}"
+                  + (" nominal (payload none moves no bytes)" if r["bytes_nominal"]
+                     else " moved per block")),
         ("capacity (blocks)", r["capacity_blocks"]),
         ("requests", r["requests"]),
         ("block_hit_ratio", f"{r['block_hit_ratio']:.4f}  ({r['hit_blocks']:,} / {r['referenced_blocks']:,} blocks)"),

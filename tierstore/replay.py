@@ -52,7 +52,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 from tierstore.client import Client
 from tierstore.config import DramConfig, NvmeConfig, StoreConfig
@@ -175,6 +175,21 @@ def read_trace(path: str | os.PathLike, limit: int | None = None) -> list[TraceR
     except UnicodeDecodeError as e:
         raise ConfigError(f"{p}: not UTF-8 text ({e.reason})") from None
     return out
+
+
+def write_trace(path: str | os.PathLike, requests: Sequence[TraceRequest]) -> int:
+    """Write ``requests`` as a Mooncake JSONL trace (the format :func:`read_trace` reads: one
+    object per line with ``timestamp``, ``input_length``, ``output_length``, ``hash_ids``);
+    returns the number of lines. Raises ConfigError when the file cannot be written."""
+    try:
+        with Path(path).open("w", encoding="utf-8") as f:
+            for r in requests:
+                f.write(json.dumps({"timestamp": r.timestamp, "input_length": r.input_length,
+                                    "output_length": r.output_length,
+                                    "hash_ids": list(r.hash_ids)}) + "\n")
+    except OSError as e:
+        raise ConfigError(f"cannot write trace {path}: {e.strerror or e}") from None
+    return len(requests)
 
 
 def generated_trace(num_requests: int) -> list[TraceRequest]:
@@ -547,4 +562,5 @@ def _describe(client: Client, opts: ReplayOptions, p: _Plan, source: str, setup_
 
 
 __all__ = ["BLOCK_TOKENS", "MODELS", "ModelPreset", "ReplayOptions", "TraceRequest", "get_model",
-           "load_requests", "parse_request", "plan", "read_trace", "replay", "replay_requests"]
+           "load_requests", "parse_request", "plan", "read_trace", "replay", "replay_requests",
+           "write_trace"]

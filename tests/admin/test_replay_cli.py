@@ -51,6 +51,29 @@ def test_replay_json_on_generated_default_is_sane(cli):
     assert d["throughput"]["requests_per_s"] > 0
 
 
+def test_save_trace_writes_what_replays_the_same(cli, tmp_path, trace_file):
+    """--save-trace writes the generated workload (or TRACE cut by --limit) as JSONL; replaying
+    that file gives the same result, request for request."""
+    pytest.importorskip("tierstore.workload")
+    gen = tmp_path / "gen.jsonl"
+    a = cli("replay", "--requests", "300", "--save-trace", gen, "--json", "-q")
+    assert a.code == 0, a.stderr
+    lines = gen.read_text().splitlines()
+    assert len(lines) == 300 and "wrote 300 requests" in a.stderr
+    b = cli("replay", gen, "--json", "-q")
+    assert b.code == 0, b.stderr
+    for f in ("block_hit_ratio", "hit_blocks", "referenced_blocks", "token_hit_ratio"):
+        assert a.json()[f] == b.json()[f]
+    cut = tmp_path / "cut.jsonl"
+    c = cli("replay", trace_file, "--limit", "7", "--save-trace", cut, "--json", "-q")
+    assert c.code == 0, c.stderr
+    original = trace_file.read_text().splitlines()[:7]
+    assert [json.loads(x)["hash_ids"] for x in cut.read_text().splitlines()] == \
+        [json.loads(x)["hash_ids"] for x in original]
+    _one_line_error(cli("replay", "--requests", "5", "--save-trace", tmp_path / "no" / "x.jsonl"),
+                    "cannot write trace")
+
+
 @pytest.mark.parametrize("cap", [60, 120, 250])
 def test_payload_none_matches_reference_lru(cli, tmp_path, make_trace, cap):
     """The store's prefix hits under LRU equal an independent LRU model of the same capacity
