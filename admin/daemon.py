@@ -210,8 +210,9 @@ def status(socket: Optional[str] = typer.Option(None, "--socket", envvar=SOCKET_
 
 
 def _human_status(console, r: dict) -> None:
-    rows = [(k, r[k]) for k in ("pid", "version", "socket", "data_dir", "shm_name", "uptime_s",
-                                "connections", "metrics", "blocks", "pins")]
+    rows = [("pid", str(r["pid"]))]   # an id, not a quantity: no thousands separator
+    rows += [(k, r[k]) for k in ("version", "socket", "data_dir", "shm_name", "uptime_s",
+                                 "connections", "metrics", "blocks", "pins")]
     console.print(kv_table("tierstore daemon", rows))
     console.print(_tiers_table(r["tiers"]))
 

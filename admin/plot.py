@@ -1,6 +1,6 @@
 """``--plot``: hit ratio against capacity for a replay sweep, drawn with matplotlib.
 
-matplotlib is the optional extra ``plot`` (``pip install 'tierstore[plot]'``) and is imported
+matplotlib is the optional extra ``plot`` (``pip install -e '.[plot]'`` in a checkout) and is imported
 only here, only when a plot is asked for. :func:`require_matplotlib` is called before the sweep
 runs, so a missing extra costs one error line, not a wasted sweep.
 """
@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from tierstore.errors import ConfigError
 
-MISSING = "--plot needs matplotlib, the optional extra 'plot': pip install 'tierstore[plot]'"
+MISSING = ("--plot needs matplotlib: pip install matplotlib (in a checkout of tierstore: "
+           "pip install -e '.[plot]')")
 
 
 def require_matplotlib():
