@@ -55,3 +55,18 @@ def test_gpu_session_script_fails_when_the_benchmark_fails(tmp_path):
     p = run_script(tmp_path, BENCH_ARGS="--chunks eight")
     assert p.returncode != 0
     assert "bench_copy exit status" in p.stdout
+
+
+def test_gpu_session_script_refuses_to_pass_without_cuda(tmp_path):
+    """On the GPU machine an all-skipped run must not look green: without CUDA and without
+    BENCH_DEVICE=cpu the script exits 3 before running anything."""
+    import torch
+
+    if torch.cuda.is_available():
+        import pytest
+
+        pytest.skip("this machine has CUDA")
+    p = run_script(tmp_path, BENCH_DEVICE="auto")
+    assert p.returncode == 3, p.stdout + p.stderr
+    assert "not a GPU run" in p.stderr
+    assert not (tmp_path / "out" / "bench_copy.json").exists()
