@@ -20,16 +20,19 @@ lock once): the store lock is released around ``write_batch`` / ``read_batch`` o
 pins and DRAM hits of other threads go on while a cold load or a demotion waits for the disk.
 What keeps that safe while the lock is released:
 
-- blocks whose DRAM bytes are being written to NVMe are pinned by ``MOVE_OWNER`` (never
-  evicted, and ``_release_slot`` keeps their DRAM slot), demotion victims are out of the DRAM
-  policy, and the NVMe slots they go to are reserved (allocated, not yet in the index);
+- demotion victims (written or not) and blocks whose DRAM bytes are being written to NVMe are
+  pinned by ``MOVE_OWNER`` (never evicted, re-stored or moved: ``_release_slot`` keeps a pinned
+  block's slot), victims are out of the DRAM policy, and the NVMe slots they go to are reserved
+  (allocated, not yet in the index); a victim is freed only if it still has the slot it was
+  picked with;
 - blocks being promoted are pinned by their load job and listed in ``_promoting`` (a second
   load of the same block waits for the first, see ``Store.prepare_load``); the DRAM slots they
   are read into are reserved until the read is committed;
 - after the lock is taken back, every step re-reads the index (handles of pinned keys are
   stable): a victim that another thread pinned meanwhile stays in DRAM.
 
-``_reserved`` counts slots allocated but not in the index yet, so ``check()`` balances.
+``_reserved`` counts slots allocated but not in the index yet, ``_unlisted`` demotion victims
+out of their policy but still in the index, so ``check()`` balances while I/O is in flight.
 """
 
 from __future__ import annotations
@@ -95,20 +98,31 @@ class TierMoves:
         victims = self._pick_victims(tier, n)
         if not victims:
             return 0
+        slots = [self.res.slot(self.res.get(v), tier) for v in victims]
         if tier is Tier.DRAM and Tier.NVME in self.tiers:
-            self._demote(victims, unlocked_io=unlocked_io)
+            # every victim, written or not, stays pinned (never evicted, moved or re-stored by
+            # another thread) and counted out of its policy until it is dropped below
+            for v in victims:
+                self.pins.pin(MOVE_OWNER, v)
+            self._unlisted[tier] += len(victims)
+            try:
+                self._demote(victims, unlocked_io=unlocked_io)
+            finally:
+                for v in victims:
+                    self.pins.unpin(MOVE_OWNER, v)
+                self._unlisted[tier] -= len(victims)
         elif tier is Tier.HBM:
             self._move_hbm(victims, down=True)
-        return self._drop_victims(tier, victims)
+        return self._drop_victims(tier, victims, slots)
 
-    def _drop_victims(self, tier: Tier, victims: list[BlockKey]) -> int:
-        """Free the ``tier`` slots of ``victims`` (out of its policy already). A victim pinned
-        meanwhile (possible only while the lock was released for I/O) stays, back in the policy.
-        NVMe records go in one delete batch."""
+    def _drop_victims(self, tier: Tier, victims: list[BlockKey], slots: list[int]) -> int:
+        """Free the ``tier`` slots of ``victims`` (out of its policy already; ``slots``: their
+        slots when picked). A victim pinned by someone else meanwhile (possible only while the
+        lock was released for I/O) stays, back in the policy. NVMe records go in one batch."""
         freed: list[int] = []
-        for v in victims:
+        for v, slot in zip(victims, slots):
             h = self.res.get(v)
-            if h < 0 or self.res.slot(h, tier) < 0:
+            if h < 0 or self.res.slot(h, tier) != slot:   # not the copy that was picked
                 continue
             if self.res.pins[h]:
                 self.policies[tier].insert(v, self.res.size[h], None)
@@ -176,7 +190,7 @@ class TierMoves:
         writes = []
         for v in victims:
             h = self.res.get(v)
-            if self.res.slot(h, Tier.NVME) >= 0:
+            if self.res.slot(h, Tier.NVME) >= 0 or self.res.slot(h, Tier.DRAM) < 0:
                 continue
             if not self.admission[Tier.NVME].admit(v, self.res.size[h]).admitted:
                 self.counters["nvme_admission_rejects"] += 1

@@ -90,6 +90,7 @@ class Store(TierMoves):
         self._promoting: set[BlockKey] = set()    # NVMe-only blocks being read into DRAM
         self._moved = threading.Condition(self._lock)   # notified when promotions finish
         self._reserved: Counter[Tier] = Counter()   # slots allocated, not in the index yet
+        self._unlisted: Counter[Tier] = Counter()   # demotion victims out of their policy
         self.res = Residency()
         self.pins = PinBook(self.res, clock=clock)
         self.tiers: dict[Tier, MemoryTier | DiskTier] = {Tier.DRAM: dram}
@@ -602,6 +603,10 @@ class Store(TierMoves):
                 if tier.slots.used != n_index + pending:
                     problems.append(f"{t.label}: {tier.slots.used} slots used but index holds "
                                     f"{n_index} (+{pending} pending)")
+                listed = len(self.policies[t]) + self._unlisted[t]
+                if listed != n_index:
+                    problems.append(f"{t.label}: eviction policy lists {listed} blocks but the "
+                                    f"index holds {n_index}")
             if self.pins.total() != sum(self.res.pins[h] for _, h in self.res.handles()):
                 problems.append("pin ledger and pin counts disagree")
             nvme = self.tiers.get(Tier.NVME)

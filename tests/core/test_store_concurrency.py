@@ -251,3 +251,63 @@ def test_random_concurrent_traffic_never_returns_wrong_bytes(tmp_path, write_thr
         got = s.get(c)
         assert got == payload(c)[: len(got)]
     s.close()
+
+
+def test_a_victim_that_is_not_written_is_still_protected(tmp_path):
+    """Adversarial find: a demotion victim the NVMe admission rejects (so it is not written) was
+    neither pinned nor in the DRAM policy while the lock was released; another thread could
+    evict and re-store it, the demotion then freed the new copy's slot and left a stale policy
+    entry, which later made a demotion write another slot's bytes (dram.view(-1)) under its
+    key. Now every victim is pinned for the window and freed only with the slot it was picked
+    with; check() compares each policy with the index."""
+    import dataclasses
+
+    import torch
+
+    from tierstore.config import HbmConfig
+
+    base = cfg(tmp_path, dram=2, nvme=8)
+    c = dataclasses.replace(
+        base, nvme=dataclasses.replace(base.nvme, admission="seen-twice"),
+        hbm=HbmConfig(capacity_blocks=2, device="cpu", policy="lru"))
+    s = Store.open(c)
+    A, C, X, Y, D, E, F = (chain(i, n=1) for i in range(7))
+    for k in (C, X, Y, C, A):       # DRAM: C (offered to NVMe once before), A (never offered)
+        s.put(k, NS, payload(k))
+    gate = Gate(s.tiers[Tier.NVME], "write_batch")
+    t, out = in_thread(lambda: s.put(D + E, NS, payload(D + E)))   # victims C (written), A (not)
+    assert gate.entered.wait(WAIT_S)
+    assert s.evict(A) == {"pinned": 1}                 # the unwritten victim is protected too
+    assert s.put(A, NS, payload(A)) == [BlockStatus.PRESENT]
+    gate.release.set()
+    assert finished(t, out) == [BlockStatus.OK] * 2
+    assert s.check() == []                             # policy and index agree
+    # the rest of the old failure path: A into HBM, DRAM pressure, A back through NVMe
+    job = s.prepare_store(A, NS, SLOT, tier=Tier.HBM)
+    if job.slots[0] is not None:
+        s.hbm_tensor(job.slots[0])[:] = torch.frombuffer(bytearray(payload(A)[0]), dtype=torch.uint8)
+    s.complete_store(job.job_id)
+    s.put(F, NS, payload(F))
+    for i in range(100, 103):
+        s.put(chain(i, n=1), NS, payload(chain(i, n=1)))
+    for k in (A, C, D, E, F):
+        got = s.get(k)
+        assert got in ([], payload(k))
+    assert s.check() == []
+    s.close()
+    s = Store.open(c)
+    assert s.check() == []
+    for k in (A, C, D, E, F):
+        assert s.get(k) in ([], payload(k))
+    s.close()
+
+
+def test_dram_view_refuses_a_negative_slot():
+    """The last line of defence against the bug above: view(-1) must not be the last slot."""
+    from tierstore.tiers.dram import DramTier
+
+    t = DramTier(4, 4096)
+    with pytest.raises(IndexError):
+        t.view(-1)
+    assert len(t.view(3)) == 4096
+    t.close()

@@ -70,6 +70,10 @@ class DramTier(MemoryTier):
         return self._buf
 
     def view(self, slot: int) -> memoryview:
+        """Writable view of one slot. Raises IndexError for a slot outside [0, num_slots): a
+        negative index must never reach another slot's bytes."""
+        if slot < 0:
+            raise IndexError(f"dram slot {slot} out of range")
         return self._views[slot]
 
     def close(self) -> None:
