@@ -32,7 +32,10 @@ What keeps that safe while the lock is released:
   stable): a victim that another thread pinned meanwhile stays in DRAM.
 
 ``_reserved`` counts slots allocated but not in the index yet, ``_unlisted`` demotion victims
-out of their policy but still in the index, so ``check()`` balances while I/O is in flight.
+out of their policy but still in the index (both change only under the store lock), and
+``_nvme_deleting`` NVMe records out of the index whose delete runs with the store lock released
+(it changes only under the NVMe lock, in the same step as the delete); ``check()`` reads the NVMe
+tier's counts under both locks, so it balances while I/O is in flight.
 """
 
 from __future__ import annotations
@@ -350,7 +353,13 @@ class TierMoves:
             if self.res.nearest(h) is None:
                 self.pins.forget(keys[i])
                 self.res.remove(h)
-        if moved_off:
+        if moved_off:   # out of the index already; the records go with the lock released
             with self._nvme_lock:
-                nvme.delete_batch(moved_off)
+                self._nvme_deleting += len(moved_off)
+            with self._unlocked(unlocked_io):
+                with self._nvme_lock:
+                    try:
+                        nvme.delete_batch(moved_off)
+                    finally:   # in the same NVMe-locked step, so check() sees both or neither
+                        self._nvme_deleting -= len(moved_off)
         return first_bad

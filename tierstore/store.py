@@ -91,6 +91,7 @@ class Store(TierMoves):
         self._moved = threading.Condition(self._lock)   # notified when promotions finish
         self._reserved: Counter[Tier] = Counter()   # slots allocated, not in the index yet
         self._unlisted: Counter[Tier] = Counter()   # demotion victims out of their policy
+        self._nvme_deleting = 0                      # under _nvme_lock: deletes in flight
         self.res = Residency()
         self.pins = PinBook(self.res, clock=clock)
         self.tiers: dict[Tier, MemoryTier | DiskTier] = {Tier.DRAM: dram}
@@ -600,8 +601,12 @@ class Store(TierMoves):
                 n_index = sum(1 for _, h in self.res.handles() if self.res.slot(h, t) >= 0)
                 pending = self._reserved[t] + sum(
                     1 for j in self._stores.values() if j.tier is t for s in j.slots if s is not None)
-                if tier.slots.used != n_index + pending:
-                    problems.append(f"{t.label}: {tier.slots.used} slots used but index holds "
+                with self._tier_lock(t):
+                    used = tier.slots.used
+                    if t is Tier.NVME:
+                        pending += self._nvme_deleting
+                if used != n_index + pending:
+                    problems.append(f"{t.label}: {used} slots used but index holds "
                                     f"{n_index} (+{pending} pending)")
                 listed = len(self.policies[t]) + self._unlisted[t]
                 if listed != n_index:
