@@ -16,8 +16,10 @@ public. Every call into the NVMe tier holds ``_nvme_lock`` (the tier is single-t
 order: store lock, then NVMe lock, never the reverse.
 
 NVMe I/O outside the store lock (``unlocked_io=True``, passed by the public methods that own the
-lock once): the store lock is released around ``write_batch`` / ``read_batch`` only, so lookups,
-pins and DRAM hits of other threads go on while a cold load or a demotion waits for the disk.
+lock once): the store lock is released around ``write_batch``, ``read_batch`` and the
+``delete_batch`` of promoted records only, so lookups, pins and DRAM hits of other threads go on
+while a cold load or a demotion waits for the disk. NVMe slot allocation and the deletes of NVMe
+victims stay under the store lock (they wait for another thread's batch: a known convoy).
 What keeps that safe while the lock is released:
 
 - demotion victims (written or not) and blocks whose DRAM bytes are being written to NVMe are
