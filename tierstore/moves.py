@@ -16,10 +16,10 @@ public. Every call into the NVMe tier holds ``_nvme_lock`` (the tier is single-t
 order: store lock, then NVMe lock, never the reverse.
 
 NVMe I/O outside the store lock (``unlocked_io=True``, passed by the public methods that own the
-lock once): the store lock is released around ``write_batch``, ``read_batch`` and the
-``delete_batch`` of promoted records only, so lookups, pins and DRAM hits of other threads go on
-while a cold load or a demotion waits for the disk. NVMe slot allocation and the deletes of NVMe
-victims stay under the store lock (they wait for another thread's batch: a known convoy).
+lock once): the store lock is released around ``write_batch`` and ``read_batch`` only, so
+lookups, pins and DRAM hits of other threads go on while a cold load or a demotion waits for the
+disk. NVMe slot allocation and deletes stay under the store lock (so no slot is freed or reused
+while a record on it is still live), and so wait for another thread's batch: a known convoy.
 What keeps that safe while the lock is released:
 
 - demotion victims (written or not) and blocks whose DRAM bytes are being written to NVMe are
@@ -34,10 +34,8 @@ What keeps that safe while the lock is released:
   stable): a victim that another thread pinned meanwhile stays in DRAM.
 
 ``_reserved`` counts slots allocated but not in the index yet, ``_unlisted`` demotion victims
-out of their policy but still in the index (both change only under the store lock), and
-``_nvme_deleting`` NVMe records out of the index whose delete runs with the store lock released
-(it changes only under the NVMe lock, in the same step as the delete); ``check()`` reads the NVMe
-tier's counts under both locks, so it balances while I/O is in flight.
+out of their policy but still in the index (both change only under the store lock), so
+``check()`` balances while I/O is in flight.
 """
 
 from __future__ import annotations
@@ -355,13 +353,7 @@ class TierMoves:
             if self.res.nearest(h) is None:
                 self.pins.forget(keys[i])
                 self.res.remove(h)
-        if moved_off:   # out of the index already; the records go with the lock released
-            with self._nvme_lock:
-                self._nvme_deleting += len(moved_off)
-            with self._unlocked(unlocked_io):
-                with self._nvme_lock:
-                    try:
-                        nvme.delete_batch(moved_off)
-                    finally:   # in the same NVMe-locked step, so check() sees both or neither
-                        self._nvme_deleting -= len(moved_off)
+        if moved_off:   # one batch, under the store lock: a slot must not be freed (check --fix)
+            with self._nvme_lock:   # or handed out again before its record is deleted
+                nvme.delete_batch(moved_off)
         return first_bad

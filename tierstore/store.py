@@ -91,7 +91,6 @@ class Store(TierMoves):
         self._moved = threading.Condition(self._lock)   # notified when promotions finish
         self._reserved: Counter[Tier] = Counter()   # slots allocated, not in the index yet
         self._unlisted: Counter[Tier] = Counter()   # demotion victims out of their policy
-        self._nvme_deleting = 0                      # under _nvme_lock: deletes in flight
         self.res = Residency()
         self.pins = PinBook(self.res, clock=clock)
         self.tiers: dict[Tier, MemoryTier | DiskTier] = {Tier.DRAM: dram}
@@ -155,7 +154,11 @@ class Store(TierMoves):
         for digest, desc in nvme.namespaces().items():
             self._add_ns(digest, desc)
         pol = self.policies[Tier.NVME]
+        duplicates: list[int] = []
         for e in nvme.recover():
+            if e.key in self.res:   # two records of one key: keep the first, never fail to open
+                duplicates.append(e.slot)
+                continue
             ns_id = self._ns_ids.get(e.ns_digest)
             if ns_id is None:
                 ns_id = self._add_ns(e.ns_digest, {"digest": e.ns_digest.hex()})
@@ -163,6 +166,11 @@ class Store(TierMoves):
             self.res.set_slot(h, Tier.NVME, e.slot)
             pol.insert(e.key, e.size, None)
             self.counters["nvme_recovered"] += 1
+        if duplicates:
+            log.warning("nvme: %d records repeat a key already recovered; deleted",
+                        len(duplicates))
+            nvme.delete_batch(duplicates)
+            self.counters["nvme_recovery_duplicates"] += len(duplicates)
 
     # ---------------------------------------------------------------- namespaces
     def _add_ns(self, digest: bytes, ns: Namespace | dict) -> int:
@@ -347,7 +355,8 @@ class Store(TierMoves):
         if h < 0:
             return
         t = self.res.nearest(h)
-        self.policies[t].access(key)
+        if t is not None:
+            self.policies[t].access(key)
 
     # ---------------------------------------------------------------- load
     def prepare_load(self, keys: Sequence[BlockKey], *, owner: str = LOCAL,
@@ -368,12 +377,17 @@ class Store(TierMoves):
             slot = self.res.slot
             while True:
                 hs = longest_prefix(self.res, keys)
+                if len(set(hs)) != len(hs):   # a repeated key ends the prefix (one slot each)
+                    seen: set[int] = set()
+                    hs = list(itertools.takewhile(lambda h: not (h in seen or seen.add(h)), hs))
                 # NVMe-only blocks, to be read into DRAM
                 need = [i for i, h in enumerate(hs) if slot(h, Tier.DRAM) < 0
                         and (Tier.HBM not in self.tiers or slot(h, Tier.HBM) < 0)]
                 if not any(keys[i] in self._promoting for i in need):
                     break
                 self._moved.wait()   # another load is reading some of them: wait, then look again
+                if self._closed:
+                    raise JobError("the store was closed while this load waited for another")
             jid = next(self._job_ids)
             pin_owner = f"job:{jid}"
             status: list[BlockStatus] = [BlockStatus.MISSING] * len(keys)
@@ -591,7 +605,7 @@ class Store(TierMoves):
         with self._lock:
             for k, h in self.res.handles():
                 ts = self.res.tiers_of(h)
-                if not ts:
+                if not ts and not self.res.pins[h]:   # pinned: it goes with its last pin
                     problems.append(f"block {k.hex()[:16]} resident nowhere")
                 for t in ts:
                     s = self.res.slot(h, t)
@@ -601,10 +615,7 @@ class Store(TierMoves):
                 n_index = sum(1 for _, h in self.res.handles() if self.res.slot(h, t) >= 0)
                 pending = self._reserved[t] + sum(
                     1 for j in self._stores.values() if j.tier is t for s in j.slots if s is not None)
-                with self._tier_lock(t):
-                    used = tier.slots.used
-                    if t is Tier.NVME:
-                        pending += self._nvme_deleting
+                used = tier.slots.used
                 if used != n_index + pending:
                     problems.append(f"{t.label}: {used} slots used but index holds "
                                     f"{n_index} (+{pending} pending)")

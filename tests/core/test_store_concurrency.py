@@ -311,3 +311,37 @@ def test_dram_view_refuses_a_negative_slot():
         t.view(-1)
     assert len(t.view(3)) == 4096
     t.close()
+
+
+def test_a_load_waiting_on_another_gets_a_clean_error_when_the_store_closes(tmp_path):
+    s = Store.open(cfg(tmp_path, dram=8))
+    cold = chain(1, n=2)
+    for c in (cold, chain(2), chain(3)):
+        s.put(c, NS, payload(c))
+    s.evict(chain(3))                        # DRAM has room: the waiter needs no demotion
+    assert set(s.lookup(cold, NS).tiers) == {Tier.NVME}
+    gate = Gate(s.tiers[Tier.NVME], "read_batch")
+    a, ra = in_thread(lambda: s.prepare_load(cold))
+    assert gate.entered.wait(WAIT_S)
+    b, rb = in_thread(lambda: s.prepare_load(cold))
+    b.join(0.3)
+    closer, rc = in_thread(s.close)
+    closer.join(0.3)
+    gate.release.set()
+    finished(closer, rc)
+    for t, r in ((a, ra), (b, rb)):
+        with pytest.raises(JobError, match="closed"):
+            finished(t, r)
+
+
+def test_a_repeated_key_ends_the_loaded_prefix(tmp_path):
+    """prepare_load([k, k]) stages one slot per block: the repeat ends the prefix (adversarial
+    find: it staged two DRAM slots for one block and leaked one)."""
+    s = Store.open(cfg(tmp_path, dram=4))
+    c1 = chain(1, n=1)
+    s.put(c1, NS, payload(c1))
+    s.put(chain(2), NS, payload(chain(2)))   # c1 -> NVMe
+    s.evict(chain(2)[2:])
+    assert s.get([c1[0], c1[0]]) == payload(c1)
+    assert s.check() == []
+    s.close()

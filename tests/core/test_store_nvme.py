@@ -126,6 +126,61 @@ def test_corrupt_payload_is_a_miss_and_a_counter(tmp_path):
     s.close()
 
 
+def _rot(s, key):
+    """Flip payload bytes of ``key``'s NVMe record on disk (a bad sector)."""
+    nvme = s.tiers[Tier.NVME]
+    f, off = nvme._locate(s.block(key)["slots"]["nvme"])
+    with open(nvme._file_path(f), "r+b") as fh:
+        fh.seek(off + 4096 + 100)
+        fh.write(b"\xff" * 8)
+
+
+def test_a_block_repaired_away_while_pinned_goes_with_its_last_pin(tmp_path):
+    """check --fix drops a corrupt record whose block a client pins: until the pin goes the
+    block is a miss (lookup must not fail on it), then it leaves the index and can be stored
+    again (adversarial find: it stayed 'resident nowhere' for good, and lookup raised)."""
+    s = Store.open(cfg(tmp_path, dram=4))
+    k = Keyer(NS, SECRET)
+    P, Q = k.chain(list(range(64))), k.chain(list(range(900, 964)))
+    s.put(P, NS, payload(P))
+    s.put(Q, NS, payload(Q))            # P -> NVMe
+    _rot(s, P[0])
+    assert s.lookup(P, NS, pin=True, owner="client").num_blocks == 4
+    probs = s.check(fix=True)
+    assert len(probs) == 1 and "payload checksum mismatch" in probs[0]
+    assert s.check() == []                          # pinned, nowhere: waits for its pin
+    assert s.lookup(P, NS).num_blocks == 0          # a miss, not KeyError
+    assert s.get(P) == []
+    s.unpin(P, owner="client")
+    assert s.check() == [] and s.block(P[0]) is None
+    assert s.put(P, NS, payload(P))[0] is BlockStatus.OK
+    assert s.get(P) == payload(P)
+    s.close()
+
+
+def test_two_records_of_one_key_do_not_stop_the_store_from_opening(tmp_path):
+    """Recovery keeps the first record of a key and deletes a second one (counted), instead of
+    failing to open the data directory."""
+    from tierstore.tiers.base import DiskWrite
+
+    s = Store.open(cfg(tmp_path, dram=4))
+    P = Keyer(NS, SECRET).chain(list(range(16)))
+    s.put(P, NS, payload(P))
+    s.close()
+    s = Store.open(cfg(tmp_path, dram=4, write_through=True))
+    nvme = s.tiers[Tier.NVME]
+    a, b = nvme.alloc(), nvme.alloc()
+    data = payload(P)[0]
+    assert all(r.ok for r in nvme.write_batch([DiskWrite(x, P[0], NS.digest(), data, 0)
+                                               for x in (a, b)]))
+    s.close()
+    s = Store.open(cfg(tmp_path, dram=4))
+    assert s.counters["nvme_recovery_duplicates"] == 1
+    assert s.check() == []
+    assert s.get(P) == payload(P)
+    s.close()
+
+
 class FailingReads:
     """Wraps the NVMe tier's read_batch and fails the read of one key with EIO."""
 

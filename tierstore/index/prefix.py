@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from tierstore.index.residency import Residency
+from tierstore.index.residency import NOWHERE, Residency
 from tierstore.types import BlockKey
 
 
@@ -26,4 +26,9 @@ def longest_prefix(residency: Residency, keys: Sequence[BlockKey]) -> list[int]:
 def longest_prefix_tiers(residency: Residency, keys: Sequence[BlockKey]) -> tuple[list[int], bytes]:
     """``longest_prefix`` plus each hit block's nearest tier as one byte (``Tier`` value)."""
     hs = longest_prefix(residency, keys)
-    return hs, bytes(map(residency.near.__getitem__, hs))
+    codes = bytes(map(residency.near.__getitem__, hs))
+    cut = codes.find(NOWHERE)   # a pinned block whose last copy went (check --fix): a miss
+    if cut >= 0:
+        del hs[cut:]
+        codes = codes[:cut]
+    return hs, codes

@@ -235,6 +235,13 @@ class PinBook:
         h = self._res.get(key)
         if h >= 0 and self._res.pins[h] > 0:
             self._res.pins[h] -= 1
+            self._unpinned(h)
+
+    def _unpinned(self, h: int) -> None:
+        """A block whose last copy went while it was pinned (a repair dropped its record) leaves
+        the index with its last pin: nothing else would ever remove it."""
+        if self._res.pins[h] == 0 and self._res.nearest(h) is None:
+            self._res.remove(h)
 
     def unpin(self, owner: str, key: BlockKey) -> None:
         """Release one pin of ``owner`` on ``key``. Raises PinError (and changes nothing) if the
@@ -263,6 +270,7 @@ class PinBook:
             h = self._res.get(key)
             if h >= 0:
                 self._res.pins[h] = max(0, self._res.pins[h] - n)
+                self._unpinned(h)
             total += n
         return total
 
