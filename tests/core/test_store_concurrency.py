@@ -43,6 +43,15 @@ def payload(keys):
     return [k * (SLOT // 32) for k in keys]
 
 
+def store_with_cold(tmp: Path, dram: int, cold: list[bytes], *later: list[bytes]) -> Store:
+    """A store where ``cold`` was stored first and pushed to NVMe by the ``later`` chains."""
+    s = Store.open(cfg(tmp, dram=dram))
+    for c in (cold, *later):
+        s.put(c, NS, payload(c))
+    assert set(s.lookup(cold, NS).tiers) == {Tier.NVME}
+    return s
+
+
 class Gate:
     """Wraps one method of the NVMe tier: the first call signals ``entered`` and waits for
     ``release`` before doing the real work."""
@@ -86,11 +95,8 @@ def finished(t: threading.Thread, out: dict):
 
 
 def test_lookups_pins_and_dram_traffic_go_on_during_an_nvme_read(tmp_path):
-    s = Store.open(cfg(tmp_path, dram=8))
     cold, hot = chain(1), chain(2)
-    for c in (cold, chain(3), chain(4), hot):       # LRU: `cold` and chain 3 go to NVMe
-        s.put(c, NS, payload(c))
-    assert set(s.lookup(cold, NS).tiers) == {Tier.NVME}
+    s = store_with_cold(tmp_path, 8, cold, chain(3), chain(4), hot)   # LRU: chain 3 goes too
     assert set(s.lookup(hot, NS).tiers) == {Tier.DRAM}
     gate = Gate(s.tiers[Tier.NVME], "read_batch")
     loader, res = in_thread(lambda: s.get(cold))
@@ -158,12 +164,8 @@ def test_a_victim_pinned_during_its_demotion_stays_in_dram(tmp_path):
 
 
 def test_two_loads_of_one_cold_chain_read_it_once(tmp_path):
-    s = Store.open(cfg(tmp_path, dram=8))
     cold = chain(1)
-    s.put(cold, NS, payload(cold))
-    s.put(chain(2), NS, payload(chain(2)))
-    s.put(chain(3), NS, payload(chain(3)))
-    assert set(s.lookup(cold, NS).tiers) == {Tier.NVME}
+    s = store_with_cold(tmp_path, 8, cold, chain(2), chain(3))
     before = s.counters["promotions"]
     gate = Gate(s.tiers[Tier.NVME], "read_batch")
     a, ra = in_thread(lambda: s.get(cold))
@@ -180,10 +182,8 @@ def test_two_loads_of_one_cold_chain_read_it_once(tmp_path):
 
 
 def test_close_during_nvme_io_fails_the_operation_cleanly(tmp_path):
-    s = Store.open(cfg(tmp_path, dram=4))
     cold = chain(1)
-    s.put(cold, NS, payload(cold))
-    s.put(chain(2), NS, payload(chain(2)))
+    s = store_with_cold(tmp_path, 4, cold, chain(2))
     gate = Gate(s.tiers[Tier.NVME], "read_batch")
     loader, res = in_thread(lambda: s.prepare_load(cold))
     assert gate.entered.wait(WAIT_S)
@@ -314,12 +314,9 @@ def test_dram_view_refuses_a_negative_slot():
 
 
 def test_a_load_waiting_on_another_gets_a_clean_error_when_the_store_closes(tmp_path):
-    s = Store.open(cfg(tmp_path, dram=8))
     cold = chain(1, n=2)
-    for c in (cold, chain(2), chain(3)):
-        s.put(c, NS, payload(c))
+    s = store_with_cold(tmp_path, 8, cold, chain(2), chain(3))
     s.evict(chain(3))                        # DRAM has room: the waiter needs no demotion
-    assert set(s.lookup(cold, NS).tiers) == {Tier.NVME}
     gate = Gate(s.tiers[Tier.NVME], "read_batch")
     a, ra = in_thread(lambda: s.prepare_load(cold))
     assert gate.entered.wait(WAIT_S)
