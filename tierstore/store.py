@@ -379,7 +379,11 @@ class Store(TierMoves):
                 hs = longest_prefix(self.res, keys)
                 if len(set(hs)) != len(hs):   # a repeated key ends the prefix (one slot each)
                     seen: set[int] = set()
-                    hs = list(itertools.takewhile(lambda h: not (h in seen or seen.add(h)), hs))
+                    for i, h in enumerate(hs):
+                        if h in seen:
+                            del hs[i:]
+                            break
+                        seen.add(h)
                 # NVMe-only blocks, to be read into DRAM
                 need = [i for i, h in enumerate(hs) if slot(h, Tier.DRAM) < 0
                         and (Tier.HBM not in self.tiers or slot(h, Tier.HBM) < 0)]
@@ -444,16 +448,9 @@ class Store(TierMoves):
             job = self._loads.pop(job_id, None)
             if job is None:
                 raise JobError(f"unknown load job {job_id}")
-            self.pins.release_owner(job.pin_owner)
+            self.pins.release_owner(job.pin_owner)   # a block left nowhere goes with it
             if not ok:
                 self.counters["loads_failed"] += 1
-            self._drop_orphans(job.keys)
-
-    def _drop_orphans(self, keys: Iterable[BlockKey]) -> None:
-        for k in keys:
-            h = self.res.get(k)
-            if h >= 0 and self.res.nearest(h) is None and self.res.pins[h] == 0:
-                self.res.remove(h)
 
     # ---------------------------------------------------------------- bytes
     def slot_view(self, slot: int) -> memoryview:
