@@ -54,8 +54,6 @@ def replay_cmd(
                                "comma list (lru,s3fifo,prefix-lhd) sweeps."),
     data_dir: Optional[str] = typer.Option(
         None, "--data-dir", help="Payload bytes: store directory (NVMe tier); a temp dir if omitted."),
-    write_through: bool = typer.Option(False, "--write-through",
-                                       help="Payload bytes: write every stored block to NVMe too."),
     limit: Optional[int] = typer.Option(None, "--limit", min=0, help="Replay only the first N requests."),
     requests: int = typer.Option(engine.DEFAULT_GENERATED_REQUESTS, "--requests", min=1,
                                  help="Size of the generated workload when no TRACE is given."),
@@ -90,7 +88,7 @@ def replay_cmd(
         dram_capacity=dram_capacity,
         nvme_capacity=nvme_capacity, block_bytes=block_bytes, model=model,
         policy=policies[0] if len(policies) == 1 else policy,
-        data_dir=data_dir, write_through=write_through, limit=limit, num_requests=requests,
+        data_dir=data_dir, limit=limit, num_requests=requests,
         socket=socket)
     is_sweep = len(policies) > 1 or len(capacities) > 1 or plot is not None
     show_progress = not quiet and sys.stderr.isatty()

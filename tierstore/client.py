@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import fcntl
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Sequence
@@ -30,6 +31,7 @@ from tierstore.store import LOCAL, Store
 from tierstore.types import BlockKey, BlockStatus, LoadJob, LookupResult, StoreJob
 
 STORE_FILE = "store.json"
+log = logging.getLogger(__name__)
 
 
 class DataDirBusy(ConfigError):
@@ -74,7 +76,13 @@ def config_to_json(cfg: StoreConfig) -> dict:
 def config_from_json(d: dict) -> StoreConfig:
     try:
         dram = DramConfig(**d.get("dram", {}))
-        nvme = NvmeConfig(**d["nvme"]) if d.get("nvme") else None
+        nv = dict(d["nvme"]) if d.get("nvme") else None
+        if nv is not None and nv.get("write_through") is False:
+            # created before write-behind: exclusive tiers are gone; the data reads the same
+            log.info("store.json: nvme write_through=false is upgraded to write-behind "
+                     "(NVMe keeps a clean copy of every DRAM block)")
+            nv["write_through"] = True
+        nvme = NvmeConfig(**nv) if nv is not None else None
         hbm = HbmConfig(**d["hbm"]) if d.get("hbm") else None
         return StoreConfig(slot_bytes=int(d["slot_bytes"]), dram=dram, nvme=nvme,
                            exclusive=bool(d.get("exclusive", True)), hbm=hbm)
@@ -176,17 +184,44 @@ class Client:
                ttl_s: float | None = None) -> LookupResult:
         return self.store.lookup(keys, namespace, pin=pin, owner=self.owner, ttl_s=ttl_s)
 
-    def prepare_store(self, keys, namespace, size_bytes, parent=None) -> StoreJob:
-        return self.store.prepare_store(keys, namespace, size_bytes, owner=self.owner, parent=parent)
+    def prepare_store(self, keys, namespace, size_bytes, parent=None, wait_s: float = 0.0) -> StoreJob:
+        return self.store.prepare_store(keys, namespace, size_bytes, owner=self.owner,
+                                        parent=parent, wait_s=wait_s)
 
-    def complete_store(self, job_id: int, ok: bool = True) -> list[BlockStatus]:
+    def complete_store(self, job_id: int, ok: bool | Sequence[bool] = True) -> list[BlockStatus]:
         return self.store.complete_store(job_id, ok=ok)
 
-    def prepare_load(self, keys) -> LoadJob:
-        return self.store.prepare_load(keys, owner=self.owner)
+    def prepare_stores(self, specs: Sequence[tuple]) -> list[StoreJob]:
+        """Several ``(keys, namespace, size_bytes, parent)`` jobs in one call."""
+        return self.store.prepare_stores(specs, owner=self.owner)
+
+    def complete_stores(self, answers: Sequence[tuple]) -> list[list[BlockStatus]]:
+        """Several ``(job_id, ok)`` answers (``ok``: bool or one per key) in one call."""
+        return self.store.complete_stores(answers)
+
+    def prepare_load(self, keys, wait: bool = True) -> LoadJob:
+        return self.store.prepare_load(keys, owner=self.owner, wait=wait)
+
+    def prepare_loads(self, chains: Sequence[Sequence[BlockKey]], wait: bool = False) -> list[LoadJob]:
+        """Several chains in one call; by default never waits for the disk (see
+        ``Store.prepare_load(wait=False)``)."""
+        return self.store.prepare_loads(chains, owner=self.owner, wait=wait)
+
+    def poll_loads(self, job_ids: Sequence[int]) -> dict[int, LoadJob]:
+        return self.store.poll_loads(job_ids)
+
+    def wait_load(self, job_id: int, timeout_s: float | None = None) -> LoadJob | None:
+        return self.store.wait_load(job_id, timeout_s)
 
     def complete_load(self, job_id: int, ok: bool = True) -> None:
         self.store.complete_load(job_id, ok=ok)
+
+    def complete_loads(self, job_ids: Sequence[int], ok: bool = True) -> None:
+        self.store.complete_loads(job_ids, ok=ok)
+
+    def flush(self, timeout_s: float | None = None) -> bool:
+        """Wait until every block stored so far has its NVMe copy (``Store.flush``)."""
+        return self.store.flush(timeout_s)
 
     def slot_view(self, slot: int) -> memoryview:
         return self.store.slot_view(slot)
@@ -212,8 +247,10 @@ class Client:
     def unpin(self, keys, session: str | None = None) -> int:
         return self.store.unpin(keys, owner=self.owner if session is None else session_name(session))
 
-    def evict(self, keys) -> dict:
-        return self.store.evict(keys)
+    def evict(self, keys, tier=None) -> dict:
+        """``Store.evict``; ``tier`` (a Tier or its name) drops only that tier's copies."""
+        from tierstore.types import Tier
+        return self.store.evict(keys, tier=Tier.parse(tier) if isinstance(tier, str) else tier)
 
     def blocks(self, limit: int | None = None, tier=None) -> list[dict]:
         return self.store.blocks(limit=limit, tier=tier)

@@ -33,14 +33,24 @@ class NvmeConfig:
     capacity_blocks: int = 4096
     policy: str = DEFAULT_EVICTION
     admission: str = "all"
-    write_through: bool = False   # True: every stored block also goes to NVMe (survives restart)
+    write_through: bool = True    # every stored DRAM block gets an NVMe copy (write-behind)
     direct_io: str = "auto"
     compression: str = "none"
     file_slots: int = 64          # slots per slab file
+    write_queue_bytes: int = 1 << 30   # write-behind: bytes in DRAM awaiting NVMe, at most (and
+                                       # at most half the DRAM tier); over it stores are SKIPPED
+                                       # (writebehind.py)
 
     def __post_init__(self) -> None:
         if self.capacity_blocks < 0:
             raise ConfigError("nvme capacity must not be negative")
+        if not self.write_through:
+            raise ConfigError(
+                "nvme write_through = false is no longer supported: NVMe keeps a clean copy of "
+                "every DRAM block, written behind the caller (exclusive tiers rewrote a block at "
+                "every demotion; measured in docs/benchmarks.md). Remove the key, or set it true")
+        if self.write_queue_bytes <= 0:
+            raise ConfigError("nvme write_queue_bytes must be positive")
         if self.direct_io not in DIRECT_IO_MODES:
             raise ConfigError(f"direct_io must be one of {DIRECT_IO_MODES}, got {self.direct_io!r}")
         if self.compression not in COMPRESSION:
@@ -65,7 +75,8 @@ class StoreConfig:
     """Everything a :class:`tierstore.store.Store` needs.
 
     ``slot_bytes``: fixed slot size of every tier (the largest block payload), bytes.
-    ``exclusive``: a block lives in one tier; DRAM victims demote to NVMe, NVMe hits promote.
+    ``exclusive``: between HBM and DRAM a block lives in one tier (HBM victims demote to DRAM,
+    a load into HBM moves it up). NVMe always holds a clean copy of DRAM blocks (write-behind).
     """
 
     slot_bytes: int

@@ -1,41 +1,39 @@
-"""Moving blocks between tiers: eviction, demotion, promotion (mixed into :class:`Store`).
+"""Moving blocks between tiers: eviction, promotion, the NVMe writes (mixed into :class:`Store`).
 
 The policy of each tier picks victims; these methods move the bytes and keep the index in step:
 
-    HBM --demote (copy engine)--> DRAM --demote (write_batch)--> NVMe
-    HBM <--load into HBM-------- DRAM <--promote (read_batch)--- NVMe
+    HBM --demote (copy engine)--> DRAM ==write-behind (writebehind.py)==> NVMe
+    HBM <--load into HBM-------- DRAM <--promote (read_batch)------------ NVMe
 
-``_make_room(tier, n)`` evicts up to ``n`` unpinned blocks from a tier, demoting each one step
-down when the tier below has room (else the block is dropped: a cache may drop, never corrupt).
-``_alloc(tier)`` is a slot, making room once if needed. ``_promote`` reads NVMe-only blocks into
-DRAM, verifying checksums (a corrupt record is a miss plus a counter and is deleted).
+NVMe holds a *clean copy* of every DRAM block it admitted: ``complete_store`` hands new DRAM
+blocks to the flusher (tierstore/writebehind.py), a block promoted from NVMe keeps its NVMe
+record, and so DRAM victims are simply dropped — evicting from DRAM never writes. A block whose
+NVMe copy is not written yet is queued, and pinned until it is: never a victim. ``_make_room(tier, n)`` evicts up to ``n`` unpinned blocks from a
+tier (HBM victims are copied down to DRAM; NVMe victims are deleted). ``_alloc(tier)`` is a slot,
+making room once if needed. ``_promote`` reads NVMe-only blocks into DRAM, verifying checksums
+(a corrupt record is a miss plus a counter and is deleted).
 
 Threading: every method here is called with the store's lock held and uses the store's state
 (``res``, ``pins``, ``tiers``, ``policies``, ``admission``, ``counters``, ``config``); none is
 public. Every call into the NVMe tier holds ``_nvme_lock`` (the tier is single-threaded); lock
 order: store lock, then NVMe lock, never the reverse.
 
-NVMe I/O outside the store lock (``unlocked_io=True``, passed by the public methods that own the
-lock once): the store lock is released around ``write_batch`` and ``read_batch`` only, so
-lookups, pins and DRAM hits of other threads go on while a cold load or a demotion waits for the
-disk. NVMe slot allocation and deletes stay under the store lock (so no slot is freed or reused
-while a record on it is still live), and so wait for another thread's batch: a known convoy.
-What keeps that safe while the lock is released:
+NVMe I/O outside the store lock (``unlocked_io=True``): the store lock is released around
+``write_batch`` (the flusher's thread) and ``read_batch`` (a load), so lookups, pins and DRAM hits
+of other threads go on while the disk works. NVMe slot allocation and deletes stay under the
+store lock (so no slot is freed or reused while a record on it is still live). What keeps that
+safe while the lock is released:
 
-- demotion victims (written or not) and blocks whose DRAM bytes are being written to NVMe are
-  pinned by ``MOVE_OWNER`` (never evicted, re-stored or moved: ``_release_slot`` keeps a pinned
-  block's slot), victims are out of the DRAM policy, and the NVMe slots they go to are reserved
-  (allocated, not yet in the index); a victim is freed only if it still has the slot it was
-  picked with;
+- blocks whose DRAM bytes are being written to NVMe are pinned (``FLUSH_OWNER``: never evicted, re-stored or moved: ``_release_slot`` keeps a pinned block's
+  slot), and the NVMe slots they go to are reserved (allocated, not yet in the index);
 - blocks being promoted are pinned by their load job and listed in ``_promoting`` (a second
-  load of the same block waits for the first, see ``Store.prepare_load``); the DRAM slots they
+  load of the same block waits for the first, see ``Store._stage_load``); the DRAM slots they
   are read into are reserved until the read is committed;
 - after the lock is taken back, every step re-reads the index (handles of pinned keys are
-  stable): a victim that another thread pinned meanwhile stays in DRAM.
+  stable).
 
-``_reserved`` counts slots allocated but not in the index yet, ``_unlisted`` demotion victims
-out of their policy but still in the index (both change only under the store lock), so
-``check()`` balances while I/O is in flight.
+``_reserved`` counts slots allocated but not in the index yet (changes only under the store
+lock), so ``check()`` balances while I/O is in flight.
 """
 
 from __future__ import annotations
@@ -47,8 +45,6 @@ from tierstore.errors import JobError
 from tierstore.tiers.base import DiskRead, DiskWrite
 from tierstore.types import BlockKey, BlockStatus, Tier
 
-MOVE_OWNER = "move:nvme"   # internal pin owner: DRAM bytes being written to NVMe (no client
-                           # owner has this form: the daemon names owners conn:/session:/job:)
 
 
 class TierMoves:
@@ -94,29 +90,22 @@ class TierMoves:
             victims.append(v)
         return victims
 
-    def _make_room(self, tier: Tier, n: int, *, unlocked_io: bool = False) -> int:
-        """Evict up to ``n`` unpinned blocks from ``tier`` (demoting DRAM victims to NVMe, HBM
-        victims to DRAM); returns how many slots were freed. ``unlocked_io``: release the store
-        lock while the DRAM victims are written (see the module docstring)."""
+    def _make_room(self, tier: Tier, n: int) -> int:
+        """Evict up to ``n`` unpinned blocks from ``tier``; returns how many slots were freed.
+        DRAM victims are dropped (NVMe holds their clean copy, or they were never going to
+        reach it: not admitted, or still in the flusher's backlog — counted); HBM victims are
+        copied down to DRAM; NVMe victims are deleted. No disk write happens here."""
         victims = self._pick_victims(tier, n)
         if not victims:
             return 0
         slots = [self.res.slot(self.res.get(v), tier) for v in victims]
-        if tier is Tier.DRAM and Tier.NVME in self.tiers:
-            # every victim, written or not, stays pinned (never evicted, moved or re-stored by
-            # another thread) and counted out of its policy until it is dropped below
-            for v in victims:
-                self.pins.pin(MOVE_OWNER, v)
-            self._unlisted[tier] += len(victims)
-            try:
-                self._demote(victims, unlocked_io=unlocked_io)
-            finally:
-                for v in victims:
-                    self.pins.unpin(MOVE_OWNER, v)
-                self._unlisted[tier] -= len(victims)
-        elif tier is Tier.HBM:
-            self._move_hbm(victims, down=True)
-        return self._drop_victims(tier, victims, slots)
+        if tier is not Tier.HBM:
+            return self._drop_victims(tier, victims, slots)
+        self._move_hbm(victims, down=True)
+        freed = self._drop_victims(tier, victims, slots)
+        if self._wb is not None:   # new in DRAM: their NVMe copies follow (pins them: after the drop)
+            self._wb.accept(victims)
+        return freed
 
     def _drop_victims(self, tier: Tier, victims: list[BlockKey], slots: list[int]) -> int:
         """Free the ``tier`` slots of ``victims`` (out of its policy already; ``slots``: their
@@ -154,7 +143,8 @@ class TierMoves:
 
     def _move_hbm(self, keys: list[BlockKey], down: bool) -> list[bool]:
         """Copy blocks HBM -> DRAM (``down``) or DRAM -> HBM, one batched copy job, and record the
-        new slots; the source slot is left to the caller. A block whose destination slot cannot
+        new slots; the source slot is left to the caller, and so is handing blocks new in DRAM
+        to the flusher (its pin must not keep the source slot). A block whose destination slot cannot
         be had (everything pinned) is not moved. Returns per key whether it now has the slot."""
         hbm = self.tiers[Tier.HBM]
         dst_tier = Tier.DRAM if down else Tier.HBM
@@ -185,45 +175,39 @@ class TierMoves:
             self.counters["demotions_hbm" if down else "promotions_hbm"] += len(pairs)
         return moved
 
-    def _demote(self, victims: list[BlockKey], *, unlocked_io: bool = False) -> None:
-        """Write DRAM victims that NVMe does not hold yet to NVMe (one batch)."""
-        dram = self.tiers[Tier.DRAM]
-        if not getattr(dram, "holds_bytes", True):
-            return
-        writes = []
-        for v in victims:
-            h = self.res.get(v)
-            if self.res.slot(h, Tier.NVME) >= 0 or self.res.slot(h, Tier.DRAM) < 0:
-                continue
-            if not self.admission[Tier.NVME].admit(v, self.res.size[h]).admitted:
-                self.counters["nvme_admission_rejects"] += 1
-                continue
-            writes.append(v)
-        if writes:
-            self.counters["demotions"] += self._write_nvme(writes, unlocked_io=unlocked_io)
+    def _flush_batch(self, keys: list[BlockKey]) -> int:
+        """The flusher's batch (writebehind.py): write the DRAM bytes of ``keys`` (pinned by
+        ``FLUSH_OWNER``) to NVMe with the store lock released for the I/O. Keys that lost their
+        DRAM copy or gained an NVMe one meanwhile are skipped. Returns blocks written."""
+        todo = []
+        for k in keys:
+            h = self.res.get(k)
+            if h >= 0 and self.res.slot(h, Tier.DRAM) >= 0 and self.res.slot(h, Tier.NVME) < 0:
+                todo.append(k)
+        return self._write_nvme(todo, unlocked_io=True) if todo else 0
 
     def _write_nvme(self, keys: list[BlockKey], *, unlocked_io: bool = False) -> int:
         """Write resident DRAM blocks to NVMe in one batch; a block that hits ENOSPC gets one
         retry after evicting an NVMe victim, then is reported skipped. Returns blocks written.
-        The blocks are pinned by ``MOVE_OWNER`` throughout; with ``unlocked_io`` the store lock
-        is released for the writes."""
-        for k in keys:
-            self.pins.pin(MOVE_OWNER, k)
-        try:
-            items = self._reserve_nvme(keys)
-            written = 0
-            for attempt in range(2):
-                if not items:
-                    break
+        The caller keeps ``keys`` pinned throughout (the flusher: ``FLUSH_OWNER``); with
+        ``unlocked_io`` the store lock is released for the writes."""
+        items = self._reserve_nvme(keys)
+        written = 0
+        for attempt in range(2):
+            if not items:
+                break
+            try:
                 with self._unlocked(unlocked_io):
                     with self._nvme_lock:
                         results = self.tiers[Tier.NVME].write_batch([w for _, _, w in items])
-                items, n = self._commit_nvme_writes(items, results, retry=attempt == 0)
-                written += n
-            return written
-        finally:
-            for k in keys:
-                self.pins.unpin(MOVE_OWNER, k)
+            except BaseException:
+                self._reserved[Tier.NVME] -= len(items)
+                for _, s, _ in items:
+                    self._free(Tier.NVME, s)
+                raise
+            items, n = self._commit_nvme_writes(items, results, retry=attempt == 0)
+            written += n
+        return written
 
     def _reserve_nvme(self, keys: list[BlockKey]) -> list[tuple[BlockKey, int, DiskWrite]]:
         """One NVMe slot per key (evicting NVMe victims in one batch when short) and the write
@@ -258,7 +242,7 @@ class TierMoves:
         written = 0
         for (k, s, _w), r in zip(items, results):
             h = self.res.get(k)
-            if h < 0:   # gone (cannot happen while MOVE_OWNER pins it): never index it
+            if h < 0:   # gone (cannot happen while FLUSH_OWNER pins it): never index it
                 self._free(Tier.NVME, s)
                 continue
             if r.ok:
@@ -298,8 +282,8 @@ class TierMoves:
         dram = self.tiers[Tier.DRAM]
         nvme = self.tiers[Tier.NVME]
         short = len(need) - dram.slots.free_count
-        if short > 0:   # one demotion batch, not one per block
-            self._make_room(Tier.DRAM, short, unlocked_io=unlocked_io)
+        if short > 0:   # one eviction pass, not one per block
+            self._make_room(Tier.DRAM, short)
         staged: list[tuple[int, int]] = []   # (index, dram slot)
         for i in need:
             if self.res.slot(hs[i], Tier.NVME) < 0:   # its record went while the lock was free
@@ -326,8 +310,7 @@ class TierMoves:
                 self._reserved[Tier.DRAM] -= len(staged)
         first_bad = len(hs) if len(staged) == len(need) else need[len(staged)]
         drop: list[int] = []
-        moved_off: list[int] = []   # NVMe records of promoted blocks (exclusive tiers)
-        exclusive = self.config.exclusive and not (self.config.nvme and self.config.nvme.write_through)
+        moved_off: list[int] = []   # NVMe records of corrupt blocks
         for (i, s), r in zip(staged, results):
             h = hs[i]
             if r is not None and not r.ok:
@@ -342,9 +325,7 @@ class TierMoves:
             self.policies[Tier.DRAM].insert(keys[i], self.res.size[h], keys[i - 1] if i else None)
             self.counters["promotions"] += 1
             self.counters["nvme_bytes_read"] += self.res.size[h]
-            if exclusive and self.res.slot(h, Tier.NVME) >= 0:
-                moved_off.append(self.res.clear_slot(h, Tier.NVME))
-                self.policies[Tier.NVME].remove(keys[i])
+            self.policies[Tier.NVME].access(keys[i])   # the NVMe record stays: a clean copy
         for i in drop:   # a corrupt record is dropped from the index and the disk
             h = hs[i]
             if self.res.slot(h, Tier.NVME) >= 0:

@@ -23,7 +23,8 @@ Payload modes:
 - ``none``: one DRAM :class:`NullTier` of ``capacity`` blocks: index + policy only, no bytes.
   Byte counters are then *nominal* (the model's block size times the blocks moved).
 - ``bytes``: a real DRAM slab of ``dram_capacity`` blocks and, with ``nvme_capacity``, a real
-  NVMe tier below it (exclusive by default: DRAM victims demote, NVMe hits promote). Each stored
+  NVMe tier below it (it keeps a clean copy of every DRAM block, written behind; a replay
+  store waits for room in that queue, up to a minute, instead of skipping). Each stored
   block is filled with its 32-byte key repeated up to ``block_bytes``; every loaded block is
   compared with that pattern (``verify_failures`` must stay 0).
 
@@ -55,6 +56,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from tierstore.client import Client
+from tierstore.store import PUT_WAIT_S
 from tierstore.config import DramConfig, NvmeConfig, StoreConfig
 from tierstore.errors import ConfigError
 from tierstore.keys import Namespace
@@ -216,7 +218,6 @@ class ReplayOptions:
     model: str = DEFAULT_MODEL
     policy: str = DEFAULT_EVICTION
     data_dir: str | None = None         # bytes: where the store (NVMe tier) lives; temp if None
-    write_through: bool = False
     limit: int | None = None
     num_requests: int = DEFAULT_GENERATED_REQUESTS   # size of the generated default workload
     socket: str | None = None           # replay through the daemon on this socket (its tiers, its policy)
@@ -283,7 +284,7 @@ def plan(opts: ReplayOptions) -> _Plan:
     if opts.socket is not None:
         given = [f for f, v in (("--capacity", opts.capacity), ("--dram-capacity", opts.dram_capacity),
                                 ("--nvme-capacity", opts.nvme_capacity), ("--data-dir", opts.data_dir))
-                 if v is not None] + (["--write-through"] if opts.write_through else [])
+                 if v is not None]
         if given:
             raise ConfigError(f"{', '.join(given)} cannot apply to a running daemon: its tiers and "
                               "policy come from its own configuration")
@@ -295,8 +296,6 @@ def plan(opts: ReplayOptions) -> _Plan:
                               "(--dram-capacity/--nvme-capacity are for --payload bytes)")
         if opts.data_dir is not None:
             raise ConfigError("--data-dir applies to --payload bytes only (payload none keeps nothing)")
-        if opts.write_through:
-            raise ConfigError("--write-through applies to --payload bytes with an NVMe tier")
         return _Plan(model, ns, block_bytes, blocks(opts.capacity, DEFAULT_CAPACITY), 0)
 
     if opts.capacity is not None and (opts.dram_capacity is not None or opts.nvme_capacity is not None):
@@ -306,8 +305,6 @@ def plan(opts: ReplayOptions) -> _Plan:
     nvme = blocks(opts.nvme_capacity, None)
     if dram <= 0:
         raise ConfigError("payload bytes needs a DRAM capacity of at least one block")
-    if opts.write_through and nvme <= 0:
-        raise ConfigError("--write-through needs an NVMe tier (--nvme-capacity)")
     slab = dram * (-(-block_bytes // 4096) * 4096)
     avail = _mem_available_bytes()
     if avail is not None and slab > _MEM_FRACTION * avail:
@@ -360,8 +357,7 @@ def _open_client(opts: ReplayOptions, p: _Plan) -> tuple[Client, str | None]:
                 shutil.rmtree(tmp, ignore_errors=True)
             raise ConfigError(f"an NVMe tier of {p.nvme_blocks} blocks needs about {format_bytes(need)} "
                               f"but {target} has {format_bytes(free)} free")
-        nvme = NvmeConfig(path="", capacity_blocks=p.nvme_blocks, policy=opts.policy,
-                          write_through=opts.write_through)
+        nvme = NvmeConfig(path="", capacity_blocks=p.nvme_blocks, policy=opts.policy)
     cfg = StoreConfig(slot_bytes=p.block_bytes, dram=dram, nvme=nvme)
     try:
         if data_dir is None:
@@ -472,7 +468,8 @@ def _run(client: Client, reqs: list[TraceRequest], p: _Plan, verify: bool,
                 n = 0
         if n < nk:
             t = perf()
-            job = prepare_store(keys[n:], ns, size, parent=keys[n - 1] if n else None)
+            job = prepare_store(keys[n:], ns, size, parent=keys[n - 1] if n else None,
+                                wait_s=PUT_WAIT_S)
             if verify:
                 for k, s, st in zip(job.keys, job.slots, job.status):
                     if st is OK:
@@ -555,7 +552,6 @@ def _describe(client: Client, opts: ReplayOptions, p: _Plan, source: str, setup_
         "block_tokens": BLOCK_TOKENS,
         "block_bytes": p.block_bytes,
         "capacity_blocks": {"dram": caps.get("dram", 0), **({"nvme": caps["nvme"]} if "nvme" in caps else {})},
-        "write_through": opts.write_through,
         "data_dir": str(client.data_dir) if getattr(client, "data_dir", None) and opts.data_dir else None,
         "setup_s": round(setup_s, 4),
     }

@@ -26,7 +26,10 @@ optional; the values shown are an example, the built-in default follows ``#``::
     capacity = "512GiB"                    # bytes or blocks, as for dram
     policy = "prefix-lhd"                  # tierstore.policy.DEFAULT_EVICTION
     admission = "all"
-    write_through = false
+    write_through = true                   # NVMe keeps a clean copy of every DRAM block,
+                                           # written behind the caller; false is refused
+    write_queue = "1GiB"                   # bytes waiting for their NVMe copy, at most (and at
+                                           # most half of DRAM); over it, stores are SKIPPED
     direct_io = "auto"
     compression = "none"
     file_slots = 64
@@ -90,7 +93,8 @@ _SCHEMA: dict[str, dict[str, type]] = {
     "store": {"slot_bytes": str, "exclusive": bool},
     "dram": {"capacity": str, "capacity_blocks": int, "policy": str},
     "nvme": {"path": str, "capacity": str, "capacity_blocks": int, "policy": str, "admission": str,
-             "write_through": bool, "direct_io": str, "compression": str, "file_slots": int},
+             "write_through": bool, "write_queue": str, "direct_io": str, "compression": str,
+             "file_slots": int},
     "metrics": {"enabled": bool, "host": str, "port": int},
     "peers": {"enabled": bool, "node": str, "host": str, "port": int, "advertise_host": str,
               "peers": list, "etcd": list, "etcd_prefix": str, "lease_ttl_s": int,
@@ -322,7 +326,8 @@ def load_settings(path: str | os.PathLike | None = None, env: Mapping[str, str] 
         if n_blocks > 0:
             nvme = NvmeConfig(path=nv.get("path", ""), capacity_blocks=n_blocks,
                               policy=nv.get("policy", DEFAULT_EVICTION), admission=nv.get("admission", "all"),
-                              write_through=nv.get("write_through", False),
+                              write_through=nv.get("write_through", True),
+                              write_queue_bytes=parse_bytes(nv.get("write_queue", "1GiB")),
                               direct_io=nv.get("direct_io", "auto"),
                               compression=nv.get("compression", "none"),
                               file_slots=nv.get("file_slots", 64))

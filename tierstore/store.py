@@ -1,30 +1,37 @@
-"""Store: the one lock, the invariants, the two-phase API (DESIGN §3).
+"""Store: the one lock, the invariants, the two-phase API (DESIGN §3, §8).
 
-The store owns the index (:mod:`tierstore.index`), one eviction policy per tier, and the tiers.
-Policies decide which block leaves; tiers move bytes; the store keeps these invariants:
+The store owns the index (:mod:`tierstore.index`), one eviction policy per tier, the tiers, the
+flusher that writes NVMe copies behind the callers (:mod:`tierstore.writebehind`) and the loader
+thread that stages asynchronous loads. Policies decide which block leaves; tiers move bytes; the
+store keeps these invariants:
 
-1. A block is visible to ``lookup`` only after ``complete_store(ok=True)``; a failed or aborted
-   store publishes nothing and frees its slots.
+1. A block is visible to ``lookup`` only after ``complete_store(ok=True)`` (or its own entry of
+   a per-block ``ok``); a failed or aborted store publishes nothing and frees its slots.
 2. A pinned block is never evicted, demoted or promoted away (pins live in the index's PinBook,
    per owner; a dead owner's pins go with ``release_owner``).
-3. Tiers are exclusive by default: HBM victims demote to DRAM, DRAM victims demote to NVMe (if
-   present and admitted); a load moves each block into the tier it is loaded into (``into``:
-   DRAM by default, HBM for a GPU reader). With ``nvme.write_through`` every block stored into
-   DRAM is also written to NVMe, so a restart keeps it.
+3. NVMe holds a clean copy of every DRAM block it admitted: ``complete_store`` queues new DRAM
+   blocks for the flusher and returns; a load that reads a block from NVMe keeps its record; so
+   a DRAM victim is dropped without a write. Between HBM and DRAM tiers are exclusive
+   (``StoreConfig.exclusive``): HBM victims move down, a load into HBM moves blocks up.
 4. A load returns an exact prefix: it stops at the first block that is missing or fails its
    checksum (a miss plus a counter, never wrong bytes).
+5. Nothing a serving engine calls waits for the disk: ``prepare_store`` never writes (victims are
+   clean), ``complete_store`` queues, ``prepare_load(wait=False)`` hands NVMe reads to the
+   loader thread (``poll_loads``). ``flush()`` is the one call that waits for durability.
 
 Flow of one request as a prefill node sees it::
 
     lookup(keys, pin=True) -> hit prefix ──▶ prepare_load(hit) -> DRAM slots ──▶ copy out ──▶ complete_load
                             └─ rest ──────▶ prepare_store(rest) -> DRAM slots ──▶ copy in ──▶ complete_store
+                                                                          flusher: NVMe copy ─┘
 
 Threading: every public method takes ``self._lock`` (an RLock); byte copies by callers into or
 out of the slots of a prepared job happen outside the lock, protected by the job's pins (loads)
-or by the slots not being published yet (stores). NVMe reads and writes of ``prepare_store``,
-``complete_store`` and ``prepare_load`` run with the lock released (``_nvme_lock`` held instead),
-so lookups and DRAM hits of other threads do not wait for the disk; what keeps the index
-consistent meanwhile is in tierstore/moves.py's docstring.
+or by the slots not being published yet (stores). Two threads of the store's own: the flusher
+(``tierstore-flush``, writebehind.py) and the loader (``tierstore-load``, one worker), both
+started on first use and stopped by ``close``. NVMe reads and writes run with the lock
+released (``_nvme_lock`` held instead), so lookups and DRAM hits of other threads do not wait
+for the disk; what keeps the index consistent meanwhile is in tierstore/moves.py's docstring.
 """
 
 from __future__ import annotations
@@ -34,6 +41,7 @@ import logging
 import threading
 import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Sequence
 
@@ -46,11 +54,16 @@ from tierstore.moves import TierMoves
 from tierstore.policy import make_admission, make_eviction
 from tierstore.policy.base import AdmissionPolicy, EvictionPolicy
 from tierstore.tiers.base import DiskTier, MemoryTier, NullTier
-from tierstore.types import BlockKey, BlockStatus, LoadJob, LookupResult, StoreJob, Tier
+from tierstore.types import (BlockKey, BlockStatus, LoadJob, LookupResult, StoreJob, Tier,
+                             check_keys)
+from tierstore.writebehind import WriteBehind
 
 log = logging.getLogger(__name__)
 
 LOCAL = "local"
+PUT_WAIT_S = 60.0
+"""How long ``put`` (a bulk writer's convenience, never the engine's path) waits for room in
+the NVMe write-behind queue before blocks are SKIPPED."""
 
 
 @dataclass
@@ -63,6 +76,7 @@ class _PendingStore:
     status: list[BlockStatus]
     parent: BlockKey | None
     tier: Tier = Tier.DRAM
+    budget: int = 0          # write-behind bytes reserved per OK block (0: none reserved)
 
 
 @dataclass
@@ -71,6 +85,8 @@ class _PendingLoad:
     keys: list[BlockKey]
     pin_owner: str
     sizes: list[int] = field(default_factory=list)
+    result: LoadJob | None = None    # set once staged (at once, or by the loader thread)
+    cancelled: bool = False          # complete_load came while the loader was still staging
 
 
 class Store(TierMoves):
@@ -90,7 +106,6 @@ class Store(TierMoves):
         self._promoting: set[BlockKey] = set()    # NVMe-only blocks being read into DRAM
         self._moved = threading.Condition(self._lock)   # notified when promotions finish
         self._reserved: Counter[Tier] = Counter()   # slots allocated, not in the index yet
-        self._unlisted: Counter[Tier] = Counter()   # demotion victims out of their policy
         self.res = Residency()
         self.pins = PinBook(self.res, clock=clock)
         self.tiers: dict[Tier, MemoryTier | DiskTier] = {Tier.DRAM: dram}
@@ -114,7 +129,16 @@ class Store(TierMoves):
         self._pending_keys: set[BlockKey] = set()
         self._job_ids = itertools.count(1)
         self._closed = False
+        self._closing = False
         self._recovery_reported = False
+        self._loader: ThreadPoolExecutor | None = None   # stages asynchronous loads (NVMe reads)
+        self._wb: WriteBehind | None = None
+        if nvme is not None and getattr(dram, "holds_bytes", True):
+            # NVMe holds a clean copy of every DRAM block; what waits for it (pinned) is bounded,
+            # at most half of DRAM, so loads always find slots to stage NVMe blocks in
+            queue_bytes = min(config.nvme.write_queue_bytes if config.nvme else 1 << 30,
+                              max(config.slot_bytes, dram.num_slots * config.slot_bytes // 2))
+            self._wb = WriteBehind(self, max_queue_bytes=queue_bytes)
         if nvme is not None:
             self._recover_nvme(nvme)
 
@@ -201,7 +225,9 @@ class Store(TierMoves):
                owner: str = LOCAL, ttl_s: float | None = None) -> LookupResult:
         """Longest resident prefix of ``keys``; with ``pin`` the hit blocks are pinned for
         ``owner`` in the same critical section (released by ``unpin`` or ``release_owner``).
-        ``block_size`` of the result comes from ``namespace``."""
+        ``block_size`` of the result comes from ``namespace``. Raises RejectedError for keys of
+        the wrong length."""
+        check_keys(keys)
         with self._lock:
             self._expire()
             hs, codes = longest_prefix_tiers(self.res, keys)
@@ -260,42 +286,70 @@ class Store(TierMoves):
         if n:
             self.counters["pins_expired"] += n
 
+    def _refuse_closed(self) -> None:
+        if self._closed or self._closing:
+            raise JobError("the store is closed")
+
     # ---------------------------------------------------------------- store
     def prepare_store(self, keys: Sequence[BlockKey], namespace: Namespace, size_bytes: int, *,
                       owner: str = LOCAL, parent: BlockKey | None = None,
-                      tier: Tier = Tier.DRAM) -> StoreJob:
+                      tier: Tier = Tier.DRAM, wait_s: float = 0.0) -> StoreJob:
         """Reserve DRAM slots for blocks of ``size_bytes`` each.
 
         Per key: ``PRESENT`` if resident or being stored by another job (nothing to write),
         ``SKIPPED`` if no slot could be freed (every victim pinned), else ``OK`` with a slot the
         caller fills through ``slot_view`` (``tier=Tier.HBM``: an HBM slot, filled through
-        ``hbm_tensor``; raises ConfigError without an HBM tier). ``parent`` is the block before ``keys[0]`` in its
-        chain (for prefix-aware policies). Raises RejectedError if ``size_bytes`` exceeds
-        ``slot_bytes``.
+        ``hbm_tensor``; raises ConfigError without an HBM tier). ``parent`` is the block before
+        ``keys[0]`` in its chain (for prefix-aware policies). Never does disk I/O: DRAM victims
+        are dropped (NVMe holds their clean copy). With NVMe, a block is also SKIPPED when the
+        bytes still waiting for their NVMe copy would pass ``nvme.write_queue_bytes``
+        (writebehind.py: admission instead of waiting). ``wait_s`` (seconds, default 0: a serving
+        engine never waits) lets a bulk writer (``put``, replay, CLI) wait that long for the
+        queue to drain first: a bounded throttle. Raises RejectedError if ``size_bytes`` exceeds
+        ``slot_bytes`` or a key is not 32 bytes long.
         """
         if size_bytes > self.config.slot_bytes or size_bytes <= 0:
             raise RejectedError(f"block of {size_bytes} bytes does not fit slots of "
                                 f"{self.config.slot_bytes} bytes")
+        check_keys(keys)
+        if parent is not None:
+            check_keys((parent,), what="parent key")
         if tier not in (Tier.DRAM, Tier.HBM) or tier not in self.tiers:
             raise ConfigError(f"cannot store into tier {tier.label}: this store has no such tier")
         with self._lock:
+            self._refuse_closed()
             self._expire()
             ns_id = self._ns_id(namespace)
             slots: list[int | None] = []
             status: list[BlockStatus] = []
             target = self.tiers[tier]
             need = sum(1 for k in keys if k not in self.res and k not in self._pending_keys)
+            wb = self._wb if tier is Tier.DRAM else None
+            force = False
+            if wb is not None and wait_s > 0 and need:
+                # a bulk writer: wait for room (the lock is released meanwhile), then take the
+                # whole job even past the bound
+                force = wb.wait_room(need * size_bytes, wait_s)
+                self._refuse_closed()
+                need = sum(1 for k in keys if k not in self.res and k not in self._pending_keys)
             short = need - target.slots.free_count
-            if short > 0:   # DRAM victims go to NVMe with the lock released; re-checked below
-                self._make_room(tier, short, unlocked_io=tier is Tier.DRAM)
+            if short > 0:   # one eviction pass for the whole job; no disk write
+                self._make_room(tier, short)
             seen: set[BlockKey] = set()
             for k in keys:
                 if k in self.res or k in self._pending_keys or k in seen:
                     slots.append(None)
                     status.append(BlockStatus.PRESENT)
                     continue
+                if wb is not None and not wb.reserve(size_bytes, force=force):
+                    slots.append(None)   # the NVMe write-behind queue is full: no waiting
+                    status.append(BlockStatus.SKIPPED)
+                    self.counters["store_skipped_write_queue"] += 1
+                    continue
                 s = self._alloc(tier)
                 if s is None:
+                    if wb is not None:
+                        wb.release(size_bytes)
                     slots.append(None)
                     status.append(BlockStatus.SKIPPED)
                     self.counters["store_skipped"] += 1
@@ -306,48 +360,68 @@ class Store(TierMoves):
             self._pending_keys.update(seen)
             jid = next(self._job_ids)
             self._stores[jid] = _PendingStore(owner, ns_id, size_bytes, list(keys), slots, status,
-                                              parent, tier)
+                                              parent, tier, size_bytes if wb is not None else 0)
             return StoreJob(jid, list(keys), slots, status, size_bytes, tier)
 
-    def complete_store(self, job_id: int, ok: bool = True,
+    def complete_store(self, job_id: int, ok: bool | Sequence[bool] = True,
                        checksums: Sequence[int] | None = None) -> list[BlockStatus]:
-        """Publish (``ok``) or abort the job. On publish the blocks become visible, NVMe
-        write-through runs, and already-present keys count as accessed. Returns final statuses."""
+        """Publish (``ok``) or abort the job; returns final statuses.
+
+        ``ok`` is one answer for the whole job, or one per key (``len(keys)``): a block whose
+        answer is False is freed and reported FAILED (its bytes are not trusted: the copy into
+        its slot failed or was not made), the others are published. Published blocks become
+        visible to lookups at once; their NVMe copy is written behind the caller
+        (tierstore/writebehind.py: :meth:`flush` waits for it). Already-present keys count as
+        accessed. Raises JobError for an unknown job, ValueError for a per-key list of the
+        wrong length."""
         with self._lock:
-            job = self._stores.pop(job_id, None)
+            job = self._stores.get(job_id)
             if job is None:
                 raise JobError(f"unknown store job {job_id}")
-            dram = self.tiers[Tier.DRAM]
+            if isinstance(ok, bool):
+                oks = [ok] * len(job.keys)
+            else:
+                oks = [bool(x) for x in ok]
+                if len(oks) != len(job.keys):
+                    raise ValueError(f"complete_store: {len(oks)} answers for {len(job.keys)} keys")
+            del self._stores[job_id]
             target = self.tiers[job.tier]
             pol = self.policies[job.tier]
             new: list[BlockKey] = []
             prev = job.parent
+            failed = 0
             for i, (k, s, st) in enumerate(zip(job.keys, job.slots, job.status)):
                 if st is BlockStatus.OK:
                     self._pending_keys.discard(k)
-                    if not ok:
+                    if not oks[i] or self._closed:
+                        if job.budget and self._wb is not None:
+                            self._wb.release(job.budget)
                         target.free(s)
                         job.status[i] = BlockStatus.FAILED
+                        failed += 1
                         prev = k
                         continue
                     h = self.res.add(k, job.ns_id, job.size, checksums[i] if checksums else 0)
                     self.res.set_slot(h, job.tier, s)
                     pol.insert(k, job.size, prev)
                     new.append(k)
-                elif st is BlockStatus.PRESENT and ok:
+                elif st is BlockStatus.PRESENT and oks[i]:
                     self._touch(k)
                 prev = k
-            if ok:
+            if new:
                 self.counters["stored_blocks"] += len(new)
                 self.counters[f"{job.tier.label}_bytes_written"] += len(new) * job.size
-                if new and job.tier is Tier.DRAM and self.config.nvme is not None \
-                        and self.config.nvme.write_through \
-                        and Tier.NVME in self.tiers and getattr(dram, "holds_bytes", True):
+                if job.budget and self._wb is not None:
                     admitted = [k for k in new
                                 if self.admission[Tier.NVME].admit(k, job.size).admitted]
-                    self._write_nvme(admitted, unlocked_io=True)
-            else:
+                    if len(admitted) < len(new):
+                        self.counters["nvme_admission_rejects"] += len(new) - len(admitted)
+                        self._wb.release(job.budget * (len(new) - len(admitted)))
+                    self._wb.accept(admitted, reserved=True)
+            if failed and not any(oks):
                 self.counters["stores_aborted"] += 1
+            elif failed:
+                self.counters["store_blocks_failed"] += failed
             return list(job.status)
 
     def _touch(self, key: BlockKey) -> None:
@@ -357,100 +431,241 @@ class Store(TierMoves):
         t = self.res.nearest(h)
         if t is not None:
             self.policies[t].access(key)
+        if t is not Tier.NVME and self.res.slot(h, Tier.NVME) >= 0:
+            self.policies[Tier.NVME].access(key)
+
+    def flush(self, timeout_s: float | None = None) -> bool:
+        """Wait until every block stored before this call has its NVMe copy written (record,
+        ``fdatasync``, LMDB commit) or was given up (a failed write, or evicted from DRAM before
+        its turn: both counted). True when done, False when ``timeout_s`` (seconds) ran out. A
+        store without NVMe returns True at once."""
+        with self._lock:
+            if self._wb is None:
+                return True
+            return self._wb.flush(timeout_s)
 
     # ---------------------------------------------------------------- load
     def prepare_load(self, keys: Sequence[BlockKey], *, owner: str = LOCAL,
-                     into: Tier = Tier.DRAM) -> LoadJob:
+                     into: Tier = Tier.DRAM, wait: bool = True) -> LoadJob:
         """Pin and stage the longest loadable prefix of ``keys`` in tier ``into`` (DRAM, or HBM
         for a GPU reader; ConfigError if the store has no such tier).
 
-        NVMe-only blocks are read into DRAM slots (promotion) and verified; blocks are then moved
-        between HBM and DRAM to reach ``into`` (exclusive tiers: a move, not a copy). The job
+        NVMe-only blocks are read into DRAM slots (promotion; the NVMe record stays: a clean
+        copy) and verified; blocks are then moved between HBM and DRAM to reach ``into``. The job
         stops at the first block that is missing, corrupt or cannot be staged. The first
         ``num_ready`` blocks are readable through ``slot_view(slot)`` (``hbm_tensor(slot)`` for
         HBM) until ``complete_load``.
+
+        ``wait=False`` never waits for the disk: the resident prefix is pinned at once
+        (``expected`` blocks) and, when a block must be read from NVMe or moved, the job is
+        staged by the store's loader thread; the returned job then has ``ready`` False and no
+        slots — :meth:`poll_loads` / :meth:`wait_load` give the staged job. A staged job may
+        hold fewer than ``expected`` blocks (a read failed or a record was corrupt; counted).
+        Raises RejectedError for keys of the wrong length.
         """
+        check_keys(keys)
         if into not in (Tier.DRAM, Tier.HBM) or into not in self.tiers:
             raise ConfigError(f"cannot load into tier {into.label}: this store has no such tier")
         with self._lock:
+            self._refuse_closed()
             self._expire()
-            slot = self.res.slot
-            while True:
-                hs = longest_prefix(self.res, keys)
-                if len(set(hs)) != len(hs):   # a repeated key ends the prefix (one slot each)
-                    seen: set[int] = set()
-                    for i, h in enumerate(hs):
-                        if h in seen:
-                            del hs[i:]
-                            break
-                        seen.add(h)
-                # NVMe-only blocks, to be read into DRAM
-                need = [i for i, h in enumerate(hs) if slot(h, Tier.DRAM) < 0
-                        and (Tier.HBM not in self.tiers or slot(h, Tier.HBM) < 0)]
-                if not any(keys[i] in self._promoting for i in need):
-                    break
-                self._moved.wait()   # another load is reading some of them: wait, then look again
-                if self._closed:
-                    raise JobError("the store was closed while this load waited for another")
+            hs = self._loadable_prefix(keys)
             jid = next(self._job_ids)
             pin_owner = f"job:{jid}"
-            status: list[BlockStatus] = [BlockStatus.MISSING] * len(keys)
-            came_from = [self.res.nearest(h) for h in hs]
             for k in keys[: len(hs)]:
                 self.pins.pin(pin_owner, k)
-            # 1. NVMe-only blocks -> DRAM (the lock is released for the disk I/O)
-            n_ok = len(hs)
-            if need:
-                promoting = [keys[i] for i in need]
-                self._promoting.update(promoting)
-                try:
-                    n_ok = self._promote(keys, hs, need, status, unlocked_io=True)
-                finally:
-                    self._promoting.difference_update(promoting)
-                    self._moved.notify_all()
-            # 2. between HBM and DRAM, towards ``into``
-            if Tier.HBM in self.tiers and n_ok:
-                src = Tier.HBM if into is Tier.DRAM else Tier.DRAM
-                move = [i for i in range(n_ok) if slot(hs[i], into) < 0]
-                if move:
-                    moved = self._move_hbm([keys[i] for i in move], down=into is Tier.DRAM)
-                    for i, ok in zip(move, moved):
-                        if not ok:
-                            status[i] = BlockStatus.FAILED
-                            n_ok = min(n_ok, i)
-                            break
-                    for i, ok in zip(move, moved):
-                        if ok and self.config.exclusive and i < n_ok:
-                            self._release_slot(keys[i], hs[i], src,
-                                               own_pins=self.pins.held(pin_owner).get(keys[i], 0))
-            slots: list[int] = []
-            sizes: list[int] = []
-            for i in range(n_ok):
-                h = hs[i]
-                slots.append(slot(h, into))
-                sizes.append(self.res.size[h])
-                status[i] = BlockStatus.OK
-                if came_from[i] is into:
-                    self.policies[into].access(keys[i])
-                self.counters[f"load_hits_{came_from[i].label}"] += 1
-            for k in keys[n_ok: len(hs)]:
-                if self.pins.held(pin_owner).get(k):
-                    self.pins.unpin(pin_owner, k)
-            self.counters["loaded_blocks"] += n_ok
-            self.counters["load_bytes"] += sum(sizes)
-            self._loads[jid] = _PendingLoad(owner, list(keys[:n_ok]), pin_owner, sizes)
-            return LoadJob(jid, list(keys), slots, status, sizes, into)
+            pl = _PendingLoad(owner, list(keys[: len(hs)]), pin_owner)
+            self._loads[jid] = pl
+            if wait or not self._needs_staging(hs, into):
+                return self._stage_load(jid, pl, list(keys), into, unlocked_io=wait)
+            if self._loader is None:
+                self._loader = ThreadPoolExecutor(1, thread_name_prefix="tierstore-load")
+            self._loader.submit(self._stage_async, jid, pl, list(keys), into)
+            self.counters["loads_async"] += 1
+            return LoadJob(jid, list(keys), [], [BlockStatus.MISSING] * len(keys), [], into,
+                           ready=False, expected=len(hs))
+
+    def _loadable_prefix(self, keys: Sequence[BlockKey]) -> list[int]:
+        hs = longest_prefix(self.res, keys)
+        if len(set(hs)) != len(hs):   # a repeated key ends the prefix (one slot each)
+            seen: set[int] = set()
+            for i, h in enumerate(hs):
+                if h in seen:
+                    del hs[i:]
+                    break
+                seen.add(h)
+        return hs
+
+    def _needs_staging(self, hs: list[int], into: Tier) -> bool:
+        """Whether a load of ``hs`` must read NVMe or move blocks between HBM and DRAM."""
+        slot = self.res.slot
+        for h in hs:
+            if slot(h, into) < 0:
+                return True
+        return False
+
+    def _stage_async(self, jid: int, pl: _PendingLoad, keys: list[BlockKey], into: Tier) -> None:
+        """The loader thread: stage one asynchronous load (see :meth:`prepare_load`)."""
+        with self._lock:
+            try:
+                if self._closing or self._closed:
+                    raise JobError("the store was closed before this load was staged")
+                self._stage_load(jid, pl, keys, into, unlocked_io=True)
+            except Exception as e:   # the job ends with nothing ready; its pins go
+                if not isinstance(e, JobError):
+                    log.exception("loader: staging load job %d failed", jid)
+                self.counters["loads_failed"] += 1
+                self.pins.release_owner(pl.pin_owner)
+                pl.keys = []
+                pl.result = LoadJob(jid, keys, [], [BlockStatus.FAILED] * len(keys), [], into)
+            if pl.cancelled:   # complete_load came first: release now
+                self._loads.pop(jid, None)
+                self.pins.release_owner(pl.pin_owner)
+            self._moved.notify_all()
+
+    def _stage_load(self, jid: int, pl: _PendingLoad, keys: list[BlockKey], into: Tier, *,
+                    unlocked_io: bool) -> LoadJob:
+        """Promote and move the pinned prefix ``pl.keys`` towards ``into``; sets and returns
+        ``pl.result``. Called with the store lock held (released for NVMe reads when
+        ``unlocked_io``, and while waiting for another load that promotes the same blocks)."""
+        slot = self.res.slot
+        pin_owner = pl.pin_owner
+        while True:
+            # pinned blocks stay resident, unless a corrupt record of theirs was dropped
+            hs = self._loadable_prefix(pl.keys)
+            need = [i for i, h in enumerate(hs) if slot(h, Tier.DRAM) < 0
+                    and (Tier.HBM not in self.tiers or slot(h, Tier.HBM) < 0)]
+            if not any(pl.keys[i] in self._promoting for i in need):
+                break
+            self._moved.wait()   # another load is reading some of them: wait, then look again
+            if self._closed:
+                raise JobError("the store was closed while this load waited for another")
+        status: list[BlockStatus] = [BlockStatus.MISSING] * len(keys)
+        came_from = [self.res.nearest(h) for h in hs]
+        # 1. NVMe-only blocks -> DRAM (the lock is released for the disk I/O)
+        n_ok = len(hs)
+        if need:
+            promoting = [keys[i] for i in need]
+            self._promoting.update(promoting)
+            try:
+                n_ok = self._promote(keys, hs, need, status, unlocked_io=unlocked_io)
+            finally:
+                self._promoting.difference_update(promoting)
+                self._moved.notify_all()
+        # 2. between HBM and DRAM, towards ``into``
+        if Tier.HBM in self.tiers and n_ok:
+            src = Tier.HBM if into is Tier.DRAM else Tier.DRAM
+            move = [i for i in range(n_ok) if slot(hs[i], into) < 0]
+            if move:
+                moved = self._move_hbm([keys[i] for i in move], down=into is Tier.DRAM)
+                for i, ok in zip(move, moved):
+                    if not ok:
+                        status[i] = BlockStatus.FAILED
+                        n_ok = min(n_ok, i)
+                        break
+                for i, ok in zip(move, moved):
+                    if ok and self.config.exclusive and i < n_ok:
+                        self._release_slot(keys[i], hs[i], src,
+                                           own_pins=self.pins.held(pin_owner).get(keys[i], 0))
+                if into is Tier.DRAM and self._wb is not None:   # new in DRAM: NVMe copy follows
+                    self._wb.accept(keys[i] for i, ok in zip(move, moved) if ok)
+        slots: list[int] = []
+        sizes: list[int] = []
+        for i in range(n_ok):
+            h = hs[i]
+            slots.append(slot(h, into))
+            sizes.append(self.res.size[h])
+            status[i] = BlockStatus.OK
+            if came_from[i] is into:
+                self.policies[into].access(keys[i])
+            if came_from[i] is not Tier.NVME and slot(h, Tier.NVME) >= 0:
+                self.policies[Tier.NVME].access(keys[i])   # NVMe's order follows every hit
+            self.counters[f"load_hits_{came_from[i].label}"] += 1
+        held = self.pins.held(pin_owner)
+        for k in pl.keys[n_ok:]:
+            if held.get(k):
+                self.pins.unpin(pin_owner, k)
+                held[k] -= 1
+        self.counters["loaded_blocks"] += n_ok
+        self.counters["load_bytes"] += sum(sizes)
+        if n_ok < len(pl.keys):
+            self.counters["load_short_blocks"] += len(pl.keys) - n_ok
+        pl.keys, pl.sizes = list(keys[:n_ok]), sizes
+        pl.result = LoadJob(jid, list(keys), slots, status, sizes, into,
+                            expected=len(hs))
+        return pl.result
+
+    def poll_loads(self, job_ids: Iterable[int]) -> dict[int, LoadJob]:
+        """The staged jobs among ``job_ids`` (``ready`` True); jobs still staging are left out.
+        Raises JobError for a job id that is not pending."""
+        out: dict[int, LoadJob] = {}
+        with self._lock:
+            for jid in job_ids:
+                pl = self._loads.get(jid)
+                if pl is None:
+                    raise JobError(f"unknown load job {jid}")
+                if pl.result is not None:
+                    out[jid] = pl.result
+        return out
+
+    def wait_load(self, job_id: int, timeout_s: float | None = None) -> LoadJob | None:
+        """Block until load ``job_id`` is staged; the job, or None when ``timeout_s`` (seconds)
+        ran out. Raises JobError for an unknown job."""
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        with self._lock:
+            while True:
+                pl = self._loads.get(job_id)
+                if pl is None:
+                    raise JobError(f"unknown load job {job_id}")
+                if pl.result is not None:
+                    return pl.result
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    return None
+                self._moved.wait(left if left is not None else 1.0)
 
     def complete_load(self, job_id: int, ok: bool = True) -> None:
         """Release the job's pins. ``ok=False`` records a failed copy (counter only: the
-        caller recomputes)."""
+        caller recomputes). A job still staging is released when its staging ends."""
         with self._lock:
-            job = self._loads.pop(job_id, None)
+            job = self._loads.get(job_id)
             if job is None:
                 raise JobError(f"unknown load job {job_id}")
-            self.pins.release_owner(job.pin_owner)   # a block left nowhere goes with it
             if not ok:
                 self.counters["loads_failed"] += 1
+            if job.result is None:
+                job.cancelled = True
+                return
+            del self._loads[job_id]
+            self.pins.release_owner(job.pin_owner)   # a block left nowhere goes with it
+
+    # ---------------------------------------------------------------- batches (one call each)
+    def prepare_loads(self, chains: Sequence[Sequence[BlockKey]], *, owner: str = LOCAL,
+                      into: Tier = Tier.DRAM, wait: bool = False) -> list[LoadJob]:
+        """:meth:`prepare_load` of several chains (e.g. one per TP rank) in one call;
+        ``wait=False`` by default (this is the engine's path)."""
+        with self._lock:
+            return [self.prepare_load(c, owner=owner, into=into, wait=wait) for c in chains]
+
+    def complete_loads(self, job_ids: Iterable[int], ok: bool = True) -> None:
+        """:meth:`complete_load` of several jobs; unknown jobs are skipped."""
+        with self._lock:
+            for jid in job_ids:
+                if jid in self._loads:
+                    self.complete_load(jid, ok=ok)
+
+    def prepare_stores(self, specs: Sequence[tuple], *, owner: str = LOCAL) -> list[StoreJob]:
+        """:meth:`prepare_store` of several chains in one call; each spec is ``(keys,
+        namespace, size_bytes, parent)``."""
+        with self._lock:
+            return [self.prepare_store(k, ns, size, owner=owner, parent=parent)
+                    for k, ns, size, parent in specs]
+
+    def complete_stores(self, answers: Sequence[tuple[int, bool | Sequence[bool]]]
+                        ) -> list[list[BlockStatus]]:
+        """:meth:`complete_store` of several jobs: ``answers`` is ``[(job_id, ok), ...]``."""
+        with self._lock:
+            return [self.complete_store(jid, ok=ok) for jid, ok in answers]
 
     # ---------------------------------------------------------------- bytes
     def slot_view(self, slot: int) -> memoryview:
@@ -466,13 +681,21 @@ class Store(TierMoves):
         return hbm.tensor(slot)
 
     def put(self, keys: Sequence[BlockKey], namespace: Namespace, blocks: Sequence[bytes | memoryview],
-            *, owner: str = LOCAL, parent: BlockKey | None = None) -> list[BlockStatus]:
-        """Convenience: prepare_store + copy + complete_store for equally sized blocks."""
+            *, owner: str = LOCAL, parent: BlockKey | None = None,
+            wait_s: float = PUT_WAIT_S) -> list[BlockStatus]:
+        """Convenience for bulk writers (CLI, replay, tests): prepare_store + copy +
+        complete_store for equally sized blocks, waiting up to ``wait_s`` seconds for the NVMe
+        write-behind queue to have room (see ``prepare_store``). A copy that fails aborts the
+        job (nothing is published) and re-raises."""
         size = len(blocks[0]) if blocks else 0
-        job = self.prepare_store(keys, namespace, size, owner=owner, parent=parent)
-        for s, b in zip(job.slots, blocks):
-            if s is not None:
-                self.slot_view(s)[:size] = b
+        job = self.prepare_store(keys, namespace, size, owner=owner, parent=parent, wait_s=wait_s)
+        try:
+            for s, b in zip(job.slots, blocks):
+                if s is not None:
+                    self.slot_view(s)[:size] = b
+        except BaseException:
+            self.complete_store(job.job_id, ok=False)
+            raise
         return self.complete_store(job.job_id, ok=True)
 
     def get(self, keys: Sequence[BlockKey], *, owner: str = LOCAL) -> list[bytes]:
@@ -484,9 +707,14 @@ class Store(TierMoves):
             self.complete_load(job.job_id)
 
     # ---------------------------------------------------------------- admin
-    def evict(self, keys: Iterable[BlockKey]) -> dict:
-        """Remove unpinned ``keys`` from every tier. Returns counts of evicted / pinned / missing."""
-        out = Counter()
+    def evict(self, keys: Iterable[BlockKey], tier: Tier | None = None) -> dict:
+        """Remove unpinned ``keys`` from every tier, or with ``tier`` only that tier's copy of
+        blocks that another tier still holds (``tier=Tier.DRAM``: drop the DRAM copies of blocks
+        NVMe holds, NVMe untouched — how an operator or a benchmark starts cold). Returns counts:
+        ``evicted``, ``pinned`` (pinned blocks are never touched, blocks waiting for their NVMe
+        copy included), ``missing`` (not resident), ``not_in_tier`` and ``only_copy`` (with
+        ``tier``: the tier holds no copy, or holds the only one)."""
+        out: Counter[str] = Counter()
         with self._lock:
             self._expire()
             for k in keys:
@@ -497,7 +725,16 @@ class Store(TierMoves):
                 if self.res.pins[h]:
                     out["pinned"] += 1
                     continue
-                self._drop_block(k, h)
+                if tier is None:
+                    self._drop_block(k, h)
+                elif self.res.slot(h, tier) < 0:
+                    out["not_in_tier"] += 1
+                    continue
+                elif len(self.res.tiers_of(h)) < 2:
+                    out["only_copy"] += 1
+                    continue
+                else:
+                    self._release_slot(k, h, tier)
                 out["evicted"] += 1
         return dict(out)
 
@@ -590,6 +827,7 @@ class Store(TierMoves):
                 "pins": self.pins.total(),
                 "pending_stores": len(self._stores),
                 "pending_loads": len(self._loads),
+                "write_behind": self._wb.stats() if self._wb is not None else None,
                 "tiers": tiers,
                 "policies": {t.label: p.name for t, p in self.policies.items()},
                 "counters": c,
@@ -616,7 +854,7 @@ class Store(TierMoves):
                 if used != n_index + pending:
                     problems.append(f"{t.label}: {used} slots used but index holds "
                                     f"{n_index} (+{pending} pending)")
-                listed = len(self.policies[t]) + self._unlisted[t]
+                listed = len(self.policies[t])
                 if listed != n_index:
                     problems.append(f"{t.label}: eviction policy lists {listed} blocks but the "
                                     f"index holds {n_index}")
@@ -662,14 +900,25 @@ class Store(TierMoves):
                     self.res.remove(h)
 
     def close(self) -> None:
-        """Abort unfinished jobs, release resources. Idempotent."""
+        """Write what waits for NVMe (queue and backlog: a clean close loses no stored block),
+        abort unfinished jobs, release resources. Idempotent; later calls that would start work
+        raise JobError."""
         with self._lock:
-            if self._closed:
+            if self._closed or self._closing:
                 return
+            self._closing = True
+            if self._wb is not None:
+                self._wb.stop()   # releases the lock while the flusher drains
+            loader, self._loader = self._loader, None
+        if loader is not None:
+            loader.shutdown(wait=True)   # staging jobs see _closing and end with nothing
+        with self._lock:
             for jid in list(self._stores):
                 self.complete_store(jid, ok=False)
             for jid in list(self._loads):
-                self.complete_load(jid, ok=False)
+                pl = self._loads.pop(jid)
+                self.pins.release_owner(pl.pin_owner)
+                self.counters["loads_failed"] += 1
             hbm = self.tiers.get(Tier.HBM)
             if hbm is not None:   # its copy engine holds views of the DRAM slab: close it first
                 hbm.close()
@@ -681,6 +930,7 @@ class Store(TierMoves):
                     with self._tier_lock(t):   # waits for NVMe I/O in flight
                         tier.close()
             self._closed = True
+            self._moved.notify_all()
 
     def __enter__(self) -> "Store":
         return self

@@ -12,6 +12,19 @@ from dataclasses import dataclass, field
 BlockKey = bytes
 """32-byte keyed chain hash of one full block (tierstore.keys)."""
 
+BLOCK_KEY_BYTES = 32
+
+
+def check_keys(keys, what: str = "key") -> None:
+    """Raise :class:`~tierstore.errors.RejectedError` unless every key is ``bytes`` of
+    :data:`BLOCK_KEY_BYTES` (a shorter or longer key would be stored and then never written to
+    NVMe, or collide: refused at the API, issue 13 item 9)."""
+    for k in keys:
+        if type(k) is not bytes or len(k) != BLOCK_KEY_BYTES:
+            from tierstore.errors import RejectedError
+            n = len(k) if isinstance(k, (bytes, bytearray, memoryview)) else type(k).__name__
+            raise RejectedError(f"a {what} must be {BLOCK_KEY_BYTES} bytes, got {n!r}")
+
 JobId = int
 
 
@@ -99,6 +112,10 @@ class LoadJob:
     The first ``num_ready`` keys are pinned and readable from ``slots`` (DRAM slot ids) until
     ``complete_load``; the load stops at the first block that is missing or corrupt, so the
     caller always gets an exact prefix and recomputes the rest.
+
+    An asynchronous job (``prepare_load(wait=False)``) that must read NVMe comes back with
+    ``ready`` False and no slots: ``expected`` blocks are pinned and being staged;
+    ``Store.poll_loads`` gives the staged job (``num_ready`` may then be below ``expected``).
     """
 
     job_id: JobId
@@ -107,6 +124,12 @@ class LoadJob:
     status: list[BlockStatus]
     sizes: list[int] = field(default_factory=list)
     tier: Tier = Tier.DRAM   # the tier the slots belong to (``into`` of prepare_load)
+    ready: bool = True       # False: still staging (no slots yet)
+    expected: int = -1       # blocks pinned when prepared (-1: same as num_ready)
+
+    def __post_init__(self) -> None:
+        if self.expected < 0:
+            self.expected = len(self.slots)
 
     @property
     def num_ready(self) -> int:

@@ -1,5 +1,5 @@
 """``tierstore tiers usage``, ``blocks ls|show|evict`` and ``check [--fix]`` on a data dir that a
-write-through replay filled (its blocks survive the replay's close in the NVMe tier)."""
+replay filled (its blocks survive the replay's close in the NVMe tier)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ def data_dir(cli, trace_file, tmp_path):
     pytest.importorskip("tierstore.tiers.nvme")
     d = tmp_path / "store"
     r = cli("replay", trace_file, "--payload", "bytes", "--dram-capacity", "64blocks",
-            "--nvme-capacity", "1000blocks", "--block-bytes", "16KiB", "--write-through",
+            "--nvme-capacity", "1000blocks", "--block-bytes", "16KiB",
             "--data-dir", d, "--limit", "40", "--json")
     assert r.code == 0, r.stderr
     return d

@@ -115,31 +115,37 @@ def test_payload_bytes_dram_only_verifies_and_matches_none(cli, trace_file):
     assert d["tiers"]["dram"]["written_bytes"] == d["stored_blocks"] * 16 * 1024
 
 
-def test_payload_bytes_dram_nvme_matches_one_lru_of_total(cli, trace_file, fast_dir):
-    """Exclusive DRAM + NVMe tiers, LRU in each (victims demote, hits promote) behave as one LRU
-    of the summed capacity: same block_hit_ratio as payload none; no loaded block is wrong."""
+def test_payload_bytes_dram_nvme_sits_between_one_lru_of_nvme_and_of_the_sum(cli, trace_file,
+                                                                            fast_dir):
+    """DRAM over NVMe with clean copies (NVMe holds every block it was given, its LRU order
+    follows every hit, DRAM keeps the most recent subset) hits at least as often as one LRU of
+    the NVMe capacity and at most as often as one LRU of DRAM + NVMe (the exclusive tiers'
+    capacity); no loaded block is wrong, both tiers serve hits."""
     pytest.importorskip("tierstore.tiers.nvme")
-    total, dram = 120, 60    # DRAM holds the longest request (49 blocks): it stages whole requests
-    none = cli("replay", trace_file, "--capacity", f"{total}blocks", "--policy", "lru", "--json").json()
+    nvme, dram = 120, 60    # DRAM holds the longest request (49 blocks): it stages whole requests
+    lo = cli("replay", trace_file, "--capacity", f"{nvme}blocks", "--policy", "lru", "--json").json()
+    hi = cli("replay", trace_file, "--capacity", f"{nvme + dram}blocks", "--policy", "lru",
+             "--json").json()
     r = cli("replay", trace_file, "--payload", "bytes", "--policy", "lru", "--dram-capacity", f"{dram}blocks",
-            "--nvme-capacity", f"{total - dram}blocks", "--block-bytes", "16KiB",
+            "--nvme-capacity", f"{nvme}blocks", "--block-bytes", "16KiB",
             "--data-dir", fast_dir / "d", "--json")
     assert r.code == 0, r.stderr
     d = r.json()
-    assert d["capacity_blocks"] == {"dram": dram, "nvme": total - dram}
+    assert d["capacity_blocks"] == {"dram": dram, "nvme": nvme}
     assert d["warnings"] == [] and d["skipped_blocks"] == 0
-    assert d["block_hit_ratio"] == pytest.approx(none["block_hit_ratio"], abs=0.002)
+    assert lo["block_hit_ratio"] - 0.002 <= d["block_hit_ratio"] <= hi["block_hit_ratio"] + 0.002
     assert d["verify_failures"] == 0
     assert d["hits"]["nvme"] > 0 and d["hits"]["dram"] + d["hits"]["nvme"] == d["hit_blocks"]
     assert d["tiers"]["nvme"]["written_bytes"] > 0 and d["tiers"]["nvme"]["read_bytes"] > 0
 
 
-def test_write_through_replay_survives_reopen(cli, trace_file, tmp_path):
-    """Blocks written with --write-through into a data dir are hits (and verify) after the
-    store is closed and the same replay runs again on the same dir."""
+def test_replay_into_a_data_dir_survives_reopen(cli, trace_file, tmp_path):
+    """Blocks a replay stored into a data dir (NVMe copies written behind, drained by the clean
+    close) are hits (and verify) after the store is closed and the same replay runs again on the
+    same dir."""
     pytest.importorskip("tierstore.tiers.nvme")
     args = ("replay", trace_file, "--payload", "bytes", "--dram-capacity", "16blocks",
-            "--nvme-capacity", "2000blocks", "--block-bytes", "16KiB", "--write-through",
+            "--nvme-capacity", "2000blocks", "--block-bytes", "16KiB",
             "--data-dir", tmp_path / "d", "--limit", "50", "--json")
     first = cli(*args)
     assert first.code == 0, first.stderr

@@ -1,4 +1,5 @@
-"""Store over DRAM + NVMe: demotion, promotion, restart, corruption and I/O errors."""
+"""Store over DRAM + NVMe: clean copies, write-behind, promotion, restart, corruption and I/O
+errors."""
 
 import os
 import signal
@@ -21,29 +22,47 @@ NS = Namespace("m", B, num_layers=2, num_kv_heads=2, head_size=32)
 SECRET = b"s" * 32
 
 
-def cfg(tmp: Path, dram=4, nvme=64, write_through=False) -> StoreConfig:
+def cfg(tmp: Path, dram=4, nvme=64, **nvme_kw) -> StoreConfig:
     return StoreConfig(slot_bytes=SLOT, dram=DramConfig(capacity_blocks=dram),
                        nvme=NvmeConfig(path=str(tmp / "nvme"), capacity_blocks=nvme,
-                                       write_through=write_through, file_slots=16))
+                                       file_slots=16, **nvme_kw))
 
 
 def payload(keys):
     return [k * (SLOT // 32) for k in keys]
 
 
-def test_exclusive_demotion_and_promotion(tmp_path):
+def nvme_only(s, keys):
+    """Put ``keys`` and leave them on NVMe only: write-behind flushed, DRAM copies dropped."""
+    s.put(keys, NS, payload(keys))
+    assert s.flush(timeout_s=30)
+    assert s.evict(keys, tier=Tier.DRAM).get("evicted") == len(keys)
+
+
+def test_clean_copies_promotion_keeps_the_record_and_eviction_writes_nothing(tmp_path):
+    """Issue 12 build item 2: a block promoted from NVMe keeps its NVMe record; evicting a clean
+    block from DRAM writes nothing; every stored block is written to NVMe once."""
     s = Store.open(cfg(tmp_path))
     k = Keyer(NS, SECRET)
     P = k.chain(list(range(64)))           # 4 blocks fill DRAM
-    Q = k.chain(list(range(1000, 1064)))   # 4 more demote P to NVMe
+    Q = k.chain(list(range(1000, 1064)))   # 4 more: P's DRAM copies are dropped
     s.put(P, NS, payload(P))
+    assert s.flush(timeout_s=30)
+    assert s.counters["nvme_flushed_blocks"] == 4
     s.put(Q, NS, payload(Q))
     r = s.lookup(P, NS)
     assert r.hit_tokens == 64 and set(r.tiers) == {Tier.NVME}
-    assert s.get(P) == payload(P)           # promotion: NVMe -> DRAM, Q demoted
+    assert s.flush(timeout_s=30)
+    written = s.counters["nvme_bytes_written"]
+    assert written == 8 * SLOT and s.counters["nvme_flushed_blocks"] == 8
+    assert s.get(P) == payload(P)           # promotion: NVMe -> DRAM, Q's DRAM copies dropped
     assert set(s.lookup(P, NS).tiers) == {Tier.DRAM}
+    assert all(b["tiers"] == ["dram", "nvme"] for b in map(s.block, P))   # record kept
     assert set(s.lookup(Q, NS).tiers) == {Tier.NVME}
-    assert s.counters["promotions"] == 4 and s.counters["demotions"] == 8
+    assert s.get(Q) == payload(Q) and s.get(P) == payload(P)   # ping-pong: no rewrite
+    assert s.flush(timeout_s=30)
+    assert s.counters["nvme_bytes_written"] == written
+    assert s.counters["promotions"] == 12 and s.counters["nvme_deletes"] == 0
     assert s.check() == []
     s.close()
 
@@ -51,11 +70,11 @@ def test_exclusive_demotion_and_promotion(tmp_path):
 def test_write_through_survives_clean_restart_without_rewriting(tmp_path):
     """DISK-18 (clean part): 5 blocks to NVMe, clean stop, start, lookup -> 80 hit tokens and
     0 bytes written by the lookup and the load."""
-    s = Store.open(cfg(tmp_path, dram=8, write_through=True))
+    s = Store.open(cfg(tmp_path, dram=8))
     P = Keyer(NS, SECRET).chain(list(range(80)))
     s.put(P, NS, payload(P))
-    s.close()
-    s = Store.open(cfg(tmp_path, dram=8, write_through=True))
+    s.close()                    # a clean close writes what waited for NVMe
+    s = Store.open(cfg(tmp_path, dram=8))
     assert s.lookup(P, NS).hit_tokens == 80
     assert s.get(P) == payload(P)
     assert s.counters["nvme_bytes_written"] == 0
@@ -67,16 +86,17 @@ def test_crash_with_lost_record_and_stray_file(tmp_path):
     """DISK-18 (crash part): store 5 more, SIGKILL, destroy one record by hand, drop an unknown
     file into the data dir, start: the damaged entry is dropped (lookup stops before it), the
     unknown file is removed, used bytes = surviving records, LMDB and records one-to-one."""
-    c = cfg(tmp_path, dram=16, write_through=True)
+    c = cfg(tmp_path, dram=16)
     s = Store.open(c)
     P = Keyer(NS, SECRET).chain(list(range(160)))
     s.put(P[:5], NS, payload(P[:5]))
     s.close()
     pid = os.fork()
-    if pid == 0:   # the writer: stores 5 more, then dies without any clean-up
+    if pid == 0:   # the writer: stores 5 more, flushes, then dies without any clean-up
         try:
             w = Store.open(c)
             w.put(P[5:], NS, payload(P[5:]), parent=P[4])
+            w.flush()
         finally:
             os.kill(os.getpid(), signal.SIGKILL)
     os.waitpid(pid, 0)
@@ -108,9 +128,7 @@ def test_corrupt_payload_is_a_miss_and_a_counter(tmp_path):
     s = Store.open(cfg(tmp_path, dram=4))
     k = Keyer(NS, SECRET)
     P = k.chain(list(range(64)))
-    s.put(P, NS, payload(P))
-    Q = k.chain(list(range(900, 964)))
-    s.put(Q, NS, payload(Q))            # demotes P to NVMe
+    nvme_only(s, P)
     nvme = s.tiers[Tier.NVME]
     f, off = nvme._locate(s.block(P[2])["slots"]["nvme"])
     with open(nvme._file_path(f), "r+b") as fh:
@@ -141,9 +159,8 @@ def test_a_block_repaired_away_while_pinned_goes_with_its_last_pin(tmp_path):
     again (adversarial find: it stayed 'resident nowhere' for good, and lookup raised)."""
     s = Store.open(cfg(tmp_path, dram=4))
     k = Keyer(NS, SECRET)
-    P, Q = k.chain(list(range(64))), k.chain(list(range(900, 964)))
-    s.put(P, NS, payload(P))
-    s.put(Q, NS, payload(Q))            # P -> NVMe
+    P = k.chain(list(range(64)))
+    nvme_only(s, P)
     _rot(s, P[0])
     assert s.lookup(P, NS, pin=True, owner="client").num_blocks == 4
     probs = s.check(fix=True)
@@ -167,15 +184,15 @@ def test_two_records_of_one_key_do_not_stop_the_store_from_opening(tmp_path):
     P = Keyer(NS, SECRET).chain(list(range(16)))
     s.put(P, NS, payload(P))
     s.close()
-    s = Store.open(cfg(tmp_path, dram=4, write_through=True))
+    s = Store.open(cfg(tmp_path, dram=4))
     nvme = s.tiers[Tier.NVME]
     a, b = nvme.alloc(), nvme.alloc()
     data = payload(P)[0]
     assert all(r.ok for r in nvme.write_batch([DiskWrite(x, P[0], NS.digest(), data, 0)
                                                for x in (a, b)]))
     s.close()
-    s = Store.open(cfg(tmp_path, dram=4))
-    assert s.counters["nvme_recovery_duplicates"] == 1
+    s = Store.open(cfg(tmp_path, dram=4))   # the store's own record of P[0] + two by hand
+    assert s.counters["nvme_recovery_duplicates"] == 2
     assert s.check() == []
     assert s.get(P) == payload(P)
     s.close()
@@ -201,8 +218,7 @@ def test_eio_on_block_2_loads_exact_prefix(tmp_path):
     s = Store.open(cfg(tmp_path, dram=4))
     k = Keyer(NS, SECRET)
     P = k.chain(list(range(64)))
-    s.put(P, NS, payload(P))
-    s.put(k.chain(list(range(700, 764))), NS, payload(k.chain(list(range(700, 764)))))
+    nvme_only(s, P)
     s.tiers[Tier.NVME].read_batch = FailingReads(s.tiers[Tier.NVME], P[2])
     job = s.prepare_load(P)
     assert job.num_ready == 2 and job.status[2] is BlockStatus.FAILED
@@ -220,7 +236,7 @@ def test_salt_never_reaches_disk_or_listing(tmp_path):
     an empty salt equals no salt (P2 -> 32); tenant-a gets 64. The literal salt appears nowhere
     in the data dir (slabs, LMDB) nor in the block listing."""
     d = tmp_path / "dd"
-    c = Client.embedded(d, cfg(d, dram=16, write_through=True), secret=SECRET)
+    c = Client.embedded(d, cfg(d, dram=16), secret=SECRET)
     k = c.keyer(NS)
     P = list(range(64))
     c.put(k.chain(P, ExtraKeys(cache_salt="tenant-a")), NS, payload(k.chain(P, ExtraKeys(cache_salt="tenant-a"))))
@@ -246,7 +262,7 @@ def test_data_dir_opens_the_same_from_anywhere(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     c = Client.embedded("dd", StoreConfig(
         slot_bytes=SLOT, dram=DramConfig(capacity_blocks=8),
-        nvme=NvmeConfig(path="", capacity_blocks=32, write_through=True, file_slots=16)), secret=SECRET)
+        nvme=NvmeConfig(path="", capacity_blocks=32, file_slots=16)), secret=SECRET)
     P = c.keyer(NS).chain(list(range(32)))
     c.put(P, NS, payload(P))
     c.close()

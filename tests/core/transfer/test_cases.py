@@ -84,17 +84,13 @@ def test_xfer14_peer_eio_on_block_2_gives_exact_prefix(tmp_path):
     from block 2."""
     cfg = StoreConfig(slot_bytes=SLOT, dram=DramConfig(capacity_blocks=8),
                       nvme=NvmeConfig(path=str(tmp_path / "nv"), capacity_blocks=32,
-                                      write_through=True, direct_io="off"))
+                                      direct_io="off"))
     a = Store.open(cfg)
     b = Store.open(StoreConfig(slot_bytes=SLOT, dram=DramConfig(capacity_blocks=16)))
     keys = chain(4)
     a.put(keys, NS, payload(keys))
-    a.evict([])  # noqa: keep API use explicit
-    for k in keys:   # drop the DRAM copies: NVMe only
-        with a._lock:
-            h = a.res.get(k)
-            a.tiers[Tier.DRAM].free(a.res.clear_slot(h, Tier.DRAM))
-            a.policies[Tier.DRAM].remove(k)
+    assert a.flush(timeout_s=20)
+    assert a.evict(keys, tier=Tier.DRAM) == {"evicted": 4}   # drop the DRAM copies: NVMe only
     real = a.tiers[Tier.NVME].read_batch
     a.tiers[Tier.NVME].read_batch = lambda items: [
         DiskResult(False, error="eio") if it.key == keys[2] else r
