@@ -21,7 +21,7 @@ ENV.pop("TIERSTORE_SECRET_FILE", None)
 
 
 def config_toml(path: Path, *, slot_bytes: int = 4096, dram_blocks: int = 2048,
-                nvme_blocks: int = 0, write_through: bool = False, metrics: bool = False,
+                nvme_blocks: int = 0, metrics: bool = False,
                 max_frame_bytes: int = 1 << 20, drain_timeout_s: float = 2.0) -> Path:
     text = f"""
     [daemon]
@@ -36,7 +36,6 @@ def config_toml(path: Path, *, slot_bytes: int = 4096, dram_blocks: int = 2048,
         text += f"""
     [nvme]
     capacity_blocks = {nvme_blocks}
-    write_through = {str(write_through).lower()}
     file_slots = 64
     """
     if metrics:

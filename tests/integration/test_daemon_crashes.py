@@ -98,15 +98,18 @@ try:
     for b in range(0, len(keys), 16):
         st = c.put(keys[b:b + 16], ns, [block_bytes(i, 4096) for i in range(b, b + 16)])
         assert all(s.value == "ok" for s in st), st
-        print(b + 16, flush=True)                   # blocks acknowledged so far
+        if b % 64 == 48:                            # durable: the write-behind queue flushed
+            assert c.flush()
+            print(b + 16, flush=True)               # blocks acknowledged as durable so far
 except DaemonUnreachable:
     print("GONE", flush=True)
 """
 
 
 def test_daemon_killed_mid_write_recovers_nvme_and_clients_reconnect(tmp_path):
-    """With NVMe write-through, kill -9 the daemon while a client streams stores; restart it on
-    the same data dir: every acknowledged block is back (from NVMe, byte-exact), check() finds
+    """With NVMe, kill -9 the daemon while a client streams stores (flushing every 64 blocks:
+    the write-behind promise); restart it on the same data dir: every block acknowledged as
+    durable is back (from NVMe, byte-exact), check() finds
     0 problems, a stale shm slab and socket do not block the restart, and a client created
     before the crash reconnects by itself."""
     pytest.importorskip("lmdb")
@@ -117,8 +120,7 @@ def test_daemon_killed_mid_write_recovers_nvme_and_clients_reconnect(tmp_path):
     from tierstore.client import open_client
     from tierstore.keys import Namespace
 
-    cfg = config_toml(tmp_path / "ts.toml", slot_bytes=4096, dram_blocks=128, nvme_blocks=8192,
-                      write_through=True)
+    cfg = config_toml(tmp_path / "ts.toml", slot_bytes=4096, dram_blocks=128, nvme_blocks=8192)
     d = DaemonProc(tmp_path / "data", tmp_path / "data" / "ts.sock", cfg).start()
     writer = None
     try:

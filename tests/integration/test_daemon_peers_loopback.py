@@ -92,6 +92,7 @@ def test_nearest_tier_lookup_and_fetch_including_peer_nvme(pair):
     keys = ca.keyer(NS).chain(list(range(16 * 100)))
     for j in range(0, 100, 20):
         ca.put(keys[j:j + 20], NS, [_data(k) for k in keys[j:j + 20]])
+        assert ca.flush(timeout_s=30)   # NVMe copies written: DRAM victims are clean
     cb.put(keys[:5], NS, [_data(k) for k in keys[:5]])
     r = cb.lookup(keys, NS, peers=True)
     assert r.num_blocks == 100 and r.local_blocks == 5 and r.by_peer() == {"A": 95}

@@ -80,6 +80,7 @@ class RemoteClient:
         self._ns_cache: dict[Namespace, dict] = {}
         self.info: dict = {}
         self.generation = 0   # connections made so far (a new one means pins and jobs were lost)
+        self._load_keys: dict[int, list[BlockKey]] = {}   # asynchronous load jobs' keys
         self._closed = False
 
     # ---------------------------------------------------------------- connection
@@ -288,23 +289,93 @@ class RemoteClient:
                             namespace.block_size, pinned=pin, owner=self.owner)
 
     def prepare_store(self, keys: Sequence[BlockKey], namespace: Namespace, size_bytes: int,
-                      parent: BlockKey | None = None) -> StoreJob:
+                      parent: BlockKey | None = None, wait_s: float = 0.0) -> StoreJob:
         r = self._call(MsgType.PREPARE_STORE, {"keys": pack_keys(keys), "ns": self._ns(namespace),
-                                               "size": int(size_bytes), "parent": parent})
+                                               "size": int(size_bytes), "parent": parent,
+                                               "wait_s": float(wait_s)})
         return StoreJob(r["job"], list(keys), r["slots"], [_STATUS[s] for s in r["status"]],
                         int(size_bytes))
 
-    def complete_store(self, job_id: int, ok: bool = True) -> list[BlockStatus]:
-        r = self._call(MsgType.COMPLETE_STORE, {"job": job_id, "ok": ok})
+    def complete_store(self, job_id: int, ok: bool | Sequence[bool] = True) -> list[BlockStatus]:
+        r = self._call(MsgType.COMPLETE_STORE,
+                       {"job": job_id, "ok": ok if isinstance(ok, bool) else [bool(x) for x in ok]})
         return [_STATUS[s] for s in r["status"]]
 
-    def prepare_load(self, keys: Sequence[BlockKey]) -> LoadJob:
-        r = self._call(MsgType.PREPARE_LOAD, {"keys": pack_keys(keys)})
-        return LoadJob(r["job"], list(keys), r["slots"], [_STATUS[s] for s in r["status"]],
-                       r["sizes"])
+    def prepare_stores(self, specs: Sequence[tuple]) -> list[StoreJob]:
+        """Several ``(keys, namespace, size_bytes, parent)`` store jobs in one round trip."""
+        body = {"specs": [{"keys": pack_keys(k), "ns": self._ns(ns), "size": int(size),
+                           "parent": parent} for k, ns, size, parent in specs]}
+        r = self._call(MsgType.PREPARE_STORES, body)
+        return [StoreJob(j["job"], list(k), j["slots"], [_STATUS[x] for x in j["status"]],
+                         int(size)) for j, (k, _, size, _) in zip(r["jobs"], specs)]
+
+    def complete_stores(self, answers: Sequence[tuple]) -> list[list[BlockStatus]]:
+        """Several ``(job_id, ok)`` answers (``ok``: bool or one per key) in one round trip."""
+        body = {"answers": [[int(j), ok if isinstance(ok, bool) else [bool(x) for x in ok]]
+                            for j, ok in answers]}
+        r = self._call(MsgType.COMPLETE_STORES, body)
+        return [[_STATUS[x] for x in st] for st in r["status"]]
+
+    @staticmethod
+    def _load_job(keys: Sequence[BlockKey], j: dict) -> LoadJob:
+        return LoadJob(j["job"], list(keys), j["slots"], [_STATUS[s] for s in j["status"]],
+                       j["sizes"], ready=bool(j.get("ready", True)),
+                       expected=int(j.get("expected", -1)))
+
+    def prepare_load(self, keys: Sequence[BlockKey], wait: bool = True) -> LoadJob:
+        r = self._call(MsgType.PREPARE_LOAD, {"keys": pack_keys(keys), "wait": bool(wait)})
+        job = self._load_job(keys, r)
+        if not job.ready:
+            self._load_keys[job.job_id] = list(keys)
+        return job
+
+    def prepare_loads(self, chains: Sequence[Sequence[BlockKey]], wait: bool = False) -> list[LoadJob]:
+        """Several chains in one round trip; by default never waits for the daemon's disk
+        (``Store.prepare_load(wait=False)``): poll with :meth:`poll_loads`."""
+        r = self._call(MsgType.PREPARE_LOADS, {"chains": [pack_keys(c) for c in chains],
+                                               "wait": bool(wait)})
+        jobs = [self._load_job(c, j) for c, j in zip(chains, r["jobs"])]
+        for c, j in zip(chains, jobs):
+            if not j.ready:
+                self._load_keys[j.job_id] = list(c)
+        return jobs
+
+    def poll_loads(self, job_ids: Sequence[int]) -> dict[int, LoadJob]:
+        """The staged jobs among ``job_ids`` (one round trip)."""
+        r = self._call(MsgType.POLL_LOADS, {"jobs": [int(j) for j in job_ids]}, idempotent=False)
+        out = {}
+        for j in r["done"]:
+            out[j["job"]] = self._load_job(self._load_keys.pop(j["job"], []), j)
+        return out
+
+    def wait_load(self, job_id: int, timeout_s: float | None = None) -> LoadJob | None:
+        t = 60.0 if timeout_s is None else min(max(0.0, timeout_s), 60.0)
+        r = self._call(MsgType.WAIT_LOAD, {"job": int(job_id), "timeout_s": t})
+        if r["done"] is None:
+            return None
+        return self._load_job(self._load_keys.pop(job_id, []), r["done"])
 
     def complete_load(self, job_id: int, ok: bool = True) -> None:
+        self._load_keys.pop(job_id, None)
         self._call(MsgType.COMPLETE_LOAD, {"job": job_id, "ok": ok})
+
+    def complete_loads(self, job_ids: Sequence[int], ok: bool = True) -> None:
+        for j in job_ids:
+            self._load_keys.pop(j, None)
+        self._call(MsgType.COMPLETE_LOADS, {"jobs": [int(j) for j in job_ids], "ok": ok})
+
+    def flush(self, timeout_s: float | None = None) -> bool:
+        """Wait until every block stored so far has its NVMe copy on the daemon's disk; False on
+        a failed write or when ``timeout_s`` (at most 60 s per call) ran out."""
+        t = 60.0 if timeout_s is None else min(max(0.0, timeout_s), 60.0)
+        while True:
+            t0 = time.monotonic()
+            if self._call(MsgType.FLUSH, {"timeout_s": t})["done"]:
+                return True
+            if timeout_s is not None:
+                return False
+            if time.monotonic() - t0 < t:   # not a timeout: a write failed
+                return False
 
     def slab(self) -> tuple[memoryview, int, int]:
         """``(buffer, num_slots, slot_bytes)`` of the daemon's shared DRAM slab, mapped on first use."""
@@ -325,9 +396,12 @@ class RemoteClient:
         return self._buf[off:off + self._stride]
 
     def put(self, keys: Sequence[BlockKey], namespace: Namespace,
-            blocks: Sequence[bytes | memoryview], parent: BlockKey | None = None) -> list[BlockStatus]:
+            blocks: Sequence[bytes | memoryview], parent: BlockKey | None = None,
+            wait_s: float = 60.0) -> list[BlockStatus]:
+        """Bulk writer's convenience (as ``Store.put``): waits up to ``wait_s`` for room in the
+        daemon's NVMe write-behind queue."""
         size = len(blocks[0]) if blocks else 0
-        job = self.prepare_store(keys, namespace, size, parent=parent)
+        job = self.prepare_store(keys, namespace, size, parent=parent, wait_s=wait_s)
         try:
             for s, b in zip(job.slots, blocks):
                 if s is not None:
@@ -362,8 +436,12 @@ class RemoteClient:
             body["session"] = session
         return int(self._call(MsgType.UNPIN, body)["n"])
 
-    def evict(self, keys: Sequence[BlockKey]) -> dict:
-        return self._call(MsgType.EVICT, {"keys": pack_keys(keys)})
+    def evict(self, keys: Sequence[BlockKey], tier: Tier | str | None = None) -> dict:
+        """``Store.evict``; ``tier`` drops only that tier's copies of blocks held elsewhere too."""
+        body: dict = {"keys": pack_keys(keys)}
+        if tier is not None:
+            body["tier"] = tier.label if isinstance(tier, Tier) else str(tier)
+        return self._call(MsgType.EVICT, body)
 
     def blocks(self, limit: int | None = None, tier: Tier | str | None = None) -> list[dict]:
         t = tier.label if isinstance(tier, Tier) else tier

@@ -49,15 +49,29 @@ Requests (body fields; ``keys`` per tierstore.protocol.codec.pack_keys; ``ns`` =
     PEERS          {probe}                          -> {node, listen, membership, transports,
                                                         peers [per-peer state], serving, counters}
     PEER_PING      {peer (name or host:port)}       -> per-peer state + {rtt_ms}
-    PREPARE_STORE  {keys, ns, size, parent}         -> {job, slots [int|nil], status [str]}
-    COMPLETE_STORE {job, ok}                        -> {status [str]}
-    PREPARE_LOAD   {keys}                           -> {job, slots, status, sizes}
+    PREPARE_STORE  {keys, ns, size, parent, wait_s} -> {job, slots [int|nil], status [str]}
+                                                       (wait_s: how long a bulk writer waits for
+                                                       room in the NVMe write-behind queue, ≤ 60)
+    COMPLETE_STORE {job, ok (bool | [bool] per key)} -> {status [str]}
+    PREPARE_LOAD   {keys, wait}                     -> JOB = {job, slots, status, sizes, ready,
+                                                       expected}; wait=false: NVMe reads are
+                                                       staged by the store's loader thread
     COMPLETE_LOAD  {job, ok}                        -> {}
+    PREPARE_LOADS  {chains [keys], wait}            -> {jobs [JOB]}   (wait defaults to false)
+    POLL_LOADS     {jobs [int]}                     -> {done [JOB]}   (the staged ones)
+    WAIT_LOAD      {job, timeout_s}                 -> {done: JOB | nil}
+    COMPLETE_LOADS {jobs [int], ok}                 -> {}
+    PREPARE_STORES {specs [{keys, ns, size, parent}]} -> {jobs [{job, slots, status}]}
+    COMPLETE_STORES {answers [[job, ok]]}           -> {status [[str]]}
+    FLUSH          {timeout_s}                      -> {done: bool}  (every stored block's NVMe
+                                                       copy written; false: timeout or a failed
+                                                       write)
     PIN / UNPIN    {keys, ttl_s[, session]}         -> {n}; with ``session`` the pins belong to
                                                        ``session:<NAME>``, not the connection:
                                                        they outlive it, go by TTL (required) or
                                                        UNPIN {keys, session}
-    EVICT          {keys}                           -> {evicted, pinned, missing}
+    EVICT          {keys, tier}                     -> {evicted, pinned, missing[, not_in_tier,
+                                                       only_copy]}; tier: only that tier's copies
     STATS          {}                               -> Store.stats() + {"daemon": {...}}
     BLOCKS         {limit, tier}                    -> {blocks [...]}
     BLOCK          {key}                            -> {block | nil}
@@ -79,8 +93,8 @@ unknown type, an undecodable body or bad fields gets an error reply and the conn
 
 Stop (SIGTERM, SHUTDOWN): stop accepting and unlink the socket; drain: refuse new prepares and
 pinning lookups with RetryLater while in-flight jobs complete (``drain_timeout_s``); then close
-every connection (release_owner aborts what is left), ``store.close()`` (NVMe write-through is
-synchronous in complete_store, so nothing is left to flush; LMDB closes cleanly), unlink the shm
+every connection (release_owner aborts what is left), ``store.close()`` (writes what waits in
+the NVMe write-behind queue, then LMDB closes cleanly), unlink the shm
 object, remove the pid file, release the data-dir lock last.
 """
 
@@ -122,7 +136,10 @@ SHM_DIR = "/dev/shm"
 REPLY_MAX_BYTES = 256 << 20
 _SUN_PATH_MAX = 107
 _TIMED_OPS = {MsgType.LOOKUP, MsgType.PREPARE_STORE, MsgType.COMPLETE_STORE,
-              MsgType.PREPARE_LOAD, MsgType.COMPLETE_LOAD, MsgType.FETCH_REMOTE}
+              MsgType.PREPARE_LOAD, MsgType.COMPLETE_LOAD, MsgType.FETCH_REMOTE,
+              MsgType.PREPARE_LOADS, MsgType.POLL_LOADS, MsgType.COMPLETE_LOADS,
+              MsgType.PREPARE_STORES, MsgType.COMPLETE_STORES, MsgType.FLUSH}
+MAX_WAIT_S = 60.0   # longest wait a client may ask for (flush, wait_load, store admission)
 
 
 def shm_prefix(data_dir: str | os.PathLike) -> str:
@@ -240,6 +257,10 @@ class DaemonServer:
             MsgType.CHECK: self._h_check, MsgType.SHUTDOWN: self._h_shutdown, MsgType.PING: self._h_ping,
             MsgType.FETCH_REMOTE: self._h_fetch_remote, MsgType.PEERS: self._h_peers,
             MsgType.PEER_PING: self._h_peer_ping,
+            MsgType.PREPARE_LOADS: self._h_prepare_loads, MsgType.POLL_LOADS: self._h_poll_loads,
+            MsgType.WAIT_LOAD: self._h_wait_load, MsgType.COMPLETE_LOADS: self._h_complete_loads,
+            MsgType.PREPARE_STORES: self._h_prepare_stores,
+            MsgType.COMPLETE_STORES: self._h_complete_stores, MsgType.FLUSH: self._h_flush,
         }
 
     # ------------------------------------------------------------------ lifecycle
@@ -580,7 +601,8 @@ class DaemonServer:
         if parent is not None and not isinstance(parent, bytes):
             raise ProtocolError("parent must be bin")
         job = self.store.prepare_store(keys, _namespace(body["ns"]), _uint(body, "size", required=True),
-                                       owner=conn.owner, parent=parent)
+                                       owner=conn.owner, parent=parent,
+                                       wait_s=_wait_s(body.get("wait_s")))
         conn.store_jobs.add(job.job_id)
         return {"job": job.job_id, "slots": job.slots, "status": [s.value for s in job.status]}
 
@@ -588,25 +610,79 @@ class DaemonServer:
         jid = int(body["job"])
         if jid not in conn.store_jobs:
             raise JobError(f"store job {jid} is not this connection's")
+        ok = _ok(body.get("ok", True))
+        status = self.store.complete_store(jid, ok=ok)
         conn.store_jobs.discard(jid)
-        status = self.store.complete_store(jid, ok=bool(body.get("ok", True)))
         return {"status": [s.value for s in status]}
+
+    def _h_prepare_stores(self, conn: _Conn, body: dict) -> dict:
+        self._refuse_when_draining()
+        specs = []
+        for sp in body["specs"]:
+            parent = sp.get("parent")
+            if parent is not None and not isinstance(parent, bytes):
+                raise ProtocolError("parent must be bin")
+            specs.append((unpack_keys(sp["keys"]), _namespace(sp["ns"]),
+                          _uint(sp, "size", required=True), parent))
+        jobs = self.store.prepare_stores(specs, owner=conn.owner)
+        conn.store_jobs.update(j.job_id for j in jobs)
+        return {"jobs": [{"job": j.job_id, "slots": j.slots,
+                          "status": [s.value for s in j.status]} for j in jobs]}
+
+    def _h_complete_stores(self, conn: _Conn, body: dict) -> dict:
+        answers = [(int(jid), _ok(ok)) for jid, ok in body["answers"]]
+        for jid, _ in answers:
+            if jid not in conn.store_jobs:
+                raise JobError(f"store job {jid} is not this connection's")
+        status = self.store.complete_stores(answers)
+        conn.store_jobs.difference_update(jid for jid, _ in answers)
+        return {"status": [[s.value for s in st] for st in status]}
 
     def _h_prepare_load(self, conn: _Conn, body: dict) -> dict:
         self._refuse_when_draining()
         keys = unpack_keys(body["keys"])
-        job = self.store.prepare_load(keys, owner=conn.owner)
+        job = self.store.prepare_load(keys, owner=conn.owner, wait=bool(body.get("wait", True)))
         conn.load_jobs.add(job.job_id)
-        return {"job": job.job_id, "slots": job.slots, "status": [s.value for s in job.status],
-                "sizes": job.sizes}
+        return _load_job(job)
+
+    def _h_prepare_loads(self, conn: _Conn, body: dict) -> dict:
+        self._refuse_when_draining()
+        chains = [unpack_keys(c) for c in body["chains"]]
+        jobs = self.store.prepare_loads(chains, owner=conn.owner,
+                                        wait=bool(body.get("wait", False)))
+        conn.load_jobs.update(j.job_id for j in jobs)
+        return {"jobs": [_load_job(j) for j in jobs]}
+
+    def _own_loads(self, conn: _Conn, ids) -> list[int]:
+        out = [int(j) for j in ids]
+        for jid in out:
+            if jid not in conn.load_jobs:
+                raise JobError(f"load job {jid} is not this connection's")
+        return out
+
+    def _h_poll_loads(self, conn: _Conn, body: dict) -> dict:
+        done = self.store.poll_loads(self._own_loads(conn, body["jobs"]))
+        return {"done": [_load_job(j) for j in done.values()]}
+
+    def _h_wait_load(self, conn: _Conn, body: dict) -> dict:
+        (jid,) = self._own_loads(conn, [body["job"]])
+        job = self.store.wait_load(jid, _wait_s(body.get("timeout_s"), default=MAX_WAIT_S))
+        return {"done": None if job is None else _load_job(job)}
 
     def _h_complete_load(self, conn: _Conn, body: dict) -> dict:
-        jid = int(body["job"])
-        if jid not in conn.load_jobs:
-            raise JobError(f"load job {jid} is not this connection's")
+        (jid,) = self._own_loads(conn, [body["job"]])
         conn.load_jobs.discard(jid)
         self.store.complete_load(jid, ok=bool(body.get("ok", True)))
         return {}
+
+    def _h_complete_loads(self, conn: _Conn, body: dict) -> dict:
+        ids = self._own_loads(conn, body["jobs"])
+        conn.load_jobs.difference_update(ids)
+        self.store.complete_loads(ids, ok=bool(body.get("ok", True)))
+        return {}
+
+    def _h_flush(self, conn: _Conn, body: dict) -> dict:
+        return {"done": self.store.flush(_wait_s(body.get("timeout_s"), default=MAX_WAIT_S))}
 
     def _h_pin(self, conn: _Conn, body: dict) -> dict:
         self._refuse_when_draining()
@@ -621,7 +697,9 @@ class DaemonServer:
         return {"n": self.store.unpin(unpack_keys(body["keys"]), owner=owner)}
 
     def _h_evict(self, conn: _Conn, body: dict) -> dict:
-        return self.store.evict(unpack_keys(body["keys"]))
+        tier = body.get("tier")
+        return self.store.evict(unpack_keys(body["keys"]),
+                                tier=None if tier is None else Tier.parse(str(tier)))
 
     def _h_stats(self, conn: _Conn, body: dict) -> dict:
         st = self.store.stats()
@@ -654,6 +732,29 @@ class DaemonServer:
         log.info("%s asked the daemon to stop", conn.owner)
         self.request_stop()
         return {"stopping": True, "pid": os.getpid()}
+
+
+def _wait_s(v: Any, default: float = 0.0) -> float:
+    """A client's wait in seconds: a number in [0, MAX_WAIT_S] (nil: ``default``)."""
+    if v is None:
+        return default
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= MAX_WAIT_S:
+        raise ProtocolError(f"a wait must be a number of seconds in [0, {MAX_WAIT_S:.0f}]")
+    return float(v)
+
+
+def _ok(v: Any) -> bool | list[bool]:
+    """A store job's answer: one bool, or one per key."""
+    if isinstance(v, bool):
+        return v
+    if isinstance(v, (list, tuple)) and all(isinstance(x, bool) for x in v):
+        return list(v)
+    raise ProtocolError("ok must be a bool or a list of bools")
+
+
+def _load_job(job) -> dict:
+    return {"job": job.job_id, "slots": job.slots, "status": [s.value for s in job.status],
+            "sizes": job.sizes, "ready": job.ready, "expected": job.expected}
 
 
 def _op_name(mtype: int) -> str:

@@ -6,7 +6,7 @@ body. All integers are big-endian (network order)::
     offset  size  field        meaning
     ------  ----  -----------  -------------------------------------------------------------
          0     2  magic        0x54 0x53 (b"TS"); anything else -> ProtocolError, connection closed
-         2     1  version      PROTOCOL_VERSION (1); another version -> error reply, connection closed
+         2     1  version      PROTOCOL_VERSION (2); another version -> error reply, connection closed
          3     1  type         MsgType (u8); unknown -> error reply, connection kept
          4     2  flags        bit 0 REPLY (set by the daemon), bit 1 ERROR (body is an error),
                                other bits must be 0
@@ -42,7 +42,7 @@ import msgpack
 from tierstore.errors import ProtocolError
 
 MAGIC = b"TS"
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2   # 2: batched/asynchronous jobs, flush, per-block store answers, evict tier
 HEADER = struct.Struct(">2sBBHHII")
 HEADER_BYTES = HEADER.size   # 16
 assert HEADER_BYTES == 16
@@ -76,6 +76,13 @@ class MsgType(enum.IntEnum):
     FETCH_REMOTE = 16   # pull a chain's missing blocks from peers (tierstore/daemon/peers.py)
     PEERS = 17          # per-peer state for `tierstore peers ls`
     PEER_PING = 18      # one authenticated round trip to a peer
+    PREPARE_LOADS = 19  # several chains in one call, asynchronous by default (NVMe reads staged)
+    POLL_LOADS = 20     # which of these load jobs are staged
+    COMPLETE_LOADS = 21
+    PREPARE_STORES = 22
+    COMPLETE_STORES = 23
+    FLUSH = 24          # wait until every stored block has its NVMe copy
+    WAIT_LOAD = 25      # block until one load job is staged (bounded)
 
 
 _TYPES = {int(t) for t in MsgType}
