@@ -12,6 +12,7 @@ import struct
 
 import pytest
 
+from tierstore.errors import ConfigError
 from tierstore.keys import ExtraKeys, Keyer, Namespace
 
 S1 = b"1" * 32
@@ -119,7 +120,8 @@ def test_chain_matches_plain_formula(seed):
     the formula computed field by field."""
     rng = random.Random(seed)
     bs = rng.choice([1, 2, 16, 32, 256])
-    k = Keyer(Namespace(f"m{seed}", bs, num_layers=seed), bytes(rng.randrange(256) for _ in range(rng.choice([16, 32, 80]))))
+    secret = bytes(rng.randrange(256) for _ in range(rng.choice([16, 32, 80])))
+    k = Keyer(Namespace(f"m{seed}", bs, num_layers=seed), secret)
     toks = [rng.randrange(2**32) for _ in range(bs * rng.randrange(0, 12) + rng.randrange(bs))]
     n = len(toks) // bs
     mm = {i: [rng.randbytes(rng.randrange(1, 40)) for _ in range(rng.randrange(1, 3))]
@@ -139,3 +141,41 @@ def test_chain_accepts_tuples_and_arrays():
     from array import array
     k = Keyer(NS, S1)
     assert k.chain(tuple(TOKS)) == k.chain(TOKS) == k.chain(array("l", TOKS))
+
+
+def test_multimodal_extras_at_float_keys_out_of_range_and_in_subclasses():
+    """Scenario: ``mm`` keyed by 1.0 (equal to block 1 for ``block_bytes``), by indices past the
+    chain or negative (ignored), and an ExtraKeys subclass with its own ``block_bytes`` (asked
+    for every block): the chain equals the field-by-field formula in each case."""
+    k = Keyer(NS, S1)
+    toks = list(range(64))
+    payloads = [b"".join(t.to_bytes(4, "little") for t in toks[i * 16:(i + 1) * 16]) for i in range(4)]
+    for mm in ({1.0: [b"d"]}, {1: [b"d"], 9: [b"e"], -1: [b"f"]}, {True: ["t"], 3: ["z"]}):
+        e = ExtraKeys(cache_salt="s", mm=mm)
+        assert k.chain(toks, e) == _reference(k, payloads, b"tok", e, None)
+    assert k.chain(toks, ExtraKeys(mm={1.0: [b"d"]})) == k.chain(toks, ExtraKeys(mm={1: [b"d"]}))
+
+    class EveryOther(ExtraKeys):
+        def block_bytes(self, index, base):
+            return base + (b"odd" if index % 2 else b"")
+
+    got = k.chain(toks, EveryOther(lora="l"))
+    plain = k.chain(toks, ExtraKeys(lora="l"))
+    assert got[0] == plain[0] and got[1] != plain[1]
+    req = ExtraKeys(lora="l").request_bytes()
+    h = hashlib.blake2b(digest_size=32, key=S1, person=b"tierstore.key.v1")
+    h.update(_f(b"ns", NS.digest()) + _f(b"parent", got[0]) + _f(b"tok", payloads[1])
+             + _f(b"x", req + b"odd"))
+    assert got[1] == h.digest()
+
+
+def test_parent_of_any_length_and_empty_inputs():
+    """Scenario: a parent key that is not 32 bytes enters as it is (length-prefixed); an empty
+    parent equals none; fewer tokens than a block and no block ids give no keys."""
+    k = Keyer(NS, S1)
+    toks = list(range(32))
+    payloads = [b"".join(t.to_bytes(4, "little") for t in toks[i * 16:(i + 1) * 16]) for i in range(2)]
+    assert k.chain(toks, parent=b"short") == _reference(k, payloads, b"tok", ExtraKeys(), b"short")
+    assert k.chain(toks, parent=b"") == k.chain(toks)
+    assert k.chain(list(range(15))) == [] and k.chain([]) == [] and k.chain_from_block_ids([]) == []
+
