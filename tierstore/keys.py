@@ -19,9 +19,14 @@ Keys are identical across processes, nodes and restarts (no ``hash()``, no per-p
 outsider without the cluster secret cannot forge a colliding key. Partial blocks are never keyed:
 ``chain`` ignores a trailing partial block.
 
+A second, separate key space, :meth:`Keyer.chain_from_engine_hashes`, keys blocks by a serving
+engine's own chained block hashes (vLLM's sha256 ``request.block_hashes``): one keyed BLAKE2b per
+block (personalisation ``b"tierstore.eng.v1"``) over ``F("ns", ns_digest) F("algo", name)
+F("eh", hash_i)``. Its contract, and when it may be used, is in that method's docstring.
+
 Cost: ``chain`` is two BLAKE2b compressions per 16-token block plus a state copy, two updates and
-a digest (numbers in docs/benchmarks.md, "Keys and lookup from tokens"). ``Keyer`` keeps no
-mutable state and may be shared between threads.
+a digest; ``chain_from_engine_hashes`` one compression (numbers in docs/benchmarks.md, "Keys and
+lookup from tokens"). ``Keyer`` keeps no mutable state and may be shared between threads.
 """
 
 from __future__ import annotations
@@ -46,6 +51,10 @@ _PERSON = b"tierstore.key.v1"
 SECRET_ENV = "TIERSTORE_SECRET"
 SECRET_FILE_ENV = "TIERSTORE_SECRET_FILE"
 _PARENT_HEAD = b"\x06parent" + KEY_BYTES.to_bytes(4, "little")   # F("parent", key) less the key
+_ENGINE_PERSON = b"tierstore.eng.v1"
+_ENGINE_HASH_BYTES = 32
+ENGINE_HASH_ALGOS = frozenset({"sha256", "sha256_cbor"})
+"""Engine block-hash functions :meth:`Keyer.chain_from_engine_hashes` accepts (vLLM's names)."""
 
 _DTYPE_BYTES = {
     "float32": 4, "fp32": 4, "float16": 2, "fp16": 2, "half": 2, "bfloat16": 2, "bf16": 2,
@@ -177,6 +186,13 @@ class Keyer:
         # the constant start of every non-first block: F("ns") and the header of F("parent", key)
         self._child = self._proto.copy()
         self._child.update(self._ns_field + _PARENT_HEAD)
+        # chain_from_engine_hashes: per algo, F("ns") F("algo") and the header of F("eh", hash)
+        self._engine_protos = {}
+        for algo in ENGINE_HASH_ALGOS:
+            p = hashlib.blake2b(digest_size=KEY_BYTES, key=self.secret[:64], person=_ENGINE_PERSON)
+            p.update(self._ns_field + _field(b"algo", algo.encode())
+                     + b"\x02eh" + _ENGINE_HASH_BYTES.to_bytes(4, "little"))
+            self._engine_protos[algo] = p
 
     @property
     def block_size(self) -> int:
@@ -243,6 +259,41 @@ class Keyer:
             arr.byteswap()
         return self._chain(arr.tobytes(), 8, len(arr), b"bid", extras, None)
 
+
+    def chain_from_engine_hashes(self, block_hashes: Sequence[bytes], algo: str) -> list[BlockKey]:
+        """Keys from a serving engine's own chained block hashes (vLLM ``request.block_hashes``),
+        one keyed BLAKE2b per block, about half the cost of :meth:`chain` per block::
+
+            key_i = BLAKE2b(key=secret, person="tierstore.eng.v1")(
+                        F("ns", ns_digest) F("algo", algo) F("eh", engine_hash_i) )
+
+        A key space apart from :meth:`chain`'s: a block stored under one is never found under
+        the other, so every client of a store must use the same one.
+
+        The engine hash must already chain over the prefix and carry the request's extras (vLLM's
+        does: parent hash, token ids, LoRA, multimodal, cache salt, prompt embeds), be stable
+        across processes and be collision resistant against whoever writes prompts. ``algo``
+        names it and must be one of :data:`ENGINE_HASH_ALGOS`: vLLM's ``sha256`` and
+        ``sha256_cbor``, whose chain root is the same everywhere unless ``PYTHONHASHSEED`` is set
+        (processes with different seeds then share nothing: misses, never wrong bytes). Not
+        ``xxhash``: a random root per process and no collision resistance. Only the caller knows
+        how the engine was configured; it must refuse to use this method otherwise.
+
+        Raises :class:`ConfigError` for another ``algo`` or a hash that is not 32 bytes.
+        """
+        if algo not in ENGINE_HASH_ALGOS:
+            raise ConfigError(f"engine hash {algo!r} cannot key a shared store; "
+                              f"use one of {sorted(ENGINE_HASH_ALGOS)} or Keyer.chain")
+        hashes = block_hashes if isinstance(block_hashes, list) else list(block_hashes)
+        if not all(map(_ENGINE_HASH_BYTES.__eq__, map(len, hashes))):
+            raise ConfigError(f"engine block hashes must be {_ENGINE_HASH_BYTES} bytes each")
+        keys: list[BlockKey] = []
+        append, copy = keys.append, self._engine_protos[algo].copy
+        for eh in hashes:
+            h = copy()
+            h.update(eh)
+            append(h.digest())
+        return keys
 
 _EXTRA_FIELDS_KNOWN = {f.name for f in fields(ExtraKeys)} == {"cache_salt", "lora", "mm"}
 

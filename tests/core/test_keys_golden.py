@@ -179,3 +179,63 @@ def test_parent_of_any_length_and_empty_inputs():
     assert k.chain(toks, parent=b"") == k.chain(toks)
     assert k.chain(list(range(15))) == [] and k.chain([]) == [] and k.chain_from_block_ids([]) == []
 
+
+# -- chain_from_engine_hashes --------------------------------------------------------------------
+
+def _vllm_sha256_hashes(tokens, bs=16, root_seed="vllm-none-hash"):
+    """vLLM's default block hashes (sha256 of pickle, chained from NONE_HASH), rebuilt with
+    hashlib and pickle (shared/docs/VLLM.md §3)."""
+    import pickle
+    prev = hashlib.sha256(pickle.dumps(root_seed, protocol=pickle.HIGHEST_PROTOCOL)).digest()
+    out = []
+    for i in range(0, len(tokens) // bs * bs, bs):
+        prev = hashlib.sha256(pickle.dumps((prev, tuple(tokens[i:i + bs]), None),
+                                           protocol=pickle.HIGHEST_PROTOCOL)).digest()
+        out.append(prev)
+    return out
+
+
+def test_vllm_hash_rebuild_matches_documented_vector():
+    """Scenario: the helper above reproduces vLLM 0.33.0's documented test vector."""
+    assert _vllm_sha256_hashes(list(range(16)))[0].hex().startswith("fe8fa5dd")
+
+
+def test_engine_hash_keys_golden_and_formula():
+    """Scenario: keys from vLLM sha256 block hashes are pinned, equal the documented formula, and
+    depend on the algorithm name, the namespace and the secret."""
+    from dataclasses import replace
+    k = Keyer(Namespace("m", 16), S1)
+    eh = _vllm_sha256_hashes(list(range(32)))
+    got = k.chain_from_engine_hashes(eh, "sha256")
+    assert [x.hex() for x in got] == [
+        "26e076e656c3b655d41b65a70d91c377fcd470f8386d4632b3189bb5e77abfee",
+        "331e25269c188e7e635e5310a32b41d642d47bca8988bc2240183c82518a721b"]
+    for key, h in zip(got, eh):
+        ref = hashlib.blake2b(digest_size=32, key=S1, person=b"tierstore.eng.v1")
+        ref.update(_f(b"ns", k.namespace.digest()) + _f(b"algo", b"sha256") + _f(b"eh", h))
+        assert key == ref.digest()
+    assert k.chain_from_engine_hashes(eh, "sha256_cbor") != got
+    assert Keyer(replace(k.namespace, tp_rank=0, tp_size=2), S1).chain_from_engine_hashes(eh, "sha256") != got
+    assert Keyer(k.namespace, b"2" * 32).chain_from_engine_hashes(eh, "sha256") != got
+    assert k.chain_from_engine_hashes(iter(eh), "sha256") == got
+    assert k.chain_from_engine_hashes([], "sha256") == []
+
+
+def test_engine_hash_keys_are_apart_from_token_keys():
+    """Scenario: the same tokens keyed by ``chain`` and by their vLLM hashes give disjoint keys
+    (a store must not mix the two key spaces by accident)."""
+    k = Keyer(Namespace("m", 16), S1)
+    toks = list(range(64))
+    assert not set(k.chain(toks)) & set(k.chain_from_engine_hashes(_vllm_sha256_hashes(toks), "sha256"))
+
+
+def test_engine_hash_keys_refuse_unstable_or_malformed_hashes():
+    """Scenario: xxhash (random root per process, not collision resistant) and an unknown name
+    are refused; so is a hash that is not 32 bytes."""
+    k = Keyer(Namespace("m", 16), S1)
+    for algo in ("xxhash", "xxhash_cbor", "md5", ""):
+        with pytest.raises(ConfigError):
+            k.chain_from_engine_hashes([b"\0" * 32], algo)
+    for bad in ([b"\0" * 16], [b"\0" * 32, b"\0" * 33]):
+        with pytest.raises(ConfigError):
+            k.chain_from_engine_hashes(bad, "sha256")
