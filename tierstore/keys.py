@@ -20,13 +20,19 @@ outsider without the cluster secret cannot forge a colliding key. Partial blocks
 ``chain`` ignores a trailing partial block.
 
 A second, separate key space, :meth:`Keyer.chain_from_engine_hashes`, keys blocks by a serving
-engine's own chained block hashes (vLLM's sha256 ``request.block_hashes``): one keyed BLAKE2b per
-block (personalisation ``b"tierstore.eng.v1"``) over ``F("ns", ns_digest) F("algo", name)
-F("eh", hash_i)``. Its contract, and when it may be used, is in that method's docstring.
+engine's own chained block hashes (vLLM's sha256 ``request.block_hashes``)::
+
+    engine_key = BLAKE2b(key=secret, 32 bytes, person "tierstore.eky.v1")(
+                     F("ns", ns_digest) F("algo", name) )          once per Keyer and name
+    key_i      = BLAKE2s(key=engine_key, 32 bytes, person "ts.eh.v1")( hash_i )
+
+one BLAKE2s compression per block (the hash is 32 bytes). Its contract, and when it may be used,
+is in that method's docstring.
 
 Cost: ``chain`` is two BLAKE2b compressions per 16-token block plus a state copy, two updates and
-a digest; ``chain_from_engine_hashes`` one compression (numbers in docs/benchmarks.md, "Keys and
-lookup from tokens"). ``Keyer`` keeps no mutable state and may be shared between threads.
+a digest; ``chain_from_engine_hashes`` one (cheaper) BLAKE2s compression, a copy, an update and a
+digest (numbers in docs/benchmarks.md, "Keys and lookup from tokens"). ``Keyer`` keeps no
+mutable state and may be shared between threads.
 """
 
 from __future__ import annotations
@@ -51,7 +57,8 @@ _PERSON = b"tierstore.key.v1"
 SECRET_ENV = "TIERSTORE_SECRET"
 SECRET_FILE_ENV = "TIERSTORE_SECRET_FILE"
 _PARENT_HEAD = b"\x06parent" + KEY_BYTES.to_bytes(4, "little")   # F("parent", key) less the key
-_ENGINE_PERSON = b"tierstore.eng.v1"
+_ENGINE_KEY_PERSON = b"tierstore.eky.v1"
+_ENGINE_PERSON = b"ts.eh.v1"
 _ENGINE_HASH_BYTES = 32
 ENGINE_HASH_ALGOS = frozenset({"sha256", "sha256_cbor"})
 """Engine block-hash functions :meth:`Keyer.chain_from_engine_hashes` accepts (vLLM's names)."""
@@ -186,13 +193,14 @@ class Keyer:
         # the constant start of every non-first block: F("ns") and the header of F("parent", key)
         self._child = self._proto.copy()
         self._child.update(self._ns_field + _PARENT_HEAD)
-        # chain_from_engine_hashes: per algo, F("ns") F("algo") and the header of F("eh", hash)
+        # chain_from_engine_hashes: per algo, a BLAKE2s prototype keyed for (secret, ns, algo)
         self._engine_protos = {}
         for algo in ENGINE_HASH_ALGOS:
-            p = hashlib.blake2b(digest_size=KEY_BYTES, key=self.secret[:64], person=_ENGINE_PERSON)
-            p.update(self._ns_field + _field(b"algo", algo.encode())
-                     + b"\x02eh" + _ENGINE_HASH_BYTES.to_bytes(4, "little"))
-            self._engine_protos[algo] = p
+            engine_key = hashlib.blake2b(self._ns_field + _field(b"algo", algo.encode()),
+                                         digest_size=32, key=self.secret[:64],
+                                         person=_ENGINE_KEY_PERSON).digest()
+            self._engine_protos[algo] = hashlib.blake2s(digest_size=KEY_BYTES, key=engine_key,
+                                                        person=_ENGINE_PERSON)
 
     @property
     def block_size(self) -> int:
@@ -259,13 +267,11 @@ class Keyer:
             arr.byteswap()
         return self._chain(arr.tobytes(), 8, len(arr), b"bid", extras, None)
 
-
     def chain_from_engine_hashes(self, block_hashes: Sequence[bytes], algo: str) -> list[BlockKey]:
         """Keys from a serving engine's own chained block hashes (vLLM ``request.block_hashes``),
-        one keyed BLAKE2b per block, about half the cost of :meth:`chain` per block::
-
-            key_i = BLAKE2b(key=secret, person="tierstore.eng.v1")(
-                        F("ns", ns_digest) F("algo", algo) F("eh", engine_hash_i) )
+        one keyed BLAKE2s per block (formula in the module docstring): under half the cost of
+        :meth:`chain` per block. The namespace and the cluster secret enter through the BLAKE2s
+        key, derived once per ``Keyer`` and ``algo``.
 
         A key space apart from :meth:`chain`'s: a block stored under one is never found under
         the other, so every client of a store must use the same one.
@@ -285,7 +291,9 @@ class Keyer:
             raise ConfigError(f"engine hash {algo!r} cannot key a shared store; "
                               f"use one of {sorted(ENGINE_HASH_ALGOS)} or Keyer.chain")
         hashes = block_hashes if isinstance(block_hashes, list) else list(block_hashes)
-        if not all(map(_ENGINE_HASH_BYTES.__eq__, map(len, hashes))):
+        if not hashes:
+            return []
+        if set(map(len, hashes)) != {_ENGINE_HASH_BYTES}:
             raise ConfigError(f"engine block hashes must be {_ENGINE_HASH_BYTES} bytes each")
         keys: list[BlockKey] = []
         append, copy = keys.append, self._engine_protos[algo].copy
