@@ -303,6 +303,7 @@ class Keyer:
             append(h.digest())
         return keys
 
+
 _EXTRA_FIELDS_KNOWN = {f.name for f in fields(ExtraKeys)} == {"cache_salt", "lora", "mm"}
 
 
