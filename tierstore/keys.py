@@ -18,17 +18,33 @@ and length-prefixed, so ("ab", "c") and ("a", "bc") differ and a LoRA name can n
 Keys are identical across processes, nodes and restarts (no ``hash()``, no per-process seed); an
 outsider without the cluster secret cannot forge a colliding key. Partial blocks are never keyed:
 ``chain`` ignores a trailing partial block.
+
+A second, separate key space, :meth:`Keyer.chain_from_engine_hashes`, keys blocks by a serving
+engine's own chained block hashes (vLLM's sha256 ``request.block_hashes``)::
+
+    engine_key = BLAKE2b(key=secret, 32 bytes, person "tierstore.eky.v1")(
+                     F("ns", ns_digest) F("algo", name) )          once per Keyer and name
+    key_i      = BLAKE2s(key=engine_key, 32 bytes, person "ts.eh.v1")( hash_i )
+
+one BLAKE2s compression per block (the hash is 32 bytes). Its contract, and when it may be used,
+is in that method's docstring.
+
+Cost: ``chain`` is two BLAKE2b compressions per 16-token block plus a state copy, two updates and
+a digest; ``chain_from_engine_hashes`` one (cheaper) BLAKE2s compression, a copy, an update and a
+digest (numbers in docs/benchmarks.md, "Keys and lookup from tokens"). ``Keyer`` keeps no
+mutable state and may be shared between threads.
 """
 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import os
 import secrets
 import struct
 import sys
 from array import array
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
@@ -40,6 +56,12 @@ SECRET_BYTES = 32
 _PERSON = b"tierstore.key.v1"
 SECRET_ENV = "TIERSTORE_SECRET"
 SECRET_FILE_ENV = "TIERSTORE_SECRET_FILE"
+_PARENT_HEAD = b"\x06parent" + KEY_BYTES.to_bytes(4, "little")   # F("parent", key) less the key
+_ENGINE_KEY_PERSON = b"tierstore.eky.v1"
+_ENGINE_PERSON = b"ts.eh.v1"
+_ENGINE_HASH_BYTES = 32
+ENGINE_HASH_ALGOS = frozenset({"sha256", "sha256_cbor"})
+"""Engine block-hash functions :meth:`Keyer.chain_from_engine_hashes` accepts (vLLM's names)."""
 
 _DTYPE_BYTES = {
     "float32": 4, "fp32": 4, "float16": 2, "fp16": 2, "half": 2, "bfloat16": 2, "bf16": 2,
@@ -168,47 +190,138 @@ class Keyer:
         self.secret = bytes(secret)
         self._ns_field = _field(b"ns", namespace.digest())
         self._proto = hashlib.blake2b(digest_size=KEY_BYTES, key=self.secret[:64], person=_PERSON)
+        # the constant start of every non-first block: F("ns") and the header of F("parent", key)
+        self._child = self._proto.copy()
+        self._child.update(self._ns_field + _PARENT_HEAD)
+        # chain_from_engine_hashes: per algo, a BLAKE2s prototype keyed for (secret, ns, algo)
+        self._engine_protos = {}
+        for algo in ENGINE_HASH_ALGOS:
+            engine_key = hashlib.blake2b(self._ns_field + _field(b"algo", algo.encode()),
+                                         digest_size=32, key=self.secret[:64],
+                                         person=_ENGINE_KEY_PERSON).digest()
+            self._engine_protos[algo] = hashlib.blake2s(digest_size=KEY_BYTES, key=engine_key,
+                                                        person=_ENGINE_PERSON)
 
     @property
     def block_size(self) -> int:
         return self.namespace.block_size
 
-    def _chain(self, payloads: Iterable[bytes], tag: bytes, extras: ExtraKeys,
+    def _chain(self, raw: bytes, step: int, n: int, tag: bytes, extras: ExtraKeys,
                parent: BlockKey | None) -> list[BlockKey]:
+        """Keys of ``n`` payloads of ``step`` bytes each, laid end to end in ``raw``.
+
+        Byte-identical to hashing ``F("ns") F("parent") F(tag, payload_i) F("x", extra_i)`` field by
+        field (tests/core/test_keys_golden.py), but arranged so that the loop does the least work
+        per block: the prototype ``_child`` already holds ``F("ns")`` and the header of
+        ``F("parent", <32 bytes>)``; ``tails[i]`` is ``F(tag, payload_i) F("x", extra_i)``, built for
+        all blocks before the loop; so each block costs one state copy, two updates (the parent
+        key, the tail) and one digest. The two BLAKE2b compressions of a 16-token block's 144
+        bytes are most of what is left (benchmarks/bench_lookup.py).
+        """
+        if n <= 0:
+            return []
         req = extras.request_bytes()
-        keys: list[BlockKey] = []
-        prev = parent or b""
-        proto, ns_field = self._proto, self._ns_field
-        for i, payload in enumerate(payloads):
-            h = proto.copy()
-            h.update(ns_field + _field(b"parent", prev) + _field(tag, payload)
-                     + _field(b"x", extras.block_bytes(i, req)))
+        head = bytes((len(tag),)) + tag + step.to_bytes(4, "little")
+        x = _field(b"x", req)
+        tails = [head + raw[o:o + step] + x for o in range(0, n * step, step)]
+        for i in _blocks_with_own_extras(extras, n):
+            tails[i] = head + raw[i * step:(i + 1) * step] + _field(b"x", extras.block_bytes(i, req))
+
+        first = self._proto.copy()
+        first.update(self._ns_field + _field(b"parent", parent or b"") + tails[0])
+        prev = first.digest()
+        keys = [prev]
+        append, copy = keys.append, self._child.copy
+        for tail in itertools.islice(tails, 1, None):
+            h = copy()
+            h.update(prev)
+            h.update(tail)
             prev = h.digest()
-            keys.append(prev)
+            append(prev)
         return keys
 
     def chain(self, token_ids: Sequence[int], extras: ExtraKeys = NO_EXTRAS,
               parent: BlockKey | None = None) -> list[BlockKey]:
         """Keys of the full blocks of ``token_ids`` (a trailing partial block gets no key).
 
-        Raises :class:`ConfigError` for token ids outside uint32.
+        Raises :class:`ConfigError` for token ids outside uint32 (in full blocks; the ids of a
+        trailing partial block are not looked at).
         """
         bs = self.block_size
         n_full = len(token_ids) // bs
+        if n_full == 0:
+            return []
         try:
-            arr = array("I", token_ids[: n_full * bs])
+            arr = array("I", token_ids if len(token_ids) == n_full * bs else token_ids[: n_full * bs])
         except OverflowError:
             raise ConfigError("token ids must fit in uint32") from None
         if sys.byteorder == "big":
             arr.byteswap()
-        raw = arr.tobytes()
-        step = bs * 4
-        return self._chain((raw[i * step:(i + 1) * step] for i in range(n_full)), b"tok", extras, parent)
+        return self._chain(arr.tobytes(), bs * 4, n_full, b"tok", extras, parent)
 
     def chain_from_block_ids(self, block_ids: Sequence[int], extras: ExtraKeys = NO_EXTRAS) -> list[BlockKey]:
         """Keys for a trace's block ids (Mooncake ``hash_ids``: block i's id already stands for
-        its content given its prefix); one key per id."""
-        return self._chain((struct.pack("<Q", b & 0xFFFFFFFFFFFFFFFF) for b in block_ids), b"bid", extras, None)
+        its content given its prefix); one key per id (taken modulo 2**64)."""
+        arr = array("Q", [b & 0xFFFFFFFFFFFFFFFF for b in block_ids])
+        if sys.byteorder == "big":
+            arr.byteswap()
+        return self._chain(arr.tobytes(), 8, len(arr), b"bid", extras, None)
+
+    def chain_from_engine_hashes(self, block_hashes: Sequence[bytes], algo: str) -> list[BlockKey]:
+        """Keys from a serving engine's own chained block hashes (vLLM ``request.block_hashes``),
+        one keyed BLAKE2s per block (formula in the module docstring): under half the cost of
+        :meth:`chain` per block. The namespace and the cluster secret enter through the BLAKE2s
+        key, derived once per ``Keyer`` and ``algo``.
+
+        A key space apart from :meth:`chain`'s: a block stored under one is never found under
+        the other, so every client of a store must use the same one.
+
+        The engine hash must already chain over the prefix and carry the request's extras (vLLM's
+        does: parent hash, token ids, LoRA, multimodal, cache salt, prompt embeds), be stable
+        across processes and be collision resistant against whoever writes prompts. ``algo``
+        names it and must be one of :data:`ENGINE_HASH_ALGOS`: vLLM's ``sha256`` and
+        ``sha256_cbor``, whose chain root is the same everywhere unless ``PYTHONHASHSEED`` is set
+        (processes with different seeds then share nothing: misses, never wrong bytes). Not
+        ``xxhash``: a random root per process and no collision resistance. Only the caller knows
+        how the engine was configured; it must refuse to use this method otherwise.
+
+        Raises :class:`ConfigError` for another ``algo`` or a hash that is not 32 bytes.
+        """
+        if algo not in ENGINE_HASH_ALGOS:
+            raise ConfigError(f"engine hash {algo!r} cannot key a shared store; "
+                              f"use one of {sorted(ENGINE_HASH_ALGOS)} or Keyer.chain")
+        hashes = block_hashes if isinstance(block_hashes, list) else list(block_hashes)
+        if not hashes:
+            return []
+        if set(map(len, hashes)) != {_ENGINE_HASH_BYTES}:
+            raise ConfigError(f"engine block hashes must be {_ENGINE_HASH_BYTES} bytes each")
+        keys: list[BlockKey] = []
+        append, copy = keys.append, self._engine_protos[algo].copy
+        for eh in hashes:
+            h = copy()
+            h.update(eh)
+            append(h.digest())
+        return keys
+
+
+_EXTRA_FIELDS_KNOWN = {f.name for f in fields(ExtraKeys)} == {"cache_salt", "lora", "mm"}
+
+
+def _blocks_with_own_extras(extras: ExtraKeys, n: int) -> Iterable[int]:
+    """Indices ``i < n`` for which ``extras.block_bytes(i, base)`` may differ from ``base``.
+
+    For :class:`ExtraKeys` as :meth:`ExtraKeys.block_bytes` defines it today, the blocks with
+    multimodal digests. For a subclass, or once ``ExtraKeys`` gains a field this helper does not
+    know, every block (exact, slower): extend this function with the new field.
+    """
+    if type(extras) is not ExtraKeys or not _EXTRA_FIELDS_KNOWN:
+        return range(n)
+    mm = extras.mm
+    if not mm:
+        return ()
+    if all(type(i) is int for i in mm):
+        return [i for i in mm if 0 <= i < n]
+    return [i for i in range(n) if i in mm]   # keys such as 1.0 equal block 1 in block_bytes
 
 
 def load_secret(value: str | bytes | None = None, path: str | os.PathLike | None = None,
