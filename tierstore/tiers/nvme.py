@@ -18,7 +18,7 @@ The clamp lasts until reopen.
 Fresh and reused space: ``posix_fallocate`` reserves space as *unwritten* extents, and every first
 O_DIRECT write into one pays ext4's conversion to written; an overwrite of written space does not.
 Measured here (benchmarks/bench_disk_paths.py, docs/benchmarks.md "NVMe data path"): writes into
-fresh fallocated files ran at ~0.65-0.8x the speed of overwrites, and sparse (``ftruncate``) files,
+fresh fallocated files ran at ~0.7-0.9x the speed of overwrites, and sparse (``ftruncate``) files,
 files grown by appends and one new file per record (LMCache) were no faster than fallocated ones.
 So growth stays ``posix_fallocate`` (ENOSPC shows at grow time, never in the middle of a record)
 and the conversion is moved off the write path instead: ``prepare()``, called by an idle flusher,
@@ -444,8 +444,8 @@ class NvmeTier(NvmeRecovery, DiskTier):
 
         Writes zeros over up to ``max_bytes`` of free slots that were never written (lowest slot
         first: the order ``alloc()`` hands out fresh slots), so that a later ``write_batch`` there
-        overwrites written space instead of converting unwritten extents (measured: 1.3-1.5x
-        faster writes into fresh files, see the module docstring). When every slot backed by a
+        overwrites written space instead of converting unwritten extents (measured: 1.3-1.4x
+        faster tier writes into fresh files, see the module docstring). When every slot backed by a
         file is written or in use, it grows the next slab file instead (``posix_fallocate``, with
         ``alloc()``'s ENOSPC handling: undo, clamp), so ``alloc()`` rarely grows on the write
         path. Returns the bytes of slab space it made ready (zeroed or grown); 0 means there is
