@@ -1,151 +1,245 @@
-"""NVMe tier vs raw O_DIRECT sequential I/O, side by side, same bytes, same filesystem.
+"""NVMe tier vs raw O_DIRECT, side by side in one run (and, optionally, vs another checkout's tier).
 
-    python3 benchmarks/bench_nvme.py [--dir /tmp/tierstore-bench] [--blocks 256] [--batch 32]
+    sudo python3 benchmarks/bench_nvme.py [--dir /tmp/tierstore-bench] [--blocks 512] [--batch 32]
+        [--rounds 3] [--io-threads 8] [--compare-src /path/to/old/checkout]
 
-For each round (fresh files each time, raw and tier alternating):
+Cases, each writing ``--blocks`` 2 MiB blocks and reading them back cold (``sync; echo 3 >
+/proc/sys/vm/drop_caches`` before every read; needs root, else a note says the reads were warm):
 
-- write: raw = O_DIRECT ``pwrite`` of N 2 MiB blocks, sequential, into a new file, one ``fsync``
-  at the end; tier = ``alloc()`` N slots (includes slab ``posix_fallocate``) + ``write_batch`` in
-  batches of ``--batch`` (one fdatasync + one LMDB commit per batch), from an aligned mmap buffer
-  laid out like the DRAM slab;
-- cold read: ``sync; echo 3 > /proc/sys/vm/drop_caches`` before each (skipped with a note when not
-  root); raw = O_DIRECT ``pread`` of the same bytes, sequential; tier = ``read_batch`` in batches of
-  ``--batch`` into aligned destination slots, with header and xxh3 checksum verification.
+==================  ==============================================================================
+raw                 the peer_bench baseline: O_DIRECT ``pwrite`` of the bare blocks into one fresh
+                    file, QD1, one ``fsync``; cold ``preadv`` QD1. Every ratio is to this row.
+raw_slab            the tier's I/O pattern without the tier (bench_disk_paths.py): header page +
+                    payload per ``pwritev`` into fresh ``posix_fallocate``d slab files,
+                    ``--io-threads`` in flight, one ``fdatasync`` per touched file per batch;
+                    reads at the same depth
+tier fresh          a new tier in an empty directory: ``alloc()`` (grows the slab files) +
+                    ``write_batch`` in batches of ``--batch`` (checksum, header, one fdatasync per
+                    touched file + one LMDB commit per batch); cold ``read_batch`` of all blocks
+                    (header and checksum verified)
+tier prepared       as ``tier fresh``, but ``prepare()`` ran first (untimed, its time is printed):
+                    the slots hold written zeros, so the writes are overwrites. Only for a tier
+                    that has ``prepare`` (skipped for an older ``--compare-src``)
+tier reused         the slab files of an earlier round, entries deleted: overwrites of earlier
+                    records (the steady state of a full tier)
+==================  ==============================================================================
 
-Prints GiB/s (median of ``--rounds``) and the tier/raw ratio (acceptance: >= 0.9).
+Tier cases run in a child process each (``--worker``), so ``--compare-src DIR`` can time another
+checkout's tier (``git archive <rev> tierstore | tar -x -C DIR``) beside this one, as ``old ...``
+rows. The order of the cases rotates by one every round. Every read lands in a zeroed buffer and
+is compared with the source, byte for byte (untimed). GB/s = 1e9 B/s of payload; each ratio is the
+median over rounds of case / raw in the same round.
 """
 
 from __future__ import annotations
 
 import argparse
-import mmap
+import json
 import os
 import shutil
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import numpy as np
 
-from tierstore.tiers.base import DiskRead, DiskWrite  # noqa: E402
-from tierstore.tiers.nvme import NvmeTier  # noqa: E402
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+import bench_disk_paths as paths  # noqa: E402
 
 BLOCK = 2 << 20
-GiB = 1 << 30
-
-
-def drop_caches() -> bool:
-    try:
-        os.sync()
-        with open("/proc/sys/vm/drop_caches", "w") as f:
-            f.write("3\n")
-        return True
-    except OSError:
-        return False
-
-
-def slab(n: int) -> memoryview:
-    mm = mmap.mmap(-1, n * BLOCK, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    mv = memoryview(mm)
-    seed = os.urandom(BLOCK)
-    for i in range(n):
-        mv[i * BLOCK:(i + 1) * BLOCK] = seed
-        mv[i * BLOCK:i * BLOCK + 8] = i.to_bytes(8, "little")
-    return mv
-
-
-def raw_write(path: Path, src: memoryview, n: int) -> float:
-    t = time.perf_counter()
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_DIRECT, 0o644)
-    try:
-        for i in range(n):
-            os.pwrite(fd, src[i * BLOCK:(i + 1) * BLOCK], i * BLOCK)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    return time.perf_counter() - t
-
-
-def raw_read(path: Path, dst: memoryview, n: int) -> float:
-    t = time.perf_counter()
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
-    try:
-        for i in range(n):
-            os.preadv(fd, [dst[i * BLOCK:(i + 1) * BLOCK]], i * BLOCK)
-    finally:
-        os.close(fd)
-    return time.perf_counter() - t
 
 
 def key(i: int) -> bytes:
     return i.to_bytes(32, "little")
 
 
-def tier_write(tier: NvmeTier, src: memoryview, n: int, batch: int) -> tuple[float, list[int]]:
-    t = time.perf_counter()
-    slots = [tier.alloc() for _ in range(n)]
-    for b in range(0, n, batch):
-        items = [DiskWrite(slots[i], key(i), bytes(16), src[i * BLOCK:(i + 1) * BLOCK])
-                 for i in range(b, min(n, b + batch))]
-        res = tier.write_batch(items)
-        assert all(r.ok for r in res), res
-    return time.perf_counter() - t, slots
+def source(n: int):
+    src = paths.anon(n * BLOCK)
+    paths.fill(src, n)
+    dst = paths.anon(n * BLOCK)
+    dst[:] = src            # pre-fault; zeroed before every read
+    return src, dst
 
 
-def tier_read(tier: NvmeTier, slots: list[int], dst: memoryview, n: int, batch: int) -> float:
-    t = time.perf_counter()
-    for b in range(0, n, batch):
+def zero(dst) -> None:
+    np.frombuffer(dst, np.uint8)[:] = 0
+
+
+# ---------------------------------------------------------------------------- worker (child)
+def worker(args) -> None:
+    """One tier case in this process; prints one JSON line."""
+    sys.path.insert(0, str(Path(args.src).resolve()))
+    from tierstore.tiers.base import DiskRead, DiskWrite
+    from tierstore.tiers.nvme import NvmeTier
+
+    n, d = args.blocks, Path(args.dir)
+    src, dst = source(n)
+    out = {"prepare_s": None}
+
+    def open_tier():
+        t = NvmeTier(d, n, BLOCK, file_slots=64, io_threads=args.io_threads, direct_io="on")
+        t.recover()
+        return t
+
+    def write_all(t):
+        slots = [t.alloc() for _ in range(n)]
+        for b in range(0, n, args.batch):
+            items = [DiskWrite(slots[i], key(i), bytes(16), src[i * BLOCK:(i + 1) * BLOCK])
+                     for i in range(b, min(n, b + args.batch))]
+            res = t.write_batch(items)
+            if not all(r.ok for r in res):
+                raise SystemExit(f"write_batch failed: {res}")
+        return slots
+
+    if args.worker == "reused":
+        if not d.exists():          # first round: lay the files down once, untimed
+            t = open_tier()
+            write_all(t)
+            t.close()
+        t = open_tier()
+        t.delete_batch([e.slot for e in t.entries()])
+    else:
+        shutil.rmtree(d, ignore_errors=True)
+        t = open_tier()
+        if args.worker == "prepared":
+            t0 = time.perf_counter()
+            while t.prepare():
+                pass
+            out["prepare_s"] = time.perf_counter() - t0
+    os.sync()
+    t0 = time.perf_counter()
+    slots = write_all(t)
+    out["write_s"] = time.perf_counter() - t0
+    zero(dst)
+    out["dropped"] = paths.drop_caches()
+    t0 = time.perf_counter()
+    for b in range(0, n, args.batch):
         items = [DiskRead(slots[i], key(i), dst[i * BLOCK:(i + 1) * BLOCK], BLOCK, 0)
-                 for i in range(b, min(n, b + batch))]
-        res = tier.read_batch(items)
-        assert all(r.ok for r in res), res
-    return time.perf_counter() - t
+                 for i in range(b, min(n, b + args.batch))]
+        res = t.read_batch(items)
+        if not all(r.ok for r in res):
+            raise SystemExit(f"read_batch failed: {res}")
+    out["read_s"] = time.perf_counter() - t0
+    paths.check(dst, src, f"tier {args.worker}")
+    out["direct"] = t.direct
+    t.close()
+    if args.worker != "reused":
+        shutil.rmtree(d, ignore_errors=True)
+    print(json.dumps(out))
+
+
+# ---------------------------------------------------------------------------- driver
+def run_worker(args, mode: str, src_dir: str, d: Path) -> dict:
+    cmd = [sys.executable, __file__, "--worker", mode, "--src", src_dir, "--dir", str(d),
+           "--blocks", str(args.blocks), "--batch", str(args.batch),
+           "--io-threads", str(args.io_threads)]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode != 0:
+        raise SystemExit(f"worker {mode} ({src_dir}) failed:\n{r.stderr[-3000:]}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--dir", default="/tmp/tierstore-bench")
-    ap.add_argument("--blocks", type=int, default=256, help="2 MiB blocks per run")
+    ap.add_argument("--blocks", type=int, default=512, help="2 MiB blocks per case")
     ap.add_argument("--batch", type=int, default=32, help="blocks per write_batch/read_batch")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--io-threads", type=int, default=8)
+    ap.add_argument("--compare-src", help="another checkout (holding tierstore/) to time beside")
+    ap.add_argument("--cases", default="raw,raw_slab,tier fresh,tier prepared,tier reused")
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    ap.add_argument("--src", default=str(HERE.parent), help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.worker:
+        worker(args)
+        return
+
     n, root = args.blocks, Path(args.dir)
-    root.mkdir(parents=True, exist_ok=True)
-    src, dst = slab(n), slab(n)
-    gib = n * BLOCK / GiB
-    rw, tw, rr, tr = [], [], [], []
-    dropped = True
-    for _ in range(args.rounds):
-        raw_path, tier_dir = root / "raw.dat", root / "tier"
-        shutil.rmtree(tier_dir, ignore_errors=True)
-        rw.append(raw_write(raw_path, src, n))
-        tier = NvmeTier(tier_dir, n, BLOCK, file_slots=64, io_threads=args.io_threads)
-        tier.recover()
-        dt, slots = tier_write(tier, src, n, args.batch)
-        tw.append(dt)
-        dropped &= drop_caches()
-        rr.append(raw_read(raw_path, dst, n))
-        assert bytes(dst[:BLOCK]) == bytes(src[:BLOCK])
-        dropped &= drop_caches()
-        tr.append(tier_read(tier, slots, dst, n, args.batch))
-        assert bytes(dst[(n - 1) * BLOCK:]) == bytes(src[(n - 1) * BLOCK:])
-        direct = tier.direct
-        tier.close()
-        raw_path.unlink()
-        shutil.rmtree(tier_dir, ignore_errors=True)
+    shutil.rmtree(root, ignore_errors=True)
+    root.mkdir(parents=True)
+    src, dst = source(n)
+    gb = n * BLOCK / 1e9
+    wanted = args.cases.split(",")
+    cases = ["raw"] + [c for c in wanted if c != "raw" and not c.startswith("tier")]
+    srcs = [("", str(HERE.parent))] + ([("old ", args.compare_src)] if args.compare_src else [])
+    for label, s in srcs:
+        has_prepare = "def prepare(" in (Path(s) / "tierstore/tiers/nvme.py").read_text()
+        cases += [label + c for c in wanted if c.startswith("tier")
+                  and (c != "tier prepared" or has_prepare)]
+    src_of = {label + c: s for label, s in srcs for c in wanted}
+    w: dict[str, list[float]] = {}
+    r: dict[str, list[float]] = {}
+    prep: dict[str, list[float]] = {}
+    loads, dropped, direct = [], True, None
+    pool = paths.ThreadPoolExecutor(args.io_threads)
+    t_start = time.time()
+    try:
+        for rnd in range(args.rounds):
+            loads.append(os.getloadavg()[0])
+            k = rnd % len(cases)
+            for c in cases[k:] + cases[:k]:
+                if c == "raw":
+                    d = root / "raw"
+                    paths.clear(d)
+                    w.setdefault(c, []).append(paths.raw_write(d / "raw.dat", src, n))
+                    zero(dst)
+                    dropped &= paths.drop_caches()
+                    r.setdefault(c, []).append(paths.raw_read(d / "raw.dat", dst, n))
+                    paths.check(dst, src, "raw")
+                    shutil.rmtree(d)
+                elif c == "raw_slab":
+                    d = root / "raw_slab"
+                    paths.clear(d)
+                    wa = argparse.Namespace(batch=args.batch, file_records=64)
+                    qd = args.io_threads
+                    dt, _ = paths.write_case(d, src, n, wa, "fallocate", qd, "batch", pool)
+                    w.setdefault(c, []).append(dt)
+                    zero(dst)
+                    dropped &= paths.drop_caches()
+                    r.setdefault(c, []).append(paths.read_case(d, dst, n, wa, "fallocate", qd,
+                                                               pool))
+                    paths.check(dst, src, "raw_slab")
+                    shutil.rmtree(d)
+                else:
+                    mode = c.split()[-1]
+                    d = root / c.replace(" ", "_")
+                    os.sync()
+                    out = run_worker(args, mode, src_of[c], d)
+                    w.setdefault(c, []).append(out["write_s"])
+                    r.setdefault(c, []).append(out["read_s"])
+                    if out["prepare_s"] is not None:
+                        prep.setdefault(c, []).append(out["prepare_s"])
+                    dropped &= out["dropped"]
+                    direct = out["direct"]
+            print(f"round {rnd + 1}/{args.rounds} done, {time.time() - t_start:.0f} s, "
+                  f"load {os.getloadavg()[0]:.2f}", file=sys.stderr)
+    finally:
+        pool.shutdown()
+        shutil.rmtree(root, ignore_errors=True)
 
-    def rate(ts: list[float]) -> float:
-        return gib / statistics.median(ts)
-
-    print(f"NVMe tier vs raw O_DIRECT, {n} x 2 MiB = {gib:.2f} GiB, batch {args.batch}, "
-          f"{args.rounds} rounds (median), dir {root}, tier direct_io={direct}")
-    if not dropped:
-        print("note: could not drop the page cache (not root?): reads are not cold")
-    print(f"{'op':<12}{'raw GiB/s':>12}{'tier GiB/s':>12}{'ratio':>8}")
-    for name, a, b in (("write", rw, tw), ("cold read", rr, tr)):
-        print(f"{name:<12}{rate(a):>12.2f}{rate(b):>12.2f}{rate(b) / rate(a):>8.2f}")
+    print(f"# NVMe tier vs raw O_DIRECT: {n} x 2 MiB = {gb:.2f} GB per case, batch {args.batch}, "
+          f"io_threads {args.io_threads}, {args.rounds} rounds, dir {root}, "
+          f"tier direct_io={direct}")
+    print(f"# {time.strftime('%Y-%m-%d %H:%M %Z')}; load average at round starts: "
+          + " ".join(f"{x:.2f}" for x in loads)
+          + ("" if dropped else "; NOTE: page cache NOT dropped (not root?): reads are warm"))
+    print("# GB/s = 1e9 B/s, median (min-max) over rounds; ratio = median of case/raw per round")
+    print(f"{'case':<22}{'write GB/s':>22}{'ratio':>7}{'cold read GB/s':>22}{'ratio':>7}"
+          f"{'prepare s':>11}")
+    for c in cases:
+        cells = []
+        for ts, base in ((w[c], w["raw"]), (r[c], r["raw"])):
+            rates = [gb / t for t in ts]
+            cell = f"{statistics.median(rates):.2f} ({min(rates):.2f}-{max(rates):.2f})"
+            ratio = "-" if c == "raw" else \
+                f"{statistics.median(b / t for t, b in zip(ts, base)):.2f}"
+            cells.append(f"{cell:>22}{ratio:>7}")
+        p = f"{statistics.median(prep[c]):.2f}" if c in prep else ""
+        print(f"{c:<22}{cells[0]}{cells[1]}{p:>11}")
 
 
 if __name__ == "__main__":

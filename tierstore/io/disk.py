@@ -3,9 +3,13 @@ thread pool.
 
 What it owns:
 
-- the system calls of the block path, behind three module attributes that tests replace with
-  recording or failing fakes: ``_sys_open``, ``_sys_pwritev``, ``_sys_preadv`` (every call goes
-  through :func:`write_vec` / :func:`read_vec` / :func:`open_file`, never ``os.*`` directly);
+- the system calls of the block path, behind module attributes that tests replace with
+  recording or failing fakes: ``_sys_open``, ``_sys_pwritev``, ``_sys_preadv``,
+  ``_sys_fallocate`` (every call goes through :func:`write_vec` / :func:`read_vec` /
+  :func:`open_file` / :func:`write_zeroes`, never ``os.*`` directly);
+- :func:`fallocate` (reserve space: unwritten extents) and :func:`write_zeroes` (turn a range into
+  written zeros through the device's Write Zeroes command, Linux >= 6.17, where the filesystem and
+  device offer it; the caller writes zero pages itself where they do not);
 - :func:`resolve_direct_io`: ``"auto" | "on" | "off"`` -> whether files are opened with
   ``O_DIRECT``. "auto" probes the directory (open + one aligned 4096-byte write/read) and falls back
   to buffered I/O with **one** ``RuntimeWarning`` when the filesystem refuses; "on" makes a refusal
@@ -39,10 +43,29 @@ from tierstore.errors import ConfigError
 ALIGN = 4096
 O_DIRECT = getattr(os, "O_DIRECT", 0)
 
+FALLOC_FL_WRITE_ZEROES = 0x80   # linux/falloc.h, Linux 6.17: allocate as written zeros
+
+
+_fallocate_fn = None   # libc's fallocate, looked up on first use
+
+
+def _libc_fallocate(fd: int, mode: int, offset: int, length: int) -> None:
+    """``fallocate(2)`` with a mode (os.posix_fallocate has none); OSError on failure."""
+    global _fallocate_fn
+    if _fallocate_fn is None:
+        fn = ctypes.CDLL(None, use_errno=True).fallocate
+        fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+        fn.restype = ctypes.c_int
+        _fallocate_fn = fn
+    if _fallocate_fn(fd, mode, offset, length) != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e))
+
 # Replaceable system calls (tests install fakes here).
 _sys_open = os.open
 _sys_pwritev = os.pwritev
 _sys_preadv = os.preadv
+_sys_fallocate = _libc_fallocate
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -132,9 +155,56 @@ def open_file(path: str, *, direct: bool, create: bool = False) -> int:
 
 
 def fallocate(fd: int, offset: int, length: int) -> None:
-    """Reserve ``[offset, offset+length)`` on disk (OSError ENOSPC when the filesystem is full)."""
+    """Reserve ``[offset, offset+length)`` on disk (OSError ENOSPC when the filesystem is full).
+
+    On ext4/xfs the range becomes *unwritten* extents: reads return zeros, and the first write
+    into each extent pays a conversion (see :func:`write_zeroes` and ``NvmeTier.prepare``)."""
     if length > 0:
         os.posix_fallocate(fd, offset, length)
+
+
+_WZ_UNSUPPORTED = (errno.EOPNOTSUPP, errno.ENOTSUP, errno.EINVAL, errno.ENOSYS, errno.ENODEV)
+
+
+def write_zeroes(fd: int, offset: int, length: int) -> bool:
+    """Make ``[offset, offset+length)`` written zeros without sending zero pages, through
+    ``fallocate(FALLOC_FL_WRITE_ZEROES)`` (the device zeroes the range itself).
+
+    Returns False when the kernel, filesystem or device does not offer it (the caller then writes
+    zero pages); raises OSError for a real failure (EIO, ENOSPC)."""
+    if length <= 0:
+        return True
+    try:
+        _sys_fallocate(fd, FALLOC_FL_WRITE_ZEROES, offset, length)
+    except OSError as e:
+        if e.errno in _WZ_UNSUPPORTED:
+            return False
+        raise
+    return True
+
+
+def written_ranges(fd: int, end: int) -> list[tuple[int, int]]:
+    """``[(start, stop), ...]`` of ``[0, end)`` that hold written data, by ``SEEK_DATA`` /
+    ``SEEK_HOLE``. Unwritten (fallocated, never written) extents count as holes on ext4 and xfs.
+    Where the filesystem cannot tell, the whole range is reported written."""
+    out: list[tuple[int, int]] = []
+    off = 0
+    try:
+        while off < end:
+            try:
+                a = os.lseek(fd, off, os.SEEK_DATA)
+            except OSError as e:
+                if e.errno == errno.ENXIO:   # no data after off
+                    break
+                raise
+            if a >= end:
+                break
+            b = min(os.lseek(fd, a, os.SEEK_HOLE), end)
+            out.append((a, b))
+            off = b
+    except (OSError, AttributeError):
+        return [(0, end)]
+    return out
 
 
 def probe_direct(directory: str) -> str | None:

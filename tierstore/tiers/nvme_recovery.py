@@ -4,11 +4,12 @@
 opened (a zero-length or partial leftover of an interrupted grow is removed or truncated to whole
 records), every LMDB entry whose record header does not verify is dropped, orphan records (a valid
 header with no entry: a crash between the records and the LMDB commit) get their magic zeroed, and
-the used-byte accounting is rebuilt. ``check()`` reports the same problems plus a full payload
-checksum of every entry, and with ``fix`` repairs them. Why this order is safe: the publish order
+the used-byte accounting is rebuilt, as are the "slot written" bits that steer ``prepare()`` (from
+``SEEK_DATA``). ``check()`` reports the same problems plus a full payload checksum of every entry,
+and with ``fix`` repairs them. Why this order is safe: the publish order
 in the module docstring of tiers/nvme.py.
 
-Uses the tier's state and helpers (``_fds``, ``_ready``, ``_locate``, ``_file_path``,
+Uses the tier's state and helpers (``_fds``, ``_ready``, ``_written``, ``_locate``, ``_file_path``,
 ``_read_entries``, ``_delete_entries``, ``_read_record``, ``_zero_header``, ``_pool``); runs on
 the caller's thread like the rest of the tier, with per-slot header reads on the tier's pool.
 """
@@ -69,6 +70,19 @@ class NvmeRecovery:
             self._fds[f], self._ready[f] = fd, ready
         return missing
 
+    def _scan_written(self) -> None:
+        """Rebuild the per-slot "record area written" bits from the files' data ranges (only
+        ``prepare()`` reads them: a wrong bit costs speed, never data)."""
+        self._written[:] = bytes(self.num_slots)
+        for f in range(self.num_files):
+            if self._fds[f] < 0:
+                continue
+            base, rb = f * self.file_slots, self.record_bytes
+            for a, b in disk.written_ranges(self._fds[f], self._ready[f] * rb):
+                first, last = -(-a // rb), b // rb        # slots wholly inside [a, b)
+                if last > first:
+                    self._written[base + first:base + last] = b"\x01" * (last - first)
+
     def _header_ok(self, slot: int, val: tuple) -> str | None:
         key, ns, size, stored, checksum, flags = val
         st = self._thread_state()
@@ -116,6 +130,7 @@ class NvmeRecovery:
         for name in unknown:
             log.warning("nvme tier %s: removed unknown file slabs/%s", self.path, name)
         missing = self._open_existing()
+        self._scan_written()
         rows = self._read_entries()
         problems = self._pool.map(
             lambda sv: "slot out of range" if sv[0] >= self.num_slots else self._header_ok(*sv),
