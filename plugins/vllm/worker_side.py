@@ -1,25 +1,33 @@
-"""Worker-side half of the connector: moves blocks between vLLM's paged KV and the store.
+"""Worker-side half of the connector: copies blocks between vLLM's paged KV and the store's slab.
 
 Runs in every vLLM worker process (role WORKER). It owns the view of vLLM's KV cache
 (:class:`tierstore.io.copy.PagedKV` over the per-layer tensors of ``register_kv_caches``, any
 ``KVCacheLayout``, MLA included) and one :class:`CopyEngine` between that cache and the store's
-DRAM slab (the embedded store's, or the daemon's shared-memory slab mapped by the client).
+DRAM slab (the embedded store's, or the daemon's shared-memory slab mapped by the client). It
+never calls the store for a load or a save: the scheduler side prepared the jobs and sent the
+slots (metadata.py); this side copies, then reports what it copied.
 
 Per step (vLLM calls, in this order)::
 
-    start_load_kv   for each LoadSpec: prepare_load(keys) -> exact ready prefix (pinned slots)
-                    one batched scatter slab -> KV blocks, wait, complete_load
-                    blocks past the ready prefix (missing, corrupt, I/O error) -> load errors
+    handle_preemptions   save copies still reading blocks of preempted requests finish first
+    bind (metadata)      requests whose blocks wait for their saves (``release``)
+    start_load_kv        each LoadSpec: one batched copy slab -> blocks (submitted; a synchronous
+                         load makes the forward wait for it on the device, the host does not);
+                         blocks past ``n_ok`` (not staged: missing, corrupt, I/O error) and
+                         blocks whose copy fails -> load errors
     (forward)
-    wait_for_save   for each SaveSpec: prepare_store(keys) -> slots for the absent blocks
-                    one batched gather KV blocks -> slab, wait, complete_store(ok)
-    get_block_ids_with_load_errors -> vLLM recomputes those blocks (or fails the request,
-                    kv_load_failure_policy) instead of decoding from bad KV
+    wait_for_save        each SaveSpec: one batched copy blocks -> slab, submitted, not waited
+                         for; blocks at or after a position whose load failed in this step are
+                         never copied (the failed-load rule: not computed on valid KV)
+    get_finished         poll copies: finished_recving (async loads copied), finished_sending
+                         (released requests whose saves are all copied)
+    get_block_ids_with_load_errors -> vLLM recomputes those blocks (or fails the request)
+    build_connector_worker_meta    copied load jobs, per-key save results -> the scheduler
+                                   releases pins and publishes blocks
 
-Loads and saves are synchronous here: a load completes before the forward that reads it; a save
-publishes only after its copy completed (RACE-16), of blocks whose tokens were all computed by
-the forward that just ran (the scheduler sends only those). Never one copy per block: one job
-per request per direction.
+On CUDA the copies run on the engine's own streams (tierstore/io/copy.py); on the CPU device
+the same calls complete at once. The host never waits for a copy on the step, except in
+``handle_preemptions`` (a preempted request's blocks are about to be reused) and at shutdown.
 
 Threading: vLLM's worker thread only.
 """
@@ -27,16 +35,32 @@ Threading: vLLM's worker thread only.
 from __future__ import annotations
 
 import logging
+from collections import Counter
+from dataclasses import dataclass, field
 from typing import Any
 
-from tierstore.errors import TierStoreError
+from tierstore.errors import ConfigError, TierStoreError
 from tierstore.io.copy import CopyEngine, PagedKV, slab_tensor
-from tierstore.types import BlockStatus
 
 from tierstore_plugins.vllm.backend import Geometry, acquire_client, release_client, slab_of
-from tierstore_plugins.vllm.metadata import LoadSpec, PluginSettings, SaveSpec, TierStoreMetadata
+from tierstore_plugins.vllm.metadata import (LoadSpec, PluginSettings, SaveSpec, TierStoreMetadata,
+                                             TierStoreWorkerMeta)
 
 logger = logging.getLogger("tierstore.vllm")
+
+
+@dataclass
+class _Copy:
+    """One copy-engine job in flight: what to report when it is done."""
+
+    kind: str                        # "load" | "save"
+    req_id: str
+    jobs: list[int]                  # this rank's store jobs
+    is_async: bool = False           # load: report finished_recving
+    n: int = 0                       # load: blocks copied
+    oks: list[bool] = field(default_factory=list)   # save: per-key answer
+    copied: list[int] = field(default_factory=list)  # save: keys this copy writes
+    block_ids: list[int] | None = None
 
 
 def _unique_layers(kv_caches: dict[str, Any]) -> list[Any]:
@@ -68,13 +92,26 @@ class WorkerSide:
         self._slab_src: Any = None
         self._suspended = False     # between unregister_kv_caches and restore_kv_caches (sleep)
         self._load_errors: set[int] = set()
+        self._copies: dict[int, _Copy] = {}           # copy-engine job -> what it is for
+        self._req_pending: Counter[str] = Counter()   # save copies in flight per request
+        self._release_wanted: set[str] = set()        # requests whose blocks wait for saves
+        self._recv_done: set[str] = set()             # async loads copied (finished_recving)
+        self._done_saves: dict[int, list[bool]] = {}  # store job -> per-key copied
+        self._done_loads: list[int] = []              # store load jobs copied
+        self._failed_from: dict[str, int] = {}        # this step: first failed load position
         self.counters = {"loaded_blocks": 0, "load_error_blocks": 0, "saved_blocks": 0,
-                         "present_blocks": 0, "skipped_blocks": 0, "load_jobs": 0,
-                         "save_jobs": 0}
+                         "load_jobs": 0, "save_jobs": 0, "saves_cut_by_failed_load": 0}
 
     # ---------------------------------------------------------------- setup
     def register_kv_caches(self, kv_caches: dict[str, Any]) -> None:
         self.kv = PagedKV.from_layer_views(_unique_layers(kv_caches))
+        expected = self.namespace.block_bytes
+        if self.kv.block_bytes != expected:
+            raise ConfigError(
+                f"TierStoreConnector: the registered KV cache holds {self.kv.block_bytes} bytes "
+                f"per block, the scheduler's model geometry {expected} (layers, heads, head "
+                "size, dtype, block size of the key namespace); the connector refuses to start "
+                "rather than store blocks it would key wrongly")
         self.client = acquire_client(self.settings, self.kv.block_bytes)
         self._ensure_engine()
         logger.info("tierstore: registered %d KV layers, %d blocks of %d bytes",
@@ -87,6 +124,7 @@ class WorkerSide:
         keeps using the same tensors after wake-up (the allocator maps the same addresses
         again). Until :meth:`restore_kv_caches` no copy touches the KV cache. Idempotent."""
         if self.engine is not None:
+            self._drain()
             self.engine.close()
             self.engine = None
             self._slab_src = None
@@ -121,112 +159,191 @@ class WorkerSide:
             self._pin_slab(buf, slot_bytes)
             slab = slab_tensor(buf, num_slots, slot_bytes)
             self.engine = CopyEngine(self.kv, slab, chunk_blocks=32,
-                                     max_job_blocks=min(self.kv.num_blocks, 8192), max_inflight=2)
+                                     max_job_blocks=min(self.kv.num_blocks, 8192), max_inflight=16)
             self._slab_src = buf
         return self.engine
 
-    # ---------------------------------------------------------------- loads
+    # ---------------------------------------------------------------- the step
+    def handle_preemptions(self, meta: TierStoreMetadata | None) -> None:
+        """vLLM reuses a preempted request's blocks from this step on: finish the save copies
+        that still read them (a host wait, only for those requests; rare)."""
+        if meta is None or not meta.preempted or self.engine is None:
+            return
+        gone = set(meta.preempted)
+        for cj, c in list(self._copies.items()):
+            if c.req_id in gone:
+                try:
+                    self.engine.wait(cj)
+                    self._copy_done(cj, ok=True)
+                except TierStoreError:
+                    self._copy_done(cj, ok=False)
+
+    def bind(self, meta: TierStoreMetadata | None) -> None:
+        """The step's metadata arrived: remember which requests wait for their saves."""
+        if meta is not None and meta.release:
+            self._release_wanted.update(meta.release)
+
     def start_load_kv(self, meta: TierStoreMetadata | None) -> None:
+        self._failed_from = {}
         if meta is None or self.client is None:
             return
         for spec in meta.loads:
-            if self._suspended:     # never happens with vLLM's sleep protocol; fail safe
-                self._load_errors.update(spec.block_ids)
-                if spec.tail_block_id is not None:
-                    self._load_errors.add(spec.tail_block_id)
-                continue
             self._load(spec)
 
-    def _rank_blocks(self, spec: LoadSpec | SaveSpec) -> tuple[list[bytes], list[int]]:
-        """This rank's keys of ``spec`` and the vLLM block ids they go with, the partial tail
-        block (a P/D hand-off's) last when there is one."""
-        keys = list(spec.keys[self.rank])
-        block_ids = list(spec.block_ids)
-        if spec.tail_keys is not None and spec.tail_block_id is not None:
-            keys.append(spec.tail_keys[self.rank])
-            block_ids.append(spec.tail_block_id)
-        return keys, block_ids
+    def _my_jobs(self, job_ids: list[int]) -> list[int]:
+        """This rank's store jobs among a spec's (ranks first, then the tail's per rank)."""
+        R = self.geo.num_ranks
+        return [job_ids[i] for i in (self.rank, R + self.rank) if i < len(job_ids)]
 
     def _load(self, spec: LoadSpec) -> None:
-        keys, block_ids = self._rank_blocks(spec)
-        if not keys:
+        if spec.cancelled:          # the request went away while its load was staged
+            self._recv_done.add(spec.req_id)
             return
-        n_ok = 0
-        try:
-            job = self.client.prepare_load(keys)
-        except TierStoreError:
-            logger.warning("tierstore: prepare_load failed for %s", spec.req_id, exc_info=True)
-            job = None
-        if job is not None:
-            n = job.num_ready
-            ok = True
+        ids = list(spec.block_ids[:spec.n_ok])
+        slots = list(spec.slots[self.rank][:spec.n_ok])
+        errors = list(spec.block_ids[spec.n_ok:])
+        if spec.tail_block_id is not None:
+            if spec.tail_ok and spec.n_ok == len(spec.block_ids):
+                ids.append(spec.tail_block_id)
+                slots.append(spec.tail_slots[self.rank])
+            else:
+                errors.append(spec.tail_block_id)
+        cj = None
+        if ids and self._suspended:   # never happens with vLLM's sleep protocol; fail safe
+            errors, ids = spec.block_ids + ([spec.tail_block_id] if spec.tail_block_id is not
+                                            None else []), []
+        if ids:
             try:
-                if n:
-                    eng = self._ensure_engine()
-                    eng.wait(eng.submit_onload(job.slots[:n], block_ids[:n]))
-                n_ok = n
+                eng = self._ensure_engine()
+                cj = eng.submit_onload(slots, ids)
+                if not spec.is_async:
+                    eng.wait_stream(cj)   # the forward's stream waits on the device
             except TierStoreError:
-                ok = False
                 logger.warning("tierstore: load copy failed for %s", spec.req_id, exc_info=True)
-            finally:
-                try:
-                    self.client.complete_load(job.job_id, ok=ok)
-                except TierStoreError:
-                    logger.warning("tierstore: complete_load failed", exc_info=True)
-            bad = [s for s in job.status[n:] if s is not BlockStatus.OK]
-            if bad:
-                logger.warning("tierstore: request %s: %d of %d blocks not loadable (%s); vLLM "
-                               "recomputes them", spec.req_id, len(keys) - n, len(keys),
-                               bad[0].value)
+                errors = list(spec.block_ids) + ([spec.tail_block_id] if spec.tail_block_id
+                                                 is not None else [])
+                ids, cj = [], None
+        if errors:
+            self._load_errors.update(errors)
+            self.counters["load_error_blocks"] += len(errors)
+            n_good = min(len(ids), len(spec.block_ids))
+            prev = self._failed_from.get(spec.req_id)
+            pos = spec.first + n_good
+            self._failed_from[spec.req_id] = pos if prev is None else min(prev, pos)
         self.counters["load_jobs"] += 1
-        self.counters["loaded_blocks"] += n_ok
-        failed = block_ids[n_ok:]
-        self.counters["load_error_blocks"] += len(failed)
-        self._load_errors.update(failed)
+        if cj is None:
+            self._done_loads.extend(self._my_jobs(spec.job_ids))
+            if spec.is_async:
+                self._recv_done.add(spec.req_id)
+            return
+        self._copies[cj] = _Copy("load", spec.req_id, self._my_jobs(spec.job_ids),
+                                 is_async=spec.is_async, n=len(ids), block_ids=ids)
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         out, self._load_errors = self._load_errors, set()
         return out
 
-    # ---------------------------------------------------------------- saves
     def wait_for_save(self, meta: TierStoreMetadata | None) -> None:
-        if meta is None or self.client is None or self._suspended:
+        if meta is None or self.client is None:
             return
         for spec in meta.saves:
             self._save(spec)
 
     def _save(self, spec: SaveSpec) -> None:
-        keys, block_ids = self._rank_blocks(spec)
-        if not keys:
-            return
-        try:
-            job = self.client.prepare_store(keys, self.namespace, self.kv.block_bytes,
-                                            spec.parents[self.rank])
-        except TierStoreError:
-            logger.warning("tierstore: prepare_store failed for %s", spec.req_id, exc_info=True)
-            return
-        idx = [i for i, s in enumerate(job.status) if s is BlockStatus.OK]
-        ok = True
-        try:
-            if idx:
-                eng = self._ensure_engine()
-                eng.wait(eng.submit_offload([block_ids[i] for i in idx], [job.slots[i] for i in idx]))
-        except TierStoreError:
-            ok = False
-            logger.warning("tierstore: save copy failed for %s", spec.req_id, exc_info=True)
-        finally:
-            try:
-                self.client.complete_store(job.job_id, ok=ok)
-            except TierStoreError:
-                logger.warning("tierstore: complete_store failed", exc_info=True)
+        block_ids = list(spec.block_ids)
+        if spec.tail_block_id is not None:
+            block_ids.append(spec.tail_block_id)
+        rank_slots = spec.slots[self.rank]
+        job = spec.job_ids[self.rank]
+        oks = [True] * len(rank_slots)
+        cut = self._failed_from.get(spec.req_id)
+        pairs = []
+        for i, (b, sl) in enumerate(zip(block_ids, rank_slots)):
+            if sl is None:
+                continue        # nothing to copy: present already, or skipped by the store
+            if self._suspended or (cut is not None and spec.first + i >= cut):
+                oks[i] = False  # computed on top of a failed load: never saved from this step
+                continue
+            pairs.append((i, b, sl))
+        if cut is not None and any(not ok for ok in oks):
+            self.counters["saves_cut_by_failed_load"] += 1
         self.counters["save_jobs"] += 1
-        if ok:
-            self.counters["saved_blocks"] += len(idx)
-        self.counters["present_blocks"] += sum(s is BlockStatus.PRESENT for s in job.status)
-        self.counters["skipped_blocks"] += sum(s is BlockStatus.SKIPPED for s in job.status)
+        if not pairs:
+            self._done_saves[job] = oks
+            return
+        try:
+            eng = self._ensure_engine()
+            cj = eng.submit_offload([b for _, b, _ in pairs], [sl for _, _, sl in pairs])
+        except TierStoreError:
+            logger.warning("tierstore: save copy failed for %s", spec.req_id, exc_info=True)
+            for i, _, _ in pairs:
+                oks[i] = False
+            self._done_saves[job] = oks
+            return
+        self._copies[cj] = _Copy("save", spec.req_id, [job], oks=oks,
+                                 copied=[i for i, _, _ in pairs])
+        self._req_pending[spec.req_id] += 1
+
+    # ---------------------------------------------------------------- completions
+    def _copy_done(self, cj: int, ok: bool) -> None:
+        c = self._copies.pop(cj)
+        if c.kind == "load":
+            self._done_loads.extend(c.jobs)
+            if ok:
+                self.counters["loaded_blocks"] += c.n
+            if c.is_async:
+                self._recv_done.add(c.req_id)
+            return
+        if not ok:
+            for i in c.copied:
+                c.oks[i] = False
+        else:
+            self.counters["saved_blocks"] += len(c.copied)
+        self._done_saves[c.jobs[0]] = c.oks
+        self._req_pending[c.req_id] -= 1
+        if self._req_pending[c.req_id] <= 0:
+            del self._req_pending[c.req_id]
+
+    def _poll(self) -> None:
+        if self.engine is None:
+            return
+        for cj in list(self._copies):
+            try:
+                if self.engine.poll(cj):
+                    self._copy_done(cj, ok=True)
+            except TierStoreError:   # an asynchronous device error surfaced
+                logger.warning("tierstore: a copy failed", exc_info=True)
+                c = self._copies[cj]
+                if c.kind == "load":
+                    self._load_errors.update(c.block_ids or ())
+                self._copy_done(cj, ok=False)
+
+    def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
+        self._poll()
+        sending = {r for r in self._release_wanted if not self._req_pending.get(r)}
+        self._release_wanted -= sending
+        recving, self._recv_done = self._recv_done, set()
+        return sending or None, recving or None
+
+    def build_connector_worker_meta(self) -> TierStoreWorkerMeta | None:
+        if not self._done_saves and not self._done_loads:
+            return None
+        wm = TierStoreWorkerMeta(saves=self._done_saves, loads=self._done_loads)
+        self._done_saves, self._done_loads = {}, []
+        return wm
+
+    def _drain(self) -> None:
+        """Wait for every copy in flight (sleep, shutdown)."""
+        for cj in list(self._copies):
+            try:
+                self.engine.wait(cj)
+                self._copy_done(cj, ok=True)
+            except TierStoreError:
+                self._copy_done(cj, ok=False)
 
     def shutdown(self) -> None:
         if self.engine is not None:
+            self._drain()
             self.engine.close()
             self.engine = None
         if self.client is not None:

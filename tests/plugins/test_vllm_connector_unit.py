@@ -112,17 +112,24 @@ def test_scheduler_loads_hit_beyond_engine_and_unpins_on_abort(tiny_model, tmp_p
     sched.add_request(req)
     out = sched.schedule()
     assert out.num_scheduled_tokens["r1"] == 300 - 288
-    # vLLM >= 0.33 starts loads after the forward unless this is set; ours are synchronous
+    # a DRAM hit is a synchronous load: vLLM >= 0.33 then starts it before the forward
     assert getattr(out, "has_sync_kv_loads", True)
     meta = out.kv_connector_metadata
     assert isinstance(meta, TierStoreMetadata) and len(meta.loads) == 1
     block_ids = sched.kv_cache_manager.get_block_ids("r1")[0]
-    assert meta.loads[0].block_ids == block_ids[:9]
-    assert meta.loads[0].keys[0] == keys
-    pinned = sum(side.client.store.res.pins[side.client.store.res.get(k)] for k in keys)
-    assert pinned == 9
+    spec = meta.loads[0]
+    assert spec.block_ids == block_ids[:9] and spec.n_ok == 9 and not spec.is_async
+    store = side.client.store
+    assert [store.block(k)["slots"]["dram"] for k in keys] == spec.slots[0]
+    assert sum(store.res.pins[store.res.get(k)] for k in keys) == 9
     sched.finish_requests("r1", RequestStatus.FINISHED_ABORTED)
-    assert sum(side.client.store.res.pins[side.client.store.res.get(k)] for k in keys) == 0
+    # the workers already have the load: its pins go when they report the copy done
+    assert sum(store.res.pins[store.res.get(k)] for k in keys) == 9
+    from vllm.v1.outputs import KVConnectorOutput
+    from tierstore_plugins.vllm.metadata import TierStoreWorkerMeta
+    sched.connector.update_connector_output(KVConnectorOutput(
+        kv_connector_worker_meta=TierStoreWorkerMeta(loads=spec.job_ids)))
+    assert sum(store.res.pins[store.res.get(k)] for k in keys) == 0
     sched.connector.shutdown()
 
 
@@ -150,8 +157,8 @@ def test_scheduler_salt_and_partial_blocks(tiny_model, tmp_path):
 def test_worker_sleep_hooks_stop_and_resume_copies(tiny_model, tmp_path):
     """Sleep mode (vLLM >= 0.33 calls unregister_kv_caches / restore_kv_caches; 0.32 never does,
     the methods are plain extras there): while unregistered no copy touches the KV cache (a load
-    is reported as load errors, a save is skipped); after restore a load round-trips the blocks
-    saved before the sleep. Both calls are idempotent."""
+    is reported as load errors, a save copies nothing and answers False per key); after restore
+    a load round-trips the blocks saved before the sleep. Both calls are idempotent."""
     import torch
     from vllm.distributed.kv_transfer.kv_connector.factory import KVConnectorFactory
     from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
@@ -167,31 +174,52 @@ def test_worker_sleep_hooks_stop_and_resume_copies(tiny_model, tmp_path):
     storage = torch.randn(2 * nb * heads * BS * c).to(torch.bfloat16)
     layers = storage.view(2, nb, heads, BS, c)
     worker.register_kv_caches({"layers.0": layers[0], "layers.1": layers[1]})
-    keys = sched.scheduler_side.keyers[0].chain([(3 * i) % 500 + 1 for i in range(2 * BS)])
+    side = sched.scheduler_side
+    client = side.client
+    keys = side.keyers[0].chain([(3 * i) % 500 + 1 for i in range(2 * BS)])
 
-    def step(meta, load: bool) -> set[int]:
+    def step(meta, load: bool):
         worker.bind_connector_metadata(meta)
         (worker.start_load_kv if load else lambda _ctx: worker.wait_for_save())(None)
+        worker.get_finished(set())
+        errors = worker.get_block_ids_with_load_errors()
+        wm = worker.build_connector_worker_meta()
         worker.clear_connector_metadata()
-        return worker.get_block_ids_with_load_errors()
+        return errors, wm
 
-    side = worker.worker_side
-    assert step(TierStoreMetadata(saves=[SaveSpec("a", [3, 4], [keys], [None])]), False) == set()
-    assert side.counters["saved_blocks"] == 2
+    def save(block_ids):
+        (job,) = client.prepare_stores([(keys, side.namespaces[0], side.block_bytes, None)])
+        errors, wm = step(TierStoreMetadata(saves=[SaveSpec("a", block_ids, [job.slots],
+                                                             [job.job_id], 0)]), False)
+        return job, wm.saves[job.job_id]
+
+    job, oks = save([3, 4])
+    assert oks == [True, True]
+    client.complete_store(job.job_id, ok=oks)
+    assert worker.worker_side.counters["saved_blocks"] == 2
     layers[:, 10:12].zero_()
 
-    worker.unregister_kv_caches()
-    worker.unregister_kv_caches()
-    assert side.engine is None
-    load = TierStoreMetadata(loads=[LoadSpec("b", [10, 11], [keys])])
-    assert step(load, True) == {10, 11}
-    assert not layers[:, 10:12].any()
-    step(TierStoreMetadata(saves=[SaveSpec("c", [5], [keys[:1]], [None])]), False)
-    assert side.counters["save_jobs"] == 1
+    def load():
+        (lj,) = client.prepare_loads([keys])
+        spec = LoadSpec("b", [10, 11], [lj.slots], lj.num_ready, 0, [lj.job_id])
+        errors, wm = step(TierStoreMetadata(loads=[spec]), True)
+        client.complete_loads(wm.loads if wm else [lj.job_id])
+        return errors
 
+    worker.unregister_kv_caches()
+    worker.unregister_kv_caches()
+    assert worker.worker_side.engine is None
+    assert load() == {10, 11}
+    assert not layers[:, 10:12].any()
+    client.evict(keys)
+    job, oks = save([5, 6])
+    assert oks == [False, False]                    # asleep: nothing copied, nothing published
+    assert client.complete_store(job.job_id, ok=oks)[0].value == "failed"
     worker.restore_kv_caches()
     worker.restore_kv_caches()
-    assert step(load, True) == set()
+    job, oks = save([3, 4])
+    client.complete_store(job.job_id, ok=oks)
+    assert load() == set()
     assert torch.equal(layers[:, 10:12], layers[:, 3:5])
     worker.shutdown()
     sched.shutdown()

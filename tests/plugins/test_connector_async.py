@@ -1,0 +1,197 @@
+"""The connector's asynchronous protocol (issue 12 build item 4), driven by a vLLM stand-in
+(tests/plugins/minivllm.py) over a real embedded store: no vLLM needed, so the main suite runs
+these. The end-to-end tests on real vLLM are in test_vllm_e2e.py / test_vllm_pd_netns.py."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("tierstore.tiers.nvme")
+
+sys.path.insert(0, os.path.dirname(__file__))
+from minivllm import MiniKV, MiniVLLM, Req  # noqa: E402
+
+from tierstore.errors import TransferFailed  # noqa: E402
+from tierstore.types import Tier  # noqa: E402
+
+BS = 16
+
+
+def prompt(seed: int, n: int) -> list[int]:
+    return [(seed * 131 + 7 * i) % 500 + 1 for i in range(n)]
+
+
+def stored_blocks_right(e: MiniVLLM, tokens: list[int]) -> int:
+    """How many of ``tokens``' full blocks the store holds, checking every byte against the
+    blocks computed from scratch (raises on a wrong block)."""
+    keys = e.sched.keyers[0].chain(tokens)
+    got = e.client.get(keys)
+    ref = MiniKV(BS)
+    for i, b in enumerate(got):
+        want = ref.block(tokens, i).view(torch.uint8).reshape(-1).numpy().tobytes()
+        assert b[:len(want)] == want, f"block {i} holds KV that was not computed from its prefix"
+    return len(got)
+
+
+@pytest.fixture
+def engine(tmp_path):
+    engines = []
+
+    def make(**kw) -> MiniVLLM:
+        e = MiniVLLM(tmp_path / "store", block_size=BS, **kw)
+        engines.append(e)
+        return e
+    yield make
+    for e in engines:
+        e.close()
+
+
+def test_dram_hit_is_a_synchronous_load_and_costs_three_store_calls(engine):
+    """A hit held in DRAM loads in the step that schedules the request (load_async False);
+    the store calls of the warm request: prepare_loads, complete_loads, and one shared
+    prepare_stores/complete_stores pair for its new blocks; pins are released afterwards."""
+    e = engine()
+    toks = prompt(1, 100)
+    e.add("cold", toks)
+    e.run()
+    assert stored_blocks_right(e, toks) == 6
+    calls = e.sched.counters["store_calls"]
+    e.add("warm", toks + prompt(2, 40))
+    assert e.sched.get_num_new_matched_tokens(e.reqs["warm"], 0) == (6 * BS, False)
+    assert e.sched.get_num_new_matched_tokens(e.reqs["warm"], 0) == (6 * BS, False)  # no call
+    assert e.sched.counters["store_calls"] == calls + 1
+    e.run()
+    assert e.outputs["warm"]["loaded_tokens"] == 6 * BS
+    assert e.sched.counters["delivered_tokens"] == 6 * BS
+    # prepare_loads, complete_loads, prepare_stores, complete_stores
+    assert e.sched.counters["store_calls"] == calls + 4
+    assert e.client.flush(timeout_s=30)          # the flusher's own pins go with the writes
+    assert e.client.store.pins.total() == 0
+    assert stored_blocks_right(e, toks + prompt(2, 40)) == 8
+
+
+def test_nvme_hit_is_asynchronous_and_the_request_waits_for_it(engine):
+    """Blocks on NVMe only: get_num_new_matched_tokens answers load_async=True at once (no
+    disk read on the scheduler's step), the request waits while the store's loader stages the
+    blocks, the worker copies and reports it in finished_recving, the KV is right."""
+    e = engine()
+    toks = prompt(3, 100)
+    e.add("cold", toks)
+    e.run()
+    assert e.client.flush(timeout_s=30)
+    keys = e.sched.keyers[0].chain(toks)
+    assert e.client.evict(keys, tier=Tier.DRAM)["evicted"] == 6   # NVMe only now
+    r = e.add("warm", toks + [1, 2, 3])
+    ext, is_async = e.sched.get_num_new_matched_tokens(r, 0)
+    assert (ext, is_async) == (6 * BS, True)
+    e.run()
+    assert e.outputs["warm"]["loaded_tokens"] == 6 * BS
+    assert e.sched.counters["loads_async"] == 1 and e.sched.counters["failed_tokens"] == 0
+    assert e.worker.counters["loaded_blocks"] == 6
+    assert e.client.flush(timeout_s=30)
+    assert e.client.store.pins.total() == 0
+
+
+def test_failed_load_never_saves_blocks_computed_on_top(engine, monkeypatch):
+    """Issue 12 (the wrong-KV case): a synchronous load of blocks 0-5 fails in the worker (the
+    copy raises) while the same step computes blocks 6-8 on top of the unloaded KV and saves
+    them. The worker copies none of those (failed-load rule), the scheduler publishes none, vLLM
+    recomputes from block 0, and every block the store ends up holding has the bytes of a
+    computation from scratch; a later request gets a hit with right KV."""
+    e = engine()
+    base = prompt(4, 96)
+    e.add("cold", base)
+    e.run()
+    longer = base + prompt(5, 60)
+    real = e.worker.engine.submit_onload
+    fail = {"n": 1}
+
+    def failing(slots, block_ids):
+        if fail["n"]:
+            fail["n"] -= 1
+            raise TransferFailed("injected: DMA error")
+        return real(slots, block_ids)
+    monkeypatch.setattr(e.worker.engine, "submit_onload", failing)
+    e.add("warm", longer)
+    e.run()
+    assert e.worker.counters["load_error_blocks"] == 6          # blocks 0-5
+    assert e.worker.counters["saves_cut_by_failed_load"] >= 1
+    assert e.sched.counters["save_blocks_not_copied"] >= 1
+    assert stored_blocks_right(e, longer) == len(longer) // BS   # all right, none stale
+    e.add("again", longer + [9])
+    e.run()
+    assert e.outputs["again"]["loaded_tokens"] == (len(longer) // BS) * BS
+
+
+def test_async_load_of_a_request_aborted_while_staging_releases_everything(engine):
+    """A request aborted while its NVMe blocks are being staged: the workers still answer it in
+    finished_recving (vLLM holds its blocks until then), nothing is copied, pins go."""
+    e = engine()
+    toks = prompt(6, 100)
+    e.add("cold", toks)
+    e.run()
+    assert e.client.flush(timeout_s=30)
+    e.client.evict(e.sched.keyers[0].chain(toks), tier=Tier.DRAM)
+    e.add("warm", toks + [1])
+    gate = e.client.store.tiers[Tier.NVME]
+    import threading
+    release = threading.Event()
+    real = gate.read_batch
+
+    def held(items):
+        release.wait(10)
+        return real(items)
+    gate.read_batch = held
+    e.step()
+    assert e.reqs["warm"].status == "loading"
+    e.abort("warm")
+    release.set()
+    e.run()
+    assert "warm" not in e.reqs
+    assert e.client.flush(timeout_s=30)
+    for _ in range(100):
+        if e.client.store.pins.total() == 0:
+            break
+        threading.Event().wait(0.05)
+    assert e.client.store.pins.total() == 0 and e.worker.counters["loaded_blocks"] == 0
+
+
+def test_blocks_a_save_still_reads_are_freed_only_after_the_copy(engine):
+    """request_finished returns delay_free_blocks while the request's save is unconfirmed; the
+    worker answers finished_sending once its copies are done and reported."""
+    e = engine()
+    e.add("a", prompt(7, 64))
+    e.step()                                   # prefill + the one output token
+    assert e.reqs["a"].delayed and e.sched.counters["delayed_frees"] == 1
+    e.run()
+    assert "a" not in e.reqs and not e.sched._reqs
+
+
+def test_pd_consumer_waits_for_the_producers_blocks(tmp_path):
+    """P/D on one store: the consumer's request carries the producer's params; blocks the
+    producer has not published yet make the consumer answer None (ask again) up to pd_wait_s,
+    never a short hit; once published, every full block loads."""
+    prod = MiniVLLM(tmp_path / "p", block_size=BS, role="kv_producer")
+    toks = prompt(8, 100)
+    prod.add("r", toks)
+    prod.step()
+    params = prod.outputs["r"]["params"]
+    assert params["tierstore"]["num_prompt_tokens"] == 100
+    side = prod.sched
+    from tierstore_plugins.vllm.scheduler_side import SchedulerSide
+    cons = SchedulerSide(prod.client, prod.geo, prod.settings, role="kv_consumer",
+                         engine_id="c")
+    req = Req("d", toks, kv_transfer_params=params)
+    published = prod.client.lookup(side.keyers[0].chain(toks), side.namespaces[0]).num_blocks
+    answer = cons.get_num_new_matched_tokens(req, 0)
+    if published < 6:
+        assert answer == (None, False) and cons.counters["pd_waits"] == 1
+    prod.run()
+    assert cons.get_num_new_matched_tokens(Req("d2", toks, kv_transfer_params=params), 0)[0] \
+        == 6 * BS
+    cons.shutdown()
+    prod.close()
