@@ -80,6 +80,8 @@ class TierMoves:
         return h >= 0 and self.res.pins[h] == 0
 
     def _pick_victims(self, tier: Tier, n: int) -> list[BlockKey]:
+        if tier is Tier.NVME and self._nvme_touched:
+            self._apply_nvme_touches()
         pol = self.policies[tier]
         victims: list[BlockKey] = []
         for _ in range(n):
@@ -325,7 +327,7 @@ class TierMoves:
             self.policies[Tier.DRAM].insert(keys[i], self.res.size[h], keys[i - 1] if i else None)
             self.counters["promotions"] += 1
             self.counters["nvme_bytes_read"] += self.res.size[h]
-            self.policies[Tier.NVME].access(keys[i])   # the NVMe record stays: a clean copy
+            self._touch_nvme((keys[i],))   # the NVMe record stays: a clean copy
         for i in drop:   # a corrupt record is dropped from the index and the disk
             h = hs[i]
             if self.res.slot(h, Tier.NVME) >= 0:

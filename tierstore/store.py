@@ -48,7 +48,7 @@ from typing import Callable, Iterable, Sequence
 from tierstore.config import StoreConfig
 from tierstore.errors import ConfigError, JobError, RejectedError
 from tierstore.index.prefix import longest_prefix, longest_prefix_tiers
-from tierstore.index.residency import TIER_BY_VALUE, PinBook, Residency
+from tierstore.index.residency import NOWHERE, TIER_BY_VALUE, PinBook, Residency
 from tierstore.keys import Namespace
 from tierstore.moves import TierMoves
 from tierstore.policy import make_admission, make_eviction
@@ -61,6 +61,8 @@ from tierstore.writebehind import WriteBehind
 log = logging.getLogger(__name__)
 
 LOCAL = "local"
+_HIT_COUNTER = {t: f"load_hits_{t.label}" for t in Tier}
+_NEAR = {**TIER_BY_VALUE, NOWHERE: None}   # Residency.near code -> nearest tier
 PUT_WAIT_S = 60.0
 """How long ``put`` (a bulk writer's convenience, never the engine's path) waits for room in
 the NVMe write-behind queue before blocks are SKIPPED."""
@@ -106,6 +108,7 @@ class Store(TierMoves):
         self._promoting: set[BlockKey] = set()    # NVMe-only blocks being read into DRAM
         self._moved = threading.Condition(self._lock)   # notified when promotions finish
         self._reserved: Counter[Tier] = Counter()   # slots allocated, not in the index yet
+        self._nvme_touched: list[BlockKey] = []       # hits NVMe's policy has not seen yet
         self.res = Residency()
         self.pins = PinBook(self.res, clock=clock)
         self.tiers: dict[Tier, MemoryTier | DiskTier] = {Tier.DRAM: dram}
@@ -432,7 +435,21 @@ class Store(TierMoves):
         if t is not None:
             self.policies[t].access(key)
         if t is not Tier.NVME and self.res.slot(h, Tier.NVME) >= 0:
-            self.policies[Tier.NVME].access(key)
+            self._touch_nvme((key,))
+
+    def _touch_nvme(self, keys: Sequence[BlockKey]) -> None:
+        """Hits on blocks NVMe also holds: its policy sees them in order, applied in one pass
+        before it next picks a victim (the flusher's thread, off the callers' path)."""
+        self._nvme_touched.extend(keys)
+        if len(self._nvme_touched) > 65536:
+            self._apply_nvme_touches()
+
+    def _apply_nvme_touches(self) -> None:
+        touched, self._nvme_touched = self._nvme_touched, []
+        pol = self.policies.get(Tier.NVME)
+        if pol is not None:
+            for k in touched:
+                pol.access(k)
 
     def flush(self, timeout_s: float | None = None) -> bool:
         """Wait until every block stored before this call has its NVMe copy written (record,
@@ -472,8 +489,7 @@ class Store(TierMoves):
             hs = self._loadable_prefix(keys)
             jid = next(self._job_ids)
             pin_owner = f"job:{jid}"
-            for k in keys[: len(hs)]:
-                self.pins.pin(pin_owner, k)
+            self.pins.pin_many(pin_owner, keys[: len(hs)], hs)
             pl = _PendingLoad(owner, list(keys[: len(hs)]), pin_owner)
             self._loads[jid] = pl
             if wait or not self._needs_staging(hs, into):
@@ -498,11 +514,8 @@ class Store(TierMoves):
 
     def _needs_staging(self, hs: list[int], into: Tier) -> bool:
         """Whether a load of ``hs`` must read NVMe or move blocks between HBM and DRAM."""
-        slot = self.res.slot
-        for h in hs:
-            if slot(h, into) < 0:
-                return True
-        return False
+        slots = self.res.slots[into]
+        return any(slots[h] < 0 for h in hs)
 
     def _stage_async(self, jid: int, pl: _PendingLoad, keys: list[BlockKey], into: Tier) -> None:
         """The loader thread: stage one asynchronous load (see :meth:`prepare_load`)."""
@@ -533,15 +546,20 @@ class Store(TierMoves):
         while True:
             # pinned blocks stay resident, unless a corrupt record of theirs was dropped
             hs = self._loadable_prefix(pl.keys)
-            need = [i for i, h in enumerate(hs) if slot(h, Tier.DRAM) < 0
-                    and (Tier.HBM not in self.tiers or slot(h, Tier.HBM) < 0)]
+            dram_slots = self.res.slots[Tier.DRAM]
+            if Tier.HBM in self.tiers:
+                hbm_slots = self.res.slots[Tier.HBM]
+                need = [i for i, h in enumerate(hs) if dram_slots[h] < 0 and hbm_slots[h] < 0]
+            else:
+                need = [i for i, h in enumerate(hs) if dram_slots[h] < 0]
             if not any(pl.keys[i] in self._promoting for i in need):
                 break
             self._moved.wait()   # another load is reading some of them: wait, then look again
             if self._closed:
                 raise JobError("the store was closed while this load waited for another")
         status: list[BlockStatus] = [BlockStatus.MISSING] * len(keys)
-        came_from = [self.res.nearest(h) for h in hs]
+        near = self.res.near
+        came_from = [_NEAR[near[h]] for h in hs]
         # 1. NVMe-only blocks -> DRAM (the lock is released for the disk I/O)
         n_ok = len(hs)
         if need:
@@ -569,18 +587,21 @@ class Store(TierMoves):
                                            own_pins=self.pins.held(pin_owner).get(keys[i], 0))
                 if into is Tier.DRAM and self._wb is not None:   # new in DRAM: NVMe copy follows
                     self._wb.accept(keys[i] for i, ok in zip(move, moved) if ok)
-        slots: list[int] = []
-        sizes: list[int] = []
+        hs_ok = hs[:n_ok]
+        slots_into, size = self.res.slots[into], self.res.size
+        slots = [slots_into[h] for h in hs_ok]
+        sizes = [size[h] for h in hs_ok]
+        status[:n_ok] = [BlockStatus.OK] * n_ok
+        pol = self.policies[into]
         for i in range(n_ok):
-            h = hs[i]
-            slots.append(slot(h, into))
-            sizes.append(self.res.size[h])
-            status[i] = BlockStatus.OK
             if came_from[i] is into:
-                self.policies[into].access(keys[i])
-            if came_from[i] is not Tier.NVME and slot(h, Tier.NVME) >= 0:
-                self.policies[Tier.NVME].access(keys[i])   # NVMe's order follows every hit
-            self.counters[f"load_hits_{came_from[i].label}"] += 1
+                pol.access(keys[i])
+        if Tier.NVME in self.tiers:   # NVMe's order follows every hit (applied when it evicts)
+            nv = self.res.slots[Tier.NVME]
+            self._touch_nvme([keys[i] for i in range(n_ok)
+                              if came_from[i] is not Tier.NVME and nv[hs[i]] >= 0])
+        for t, c in Counter(came_from[:n_ok]).items():
+            self.counters[_HIT_COUNTER[t]] += c
         held = self.pins.held(pin_owner)
         for k in pl.keys[n_ok:]:
             if held.get(k):

@@ -19,6 +19,8 @@ def check_keys(keys, what: str = "key") -> None:
     """Raise :class:`~tierstore.errors.RejectedError` unless every key is ``bytes`` of
     :data:`BLOCK_KEY_BYTES` (a shorter or longer key would be stored and then never written to
     NVMe, or collide: refused at the API, issue 13 item 9)."""
+    if all(type(k) is bytes and len(k) == BLOCK_KEY_BYTES for k in keys):
+        return
     for k in keys:
         if type(k) is not bytes or len(k) != BLOCK_KEY_BYTES:
             from tierstore.errors import RejectedError

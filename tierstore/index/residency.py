@@ -26,7 +26,7 @@ from __future__ import annotations
 import heapq
 import time
 from array import array
-from typing import Iterator
+from typing import Iterator, Sequence
 
 from tierstore.errors import PinError
 from tierstore.types import BlockKey, Tier
@@ -216,6 +216,16 @@ class PinBook:
             if len(self._expiry) > 64 and len(self._expiry) > 4 * self._live_ttl:
                 self._compact()
 
+    def pin_many(self, owner: str, keys: Sequence[BlockKey], handles: Sequence[int]) -> None:
+        """One TTL-less pin of ``owner`` on each of ``keys`` whose resident ``handles`` the
+        caller just looked up (a load job's prefix: one call instead of one per block)."""
+        held = self._by_owner.setdefault(owner, {})
+        pins = self._res.pins
+        get = held.get
+        for k, h in zip(keys, handles):
+            held[k] = get(k, 0) + 1
+            pins[h] += 1
+
     def _release_one(self, owner: str, key: BlockKey, seq: int | None) -> None:
         """Drop one pin of ``owner`` on ``key`` (the TTL pin ``seq``, or a TTL-less one)."""
         held = self._by_owner[owner]
@@ -263,14 +273,22 @@ class PinBook:
 
     def release_owner(self, owner: str) -> int:
         """Drop every pin ``owner`` holds; returns how many were released."""
-        held = self._by_owner.pop(owner, {})
+        held = self._by_owner.pop(owner, None)
+        if not held:
+            return 0
+        res = self._res
+        get, pins, near = res._handle.get, res.pins, res.near
+        ttl = self._ttl
         total = 0
         for key, n in held.items():
-            self._drop_ttls(owner, key)
-            h = self._res.get(key)
+            if ttl and (owner, key) in ttl:
+                self._drop_ttls(owner, key)
+            h = get(key, -1)
             if h >= 0:
-                self._res.pins[h] = max(0, self._res.pins[h] - n)
-                self._unpinned(h)
+                p = pins[h] - n
+                pins[h] = p if p > 0 else 0
+                if p <= 0 and near[h] == NOWHERE:   # its last copy went while pinned
+                    res.remove(h)
             total += n
         return total
 
