@@ -25,9 +25,11 @@ Per step (vLLM calls, in this order)::
     build_connector_worker_meta    copied load jobs, per-key save results -> the scheduler
                                    releases pins and publishes blocks
 
-On CUDA the copies run on the engine's own streams (tierstore/io/copy.py); on the CPU device
-the same calls complete at once. The host never waits for a copy on the step, except in
-``handle_preemptions`` (a preempted request's blocks are about to be reused) and at shutdown.
+Copies go through :class:`~tierstore_plugins.vllm.copier.Copier`: on CUDA the copy engine's
+own streams (tierstore/io/copy.py), on the CPU device a copy thread of its own. The host never
+waits for a copy on the step, except for a synchronous load on the CPU device (the forward reads
+it next), in ``handle_preemptions`` (a preempted request's blocks are about to be reused) and at
+shutdown.
 
 Threading: vLLM's worker thread only.
 """
@@ -43,6 +45,7 @@ from tierstore.errors import ConfigError, TierStoreError
 from tierstore.io.copy import CopyEngine, PagedKV, slab_tensor
 
 from tierstore_plugins.vllm.backend import Geometry, acquire_client, release_client, slab_of
+from tierstore_plugins.vllm.copier import Copier
 from tierstore_plugins.vllm.metadata import (LoadSpec, PluginSettings, SaveSpec, TierStoreMetadata,
                                              TierStoreWorkerMeta)
 
@@ -88,7 +91,7 @@ class WorkerSide:
         self.namespace = geometry.namespace(self.rank)
         self.client = None
         self.kv: PagedKV | None = None
-        self.engine: CopyEngine | None = None
+        self.engine: Copier | None = None   # asynchronous copies over one CopyEngine
         self._slab_src: Any = None
         self._suspended = False     # between unregister_kv_caches and restore_kv_caches (sleep)
         self._load_errors: set[int] = set()
@@ -151,15 +154,17 @@ class WorkerSide:
         if not r.pinned:
             logger.warning("tierstore: DRAM slab not pinned (%s); copies run unpinned", r.error)
 
-    def _ensure_engine(self) -> CopyEngine:
+    def _ensure_engine(self) -> Copier:
         buf, num_slots, slot_bytes = slab_of(self.client)
         if self.engine is None or buf is not self._slab_src:   # first use, or daemon restarted
             if self.engine is not None:
+                self._drain()
                 self.engine.close()
             self._pin_slab(buf, slot_bytes)
             slab = slab_tensor(buf, num_slots, slot_bytes)
-            self.engine = CopyEngine(self.kv, slab, chunk_blocks=32,
-                                     max_job_blocks=min(self.kv.num_blocks, 8192), max_inflight=16)
+            self.engine = Copier(CopyEngine(self.kv, slab, chunk_blocks=32,
+                                            max_job_blocks=min(self.kv.num_blocks, 8192),
+                                            max_inflight=16))
             self._slab_src = buf
         return self.engine
 
@@ -214,10 +219,9 @@ class WorkerSide:
                                             None else []), []
         if ids:
             try:
-                eng = self._ensure_engine()
-                cj = eng.submit_onload(slots, ids)
-                if not spec.is_async:
-                    eng.wait_stream(cj)   # the forward's stream waits on the device
+                # a synchronous load feeds this step's forward: in place before it (CUDA: the
+                # forward's stream waits on the device; CPU: copied now); async: in background
+                cj = self._ensure_engine().start("onload", slots, ids, now=not spec.is_async)
             except TierStoreError:
                 logger.warning("tierstore: load copy failed for %s", spec.req_id, exc_info=True)
                 errors = list(spec.block_ids) + ([spec.tail_block_id] if spec.tail_block_id
@@ -272,8 +276,8 @@ class WorkerSide:
             self._done_saves[job] = oks
             return
         try:
-            eng = self._ensure_engine()
-            cj = eng.submit_offload([b for _, b, _ in pairs], [sl for _, _, sl in pairs])
+            cj = self._ensure_engine().start("offload", [sl for _, _, sl in pairs],
+                                             [b for _, b, _ in pairs])
         except TierStoreError:
             logger.warning("tierstore: save copy failed for %s", spec.req_id, exc_info=True)
             for i, _, _ in pairs:
@@ -333,7 +337,9 @@ class WorkerSide:
         return wm
 
     def _drain(self) -> None:
-        """Wait for every copy in flight (sleep, shutdown)."""
+        """Wait for every copy in flight (sleep, shutdown, a new slab)."""
+        if self.engine is None:
+            return
         for cj in list(self._copies):
             try:
                 self.engine.wait(cj)

@@ -107,7 +107,8 @@ def test_failed_load_never_saves_blocks_computed_on_top(engine, monkeypatch):
     e.add("cold", base)
     e.run()
     longer = base + prompt(5, 60)
-    real = e.worker.engine.submit_onload
+    copy_engine = e.worker.engine.engine          # the CopyEngine under the worker's Copier
+    real = copy_engine.submit_onload
     fail = {"n": 1}
 
     def failing(slots, block_ids):
@@ -115,7 +116,7 @@ def test_failed_load_never_saves_blocks_computed_on_top(engine, monkeypatch):
             fail["n"] -= 1
             raise TransferFailed("injected: DMA error")
         return real(slots, block_ids)
-    monkeypatch.setattr(e.worker.engine, "submit_onload", failing)
+    monkeypatch.setattr(copy_engine, "submit_onload", failing)
     e.add("warm", longer)
     e.run()
     assert e.worker.counters["load_error_blocks"] == 6          # blocks 0-5
@@ -195,3 +196,39 @@ def test_pd_consumer_waits_for_the_producers_blocks(tmp_path):
         == 6 * BS
     cons.shutdown()
     prod.close()
+
+
+def test_copier_runs_cpu_copies_off_the_calling_thread():
+    """On the CPU device the worker's copies run on the copier's thread: start returns a ticket
+    at once, poll says when the bytes are in place, a failed copy raises on poll; a copy the
+    forward needs (now=True) is in place when start returns."""
+    import threading
+
+    from tierstore.io.copy import CopyEngine, PagedKV, slab_tensor
+    from tierstore_plugins.vllm.copier import Copier
+
+    kv = torch.randn(2, 8, 2, BS, 32).to(torch.bfloat16)
+    paged = PagedKV.from_layer_views([kv[0], kv[1]])
+    slab = slab_tensor(memoryview(bytearray(8 * paged.block_bytes)), 8, paged.block_bytes)
+    c = Copier(CopyEngine(paged, slab, chunk_blocks=4))
+    assert c.threaded
+    t = c.start("offload", [0, 1, 2], [5, 6, 7])
+    c.wait(t)
+    assert any(th.name == "tierstore-copy" for th in threading.enumerate())
+    kv[:, 1:4].zero_()
+    t2 = c.start("onload", [0, 1, 2], [1, 2, 3], now=True)
+    assert torch.equal(kv[:, 1:4], kv[:, 5:8]) and c.poll(t2)
+    bad = c.start("onload", [0], [99])                # block id out of range
+    for _ in range(200):
+        try:
+            if c.poll(bad):
+                raise AssertionError("a bad copy reported done")
+        except TransferFailed:
+            break
+        except Exception as e:   # ConfigError from the engine's checks is a TierStoreError
+            assert "out of range" in str(e)
+            break
+        threading.Event().wait(0.01)
+    else:
+        raise AssertionError("the bad copy never finished")
+    c.close()
