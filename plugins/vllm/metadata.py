@@ -27,7 +27,8 @@ key                         default     meaning
                                         by vLLM; ``fail``: the request fails
 ``dram_bytes``              1 GiB       DRAM tier size when the embedded store is created (int or "8GiB")
 ``nvme_bytes``              4 GiB       NVMe tier size when created (0 = no NVMe tier)
-``nvme_write_through``      true        every stored block also goes to NVMe (survives a
+``nvme_write_through``      true        must stay true: NVMe keeps a copy of every stored
+                                        block, written behind the engine (survives a
                                         restart: the cross-session reuse path)
 ``model_id``/``revision``   model cfg   override the model identity in the namespace
 ``pin_ttl_s``               600         lease of the pins taken by a lookup
