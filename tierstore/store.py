@@ -498,8 +498,9 @@ class Store(TierMoves):
                 self._loader = ThreadPoolExecutor(1, thread_name_prefix="tierstore-load")
             self._loader.submit(self._stage_async, jid, pl, list(keys), into)
             self.counters["loads_async"] += 1
+            near = self.res.near
             return LoadJob(jid, list(keys), [], [BlockStatus.MISSING] * len(keys), [], into,
-                           ready=False, expected=len(hs))
+                           ready=False, expected=len(hs), sources=bytes(near[h] for h in hs))
 
     def _loadable_prefix(self, keys: Sequence[BlockKey]) -> list[int]:
         hs = longest_prefix(self.res, keys)
@@ -613,7 +614,7 @@ class Store(TierMoves):
             self.counters["load_short_blocks"] += len(pl.keys) - n_ok
         pl.keys, pl.sizes = list(keys[:n_ok]), sizes
         pl.result = LoadJob(jid, list(keys), slots, status, sizes, into,
-                            expected=len(hs))
+                            expected=len(hs), sources=bytes(near[h] for h in hs))
         return pl.result
 
     def poll_loads(self, job_ids: Iterable[int]) -> dict[int, LoadJob]:

@@ -128,6 +128,7 @@ class LoadJob:
     tier: Tier = Tier.DRAM   # the tier the slots belong to (``into`` of prepare_load)
     ready: bool = True       # False: still staging (no slots yet)
     expected: int = -1       # blocks pinned when prepared (-1: same as num_ready)
+    sources: bytes = b""     # per pinned block, the Tier value it was in when prepared
 
     def __post_init__(self) -> None:
         if self.expected < 0:

@@ -213,6 +213,20 @@ class TierStoreConnector(KVConnectorBase_V1):
                                  num_external_tokens: int) -> None:
         self._scheduler.update_state_after_alloc(request, blocks, num_external_tokens)
 
+    def get_external_cache_hit_sources(self, request: Any, num_external_tokens: int) -> dict:
+        """vLLM's hit metrics by tier: DRAM -> host, NVMe -> disk, HBM -> device."""
+        try:
+            from vllm.v1.metrics.cache_hit_source import CacheHitSource
+        except ImportError:   # pragma: no cover - a vLLM without per-tier hit metrics
+            return super().get_external_cache_hit_sources(request, num_external_tokens)
+        names = {"dram": CacheHitSource.HOST, "nvme": CacheHitSource.DISK,
+                 "hbm": CacheHitSource.DEVICE, "peer": CacheHitSource.P2P}
+        out: dict = {}
+        for label, n in self._scheduler.hit_sources(request, num_external_tokens).items():
+            src = names.get(label, CacheHitSource.EXTERNAL_UNSPECIFIED)
+            out[src] = out.get(src, 0) + n
+        return out
+
     def build_connector_meta(self, scheduler_output: Any) -> KVConnectorMetadata:
         t0 = time.perf_counter()
         try:

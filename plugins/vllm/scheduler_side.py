@@ -56,13 +56,15 @@ from typing import Any, Callable, Sequence
 
 from tierstore.errors import TierStoreError
 from tierstore.keys import Keyer
-from tierstore.types import BlockKey, BlockStatus
+from tierstore.types import BlockKey, BlockStatus, Tier
 
 from tierstore_plugins.vllm.backend import Geometry, extras_of, open_side_client, tail_key
 from tierstore_plugins.vllm.metadata import (PARAMS_KEY, PARAMS_VERSION, LoadSpec, PluginSettings,
                                              SaveSpec, TierStoreMetadata, TierStoreWorkerMeta)
 
 logger = logging.getLogger("tierstore.vllm")
+
+_TIER_LABEL = {int(t): t.label for t in Tier}
 
 
 @dataclass
@@ -75,6 +77,7 @@ class _Load:
     jobs: list[int]                   # store load jobs: ranks first, then tail jobs
     ready: bool                       # staged at once (all in DRAM): a synchronous load
     answer: tuple[int, bool]          # what get_num_new_matched_tokens returned
+    tiers: dict[str, int] = field(default_factory=dict)   # promised blocks per tier label
     tail: bool = False                # the P/D tail is part of it (jobs[num_ranks:])
     staged: dict[int, Any] = field(default_factory=dict)   # job id -> staged LoadJob
     block_ids: list[int] | None = None   # set by update_state_after_alloc
@@ -272,6 +275,7 @@ class SchedulerSide:
         self._kv_cache_manager = None
         self.counters = {"lookups": 0, "hit_tokens": 0, "loads": 0, "loads_async": 0,
                          "promised_tokens": 0, "delivered_tokens": 0, "failed_tokens": 0,
+                         "declined_tokens": 0,
                          "saves": 0, "saved_blocks": 0, "save_blocks_not_copied": 0,
                          "save_blocks_skipped": 0, "delayed_frees": 0, "store_calls": 0,
                          "store_errors": 0, "tails_saved": 0, "tails_loaded": 0,
@@ -404,13 +408,35 @@ class SchedulerSide:
         unused = [] if tail_ok else jobs[R:]
         self._complete_loads([j.job_id for j in unused])
         ready = all(j.ready for j in used)
+        tiers: dict[str, int] = {}
+        for code in jobs[0].sources[:n]:   # where rank 0's blocks are (the ranks move together)
+            label = _TIER_LABEL.get(code, "unknown")
+            tiers[label] = tiers.get(label, 0) + 1
         st.load = _Load(num_computed_tokens, first, n, [j.job_id for j in used], ready,
                         (ext, not ready), tail=tail_ok,
-                        staged={j.job_id: j for j in used if j.ready})
+                        staged={j.job_id: j for j in used if j.ready}, tiers=tiers)
         if n:
             st.saved_upto = max(st.saved_upto, first + n)   # loaded blocks need no save
         self.counters["hit_tokens"] += ext
         return ext, not ready
+
+    def hit_sources(self, request, num_external_tokens: int) -> dict[str, int]:
+        """``num_external_tokens`` split by the tier each promised block was in (tier label ->
+        tokens; the P/D tail counts with the last block's tier). Sums to the argument."""
+        st = self._reqs.get(request.request_id)
+        if st is None or st.load is None or num_external_tokens <= 0:
+            return {}
+        out: dict[str, int] = {}
+        left = num_external_tokens
+        for label, nb in sorted(st.load.tiers.items()):
+            t = min(left, nb * self.bs)
+            if t:
+                out[label] = t
+                left -= t
+        if left:
+            last = sorted(st.load.tiers)[-1] if st.load.tiers else "unknown"
+            out[last] = out.get(last, 0) + left
+        return out
 
     def update_state_after_alloc(self, request, blocks, num_external_tokens: int) -> None:
         st = self._reqs.get(request.request_id)
@@ -418,6 +444,7 @@ class SchedulerSide:
             return   # nothing planned, or called again after an async load (vLLM does)
         ld = st.load
         if num_external_tokens <= 0:
+            self.counters["declined_tokens"] += ld.answer[0]   # promised, vLLM took none
             self._drop_load(st)
             return
         nblk = min(ld.n, num_external_tokens // self.bs)
@@ -429,6 +456,9 @@ class SchedulerSide:
             ld.tail_block_id = block_ids[ld.first + nblk]
         self.counters["loads"] += 1
         self.counters["promised_tokens"] += num_external_tokens
+        for label, nb in ld.tiers.items():
+            key = f"promised_tokens_{label}"
+            self.counters[key] = self.counters.get(key, 0) + nb * self.bs
         if ld.ready:
             self._dispatch.append(st)
         else:

@@ -64,6 +64,7 @@ def test_dram_hit_is_a_synchronous_load_and_costs_three_store_calls(engine):
     assert e.sched.get_num_new_matched_tokens(e.reqs["warm"], 0) == (6 * BS, False)
     assert e.sched.get_num_new_matched_tokens(e.reqs["warm"], 0) == (6 * BS, False)  # no call
     assert e.sched.counters["store_calls"] == calls + 1
+    assert e.sched.hit_sources(e.reqs["warm"], 6 * BS) == {"dram": 6 * BS}
     e.run()
     assert e.outputs["warm"]["loaded_tokens"] == 6 * BS
     assert e.sched.counters["delivered_tokens"] == 6 * BS
@@ -88,7 +89,9 @@ def test_nvme_hit_is_asynchronous_and_the_request_waits_for_it(engine):
     r = e.add("warm", toks + [1, 2, 3])
     ext, is_async = e.sched.get_num_new_matched_tokens(r, 0)
     assert (ext, is_async) == (6 * BS, True)
+    assert e.sched.hit_sources(r, ext) == {"nvme": 6 * BS}      # vLLM's per-tier hit metric
     e.run()
+    assert e.sched.counters["promised_tokens_nvme"] == 6 * BS
     assert e.outputs["warm"]["loaded_tokens"] == 6 * BS
     assert e.sched.counters["loads_async"] == 1 and e.sched.counters["failed_tokens"] == 0
     assert e.worker.counters["loaded_blocks"] == 6

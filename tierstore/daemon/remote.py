@@ -320,7 +320,7 @@ class RemoteClient:
     def _load_job(keys: Sequence[BlockKey], j: dict) -> LoadJob:
         return LoadJob(j["job"], list(keys), j["slots"], [_STATUS[s] for s in j["status"]],
                        j["sizes"], ready=bool(j.get("ready", True)),
-                       expected=int(j.get("expected", -1)))
+                       expected=int(j.get("expected", -1)), sources=bytes(j.get("sources", b"")))
 
     def prepare_load(self, keys: Sequence[BlockKey], wait: bool = True) -> LoadJob:
         r = self._call(MsgType.PREPARE_LOAD, {"keys": pack_keys(keys), "wait": bool(wait)})

@@ -54,8 +54,9 @@ Requests (body fields; ``keys`` per tierstore.protocol.codec.pack_keys; ``ns`` =
                                                        room in the NVMe write-behind queue, ≤ 60)
     COMPLETE_STORE {job, ok (bool | [bool] per key)} -> {status [str]}
     PREPARE_LOAD   {keys, wait}                     -> JOB = {job, slots, status, sizes, ready,
-                                                       expected}; wait=false: NVMe reads are
-                                                       staged by the store's loader thread
+                                                       expected, sources (bin: the Tier value
+                                                       of each pinned block)}; wait=false: NVMe
+                                                       reads are staged by the store's loader
     COMPLETE_LOAD  {job, ok}                        -> {}
     PREPARE_LOADS  {chains [keys], wait}            -> {jobs [JOB]}   (wait defaults to false)
     POLL_LOADS     {jobs [int]}                     -> {done [JOB]}   (the staged ones)
@@ -754,7 +755,8 @@ def _ok(v: Any) -> bool | list[bool]:
 
 def _load_job(job) -> dict:
     return {"job": job.job_id, "slots": job.slots, "status": [s.value for s in job.status],
-            "sizes": job.sizes, "ready": job.ready, "expected": job.expected}
+            "sizes": job.sizes, "ready": job.ready, "expected": job.expected,
+            "sources": job.sources}
 
 
 def _op_name(mtype: int) -> str:
