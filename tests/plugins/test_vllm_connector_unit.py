@@ -179,11 +179,21 @@ def test_worker_sleep_hooks_stop_and_resume_copies(tiny_model, tmp_path):
     keys = side.keyers[0].chain([(3 * i) % 500 + 1 for i in range(2 * BS)])
 
     def step(meta, load: bool):
+        import time
+
+        from tierstore_plugins.vllm.metadata import TierStoreWorkerMeta
         worker.bind_connector_metadata(meta)
         (worker.start_load_kv if load else lambda _ctx: worker.wait_for_save())(None)
-        worker.get_finished(set())
-        errors = worker.get_block_ids_with_load_errors()
-        wm = worker.build_connector_worker_meta()
+        errors, wm = set(), TierStoreWorkerMeta()
+        deadline = time.monotonic() + 10
+        while True:   # copies run on the copier's thread: poll as vLLM's later steps would
+            worker.get_finished(set())
+            errors |= worker.get_block_ids_with_load_errors()
+            wm = wm.aggregate(worker.build_connector_worker_meta())
+            want = len(meta.saves) + sum(1 for s_ in meta.loads if s_.n_ok)
+            if len(wm.saves) + len(wm.loads) >= want or time.monotonic() > deadline:
+                break
+            time.sleep(0.01)
         worker.clear_connector_metadata()
         return errors, wm
 
@@ -203,7 +213,7 @@ def test_worker_sleep_hooks_stop_and_resume_copies(tiny_model, tmp_path):
         (lj,) = client.prepare_loads([keys])
         spec = LoadSpec("b", [10, 11], [lj.slots], lj.num_ready, 0, [lj.job_id])
         errors, wm = step(TierStoreMetadata(loads=[spec]), True)
-        client.complete_loads(wm.loads if wm else [lj.job_id])
+        client.complete_loads([lj.job_id])
         return errors
 
     worker.unregister_kv_caches()
