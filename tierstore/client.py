@@ -221,7 +221,7 @@ class Client:
 
     def flush(self, timeout_s: float | None = None) -> bool:
         """Wait until every block stored so far has its NVMe copy (``Store.flush``)."""
-        return self.store.flush(timeout_s)
+        return self.store.flush(timeout_s, owner=self.owner)
 
     def slot_view(self, slot: int) -> memoryview:
         return self.store.slot_view(slot)

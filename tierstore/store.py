@@ -417,7 +417,7 @@ class Store(TierMoves):
                     if len(admitted) < len(new):
                         self.counters["nvme_admission_rejects"] += len(new) - len(admitted)
                         self._wb.release(job.budget * (len(new) - len(admitted)))
-                    self._wb.accept(admitted, reserved=True)
+                    self._wb.accept(admitted, reserved=True, owner=job.owner)
             if failed and not any(oks):
                 self.counters["stores_aborted"] += 1
             elif failed:
@@ -434,15 +434,16 @@ class Store(TierMoves):
         if t is not Tier.NVME and self.res.slot(h, Tier.NVME) >= 0:
             self.policies[Tier.NVME].access(key)
 
-    def flush(self, timeout_s: float | None = None) -> bool:
+    def flush(self, timeout_s: float | None = None, owner: str = LOCAL) -> bool:
         """Wait until every block stored before this call has its NVMe copy written (record,
-        ``fdatasync``, LMDB commit) or was given up (a failed write, or evicted from DRAM before
-        its turn: both counted). True when done, False when ``timeout_s`` (seconds) ran out. A
-        store without NVMe returns True at once."""
+        ``fdatasync``, LMDB commit) or was given up (a failed write: counted). True when every
+        block ``owner`` stored (since its previous flush) got its copy; False when one did not
+        (its write failed, also before this call) or ``timeout_s`` (seconds) ran out. A store
+        without NVMe returns True at once."""
         with self._lock:
             if self._wb is None:
                 return True
-            return self._wb.flush(timeout_s)
+            return self._wb.flush(timeout_s, owner=owner)
 
     # ---------------------------------------------------------------- load
     def prepare_load(self, keys: Sequence[BlockKey], *, owner: str = LOCAL,
@@ -822,6 +823,7 @@ class Store(TierMoves):
                 for name, v in dict(getattr(tier, "counters", {})).items():
                     c[f"{t.label}_{name}"] = v
             return {
+                "health": self._health(),
                 "blocks": len(self.res),
                 "pinned_blocks": sum(1 for _, h in self.res.handles() if self.res.pins[h]),
                 "pins": self.pins.total(),
@@ -833,9 +835,22 @@ class Store(TierMoves):
                 "counters": c,
             }
 
+    def _health(self) -> dict:
+        """``{"status": "ok" | "degraded", "tiers": {label: TierHealth snapshot}}``: a tier is
+        degraded while its recent I/O fails or it owes work it could not do (tiers/health.py).
+        Tiers without I/O of their own (dram, hbm) are always ok."""
+        tiers = {}
+        for t, tier in self.tiers.items():
+            h = getattr(tier, "health", None)
+            tiers[t.label] = h.snapshot() if h is not None else {"status": "ok", "reason": ""}
+        bad = any(v["status"] != "ok" for v in tiers.values())
+        return {"status": "degraded" if bad else "ok", "tiers": tiers}
+
     def check(self, fix: bool = False) -> list[str]:
         """Verify the invariants (index vs tiers vs pins) and, with NVMe, every record's header
-        and checksum. Returns one line per problem; ``fix`` repairs what can be repaired."""
+        and checksum; a failing tier (its latest I/O failed, probed again here, or it owes
+        metadata it could not commit: tiers/health.py) is a problem too. Returns one line per
+        problem; ``fix`` repairs what can be repaired (a failing disk is not among it)."""
         problems: list[str] = []
         with self._lock:
             for k, h in self.res.handles():
@@ -868,6 +883,10 @@ class Store(TierMoves):
                 problems.extend(f"nvme: {p}" for p in disk)
                 if fix and disk:
                     self._resync_nvme()
+            for t, tier in self.tiers.items():   # after nvme.check settled and probed
+                h = getattr(tier, "health", None)
+                if h is not None and h.failing:
+                    problems.append(f"{t.label}: failing: {h.snapshot()['reason']}")
         return problems
 
     def _recovery_problems(self, nvme: DiskTier) -> list[str]:
