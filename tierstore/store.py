@@ -48,7 +48,7 @@ from typing import Callable, Iterable, Sequence
 from tierstore.config import StoreConfig
 from tierstore.errors import ConfigError, JobError, RejectedError
 from tierstore.index.prefix import longest_prefix, longest_prefix_tiers
-from tierstore.index.residency import TIER_BY_VALUE, PinBook, Residency
+from tierstore.index.residency import REQUEST_SEP, TIER_BY_VALUE, PinBook, Residency
 from tierstore.keys import Namespace
 from tierstore.moves import TierMoves
 from tierstore.policy import make_admission, make_eviction
@@ -258,21 +258,27 @@ class Store(TierMoves):
         return n
 
     def unpin(self, keys: Iterable[BlockKey], owner: str = LOCAL) -> int:
-        """Release one pin per key. Raises PinError on the first key ``owner`` holds no pin on;
-        pins released before it stay released (each release is individually valid)."""
-        n = 0
+        """Release one pin of ``owner`` per key, all or nothing: every key is checked before
+        any pin is released, so an unpin that names a key ``owner`` holds no pin on (its lease
+        expired, or it was released already) raises PinError and releases nothing (issue 13
+        item 14). Returns the number released."""
         with self._lock:
             self._expire()
-            for k in keys:
-                self.pins.unpin(owner, k)
-                n += 1
-        return n
+            return self.pins.unpin_all(owner, list(keys))
 
     def release_owner(self, owner: str) -> dict:
-        """A client went away: release its pins and abort its unfinished jobs."""
+        """A client went away: release its pins, the pins of every request under it
+        (``<owner>/req:<id>``, see :func:`~tierstore.index.residency.request_owner`) and abort
+        its unfinished jobs. Also the way to release one request's pins at once:
+        ``release_owner(request_owner(owner, id))``."""
         with self._lock:
             released = self.pins.release_owner(owner)
+            sub = owner + REQUEST_SEP
+            for o in [o for o in self.pins.owners() if o.startswith(sub)]:
+                released += self.pins.release_owner(o)
             aborted = 0
+            if self._wb is not None:
+                self._wb.forget_owner(owner)
             for jid in [j for j, p in self._stores.items() if p.owner == owner]:
                 self.complete_store(jid, ok=False)
                 aborted += 1
