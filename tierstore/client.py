@@ -148,7 +148,11 @@ class Client:
                 config = dataclasses.replace(
                     config, dram=dataclasses.replace(config.dram, shm_name=shm_name))
             store = Store.open(config)
-            return cls(store, secret=load_secret(secret, data_dir=d), data_dir=d, lock_fd=fd)
+            try:
+                return cls(store, secret=load_secret(secret, data_dir=d), data_dir=d, lock_fd=fd)
+            except BaseException:
+                store.close()   # its DRAM slab (a daemon's /dev/shm object) goes too
+                raise
         except BaseException:
             os.close(fd)
             raise

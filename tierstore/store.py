@@ -153,26 +153,35 @@ class Store(TierMoves):
                                         shm_name=config.dram.shm_name)
         else:
             dram = NullTier(Tier.DRAM, config.dram.capacity_blocks, config.slot_bytes)
-        nvme = None
-        if config.nvme is not None and config.nvme.capacity_blocks > 0:
-            from tierstore.tiers.nvme import NvmeTier
+        nvme = hbm = None
+        try:   # a refused open gives back what it built (a DRAM slab in /dev/shm: issue 13 item 18)
+            if config.nvme is not None and config.nvme.capacity_blocks > 0:
+                from tierstore.tiers.nvme import NvmeTier
 
-            n = config.nvme
-            nvme = NvmeTier(n.path, n.capacity_blocks, config.slot_bytes, direct_io=n.direct_io,
-                            compression=n.compression, file_slots=n.file_slots)
-        hbm = None
-        if config.hbm is not None and config.hbm.capacity_blocks > 0:
-            if not config.dram.payload:
-                raise ConfigError("an hbm tier needs a DRAM tier that holds bytes")
-            from tierstore.tiers.hbm import HbmTier   # torch only where bytes meet a device
+                n = config.nvme
+                nvme = NvmeTier(n.path, n.capacity_blocks, config.slot_bytes,
+                                direct_io=n.direct_io, compression=n.compression,
+                                file_slots=n.file_slots)
+            if config.hbm is not None and config.hbm.capacity_blocks > 0:
+                if not config.dram.payload:
+                    raise ConfigError("an hbm tier needs a DRAM tier that holds bytes")
+                from tierstore.tiers.hbm import HbmTier   # torch only where bytes meet a device
 
-            hbm = HbmTier(config.hbm.capacity_blocks, dram.slot_bytes, device=config.hbm.device)
-            if hbm.device.type == "cuda":   # pinned once at start, never on the hot path
-                from tierstore.tiers.pinning import HostPinning, default_registrar, pin_buffer
-                hbm.host_pinning = HostPinning(default_registrar())
-                pin_buffer(hbm.host_pinning, dram.buffer, dram.capacity_bytes, dram.slot_bytes)
-            hbm.attach_dram(dram)
-        return cls(config, dram, nvme, hbm, clock=clock)
+                hbm = HbmTier(config.hbm.capacity_blocks, dram.slot_bytes, device=config.hbm.device)
+                if hbm.device.type == "cuda":   # pinned once at start, never on the hot path
+                    from tierstore.tiers.pinning import HostPinning, default_registrar, pin_buffer
+                    hbm.host_pinning = HostPinning(default_registrar())
+                    pin_buffer(hbm.host_pinning, dram.buffer, dram.capacity_bytes, dram.slot_bytes)
+                hbm.attach_dram(dram)
+            return cls(config, dram, nvme, hbm, clock=clock)
+        except BaseException:
+            for tier in (hbm, nvme, dram):
+                if tier is not None:
+                    try:
+                        tier.close()
+                    except Exception:   # the first error is the one to report
+                        log.exception("closing a tier of a store that failed to open")
+            raise
 
     def _recover_nvme(self, nvme: DiskTier) -> None:
         for digest, desc in nvme.namespaces().items():

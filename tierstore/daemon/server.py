@@ -4,9 +4,12 @@ What it owns::
 
     <data_dir>/lock, store.json, secret, nvme/      through Client.embedded (the data-dir lock:
                                                     a second daemon gets DataDirBusy)
-    /dev/shm/tierstore-<dirhash>-<pid>-<rand>       the DRAM slab (mode 0600); unlinked on stop;
-                                                    leftovers of a crashed daemon on the same data
-                                                    dir are unlinked at start (the lock proves them stale)
+    /dev/shm/tierstore-<dirhash>-<pid>-<rand>       the DRAM slab (mode 0600), its memory reserved
+                                                    at start (a /dev/shm too small refuses the start
+                                                    with a ConfigError naming it); unlinked on stop
+                                                    and by a refused start; leftovers of a crashed
+                                                    daemon on the same data dir are unlinked at
+                                                    start (the lock proves them stale)
     <socket>                                        mode 0600, its directory 0700
     <pid_file>                                      optional; removed on a clean stop
 
@@ -280,7 +283,11 @@ class DaemonServer:
             self.data_dir.mkdir(mode=0o700, parents=True)
         prefix = shm_prefix(self.data_dir)
         self.shm_name = f"{prefix}{os.getpid()}-{secrets.token_hex(4)}"
-        self.client = Client.embedded(self.data_dir, s.store, shm_name=self.shm_name)
+        try:
+            self.client = Client.embedded(self.data_dir, s.store, shm_name=self.shm_name)
+        except BaseException:
+            self._unlink_own_shm()
+            raise
         try:
             stale = _cleanup_stale_shm(prefix, keep=self.shm_name)
             if stale:
@@ -312,10 +319,22 @@ class DaemonServer:
         except BaseException:
             self._stop_peers()
             self._close_store()
+            self._unlink_own_shm()
             raise
         log.info("tierstore daemon %s serving %s on %s (shm %s, %d slots of %d bytes)",
                  __version__, self.data_dir, self.socket_path, self.shm_name,
                  self._hello["num_slots"], self._hello["slot_stride"])
+
+    def _unlink_own_shm(self) -> None:
+        """A refused start leaves no slab behind (issue 13 item 18: a unit restarting every 2 s
+        filled /dev/shm). Only this daemon's own name: another daemon's slab is never touched."""
+        if self.shm_name:
+            try:
+                os.unlink(os.path.join(SHM_DIR, self.shm_name))
+            except FileNotFoundError:
+                pass
+            except OSError as e:
+                log.warning("cannot remove this daemon's slab %s: %s", self.shm_name, e)
 
     def _make_hello(self) -> dict:
         dram = self.store.tiers[Tier.DRAM]
