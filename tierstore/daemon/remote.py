@@ -20,7 +20,8 @@ fingerprint differs from the daemon's is refused with ConfigError.
 Connection loss: pins and unfinished jobs belong to the connection, and the daemon releases them
 when it drops. A call that loses the connection raises DaemonUnreachable (read-only calls retry
 once on a fresh connection first); the next call reconnects (after a daemon restart: a new slab
-is mapped; views from the old mapping stay valid memory but are no longer the store's).
+is mapped; views from the old mapping stay valid memory but are no longer the store's). The same
+holds after ``close``: a mapping lives as long as any view of it (never SIGSEGV, issue 13 item 15).
 
 Threading: one request at a time per client (a lock around each request/reply pair); slot views
 may be used from any thread while their job's pin or reservation holds.
@@ -143,18 +144,14 @@ class RemoteClient:
         self._stride = int(info["slot_stride"])
 
     def _unmap(self) -> None:
-        if self._buf is not None:
-            try:
-                self._buf.release()
-            except BufferError:   # a caller (e.g. a torch tensor over the slab) still holds it:
-                pass              # leave the old mapping to the garbage collector
-            self._buf = None
-        if self._mm is not None:
-            try:
-                self._mm.close()
-            except BufferError:   # a caller still holds a slot view: the mapping dies with it
-                pass
-            self._mm = None
+        """Forget the mapping; never unmap it here. Views handed out (``slot_view`` slices,
+        ``slab()``'s buffer, a ``torch.frombuffer`` tensor over it: torch keeps a reference to
+        the buffer object, not a buffer export) keep the mapping alive, and it is unmapped when
+        the last of them goes: a view used after ``close`` reads or writes memory that is no
+        longer the daemon's slab, never an unmapped page (issue 13 item 15: closing the mmap
+        under a torch tensor killed the process with SIGSEGV)."""
+        self._buf = None
+        self._mm = None
 
     def _drop(self) -> None:
         if self._sock is not None:

@@ -117,17 +117,15 @@ class DramTier(MemoryTier):
         return self._views[slot]
 
     def close(self) -> None:
+        """Give the slab up: the shared-memory name is unlinked, and the mapping goes when the
+        last view of it does. It is never unmapped under a live view: a caller's
+        ``torch.frombuffer(buffer)`` tensor holds a reference to the buffer object but no buffer
+        export, so an explicit ``munmap`` here would turn its next access into SIGSEGV (issue 13
+        item 15)."""
         if self._buf is None:
             return
         self._views = []
-        self._buf.release()
         self._buf = None
-        try:
-            self._mm.close()
-        except BufferError:
-            pass
+        self._mm = None
         if self.shm_name:
-            try:
-                os.unlink("/dev/shm/" + self.shm_name.lstrip("/"))
-            except FileNotFoundError:
-                pass
+            _unlink_quietly(SHM_DIR + "/" + self.shm_name.lstrip("/"))
