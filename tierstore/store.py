@@ -61,6 +61,11 @@ from tierstore.writebehind import WriteBehind
 log = logging.getLogger(__name__)
 
 LOCAL = "local"
+STALE_JOB_S = 600.0
+"""A job prepared longer ago than this (seconds) and never completed is reported by ``check``
+(its store keys answer PRESENT and never become visible; a load's pins hold its blocks) and
+aborted by ``check(fix=True)``: an embedded caller that lost a job has no connection whose end
+would abort it (issue 13 item 12, the kind)."""
 PUT_WAIT_S = 60.0
 """How long ``put`` (a bulk writer's convenience, never the engine's path) waits for room in
 the NVMe write-behind queue before blocks are SKIPPED."""
@@ -77,6 +82,7 @@ class _PendingStore:
     parent: BlockKey | None
     tier: Tier = Tier.DRAM
     budget: int = 0          # write-behind bytes reserved per OK block (0: none reserved)
+    started_s: float = 0.0   # the store's clock at prepare (check reports stale jobs)
 
 
 @dataclass
@@ -87,6 +93,7 @@ class _PendingLoad:
     sizes: list[int] = field(default_factory=list)
     result: LoadJob | None = None    # set once staged (at once, or by the loader thread)
     cancelled: bool = False          # complete_load came while the loader was still staging
+    started_s: float = 0.0           # the store's clock at prepare (check reports stale jobs)
 
 
 class Store(TierMoves):
@@ -108,6 +115,7 @@ class Store(TierMoves):
         self._reserved: Counter[Tier] = Counter()   # slots allocated, not in the index yet
         self.res = Residency()
         self.pins = PinBook(self.res, clock=clock)
+        self._clock = clock
         self.tiers: dict[Tier, MemoryTier | DiskTier] = {Tier.DRAM: dram}
         self.policies: dict[Tier, EvictionPolicy] = {
             Tier.DRAM: make_eviction(config.dram.policy, dram.num_slots)}
@@ -375,7 +383,8 @@ class Store(TierMoves):
             self._pending_keys.update(seen)
             jid = next(self._job_ids)
             self._stores[jid] = _PendingStore(owner, ns_id, size_bytes, list(keys), slots, status,
-                                              parent, tier, size_bytes if wb is not None else 0)
+                                              parent, tier, size_bytes if wb is not None else 0,
+                                              self._clock())
             return StoreJob(jid, list(keys), slots, status, size_bytes, tier)
 
     def complete_store(self, job_id: int, ok: bool | Sequence[bool] = True,
@@ -490,7 +499,7 @@ class Store(TierMoves):
             pin_owner = f"job:{jid}"
             for k in keys[: len(hs)]:
                 self.pins.pin(pin_owner, k)
-            pl = _PendingLoad(owner, list(keys[: len(hs)]), pin_owner)
+            pl = _PendingLoad(owner, list(keys[: len(hs)]), pin_owner, started_s=self._clock())
             self._loads[jid] = pl
             if wait or not self._needs_staging(hs, into):
                 return self._stage_load(jid, pl, list(keys), into, unlocked_io=wait)
@@ -890,6 +899,7 @@ class Store(TierMoves):
                                     f"index holds {n_index}")
             if self.pins.total() != sum(self.res.pins[h] for _, h in self.res.handles()):
                 problems.append("pin ledger and pin counts disagree")
+            problems.extend(self._stale_jobs(fix))
             nvme = self.tiers.get(Tier.NVME)
             if nvme is not None:
                 problems.extend(self._recovery_problems(nvme))
@@ -903,6 +913,27 @@ class Store(TierMoves):
                 if h is not None and h.failing:
                     problems.append(f"{t.label}: failing: {h.snapshot()['reason']}")
         return problems
+
+    def _stale_jobs(self, fix: bool) -> list[str]:
+        """Jobs prepared more than STALE_JOB_S ago and never completed (with ``fix``: aborted)."""
+        now = self._clock()
+        out = []
+        for jid, j in list(self._stores.items()):
+            age = now - j.started_s
+            if age > STALE_JOB_S:
+                n = sum(st is BlockStatus.OK for st in j.status)
+                out.append(f"store job {jid} of {j.owner} pending for {age:.0f} s: its {n} "
+                           "blocks answer PRESENT and never become visible")
+                if fix:
+                    self.complete_store(jid, ok=False)
+        for jid, j in list(self._loads.items()):
+            age = now - j.started_s
+            if age > STALE_JOB_S and j.result is not None:
+                out.append(f"load job {jid} of {j.owner} pending for {age:.0f} s: it pins "
+                           f"{len(j.keys)} blocks")
+                if fix:
+                    self.complete_load(jid, ok=False)
+        return out
 
     def _recovery_problems(self, nvme: DiskTier) -> list[str]:
         """What start-up recovery had to drop, reported by the first check after open: committed

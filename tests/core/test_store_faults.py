@@ -281,6 +281,32 @@ def test_a_put_whose_copy_fails_is_aborted(tmp_path):
         c.close()
 
 
+def test_a_store_job_never_completed_is_reported_by_check_and_fixed():
+    """Issue 13 item 12 (the kind): a job that its embedded caller lost (prepared, never
+    completed: no connection ends to abort it) kept its keys PRESENT forever while check said
+    clean. Now check reports a job pending longer than STALE_JOB_S, and --fix aborts it; a lost
+    load job (pinning its blocks) likewise."""
+    from tierstore.store import STALE_JOB_S
+
+    now = [0.0]
+    s = Store(StoreConfig(slot_bytes=SLOT, dram=DramConfig(capacity_blocks=16)), _dram(16),
+              clock=lambda: now[0])
+    P, Q = chain(5), chain(6)
+    s.put(Q, NS, payload(Q))
+    s.prepare_store(P, NS, SLOT)
+    s.prepare_load(Q)
+    now[0] = STALE_JOB_S - 1
+    assert s.check() == []
+    now[0] = STALE_JOB_S + 1
+    problems = s.check()
+    assert len(problems) == 2 and "4 blocks answer PRESENT" in problems[0], problems
+    assert "pins 4 blocks" in problems[1]
+    s.check(fix=True)
+    assert s.check() == [] and s.stats()["pins"] == 0
+    assert s.prepare_store(P, NS, SLOT).status == [BlockStatus.OK] * 4
+    s.close()
+
+
 def test_unpin_checks_every_key_before_releasing_any(tmp_path):
     """Issue 13 item 14: an unpin that names a key the owner holds no pin on releases nothing
     (it used to keep what it released before failing); a key listed twice needs two pins."""
