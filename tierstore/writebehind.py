@@ -57,6 +57,43 @@ FLUSH_OWNER = "move:flush"
 ``conn:``/``session:``/``job:``)."""
 
 
+class _Failed:
+    """Acceptance numbers of one owner's failed writes not yet reported by its flush. At most
+    ``cap`` are kept one by one; beyond, they fold into a range ``[lo, hi]`` that is reported
+    conservatively (a flush may hear of a failure in its range that was not its own, never miss
+    one), so an owner that never flushes costs bounded memory while its writes keep failing."""
+
+    def __init__(self, cap: int = 1024) -> None:
+        self.cap = cap
+        self.seqs: list[int] = []
+        self.lo = self.hi = 0            # the folded range; lo == 0: none
+
+    def add(self, seq: int) -> None:
+        if len(self.seqs) < self.cap:
+            self.seqs.append(seq)
+            return
+        first = min(self.seqs[0], seq)
+        self.lo = first if not self.lo else min(self.lo, first)
+        self.hi = max(self.hi, seq, max(self.seqs))
+        self.seqs = []
+
+    def report(self, target: int) -> bool:
+        """Whether a failure numbered <= ``target`` is pending; forgets those."""
+        bad = any(q <= target for q in self.seqs)
+        self.seqs = [q for q in self.seqs if q > target]
+        if self.lo and self.lo <= target:
+            bad = True
+            if self.hi <= target:
+                self.lo = self.hi = 0
+            else:
+                self.lo = target + 1
+        return bad
+
+    @property
+    def empty(self) -> bool:
+        return not self.seqs and not self.lo
+
+
 class WriteBehind:
     """The flusher of one :class:`~tierstore.store.Store` (see the module docstring).
 
@@ -75,7 +112,7 @@ class WriteBehind:
         self._inflight: dict[BlockKey, int] = {}              # being written now (still pinned)
         self._seq: dict[BlockKey, int] = {}                   # pending key -> acceptance number
         self._owner: dict[BlockKey, str] = {}                 # pending key -> who stored it
-        self._fails: dict[str, list[int]] = {}   # owner -> acceptance numbers of failed writes
+        self._fails: dict[str, _Failed] = {}     # owner -> acceptance numbers of failed writes
         self._budget_bytes = 0        # queued + in flight + reserved by prepared stores
         self._accepted = 0
         self._failed = 0              # writes given up (the block stays in DRAM, uncopied)
@@ -178,13 +215,10 @@ class WriteBehind:
         if owner is None:
             return self._failed == failed_before
         mine = self._fails.get(owner)
-        if not mine:
+        if mine is None:
             return True
-        bad = [q for q in mine if q <= target]
-        rest = [q for q in mine if q > target]
-        if rest:
-            self._fails[owner] = rest
-        else:
+        bad = mine.report(target)
+        if mine.empty:
             del self._fails[owner]
         return not bad
 
@@ -242,7 +276,7 @@ class WriteBehind:
             if h < 0 or s.res.slot(h, Tier.NVME) < 0:
                 self._failed += 1
                 if owner is not None and seq is not None:
-                    self._fails.setdefault(owner, []).append(seq)
+                    self._fails.setdefault(owner, _Failed()).add(seq)
         self._cv.notify_all()
 
     def _run(self) -> None:

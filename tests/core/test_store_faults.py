@@ -128,6 +128,32 @@ def test_flush_reports_a_failed_write_to_its_owner_even_when_it_failed_earlier(t
     s.close()
 
 
+def test_failed_writes_kept_per_owner_are_bounded_and_never_acknowledged():
+    """Issue 13 item 11: the failed writes kept for an owner's next flush are bounded (an owner
+    that never flushes, e.g. a scheduler connection, must not grow memory while every write
+    fails), and the folding never lets a flush miss a failure it covers."""
+    import random
+
+    from tierstore.writebehind import _Failed
+
+    rng = random.Random(13)
+    for _ in range(300):
+        f, real, seq = _Failed(cap=rng.choice([1, 2, 4, 16])), set(), 0
+        for _ in range(200):
+            if rng.random() < 0.6:
+                seq += rng.randint(1, 3)
+                if rng.random() < 0.5:
+                    f.add(seq)
+                    real.add(seq)
+                assert len(f.seqs) <= f.cap
+            else:
+                truth = any(q <= seq for q in real)
+                assert f.report(seq) or not truth
+                real = {q for q in real if q > seq}
+        f.report(seq)
+        assert f.empty
+
+
 class FailingMeta:
     """Stands in for ``NvmeTier._write_txn``: commits fail while ``failing``."""
 
