@@ -72,7 +72,7 @@ class _Failed:
         if len(self.seqs) < self.cap:
             self.seqs.append(seq)
             return
-        first = min(self.seqs[0], seq)
+        first = min(min(self.seqs), seq)
         self.lo = first if not self.lo else min(self.lo, first)
         self.hi = max(self.hi, seq, max(self.seqs))
         self.seqs = []
