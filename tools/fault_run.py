@@ -365,7 +365,12 @@ def run(ops: int = 10_000, *, threads: int = 2, seed: int = 1, work: Path | None
                    for p in range(PROMPTS)]
         kills = kills_holding = 0
         phase_counters = {}
-        per_phase = max(1, ops // len(phases))
+        # the first (clean) phase stays short whatever --ops says: the metadata must still be
+        # growing (NVMe not yet full) when its filesystem fills up in the next phase
+        first = min(1000, max(1, ops // len(phases)))
+        per_phase = max(1, (ops - first) // (len(phases) - 1))
+        budgets = [first] + [per_phase] * (len(phases) - 2)
+        budgets.append(ops - sum(budgets))
         def snapshot() -> dict:   # a barrier: every write accepted so far has ended
             admin.flush(timeout_s=30)
             return admin.stats()["counters"]
@@ -374,7 +379,7 @@ def run(ops: int = 10_000, *, threads: int = 2, seed: int = 1, work: Path | None
             if i == 0:
                 d.set_plan(plan, seed)
                 before = snapshot()
-            budget = [per_phase if i < len(phases) - 1 else ops - per_phase * (len(phases) - 1)]
+            budget = [budgets[i]]
             ws = [threading.Thread(target=worker, args=(d.sock, prompts, ns, budget, tally,
                                                         seed * 1000 + i * 10 + t, t))
                   for t in range(threads)]
