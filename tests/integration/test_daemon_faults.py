@@ -349,27 +349,30 @@ def test_refused_starts_after_the_slab_exists_leave_no_slab(tmp_path):
         t.put(b"someone", b"else's")
     env.close()
     prefix = shm_prefix(data)
-    for _ in range(3):
-        r = python(f"""
-            import sys
-            from tierstore.daemon.__main__ import main
-            sys.exit(main(["--data-dir", {str(data)!r}, "--socket", {str(tmp_path / 'a.sock')!r},
-                           "--config", {str(cfg)!r}]))""", timeout_s=60)
-        assert r.returncode == 1 and "not a tierstore NVMe metadata env" in r.stderr, r.stderr
-    assert not [n for n in os.listdir("/dev/shm") if n.startswith(prefix)]
-
-    live = DaemonProc(tmp_path / "live", tmp_path / "b.sock",
-                      config_toml(tmp_path / "live.toml", slot_bytes=4096, dram_blocks=16)).start()
     try:
-        other = tmp_path / "other"
         for _ in range(3):
             r = python(f"""
                 import sys
                 from tierstore.daemon.__main__ import main
-                sys.exit(main(["--data-dir", {str(other)!r}, "--socket", {str(tmp_path / 'b.sock')!r},
+                sys.exit(main(["--data-dir", {str(data)!r}, "--socket", {str(tmp_path / 'a.sock')!r},
                                "--config", {str(cfg)!r}]))""", timeout_s=60)
-            assert r.returncode == 2 and "served by another running daemon" in r.stderr, r.stderr
-        assert not [n for n in os.listdir("/dev/shm") if n.startswith(shm_prefix(other))]
-    finally:
-        live.kill()
-    stop_daemon(None, data)
+            assert r.returncode == 1 and "not a tierstore NVMe metadata env" in r.stderr, r.stderr
+        assert not [n for n in os.listdir("/dev/shm") if n.startswith(prefix)]
+
+        live = DaemonProc(tmp_path / "live", tmp_path / "b.sock",
+                          config_toml(tmp_path / "live.toml", slot_bytes=4096, dram_blocks=16)).start()
+        try:
+            other = tmp_path / "other"
+            for _ in range(3):
+                r = python(f"""
+                    import sys
+                    from tierstore.daemon.__main__ import main
+                    sys.exit(main(["--data-dir", {str(other)!r}, "--socket", {str(tmp_path / 'b.sock')!r},
+                                   "--config", {str(cfg)!r}]))""", timeout_s=60)
+                assert r.returncode == 2 and "served by another running daemon" in r.stderr, r.stderr
+            assert not [n for n in os.listdir("/dev/shm") if n.startswith(shm_prefix(other))]
+        finally:
+            live.kill()
+    finally:   # a failing run (the old code) must not leave its slabs behind
+        stop_daemon(None, data)
+        stop_daemon(None, tmp_path / "other")
