@@ -7,7 +7,8 @@
   released its data directory (store closed, LMDB closed, shared memory unlinked).
 - ``status``: the daemon's identity and a short summary.
 
-Exit codes: 0 ok, 1 failed (e.g. the daemon did not come up), 2 usage, 3 no daemon answers.
+Exit codes: 0 ok, 1 failed (e.g. the daemon did not come up; ``status``: a tier is degraded),
+2 usage, 3 no daemon answers.
 A thin shell: parse, one client call, one output call (tierstore_admin.output).
 """
 
@@ -205,13 +206,24 @@ def status(socket: Optional[str] = typer.Option(None, "--socket", envvar=SOCKET_
            "protocol": info["version"], "socket": sock, "data_dir": info["data_dir"],
            "shm_name": info["shm_name"], "uptime_s": d.get("uptime_s"),
            "connections": d.get("connections"), "metrics": d.get("metrics"),
-           "blocks": st["blocks"], "pins": st["pins"], "tiers": st["tiers"]}
-    emit(out, as_json=as_json, human=_human_status)
+           "blocks": st["blocks"], "pins": st["pins"], "tiers": st["tiers"],
+           "health": _health_line(st.get("health"))}
+    # a degraded tier (its I/O fails: issue 13 item 10) is a failed status, exit 1
+    emit(out, as_json=as_json, human=_human_status,
+         code=EXIT_FAILED if out["health"] != "ok" else 0)
+
+
+def _health_line(h: dict | None) -> str:
+    """``ok``, or ``degraded: <tier>: <reason>; ...`` from ``stats()["health"]``."""
+    if not h or h.get("status") == "ok":
+        return "ok"
+    bad = [f"{t}: {v.get('reason')}" for t, v in h.get("tiers", {}).items() if v.get("status") != "ok"]
+    return "degraded: " + "; ".join(bad)
 
 
 def _human_status(console, r: dict) -> None:
     rows = [("pid", str(r["pid"]))]   # an id, not a quantity: no thousands separator
-    rows += [(k, r[k]) for k in ("version", "socket", "data_dir", "shm_name", "uptime_s",
+    rows += [(k, r[k]) for k in ("health", "version", "socket", "data_dir", "shm_name", "uptime_s",
                                  "connections", "metrics", "blocks", "pins")]
     console.print(kv_table("tierstore daemon", rows))
     console.print(_tiers_table(r["tiers"]))

@@ -6,7 +6,7 @@ from typing import Optional
 
 import typer
 
-from tierstore_admin.daemon import watch_stats
+from tierstore_admin.daemon import _health_line, watch_stats
 from tierstore_admin.datadir import data_dir_option, open_client, socket_option
 from tierstore_admin.output import JSON_HELP, emit, kv_table, table, user_errors
 
@@ -27,7 +27,7 @@ def stats_cmd(data_dir: Optional[str] = data_dir_option(),
 
 def _human(console, r: dict) -> None:
     console.print(kv_table(f"stats of {r['store']}", [
-        ("blocks", r.get("blocks")), ("pinned blocks", r.get("pinned_blocks")),
+        ("health", _health_line(r.get("health"))), ("blocks", r.get("blocks")), ("pinned blocks", r.get("pinned_blocks")),
         ("pins", r.get("pins")), ("pending stores", r.get("pending_stores")),
         ("pending loads", r.get("pending_loads"))]))
     console.print(table("tiers", ["tier", "slots", "used", "slot bytes"],

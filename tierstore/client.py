@@ -24,8 +24,8 @@ from pathlib import Path
 from typing import Sequence
 
 from tierstore.config import DramConfig, HbmConfig, NvmeConfig, StoreConfig
-from tierstore.errors import ConfigError
-from tierstore.index.residency import session_name, session_owner
+from tierstore.errors import ConfigError, PinError
+from tierstore.index.residency import request_owner, session_name, session_owner
 from tierstore.keys import ExtraKeys, Keyer, Namespace, NO_EXTRAS, load_secret
 from tierstore.store import LOCAL, Store
 from tierstore.types import BlockKey, BlockStatus, LoadJob, LookupResult, StoreJob
@@ -148,7 +148,11 @@ class Client:
                 config = dataclasses.replace(
                     config, dram=dataclasses.replace(config.dram, shm_name=shm_name))
             store = Store.open(config)
-            return cls(store, secret=load_secret(secret, data_dir=d), data_dir=d, lock_fd=fd)
+            try:
+                return cls(store, secret=load_secret(secret, data_dir=d), data_dir=d, lock_fd=fd)
+            except BaseException:
+                store.close()   # its DRAM slab (a daemon's /dev/shm object) goes too
+                raise
         except BaseException:
             os.close(fd)
             raise
@@ -180,9 +184,13 @@ class Client:
         return Keyer(namespace, self.secret)
 
     # ---------------------------------------------------------------- store API
+    def _owner(self, request: str | None) -> str:
+        return self.owner if request is None else request_owner(self.owner, request)
+
     def lookup(self, keys: Sequence[BlockKey], namespace: Namespace, *, pin: bool = False,
-               ttl_s: float | None = None) -> LookupResult:
-        return self.store.lookup(keys, namespace, pin=pin, owner=self.owner, ttl_s=ttl_s)
+               ttl_s: float | None = None, request: str | None = None) -> LookupResult:
+        """``request``: pin for that request alone (see :meth:`RemoteClient.lookup`)."""
+        return self.store.lookup(keys, namespace, pin=pin, owner=self._owner(request), ttl_s=ttl_s)
 
     def prepare_store(self, keys, namespace, size_bytes, parent=None, wait_s: float = 0.0) -> StoreJob:
         return self.store.prepare_store(keys, namespace, size_bytes, owner=self.owner,
@@ -221,7 +229,7 @@ class Client:
 
     def flush(self, timeout_s: float | None = None) -> bool:
         """Wait until every block stored so far has its NVMe copy (``Store.flush``)."""
-        return self.store.flush(timeout_s)
+        return self.store.flush(timeout_s, owner=self.owner)
 
     def slot_view(self, slot: int) -> memoryview:
         return self.store.slot_view(slot)
@@ -239,13 +247,23 @@ class Client:
     def get(self, keys) -> list[bytes]:
         return self.store.get(keys, owner=self.owner)
 
-    def pin(self, keys, ttl_s: float | None = None, session: str | None = None) -> int:
+    def pin(self, keys, ttl_s: float | None = None, session: str | None = None,
+            request: str | None = None) -> int:
         """As :meth:`RemoteClient.pin`; a session's pins live as long as this process."""
-        owner = self.owner if session is None else session_owner(session, ttl_s)
+        owner = self._owner(request) if session is None else _session_only(session, ttl_s, request)
         return self.store.pin(keys, owner=owner, ttl_s=ttl_s)
 
-    def unpin(self, keys, session: str | None = None) -> int:
-        return self.store.unpin(keys, owner=self.owner if session is None else session_name(session))
+    def unpin(self, keys, session: str | None = None, request: str | None = None) -> int:
+        """As :meth:`RemoteClient.unpin`: all or nothing."""
+        if session is None:
+            return self.store.unpin(keys, owner=self._owner(request))
+        if request is not None:
+            raise PinError("a pin belongs to a session or to a request, not both")
+        return self.store.unpin(keys, owner=session_name(session))
+
+    def release(self, request: str) -> int:
+        """Release every pin ``request`` holds (as :meth:`RemoteClient.release`)."""
+        return self.store.release_owner(request_owner(self.owner, request))["pins_released"]
 
     def evict(self, keys, tier=None) -> dict:
         """``Store.evict``; ``tier`` (a Tier or its name) drops only that tier's copies."""
@@ -266,6 +284,12 @@ class Client:
 
     def usage(self) -> list[dict]:
         return self.store.stats()["tiers"]
+
+
+def _session_only(session: str, ttl_s: float | None, request: str | None) -> str:
+    if request is not None:
+        raise PinError("a pin belongs to a session or to a request, not both")
+    return session_owner(session, ttl_s)
 
 
 def open_client(data_dir: str | os.PathLike | None = None, socket: str | os.PathLike | None = None,

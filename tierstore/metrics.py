@@ -24,6 +24,17 @@ Names (all prefixed ``tierstore_``)::
     evictions_total{tier}              counter
     checksum_failures_total            counter  NVMe records that failed verification on read
     stores_aborted_total               counter  store jobs aborted (client died, ok=False, shutdown)
+    tier_degraded{tier}                gauge    1 while the tier's recent I/O fails or it owes
+                                                metadata it could not commit (tiers/health.py)
+    tier_io_failures_total{tier,op,error} counter  failed I/Os: op write|fsync|meta|read|zero|grow,
+                                                error eio|enospc|einval|meta|oserror|compress|...
+    nvme_metadata_errors_total         counter  LMDB commits that failed (full/failing filesystem)
+    nvme_copies_skipped_total          counter  blocks left without an NVMe copy (write failed
+                                                after its retry, or no NVMe slot)
+    store_skipped_blocks_total{reason} counter  blocks a store answered SKIPPED: no_slot
+                                                (every victim pinned), write_queue (write-behind full)
+    write_behind_unwritten_bytes       gauge    bytes in DRAM still waiting for their NVMe copy
+    write_behind_failed_blocks_total   counter  queued blocks whose NVMe write was given up
     request_seconds{op}                histogram  daemon-side handling time per message type
     request_errors_total{op}           counter  requests answered with an error
     protocol_errors_total              counter  malformed frames
@@ -104,6 +115,39 @@ class _StoreCollector:
                                   value=c.get("checksum_failures", 0))
         yield CounterMetricFamily(PREFIX + "stores_aborted", "Store jobs aborted",
                                   value=c.get("stores_aborted", 0))
+        yield from _failure_families(s, c)
+
+
+def _failure_families(s: dict, c: dict):
+    """What fails, as series (issue 13 item 10): tier health, I/O failures, skipped blocks."""
+    degraded = GaugeMetricFamily(PREFIX + "tier_degraded",
+                                 "1 while the tier's recent I/O fails or it owes metadata",
+                                 labels=["tier"])
+    fails = CounterMetricFamily(PREFIX + "tier_io_failures", "Failed tier I/Os by operation "
+                                "and error", labels=["tier", "op", "error"])
+    for tier, h in sorted((s.get("health") or {}).get("tiers", {}).items()):
+        degraded.add_metric([tier], 0 if h.get("status") == "ok" else 1)
+        for name, n in sorted(h.get("failures", {}).items()):
+            op, _, err = name.partition("_")
+            fails.add_metric([tier, op, err], n)
+    yield degraded
+    yield fails
+    yield CounterMetricFamily(PREFIX + "nvme_metadata_errors", "LMDB commits that failed",
+                              value=c.get("nvme_meta_errors", 0))
+    yield CounterMetricFamily(PREFIX + "nvme_copies_skipped", "Blocks left without an NVMe copy",
+                              value=c.get("nvme_store_skipped", 0))
+    skipped = CounterMetricFamily(PREFIX + "store_skipped_blocks", "Blocks a store answered "
+                                  "SKIPPED, by reason", labels=["reason"])
+    skipped.add_metric(["no_slot"], c.get("store_skipped", 0))
+    skipped.add_metric(["write_queue"], c.get("store_skipped_write_queue", 0))
+    yield skipped
+    wb = s.get("write_behind") or {}
+    yield GaugeMetricFamily(PREFIX + "write_behind_unwritten_bytes",
+                            "Bytes in DRAM waiting for their NVMe copy",
+                            value=wb.get("unwritten_bytes", 0))
+    yield CounterMetricFamily(PREFIX + "write_behind_failed_blocks",
+                              "Queued blocks whose NVMe write was given up",
+                              value=wb.get("failed_blocks", 0))
 
 
 class _PeerCollector:

@@ -48,7 +48,7 @@ from typing import Callable, Iterable, Sequence
 from tierstore.config import StoreConfig
 from tierstore.errors import ConfigError, JobError, RejectedError
 from tierstore.index.prefix import longest_prefix, longest_prefix_tiers
-from tierstore.index.residency import NOWHERE, TIER_BY_VALUE, PinBook, Residency
+from tierstore.index.residency import NOWHERE, REQUEST_SEP, TIER_BY_VALUE, PinBook, Residency
 from tierstore.keys import Namespace
 from tierstore.moves import TierMoves
 from tierstore.policy import make_admission, make_eviction
@@ -63,6 +63,11 @@ log = logging.getLogger(__name__)
 LOCAL = "local"
 _HIT_COUNTER = {t: f"load_hits_{t.label}" for t in Tier}
 _NEAR = {**TIER_BY_VALUE, NOWHERE: None}   # Residency.near code -> nearest tier
+STALE_JOB_S = 600.0
+"""A job prepared longer ago than this (seconds) and never completed is reported by ``check``
+(its store keys answer PRESENT and never become visible; a load's pins hold its blocks) and
+aborted by ``check(fix=True)``: an embedded caller that lost a job has no connection whose end
+would abort it (issue 13 item 12, the kind)."""
 PUT_WAIT_S = 60.0
 """How long ``put`` (a bulk writer's convenience, never the engine's path) waits for room in
 the NVMe write-behind queue before blocks are SKIPPED."""
@@ -79,6 +84,7 @@ class _PendingStore:
     parent: BlockKey | None
     tier: Tier = Tier.DRAM
     budget: int = 0          # write-behind bytes reserved per OK block (0: none reserved)
+    started_s: float = 0.0   # the store's clock at prepare (check reports stale jobs)
 
 
 @dataclass
@@ -89,6 +95,7 @@ class _PendingLoad:
     sizes: list[int] = field(default_factory=list)
     result: LoadJob | None = None    # set once staged (at once, or by the loader thread)
     cancelled: bool = False          # complete_load came while the loader was still staging
+    started_s: float = 0.0           # the store's clock at prepare (check reports stale jobs)
 
 
 class Store(TierMoves):
@@ -111,6 +118,7 @@ class Store(TierMoves):
         self._nvme_touched: list[BlockKey] = []       # hits NVMe's policy has not seen yet
         self.res = Residency()
         self.pins = PinBook(self.res, clock=clock)
+        self._clock = clock
         self.tiers: dict[Tier, MemoryTier | DiskTier] = {Tier.DRAM: dram}
         self.policies: dict[Tier, EvictionPolicy] = {
             Tier.DRAM: make_eviction(config.dram.policy, dram.num_slots)}
@@ -156,26 +164,35 @@ class Store(TierMoves):
                                         shm_name=config.dram.shm_name)
         else:
             dram = NullTier(Tier.DRAM, config.dram.capacity_blocks, config.slot_bytes)
-        nvme = None
-        if config.nvme is not None and config.nvme.capacity_blocks > 0:
-            from tierstore.tiers.nvme import NvmeTier
+        nvme = hbm = None
+        try:   # a refused open gives back what it built (a DRAM slab in /dev/shm: issue 13 item 18)
+            if config.nvme is not None and config.nvme.capacity_blocks > 0:
+                from tierstore.tiers.nvme import NvmeTier
 
-            n = config.nvme
-            nvme = NvmeTier(n.path, n.capacity_blocks, config.slot_bytes, direct_io=n.direct_io,
-                            compression=n.compression, file_slots=n.file_slots)
-        hbm = None
-        if config.hbm is not None and config.hbm.capacity_blocks > 0:
-            if not config.dram.payload:
-                raise ConfigError("an hbm tier needs a DRAM tier that holds bytes")
-            from tierstore.tiers.hbm import HbmTier   # torch only where bytes meet a device
+                n = config.nvme
+                nvme = NvmeTier(n.path, n.capacity_blocks, config.slot_bytes,
+                                direct_io=n.direct_io, compression=n.compression,
+                                file_slots=n.file_slots)
+            if config.hbm is not None and config.hbm.capacity_blocks > 0:
+                if not config.dram.payload:
+                    raise ConfigError("an hbm tier needs a DRAM tier that holds bytes")
+                from tierstore.tiers.hbm import HbmTier   # torch only where bytes meet a device
 
-            hbm = HbmTier(config.hbm.capacity_blocks, dram.slot_bytes, device=config.hbm.device)
-            if hbm.device.type == "cuda":   # pinned once at start, never on the hot path
-                from tierstore.tiers.pinning import HostPinning, default_registrar, pin_buffer
-                hbm.host_pinning = HostPinning(default_registrar())
-                pin_buffer(hbm.host_pinning, dram.buffer, dram.capacity_bytes, dram.slot_bytes)
-            hbm.attach_dram(dram)
-        return cls(config, dram, nvme, hbm, clock=clock)
+                hbm = HbmTier(config.hbm.capacity_blocks, dram.slot_bytes, device=config.hbm.device)
+                if hbm.device.type == "cuda":   # pinned once at start, never on the hot path
+                    from tierstore.tiers.pinning import HostPinning, default_registrar, pin_buffer
+                    hbm.host_pinning = HostPinning(default_registrar())
+                    pin_buffer(hbm.host_pinning, dram.buffer, dram.capacity_bytes, dram.slot_bytes)
+                hbm.attach_dram(dram)
+            return cls(config, dram, nvme, hbm, clock=clock)
+        except BaseException:
+            for tier in (hbm, nvme, dram):
+                if tier is not None:
+                    try:
+                        tier.close()
+                    except Exception:   # the first error is the one to report
+                        log.exception("closing a tier of a store that failed to open")
+            raise
 
     def _recover_nvme(self, nvme: DiskTier) -> None:
         for digest, desc in nvme.namespaces().items():
@@ -261,21 +278,27 @@ class Store(TierMoves):
         return n
 
     def unpin(self, keys: Iterable[BlockKey], owner: str = LOCAL) -> int:
-        """Release one pin per key. Raises PinError on the first key ``owner`` holds no pin on;
-        pins released before it stay released (each release is individually valid)."""
-        n = 0
+        """Release one pin of ``owner`` per key, all or nothing: every key is checked before
+        any pin is released, so an unpin that names a key ``owner`` holds no pin on (its lease
+        expired, or it was released already) raises PinError and releases nothing (issue 13
+        item 14). Returns the number released."""
         with self._lock:
             self._expire()
-            for k in keys:
-                self.pins.unpin(owner, k)
-                n += 1
-        return n
+            return self.pins.unpin_all(owner, list(keys))
 
     def release_owner(self, owner: str) -> dict:
-        """A client went away: release its pins and abort its unfinished jobs."""
+        """A client went away: release its pins, the pins of every request under it
+        (``<owner>/req:<id>``, see :func:`~tierstore.index.residency.request_owner`) and abort
+        its unfinished jobs. Also the way to release one request's pins at once:
+        ``release_owner(request_owner(owner, id))``."""
         with self._lock:
             released = self.pins.release_owner(owner)
+            sub = owner + REQUEST_SEP
+            for o in [o for o in self.pins.owners() if o.startswith(sub)]:
+                released += self.pins.release_owner(o)
             aborted = 0
+            if self._wb is not None:
+                self._wb.forget_owner(owner)
             for jid in [j for j, p in self._stores.items() if p.owner == owner]:
                 self.complete_store(jid, ok=False)
                 aborted += 1
@@ -363,7 +386,8 @@ class Store(TierMoves):
             self._pending_keys.update(seen)
             jid = next(self._job_ids)
             self._stores[jid] = _PendingStore(owner, ns_id, size_bytes, list(keys), slots, status,
-                                              parent, tier, size_bytes if wb is not None else 0)
+                                              parent, tier, size_bytes if wb is not None else 0,
+                                              self._clock())
             return StoreJob(jid, list(keys), slots, status, size_bytes, tier)
 
     def complete_store(self, job_id: int, ok: bool | Sequence[bool] = True,
@@ -420,7 +444,7 @@ class Store(TierMoves):
                     if len(admitted) < len(new):
                         self.counters["nvme_admission_rejects"] += len(new) - len(admitted)
                         self._wb.release(job.budget * (len(new) - len(admitted)))
-                    self._wb.accept(admitted, reserved=True)
+                    self._wb.accept(admitted, reserved=True, owner=job.owner)
             if failed and not any(oks):
                 self.counters["stores_aborted"] += 1
             elif failed:
@@ -451,15 +475,16 @@ class Store(TierMoves):
             for k in touched:
                 pol.access(k)
 
-    def flush(self, timeout_s: float | None = None) -> bool:
+    def flush(self, timeout_s: float | None = None, owner: str = LOCAL) -> bool:
         """Wait until every block stored before this call has its NVMe copy written (record,
-        ``fdatasync``, LMDB commit) or was given up (a failed write, or evicted from DRAM before
-        its turn: both counted). True when done, False when ``timeout_s`` (seconds) ran out. A
-        store without NVMe returns True at once."""
+        ``fdatasync``, LMDB commit) or was given up (a failed write: counted). True when every
+        block ``owner`` stored (since its previous flush) got its copy; False when one did not
+        (its write failed, also before this call) or ``timeout_s`` (seconds) ran out. A store
+        without NVMe returns True at once."""
         with self._lock:
             if self._wb is None:
                 return True
-            return self._wb.flush(timeout_s)
+            return self._wb.flush(timeout_s, owner=owner)
 
     # ---------------------------------------------------------------- load
     def prepare_load(self, keys: Sequence[BlockKey], *, owner: str = LOCAL,
@@ -490,7 +515,7 @@ class Store(TierMoves):
             jid = next(self._job_ids)
             pin_owner = f"job:{jid}"
             self.pins.pin_many(pin_owner, keys[: len(hs)], hs)
-            pl = _PendingLoad(owner, list(keys[: len(hs)]), pin_owner)
+            pl = _PendingLoad(owner, list(keys[: len(hs)]), pin_owner, started_s=self._clock())
             self._loads[jid] = pl
             if wait or not self._needs_staging(hs, into):
                 return self._stage_load(jid, pl, list(keys), into, unlocked_io=wait)
@@ -844,6 +869,7 @@ class Store(TierMoves):
                 for name, v in dict(getattr(tier, "counters", {})).items():
                     c[f"{t.label}_{name}"] = v
             return {
+                "health": self._health(),
                 "blocks": len(self.res),
                 "pinned_blocks": sum(1 for _, h in self.res.handles() if self.res.pins[h]),
                 "pins": self.pins.total(),
@@ -855,9 +881,22 @@ class Store(TierMoves):
                 "counters": c,
             }
 
+    def _health(self) -> dict:
+        """``{"status": "ok" | "degraded", "tiers": {label: TierHealth snapshot}}``: a tier is
+        degraded while its recent I/O fails or it owes work it could not do (tiers/health.py).
+        Tiers without I/O of their own (dram, hbm) are always ok."""
+        tiers = {}
+        for t, tier in self.tiers.items():
+            h = getattr(tier, "health", None)
+            tiers[t.label] = h.snapshot() if h is not None else {"status": "ok", "reason": ""}
+        bad = any(v["status"] != "ok" for v in tiers.values())
+        return {"status": "degraded" if bad else "ok", "tiers": tiers}
+
     def check(self, fix: bool = False) -> list[str]:
         """Verify the invariants (index vs tiers vs pins) and, with NVMe, every record's header
-        and checksum. Returns one line per problem; ``fix`` repairs what can be repaired."""
+        and checksum; a failing tier (its latest I/O failed, probed again here, or it owes
+        metadata it could not commit: tiers/health.py) is a problem too. Returns one line per
+        problem; ``fix`` repairs what can be repaired (a failing disk is not among it)."""
         problems: list[str] = []
         with self._lock:
             for k, h in self.res.handles():
@@ -882,6 +921,7 @@ class Store(TierMoves):
                                     f"index holds {n_index}")
             if self.pins.total() != sum(self.res.pins[h] for _, h in self.res.handles()):
                 problems.append("pin ledger and pin counts disagree")
+            problems.extend(self._stale_jobs(fix))
             nvme = self.tiers.get(Tier.NVME)
             if nvme is not None:
                 problems.extend(self._recovery_problems(nvme))
@@ -890,7 +930,32 @@ class Store(TierMoves):
                 problems.extend(f"nvme: {p}" for p in disk)
                 if fix and disk:
                     self._resync_nvme()
+            for t, tier in self.tiers.items():   # after nvme.check settled and probed
+                h = getattr(tier, "health", None)
+                if h is not None and h.failing:
+                    problems.append(f"{t.label}: failing: {h.snapshot()['reason']}")
         return problems
+
+    def _stale_jobs(self, fix: bool) -> list[str]:
+        """Jobs prepared more than STALE_JOB_S ago and never completed (with ``fix``: aborted)."""
+        now = self._clock()
+        out = []
+        for jid, j in list(self._stores.items()):
+            age = now - j.started_s
+            if age > STALE_JOB_S:
+                n = sum(st is BlockStatus.OK for st in j.status)
+                out.append(f"store job {jid} of {j.owner} pending for {age:.0f} s: its {n} "
+                           "blocks answer PRESENT and never become visible")
+                if fix:
+                    self.complete_store(jid, ok=False)
+        for jid, j in list(self._loads.items()):
+            age = now - j.started_s
+            if age > STALE_JOB_S and j.result is not None:
+                out.append(f"load job {jid} of {j.owner} pending for {age:.0f} s: it pins "
+                           f"{len(j.keys)} blocks")
+                if fix:
+                    self.complete_load(jid, ok=False)
+        return out
 
     def _recovery_problems(self, nvme: DiskTier) -> list[str]:
         """What start-up recovery had to drop, reported by the first check after open: committed

@@ -22,8 +22,11 @@ before the call has its copy written (record, ``fdatasync``, LMDB commit) or its
   the thread got to them); at most ``max_queue_bytes`` are in flight at any time. A clean
   ``Store.close`` drains the queue first.
 - **Failures.** A write that fails (EIO, EINVAL, ENOSPC after one retry with an NVMe victim
-  evicted) leaves the block in DRAM without an NVMe copy and counts it
-  (``nvme_write_<error>``, ``nvme_store_skipped``); ``flush`` then returns False.
+  evicted, ``meta``: the LMDB commit) leaves the block in DRAM without an NVMe copy and counts
+  it (``nvme_write_<error>``, ``nvme_store_skipped``, the tier's health: tiers/health.py); the
+  next ``flush`` of the owner that stored it returns False, also when the write failed before
+  that call (failed acceptance numbers are kept per owner until its flush reports them, and
+  dropped when the owner goes: ``forget_owner``).
 
 Threading: one thread, ``tierstore-flush``, started by the first :meth:`accept` and stopped by
 :meth:`stop` (``Store.close``). Every method but the thread's loop is called with the store's
@@ -54,6 +57,43 @@ FLUSH_OWNER = "move:flush"
 ``conn:``/``session:``/``job:``)."""
 
 
+class _Failed:
+    """Acceptance numbers of one owner's failed writes not yet reported by its flush. At most
+    ``cap`` are kept one by one; beyond, they fold into a range ``[lo, hi]`` that is reported
+    conservatively (a flush may hear of a failure in its range that was not its own, never miss
+    one), so an owner that never flushes costs bounded memory while its writes keep failing."""
+
+    def __init__(self, cap: int = 1024) -> None:
+        self.cap = cap
+        self.seqs: list[int] = []
+        self.lo = self.hi = 0            # the folded range; lo == 0: none
+
+    def add(self, seq: int) -> None:
+        if len(self.seqs) < self.cap:
+            self.seqs.append(seq)
+            return
+        first = min(min(self.seqs), seq)
+        self.lo = first if not self.lo else min(self.lo, first)
+        self.hi = max(self.hi, seq, max(self.seqs))
+        self.seqs = []
+
+    def report(self, target: int) -> bool:
+        """Whether a failure numbered <= ``target`` is pending; forgets those."""
+        bad = any(q <= target for q in self.seqs)
+        self.seqs = [q for q in self.seqs if q > target]
+        if self.lo and self.lo <= target:
+            bad = True
+            if self.hi <= target:
+                self.lo = self.hi = 0
+            else:
+                self.lo = target + 1
+        return bad
+
+    @property
+    def empty(self) -> bool:
+        return not self.seqs and not self.lo
+
+
 class WriteBehind:
     """The flusher of one :class:`~tierstore.store.Store` (see the module docstring).
 
@@ -71,6 +111,8 @@ class WriteBehind:
         self._queue: deque[tuple[BlockKey, int]] = deque()   # (key, bytes): pinned, waiting
         self._inflight: dict[BlockKey, int] = {}              # being written now (still pinned)
         self._seq: dict[BlockKey, int] = {}                   # pending key -> acceptance number
+        self._owner: dict[BlockKey, str] = {}                 # pending key -> who stored it
+        self._fails: dict[str, _Failed] = {}     # owner -> acceptance numbers of failed writes
         self._budget_bytes = 0        # queued + in flight + reserved by prepared stores
         self._accepted = 0
         self._failed = 0              # writes given up (the block stays in DRAM, uncopied)
@@ -107,11 +149,13 @@ class WriteBehind:
         self._budget_bytes = max(0, self._budget_bytes - nbytes)
         self._cv.notify_all()
 
-    def accept(self, keys: Iterable[BlockKey], *, reserved: bool = False) -> int:
+    def accept(self, keys: Iterable[BlockKey], *, reserved: bool = False,
+               owner: str | None = None) -> int:
         """Queue DRAM-resident blocks whose NVMe copy is to be written; returns how many were
         queued. ``reserved``: their bytes were reserved by :meth:`reserve` (a store); otherwise
-        (blocks moved down from HBM) they are added to the budget on top. A key already pending,
-        not in DRAM, or already on NVMe is not queued (its reservation is released)."""
+        (blocks moved down from HBM) they are added to the budget on top. ``owner``: who stored
+        them (its :meth:`flush` hears of their failed writes). A key already pending, not in
+        DRAM, or already on NVMe is not queued (its reservation is released)."""
         s = self._s
         n = 0
         for k in keys:
@@ -126,6 +170,8 @@ class WriteBehind:
                 self._budget_bytes += size
             self._accepted += 1
             self._seq[k] = self._accepted
+            if owner is not None:
+                self._owner[k] = owner
             s.pins.pin(FLUSH_OWNER, k)
             self._queue.append((k, size))
             n += 1
@@ -145,10 +191,13 @@ class WriteBehind:
                 "unwritten_bytes": self._budget_bytes, "max_queue_bytes": self.max_queue_bytes,
                 "accepted_blocks": self._accepted, "failed_blocks": self._failed}
 
-    def flush(self, timeout_s: float | None = None) -> bool:
+    def flush(self, timeout_s: float | None = None, owner: str | None = None) -> bool:
         """Wait until every block accepted before this call is written or its write failed.
-        True when all of them were written; False when one failed, or ``timeout_s`` (seconds)
-        ran out first. Releases the store lock while it waits (a condition on it)."""
+        True when every block ``owner`` stored before this call and not yet reported by an
+        earlier flush of its own was written (``owner`` None: of everybody, failures since this
+        call); False when one of them failed (also when it failed before this call: a block
+        is never acknowledged durable without its copy, issue 13 item 11), or ``timeout_s``
+        (seconds) ran out first. Releases the store lock while it waits (a condition on it)."""
         target = self._accepted
         failed_before = self._failed
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
@@ -163,7 +212,19 @@ class WriteBehind:
             if left is not None and left <= 0:
                 return False
             self._cv.wait(left if left is not None else 1.0)
-        return self._failed == failed_before
+        if owner is None:
+            return self._failed == failed_before
+        mine = self._fails.get(owner)
+        if mine is None:
+            return True
+        bad = mine.report(target)
+        if mine.empty:
+            del self._fails[owner]
+        return not bad
+
+    def forget_owner(self, owner: str) -> None:
+        """``owner`` went away: nobody will ask about its failed writes any more."""
+        self._fails.pop(owner, None)
 
     def stop(self) -> None:
         """Drain the queue, then end the thread. Called with the store lock held (Store.close);
@@ -209,10 +270,13 @@ class WriteBehind:
                 s.pins.unpin(FLUSH_OWNER, k)
             except PinError:   # the block was dropped for good meanwhile (pins forgotten)
                 pass
-            self._seq.pop(k, None)
+            seq = self._seq.pop(k, None)
+            owner = self._owner.pop(k, None)
             h = s.res.get(k)
             if h < 0 or s.res.slot(h, Tier.NVME) < 0:
                 self._failed += 1
+                if owner is not None and seq is not None:
+                    self._fails.setdefault(owner, _Failed()).add(seq)
         self._cv.notify_all()
 
     def _run(self) -> None:
@@ -228,8 +292,11 @@ class WriteBehind:
                     written = s._flush_batch(batch)
                     s.counters["nvme_flushed_blocks"] += written
                     s.counters["nvme_flush_batches"] += 1
-                except Exception:   # never let the thread die: the blocks stay in DRAM
+                except Exception as e:   # never let the thread die: the blocks stay in DRAM
                     log.exception("write-behind: a batch of %d blocks failed", len(batch))
                     s.counters["nvme_flush_errors"] += 1
+                    health = getattr(s.tiers.get(Tier.NVME), "health", None)
+                    if health is not None:   # a failing tier shows, whatever raised
+                        health.fail("write", "internal", f"{type(e).__name__}: {e}")
                 finally:
                     self._done(batch)

@@ -20,7 +20,8 @@ fingerprint differs from the daemon's is refused with ConfigError.
 Connection loss: pins and unfinished jobs belong to the connection, and the daemon releases them
 when it drops. A call that loses the connection raises DaemonUnreachable (read-only calls retry
 once on a fresh connection first); the next call reconnects (after a daemon restart: a new slab
-is mapped; views from the old mapping stay valid memory but are no longer the store's).
+is mapped; views from the old mapping stay valid memory but are no longer the store's). The same
+holds after ``close``: a mapping lives as long as any view of it (never SIGSEGV, issue 13 item 15).
 
 Threading: one request at a time per client (a lock around each request/reply pair); slot views
 may be used from any thread while their job's pin or reservation holds.
@@ -143,18 +144,14 @@ class RemoteClient:
         self._stride = int(info["slot_stride"])
 
     def _unmap(self) -> None:
-        if self._buf is not None:
-            try:
-                self._buf.release()
-            except BufferError:   # a caller (e.g. a torch tensor over the slab) still holds it:
-                pass              # leave the old mapping to the garbage collector
-            self._buf = None
-        if self._mm is not None:
-            try:
-                self._mm.close()
-            except BufferError:   # a caller still holds a slot view: the mapping dies with it
-                pass
-            self._mm = None
+        """Forget the mapping; never unmap it here. Views handed out (``slot_view`` slices,
+        ``slab()``'s buffer, a ``torch.frombuffer`` tensor over it: torch keeps a reference to
+        the buffer object, not a buffer export) keep the mapping alive, and it is unmapped when
+        the last of them goes: a view used after ``close`` reads or writes memory that is no
+        longer the daemon's slab, never an unmapped page (issue 13 item 15: closing the mmap
+        under a torch tensor killed the process with SIGSEGV)."""
+        self._buf = None
+        self._mm = None
 
     def _drop(self) -> None:
         if self._sock is not None:
@@ -261,15 +258,25 @@ class RemoteClient:
     def owner(self) -> str:
         return str(self.info.get("owner", ""))
 
+    def _pin_owner(self, request: str | None) -> str:
+        from tierstore.index.residency import request_owner
+        return self.owner if request is None else request_owner(self.owner, request)
+
     # ---------------------------------------------------------------- store API
     def lookup(self, keys: Sequence[BlockKey], namespace: Namespace, *, pin: bool = False,
-               ttl_s: float | None = None, peers: bool = False) -> LookupResult:
+               ttl_s: float | None = None, peers: bool = False,
+               request: str | None = None) -> LookupResult:
         """Longest cached prefix of ``keys``. With ``peers=True`` the daemon also asks its peers
         (one batched RPC each) and the answer is a
         :class:`tierstore.daemon.peers.ClusterLookup`: the same fields plus ``locations``
         (``Location(tier, peer)`` per hit block), ``local_blocks`` and ``by_peer()``; ``pin``
-        pins only the local part."""
+        pins only the local part. ``request`` (e.g. the engine's request id): the pins belong to
+        that request of this connection, so releasing it (``unpin(..., request=)``,
+        :meth:`release`) never takes another request's pins on a shared prefix; all of them
+        still go when the connection closes."""
         body = {"keys": pack_keys(keys), "ns": self._ns(namespace), "pin": pin, "ttl_s": ttl_s}
+        if request is not None:
+            body["request"] = request
         if peers:
             from tierstore.daemon.peers import ClusterLookup, decode_locations
 
@@ -277,7 +284,7 @@ class RemoteClient:
             r = self._call(MsgType.LOOKUP, body, idempotent=not pin)
             local, locs = decode_locations(r)
             return ClusterLookup(tuple(keys[:len(locs)]), tuple(locs), namespace.block_size,
-                                 local, pinned=pin, owner=self.owner)
+                                 local, pinned=pin, owner=self._pin_owner(request))
         r = self._call(MsgType.LOOKUP, body, idempotent=not pin)
         n = int(r["n"])
         tb = r["tiers"]
@@ -286,7 +293,7 @@ class RemoteClient:
         else:
             tiers = tuple(map(_TIERS.__getitem__, tb))
         return LookupResult(tuple(keys[:n]), tiers,
-                            namespace.block_size, pinned=pin, owner=self.owner)
+                            namespace.block_size, pinned=pin, owner=self._pin_owner(request))
 
     def prepare_store(self, keys: Sequence[BlockKey], namespace: Namespace, size_bytes: int,
                       parent: BlockKey | None = None, wait_s: float = 0.0) -> StoreJob:
@@ -419,22 +426,34 @@ class RemoteClient:
             self.complete_load(job.job_id)
 
     def pin(self, keys: Sequence[BlockKey], ttl_s: float | None = None,
-            session: str | None = None) -> int:
+            session: str | None = None, request: str | None = None) -> int:
         """Pin resident ``keys``; returns how many were pinned. Without ``session`` the pins
-        belong to this connection (gone when it closes); with one they belong to
-        ``session:<session>``, outlive the connection and need ``ttl_s`` (PinError without)."""
+        belong to this connection (gone when it closes), or to one ``request`` of it (see
+        :meth:`lookup`); with ``session`` they belong to ``session:<session>``, outlive the
+        connection and need ``ttl_s`` (PinError without)."""
         body = {"keys": pack_keys(keys), "ttl_s": ttl_s}
         if session is not None:
             body["session"] = session
+        if request is not None:
+            body["request"] = request
         return int(self._call(MsgType.PIN, body)["n"])
 
-    def unpin(self, keys: Sequence[BlockKey], session: str | None = None) -> int:
-        """Release one pin per key of this connection, or of ``session``. PinError for a key
-        the owner holds no pin on (the keys before it stay released)."""
+    def unpin(self, keys: Sequence[BlockKey], session: str | None = None,
+              request: str | None = None) -> int:
+        """Release one pin per key of this connection, of one ``request`` of it, or of
+        ``session``. All or nothing: PinError when the owner holds no pin on one of the keys
+        (a lease ran out), and then nothing is released."""
         body = {"keys": pack_keys(keys)}
         if session is not None:
             body["session"] = session
+        if request is not None:
+            body["request"] = request
         return int(self._call(MsgType.UNPIN, body)["n"])
+
+    def release(self, request: str) -> int:
+        """Release every pin ``request`` (of this connection) still holds; returns how many.
+        Pins whose lease ran out are simply gone: no error."""
+        return int(self._call(MsgType.RELEASE, {"request": request})["n"])
 
     def evict(self, keys: Sequence[BlockKey], tier: Tier | str | None = None) -> dict:
         """``Store.evict``; ``tier`` drops only that tier's copies of blocks held elsewhere too."""
@@ -461,7 +480,8 @@ class RemoteClient:
 
     # ---------------------------------------------------------------- peers
     def fetch_remote(self, keys: Sequence[BlockKey], namespace: Namespace, *, pin: bool = False,
-                     ttl_s: float | None = None, detail: bool = False) -> int | dict:
+                     ttl_s: float | None = None, detail: bool = False,
+                     request: str | None = None) -> int | dict:
         """Pull the blocks of ``keys`` this node lacks from the nearest peers into the daemon's
         DRAM; returns how many blocks of ``keys`` are now local (a prefix), or with ``detail``
         the daemon's ``{n, fetched, sources, errors[, pinned]}``. ``pin``: the local prefix is
@@ -469,8 +489,10 @@ class RemoteClient:
         ``prepare_load``. Raises TransferFailed when a peer failed mid-read and no other peer
         covered its part (nothing partial became visible). Blocks for the whole transfer: use
         a client of its own from a side thread when the caller must not wait."""
-        r = self._call(MsgType.FETCH_REMOTE, {"keys": pack_keys(keys), "ns": self._ns(namespace),
-                                              "pin": pin, "ttl_s": ttl_s}, idempotent=not pin)
+        body = {"keys": pack_keys(keys), "ns": self._ns(namespace), "pin": pin, "ttl_s": ttl_s}
+        if request is not None:   # the pins belong to that request (see lookup)
+            body["request"] = request
+        r = self._call(MsgType.FETCH_REMOTE, body, idempotent=not pin)
         return r if detail else int(r["n"])
 
     def peers(self, probe: bool = False) -> dict:

@@ -4,9 +4,12 @@ What it owns::
 
     <data_dir>/lock, store.json, secret, nvme/      through Client.embedded (the data-dir lock:
                                                     a second daemon gets DataDirBusy)
-    /dev/shm/tierstore-<dirhash>-<pid>-<rand>       the DRAM slab (mode 0600); unlinked on stop;
-                                                    leftovers of a crashed daemon on the same data
-                                                    dir are unlinked at start (the lock proves them stale)
+    /dev/shm/tierstore-<dirhash>-<pid>-<rand>       the DRAM slab (mode 0600), its memory reserved
+                                                    at start (a /dev/shm too small refuses the start
+                                                    with a ConfigError naming it); unlinked on stop
+                                                    and by a refused start; leftovers of a crashed
+                                                    daemon on the same data dir are unlinked at
+                                                    start (the lock proves them stale)
     <socket>                                        mode 0600, its directory 0700
     <pid_file>                                      optional; removed on a clean stop
 
@@ -22,8 +25,12 @@ Threading (every thread is owned by :class:`DaemonServer`)::
                      (DaemonPeers), started after the store and stopped before it closes
 
 Connections and ownership: each connection is one owner (``conn-<n>-pid<peer pid>``). Pins taken
-by its lookups/pins and its unfinished jobs belong to it; when the connection closes or dies
-(EOF, reset, kill -9 of the client), ``store.release_owner(owner)`` releases the pins and aborts
+by its lookups/pins and its unfinished jobs belong to it. A request that names ``request`` (LOOKUP,
+PIN, UNPIN, FETCH_REMOTE; an engine's request id) pins for ``<owner>/req:<request>`` instead: one
+request's release never takes another's pins on a shared prefix (issue 13 item 14), and RELEASE
+drops all of one request's pins at once. When the connection closes or dies
+(EOF, reset, kill -9 of the client), ``store.release_owner(owner)`` releases the pins (its
+requests' too) and aborts
 the unfinished stores (their slots are freed, nothing becomes visible) and loads. A connection may
 complete only its own jobs.
 
@@ -64,13 +71,17 @@ Requests (body fields; ``keys`` per tierstore.protocol.codec.pack_keys; ``ns`` =
     COMPLETE_LOADS {jobs [int], ok}                 -> {}
     PREPARE_STORES {specs [{keys, ns, size, parent}]} -> {jobs [{job, slots, status}]}
     COMPLETE_STORES {answers [[job, ok]]}           -> {status [[str]]}
-    FLUSH          {timeout_s}                      -> {done: bool}  (every stored block's NVMe
-                                                       copy written; false: timeout or a failed
-                                                       write)
-    PIN / UNPIN    {keys, ttl_s[, session]}         -> {n}; with ``session`` the pins belong to
-                                                       ``session:<NAME>``, not the connection:
+    FLUSH          {timeout_s}                      -> {done: bool}  (every block this connection
+                                                       stored has its NVMe copy; false: timeout,
+                                                       or one of its writes failed, also one that
+                                                       failed before this call)
+    PIN / UNPIN    {keys, ttl_s[, session | request]} -> {n}; with ``session`` the pins belong
+                                                       to ``session:<NAME>``, not the connection:
                                                        they outlive it, go by TTL (required) or
-                                                       UNPIN {keys, session}
+                                                       UNPIN {keys, session}. UNPIN is all or
+                                                       nothing: a key without a pin of that
+                                                       owner -> PinError, nothing released
+    RELEASE        {request}                        -> {n}: every pin of that request goes
     EVICT          {keys, tier}                     -> {evicted, pinned, missing[, not_in_tier,
                                                        only_copy]}; tier: only that tier's copies
     STATS          {}                               -> Store.stats() + {"daemon": {...}}
@@ -119,9 +130,9 @@ from typing import Any, Callable
 
 from tierstore import __version__
 from tierstore.client import Client
-from tierstore.errors import (ConfigError, JobError, ProtocolError, RejectedError, RetryLater,
-                              TierStoreError)
-from tierstore.index.residency import session_name, session_owner
+from tierstore.errors import (ConfigError, JobError, PinError, ProtocolError, RejectedError,
+                              RetryLater, TierStoreError)
+from tierstore.index.residency import request_owner, session_name, session_owner
 from tierstore.keys import SECRET_ENV, SECRET_FILE_ENV, Namespace, secret_id
 from tierstore.metrics import DaemonMetrics
 from tierstore.protocol.codec import (FLAG_ERROR, FLAG_REPLY, PROTOCOL_VERSION, FrameError,
@@ -262,6 +273,7 @@ class DaemonServer:
             MsgType.WAIT_LOAD: self._h_wait_load, MsgType.COMPLETE_LOADS: self._h_complete_loads,
             MsgType.PREPARE_STORES: self._h_prepare_stores,
             MsgType.COMPLETE_STORES: self._h_complete_stores, MsgType.FLUSH: self._h_flush,
+            MsgType.RELEASE: self._h_release,
         }
 
     # ------------------------------------------------------------------ lifecycle
@@ -272,7 +284,11 @@ class DaemonServer:
             self.data_dir.mkdir(mode=0o700, parents=True)
         prefix = shm_prefix(self.data_dir)
         self.shm_name = f"{prefix}{os.getpid()}-{secrets.token_hex(4)}"
-        self.client = Client.embedded(self.data_dir, s.store, shm_name=self.shm_name)
+        try:
+            self.client = Client.embedded(self.data_dir, s.store, shm_name=self.shm_name)
+        except BaseException:
+            self._unlink_own_shm()
+            raise
         try:
             stale = _cleanup_stale_shm(prefix, keep=self.shm_name)
             if stale:
@@ -304,10 +320,22 @@ class DaemonServer:
         except BaseException:
             self._stop_peers()
             self._close_store()
+            self._unlink_own_shm()
             raise
         log.info("tierstore daemon %s serving %s on %s (shm %s, %d slots of %d bytes)",
                  __version__, self.data_dir, self.socket_path, self.shm_name,
                  self._hello["num_slots"], self._hello["slot_stride"])
+
+    def _unlink_own_shm(self) -> None:
+        """A refused start leaves no slab behind (issue 13 item 18: a unit restarting every 2 s
+        filled /dev/shm). Only this daemon's own name: another daemon's slab is never touched."""
+        if self.shm_name:
+            try:
+                os.unlink(os.path.join(SHM_DIR, self.shm_name))
+            except FileNotFoundError:
+                pass
+            except OSError as e:
+                log.warning("cannot remove this daemon's slab %s: %s", self.shm_name, e)
 
     def _make_hello(self) -> dict:
         dram = self.store.tiers[Tier.DRAM]
@@ -551,7 +579,7 @@ class DaemonServer:
         keys = unpack_keys(body["keys"])
         if body.get("peers"):
             return self._lookup_peers(conn, keys, body, pin)
-        r = self.store.lookup(keys, _namespace(body["ns"]), pin=pin, owner=conn.owner,
+        r = self.store.lookup(keys, _namespace(body["ns"]), pin=pin, owner=_owner(conn, body),
                               ttl_s=_opt_float(body.get("ttl_s")))
         tiers = bytes(r.tiers)
         if tiers:
@@ -560,10 +588,11 @@ class DaemonServer:
 
     def _lookup_peers(self, conn: _Conn, keys: list, body: dict, pin: bool) -> dict:
         ns, ttl_s = _namespace(body["ns"]), _opt_float(body.get("ttl_s"))
+        owner = _owner(conn, body)
         if self.peers is None:
-            r = self.store.lookup(keys, ns, pin=pin, owner=conn.owner, ttl_s=ttl_s)
+            r = self.store.lookup(keys, ns, pin=pin, owner=owner, ttl_s=ttl_s)
             return {"n": r.num_blocks, "local": r.num_blocks, "tiers": bytes(r.tiers), "remote": []}
-        out = self.peers.locate(keys, ns, pin=pin, owner=conn.owner, ttl_s=ttl_s)
+        out = self.peers.locate(keys, ns, pin=pin, owner=owner, ttl_s=ttl_s)
         if out["local"]:
             self.metrics.count_lookup_hits(out["tiers"][:out["local"]], _tier_label)
         return out
@@ -577,7 +606,7 @@ class DaemonServer:
         else:
             out = self.peers.fetch(keys, ns)
         if body.get("pin") and out["n"]:   # hold the now-local prefix for this connection
-            out["pinned"] = self.store.pin(keys[:out["n"]], owner=conn.owner,
+            out["pinned"] = self.store.pin(keys[:out["n"]], owner=_owner(conn, body),
                                            ttl_s=_opt_float(body.get("ttl_s")))
         return out
 
@@ -683,19 +712,26 @@ class DaemonServer:
         return {}
 
     def _h_flush(self, conn: _Conn, body: dict) -> dict:
-        return {"done": self.store.flush(_wait_s(body.get("timeout_s"), default=MAX_WAIT_S))}
+        return {"done": self.store.flush(_wait_s(body.get("timeout_s"), default=MAX_WAIT_S),
+                                         owner=conn.owner)}
 
     def _h_pin(self, conn: _Conn, body: dict) -> dict:
         self._refuse_when_draining()
         ttl_s = _opt_float(body.get("ttl_s"))
         session = body.get("session")   # named session: the pins outlive this connection
-        owner = conn.owner if session is None else session_owner(session, ttl_s)
+        owner = _owner(conn, body) if session is None else session_owner(session, ttl_s)
         return {"n": self.store.pin(unpack_keys(body["keys"]), owner=owner, ttl_s=ttl_s)}
 
     def _h_unpin(self, conn: _Conn, body: dict) -> dict:
         session = body.get("session")
-        owner = conn.owner if session is None else session_name(session)
+        owner = _owner(conn, body) if session is None else session_name(session)
         return {"n": self.store.unpin(unpack_keys(body["keys"]), owner=owner)}
+
+    def _h_release(self, conn: _Conn, body: dict) -> dict:
+        owner = _owner(conn, body)
+        if owner == conn.owner:
+            raise ProtocolError("release needs a request")
+        return {"n": self.store.release_owner(owner)["pins_released"]}
 
     def _h_evict(self, conn: _Conn, body: dict) -> dict:
         tier = body.get("tier")
@@ -733,6 +769,17 @@ class DaemonServer:
         log.info("%s asked the daemon to stop", conn.owner)
         self.request_stop()
         return {"stopping": True, "pid": os.getpid()}
+
+
+def _owner(conn: _Conn, body: dict) -> str:
+    """The pin owner a request names: the connection, or one request under it (``request``
+    given, and no ``session``)."""
+    request = body.get("request")
+    if request is None:
+        return conn.owner
+    if body.get("session") is not None:
+        raise PinError("a pin belongs to a session or to a request, not both")
+    return request_owner(conn.owner, request)
 
 
 def _wait_s(v: Any, default: float = 0.0) -> float:

@@ -147,6 +147,22 @@ class Residency:
 
 SESSION_PREFIX = "session:"
 SESSION_NAME_MAX = 128
+REQUEST_SEP = "/req:"
+REQUEST_NAME_MAX = 256
+
+
+def request_owner(owner: str, request: str) -> str:
+    """The pin owner of one request of ``owner`` (a connection, or the embedded client):
+    ``<owner>/req:<request>``. Each request's pins are its own: releasing request A never touches
+    request B's pins on a shared prefix (issue 13 item 14), and releasing ``owner``
+    (``Store.release_owner``: the connection went away) releases every request under it.
+    ``request``: 1-256 printable characters, no spaces (an engine's request id). Raises
+    PinError."""
+    if not isinstance(request, str) or not 0 < len(request) <= REQUEST_NAME_MAX \
+            or not request.isprintable() or any(c.isspace() for c in request):
+        raise PinError(f"bad request name {request!r}: 1-{REQUEST_NAME_MAX} printable "
+                       "characters, no spaces")
+    return owner + REQUEST_SEP + request
 
 
 def session_owner(session: str, ttl_s: float | None) -> str:
@@ -265,6 +281,23 @@ class PinBook:
         if live is not None and len(live) >= n:   # every pin has a TTL: release the nearest
             seq = min(live, key=live.__getitem__)
         self._release_one(owner, key, seq)
+
+    def unpin_all(self, owner: str, keys) -> int:
+        """Release one pin of ``owner`` per key of ``keys`` (a key listed twice releases two),
+        all or nothing: when the owner lacks a pin for any of them, PinError names how many and
+        nothing is released. Returns the pins released."""
+        want: dict[BlockKey, int] = {}
+        for k in keys:
+            want[k] = want.get(k, 0) + 1
+        held = self._by_owner.get(owner, {})
+        short = sum(n - held.get(k, 0) for k, n in want.items() if held.get(k, 0) < n)
+        if short:
+            raise PinError(f"owner {owner!r} holds no pin for {short} of the {sum(want.values())} "
+                           "keys to unpin; nothing was released")
+        for k, n in want.items():
+            for _ in range(n):
+                self.unpin(owner, k)
+        return sum(want.values())
 
     def _drop_ttls(self, owner: str, key: BlockKey) -> None:
         live = self._ttl.pop((owner, key), None)

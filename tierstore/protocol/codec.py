@@ -83,6 +83,7 @@ class MsgType(enum.IntEnum):
     COMPLETE_STORES = 23
     FLUSH = 24          # wait until every stored block has its NVMe copy
     WAIT_LOAD = 25      # block until one load job is staged (bounded)
+    RELEASE = 26        # release every pin one request of this connection holds
 
 
 _TYPES = {int(t) for t in MsgType}

@@ -3,7 +3,9 @@
 Layout: slot ``i`` occupies bytes ``[i * slot_bytes, (i + 1) * slot_bytes)`` of one mapping.
 ``slot_bytes`` is rounded up to 4096 so every slot is page aligned (O_DIRECT writes straight from
 the slab). The mapping is anonymous (in-process store) or a POSIX shared-memory object
-(``shm_name``, daemon mode: clients map the same pages and copy blocks in place). Pre-faulting
+(``shm_name``, daemon mode: clients map the same pages and copy blocks in place; its memory is
+reserved at start with ``posix_fallocate``, so a /dev/shm too small for it refuses the start
+with a message instead of a client's SIGBUS later). Pre-faulting
 touches every page at start: first touch costs ~8x a copy (MACHINE.md §4a), so it never happens
 on the hot path. No allocation per put or get.
 
@@ -14,6 +16,7 @@ Single-threaded accounting; byte copies into views may run on any thread that ho
 
 from __future__ import annotations
 
+import errno
 import mmap
 import os
 
@@ -21,6 +24,40 @@ from tierstore.tiers.base import MemoryTier
 from tierstore.types import Tier
 
 PAGE = 4096
+SHM_DIR = "/dev/shm"
+
+
+def _reserve_shm(fd: int, size: int, path: str) -> None:
+    """Give the shared-memory object ``size`` bytes of real memory now. ``ftruncate`` alone
+    makes a sparse object: on a /dev/shm smaller than the slab the daemon started and the first
+    client to touch an unbacked page died of SIGBUS (issue 13 item 17). ``posix_fallocate``
+    reserves every page or fails (tmpfs undoes a partial reservation); a full /dev/shm becomes a
+    ConfigError that names it."""
+    try:
+        os.posix_fallocate(fd, 0, size)
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.ENOMEM, errno.EFBIG, errno.EDQUOT):
+            raise
+        from tierstore.errors import ConfigError
+        from tierstore.units import format_bytes
+        try:
+            st = os.statvfs(os.path.dirname(path))
+            room = (f"{format_bytes(st.f_bavail * st.f_frsize)} free of "
+                    f"{format_bytes(st.f_blocks * st.f_frsize)}")
+        except OSError:
+            room = "size unknown"
+        raise ConfigError(
+            f"the DRAM slab needs {format_bytes(size)} of shared memory in "
+            f"{os.path.dirname(path)}, which has {room} ({e.strerror}): enlarge "
+            f"{os.path.dirname(path)} (a container's --shm-size, or mount -o remount,size=...) "
+            "or lower [dram] capacity") from None
+
+
+def _unlink_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
 
 
 def round_up(n: int, align: int = PAGE) -> int:
@@ -38,11 +75,14 @@ class DramTier(MemoryTier):
         size = max(num_slots * slot_bytes, PAGE)
         self.size_bytes = size
         if shm_name:
-            path = "/dev/shm/" + shm_name.lstrip("/")
+            path = SHM_DIR + "/" + shm_name.lstrip("/")
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
             try:
-                os.ftruncate(fd, size)
+                _reserve_shm(fd, size, path)
                 self._mm = mmap.mmap(fd, size, flags=mmap.MAP_SHARED | self._populate(prefault))
+            except BaseException:
+                _unlink_quietly(path)   # a refused start leaves nothing in /dev/shm (item 18)
+                raise
             finally:
                 os.close(fd)
         else:
@@ -77,17 +117,15 @@ class DramTier(MemoryTier):
         return self._views[slot]
 
     def close(self) -> None:
+        """Give the slab up: the shared-memory name is unlinked, and the mapping goes when the
+        last view of it does. It is never unmapped under a live view: a caller's
+        ``torch.frombuffer(buffer)`` tensor holds a reference to the buffer object but no buffer
+        export, so an explicit ``munmap`` here would turn its next access into SIGSEGV (issue 13
+        item 15)."""
         if self._buf is None:
             return
         self._views = []
-        self._buf.release()
         self._buf = None
-        try:
-            self._mm.close()
-        except BufferError:
-            pass
+        self._mm = None
         if self.shm_name:
-            try:
-                os.unlink("/dev/shm/" + self.shm_name.lstrip("/"))
-            except FileNotFoundError:
-                pass
+            _unlink_quietly(SHM_DIR + "/" + self.shm_name.lstrip("/"))

@@ -44,6 +44,17 @@ So after ``kill -9`` at any moment, every surviving entry points at a record who
 slab file (the next ``alloc()`` that needs it recreates it) and recomputes used bytes; ``check()``
 adds the full payload checksum of every entry. Both live in tiers/nvme_recovery.py.
 
+Failures (issue 13 items 10-11): no I/O or LMDB failure escapes ``write_batch``, ``delete_batch``
+or ``put_namespace``. A failed record write, ``fdatasync`` or metadata commit fails that item
+(``DiskResult.error``: ``eio``, ``enospc``, ``einval``, ``meta``, ...) and zeroes the header of a
+record it wrote, so nothing of it is visible now or after a restart. A metadata commit that cannot
+be made for a delete or a namespace is *owed*: the in-memory state moves on (the slot is freed,
+its header zeroed) and the LMDB part rides along with the next commit that succeeds
+(``settle_metadata``; ``check`` and ``close`` settle too). A header zeroing that fails is retried.
+Every outcome feeds :attr:`NvmeTier.health` (tiers/health.py: ``degraded`` while recent I/O fails
+or something is owed); ``probe()`` takes one record and one metadata commit through the write
+path, so ``check`` can tell whether the tier is failing now.
+
 Data path (O_DIRECT when the filesystem allows it, see io/disk.py): a DRAM-slot source is
 page-aligned, so a write sends ``[header page, payload's whole pages, one tail page]`` with only the
 sub-page tail (< 4096 bytes) copied; a read mirrors it into the destination slot. Unaligned or
@@ -68,7 +79,6 @@ import errno
 import json
 import logging
 import os
-import struct
 import threading
 from array import array
 from pathlib import Path
@@ -87,7 +97,9 @@ from tierstore.tiers.base import (
     DiskWrite,
     SlotAllocator,
 )
+from tierstore.tiers.health import TierHealth, error_name
 from tierstore.tiers.nvme_recovery import NvmeRecovery
+from tierstore.tiers.nvme_upkeep import SLOT_KEY, VALUE, NvmeUpkeep, slot_key
 from tierstore.tiers.record import (
     FLAG_ZSTD,
     HEADER_BYTES,
@@ -101,25 +113,15 @@ from tierstore.types import Tier
 log = logging.getLogger(__name__)
 
 FORMAT_TAG = b"tierstore-nvme-meta/1"
-_VALUE = struct.Struct("<32s16sQQQH")
-_SLOT_KEY = struct.Struct(">cQ")
+_VALUE = VALUE
+_SLOT_KEY = SLOT_KEY
 _ZEROS = bytes(ALIGN)
 PREPARE_RUN = 4   # records per zero-fill I/O in prepare() (~8 MiB for 2 MiB slots)
 _xxh = xxhash.xxh3_64_intdigest
 _ABANDONED_ENVS: list = []   # inherited env handles a fork child could not close: kept, never used
 
 
-def _fs_full(path: Path) -> bool:
-    """Whether the filesystem holding ``path`` has (almost) no room left for a 4 KiB page."""
-    try:
-        st = os.statvfs(path)
-    except OSError:
-        return False
-    return st.f_bavail * st.f_frsize < 2 * 4096
-
-
-def _slot_key(slot: int) -> bytes:
-    return _SLOT_KEY.pack(b"s", slot)
+_slot_key = slot_key
 
 
 class _ClampAllocator(SlotAllocator):
@@ -170,7 +172,7 @@ class _ThreadState:
         return self._bounce
 
 
-class NvmeTier(NvmeRecovery, DiskTier):
+class NvmeTier(NvmeRecovery, NvmeUpkeep, DiskTier):
     """Records of at most ``slot_bytes`` payload bytes in ``num_slots`` slots under ``path``."""
 
     def __init__(self, path: str | os.PathLike, num_slots: int, slot_bytes: int, *,
@@ -203,6 +205,12 @@ class NvmeTier(NvmeRecovery, DiskTier):
                          "prepared_bytes": 0}
         self.last_recovery: dict = {}
         self.dropped_slots: list[int] = []   # slots freed by the last check(fix=True)
+        self.health = TierHealth("nvme")
+        # metadata the tier owes LMDB (a commit failed: full or failing metadata filesystem)
+        self._meta_backlog: set[int] = set()          # slots whose stale entry is to be deleted
+        self._ns_backlog: dict[bytes, bytes] = {}     # namespace descriptors to be written
+        self._unzeroed: set[int] = set()              # freed slots whose header zeroing failed
+        self._probe_owed = False                      # probe() entries still to be deleted
         self._fds = [-1] * self.num_files
         self._ready = [0] * self.num_files   # slots of each file backed by allocated bytes
         self._stored = array("q", [-1]) * num_slots   # stored payload bytes; -1 = no entry
@@ -261,6 +269,7 @@ class NvmeTier(NvmeRecovery, DiskTier):
                 disk.fallocate(fd, ready * self.record_bytes, add * self.record_bytes)
             except OSError as e:
                 if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+                    self._undo_grow(f, ready, created)   # EIO and the like: nothing half-grown
                     raise
                 self.counters["enospc"] += 1
                 os.ftruncate(fd, ready * self.record_bytes)   # drop any partial allocation
@@ -279,6 +288,20 @@ class NvmeTier(NvmeRecovery, DiskTier):
             self._fds[f] = -1
             os.unlink(self._file_path(f))
         return False
+
+    def _undo_grow(self, f: int, ready: int, created: bool) -> None:
+        """A grow of file ``f`` failed with an I/O error: back to ``ready`` slots (a file this
+        grow created is removed), best effort."""
+        fd = self._fds[f]
+        try:
+            if created:
+                os.close(fd)
+                self._fds[f] = -1
+                os.unlink(self._file_path(f))
+            else:
+                os.ftruncate(fd, ready * self.record_bytes)
+        except OSError as e:
+            log.warning("nvme tier: undoing a failed grow of %s: %s", self._file_path(f), e)
 
     def _clamp(self) -> None:
         self._clamped = True
@@ -379,10 +402,6 @@ class NvmeTier(NvmeRecovery, DiskTier):
         return [DiskEntry(key, slot, size, cs, ns)
                 for slot, (key, ns, size, _st, cs, _fl) in self._read_entries()]
 
-    def put_namespace(self, digest: bytes, descriptor: dict) -> None:
-        value = json.dumps(descriptor, sort_keys=True).encode()
-        self._write_txn(lambda t: t.put(b"n" + bytes(digest), value))
-
     def namespaces(self) -> dict[bytes, dict]:
         out = {}
         with self._read_txn() as txn:
@@ -392,6 +411,7 @@ class NvmeTier(NvmeRecovery, DiskTier):
                     if k[:1] != b"n":
                         break
                     out[bytes(k[1:])] = json.loads(v)
+        out.update({d: json.loads(v) for d, v in self._ns_backlog.items()})
         return out
 
     # ------------------------------------------------------------------ accounting
@@ -410,13 +430,26 @@ class NvmeTier(NvmeRecovery, DiskTier):
         return self.effective_slots * self.slot_bytes
 
     def alloc(self) -> int | None:
+        """A free slot backed by disk, or None: the tier is full, the filesystem is full (the
+        capacity is clamped), or growing a slab file failed with an I/O error (counted:
+        ``io_errors``, health ``grow``; the next alloc tries again)."""
         self._ensure_open()
         while True:
             s = self.slots.alloc()
             if s is None:
                 return None
             f, i = divmod(s, self.file_slots)
-            if i < self._ready[f] or self._grow(f, i + 1):
+            if i < self._ready[f]:
+                return s
+            try:
+                grown = self._grow(f, i + 1)
+            except OSError as e:
+                log.warning("nvme tier: growing %s failed: %s", self._file_path(f), e)
+                self.counters["io_errors"] += 1
+                self.health.fail("grow", error_name(e), e.strerror or str(e))
+                self.slots.free(s)
+                return None
+            if grown:
                 return s
             self.slots.free(s)
             self._clamp()
@@ -435,7 +468,7 @@ class NvmeTier(NvmeRecovery, DiskTier):
                  used_bytes=self._payload_used, disk_used_bytes=self._used_bytes,
                  file_bytes=sum(self._ready) * self.record_bytes, direct_io=self.direct,
                  compression=self.compression, written_slots=self._written.count(1),
-                 counters=dict(self.counters))
+                 counters=dict(self.counters), health=self.health.snapshot()["status"])
         return u
 
     # ------------------------------------------------------------------ idle-time preparation
@@ -606,12 +639,20 @@ class NvmeTier(NvmeRecovery, DiskTier):
         try:
             disk.write_vec(self._fds[f], [st.hdr, *bufs], off, direct=self.direct)
         except OSError as e:
-            err = "enospc" if e.errno in (errno.ENOSPC, errno.EDQUOT) else "eio"
             log.warning("nvme tier: write of slot %d failed: %s", w.slot, e)
-            return DiskResult(False, checksum, err), 0, 0
+            return DiskResult(False, checksum, error_name(e)), 0, 0
         return DiskResult(True, checksum), stored, flags
 
     def write_batch(self, items: list[DiskWrite]) -> list[DiskResult]:
+        """Write, ``fdatasync``, then commit the metadata of every item in one LMDB txn.
+
+        Per-item result; ``error`` names what failed: ``eio``, ``enospc``, ``einval``,
+        ``oserror`` (the record write or its fsync), ``compress``, ``meta`` (the LMDB commit: a
+        full or failing metadata filesystem; retrying with NVMe victims evicted would not help),
+        ``badslot``, ``too_large``, ``badkey`` (the caller's mistake). A record that was written
+        but whose fsync or commit failed gets its header zeroed, so nothing of a failed item is
+        visible, now or after a restart (no orphan for ``check`` to find either). Every I/O
+        outcome feeds :attr:`health`. Never raises for an I/O or LMDB failure."""
         self._ensure_open()
         results: list[DiskResult | None] = [None] * len(items)
         todo = []
@@ -627,33 +668,48 @@ class NvmeTier(NvmeRecovery, DiskTier):
                 todo.append(i)
         done = self._pool.map(lambda i: self._write_one(items[i]), todo)
         meta = {}
+        torn: list[int] = []
         for i, (res, stored, flags) in zip(todo, done):
             results[i] = res
             if res.ok:
                 meta[i] = (stored, flags)
+                self._unzeroed.discard(items[i].slot)   # overwritten: no old header left
                 if round_up(stored) == self.payload_bytes:   # the whole record area is written
                     self._written[items[i].slot] = 1
-            elif res.error == "compress":
+                continue
+            self.health.fail("write", res.error)
+            if res.error == "compress":
                 self.counters["compress_errors"] += 1
-            elif res.error == "enospc":
+                continue
+            if res.error == "enospc":
                 self.counters["enospc"] += 1
             else:
                 self.counters["io_errors"] += 1
+            torn.append(items[i].slot)
+        self._zero_headers(torn)   # a failed pwritev may have written part of a header
         if self.fsync and meta:
             files = sorted({items[i].slot // self.file_slots for i in meta})
-            bad = set()
+            bad: dict[int, str] = {}
             for f in files:
                 try:
                     os.fdatasync(self._fds[f])
                 except OSError as e:
                     log.warning("nvme tier: fdatasync of %s failed: %s", self._file_path(f), e)
                     self.counters["io_errors"] += 1
-                    bad.add(f)
-            for i in [i for i in meta if items[i].slot // self.file_slots in bad]:
-                results[i] = DiskResult(False, results[i].checksum, "eio")
+                    bad[f] = error_name(e)
+                    self.health.fail("fsync", bad[f], e.strerror or str(e))
+            lost = [i for i in meta if items[i].slot // self.file_slots in bad]
+            for i in lost:
+                results[i] = DiskResult(False, results[i].checksum,
+                                        bad[items[i].slot // self.file_slots])
                 del meta[i]
+            self._zero_headers([items[i].slot for i in lost])
         if meta:
+            backlog, ns_backlog = self._meta_backlog - {items[i].slot for i in meta}, \
+                dict(self._ns_backlog)
+
             def publish(txn):
+                self._owed(txn, backlog, ns_backlog)
                 for i, (stored, flags) in meta.items():
                     w = items[i]
                     txn.put(_slot_key(w.slot), _VALUE.pack(bytes(w.key), bytes(w.ns_digest),
@@ -664,12 +720,13 @@ class NvmeTier(NvmeRecovery, DiskTier):
             except lmdb.Error as e:
                 log.warning("nvme tier: metadata commit failed: %s", e)
                 self.counters["meta_errors"] += 1
-                err = "enospc" if "ENOSPC" in str(e) or "No space" in str(e) else "eio"
-                if err == "eio" and _fs_full(self.meta_dir):   # LMDB reports a full disk as EIO
-                    err = "enospc"
+                self.health.fail("meta", "meta", str(e), n=len(meta))
                 for i in meta:
-                    results[i] = DiskResult(False, results[i].checksum, err)
+                    results[i] = DiskResult(False, results[i].checksum, "meta")
+                self._zero_headers([items[i].slot for i in meta])
                 return results  # type: ignore[return-value]
+            self._paid(backlog | {items[i].slot for i in meta}, ns_backlog)
+            self.health.ok(len(meta))
             for i, (stored, flags) in meta.items():
                 s = items[i].slot
                 if self._stored[s] >= 0:
@@ -752,7 +809,7 @@ class NvmeTier(NvmeRecovery, DiskTier):
                                      self._stored[r.slot], self._flags[r.slot])
         except OSError as e:
             log.warning("nvme tier: read of slot %d failed: %s", r.slot, e)
-            return DiskResult(False, 0, "eio"), "io_errors"
+            return DiskResult(False, 0, error_name(e)), "io_errors"
         except FormatError as e:
             log.warning("nvme tier: %s", e)
             return DiskResult(False, 0, "corrupt"), "header_failures"
@@ -777,41 +834,47 @@ class NvmeTier(NvmeRecovery, DiskTier):
             results[i] = res
             if counter:
                 self.counters[counter] += 1
+            if counter == "io_errors":
+                self.health.fail("read", res.error or "eio")
+            elif res.ok:
+                self.health.ok()
         self.counters["reads"] += sum(1 for r in results if r.ok)  # type: ignore[union-attr]
         return results  # type: ignore[return-value]
 
     # ------------------------------------------------------------------ delete
-    def _delete_entries(self, slots: list[int]) -> None:
-        """Delete the LMDB entries of ``slots`` in one write txn (records are left as they are)."""
-        self._write_txn(lambda t: [t.delete(_slot_key(s)) for s in slots])
-
-    def _zero_header(self, slot: int) -> None:
-        f, off = self._locate(slot)
-        if self._fds[f] >= 0 and self._is_ready(slot):
-            try:
-                disk.write_vec(self._fds[f], [self._zero], off, direct=self.direct)
-            except OSError as e:
-                log.warning("nvme tier: zeroing header of slot %d failed: %s", slot, e)
-
     def delete_batch(self, slots: list[int]) -> None:
+        """Delete the records of ``slots`` (LMDB first, then the header magic) and free the
+        slots. A failed LMDB commit or header write is owed and retried (see
+        :meth:`_delete_entries`, :meth:`_zero_headers`): the slots are freed all the same, so
+        nothing leaks and no caller sees an exception for it."""
         self._ensure_open()
         slots = [s for s in dict.fromkeys(slots) if 0 <= s < self.num_slots]
         live = [s for s in slots if self._stored[s] >= 0]
-        if live:
-            self._delete_entries(live)
-            self._pool.map(self._zero_header, live)
+        try:
+            if self._unzeroed:
+                self._retry_zeroing()
+            if live:
+                self._delete_entries(live)
+                self._zero_headers(live)
+                self.counters["deletes"] += len(live)
+        finally:
             for s in live:
                 self._account(s, self._stored[s], self._sizes[s], -1)
                 self._stored[s] = -1
                 self._flags[s] = 0
-            self.counters["deletes"] += len(live)
-        for s in slots:
-            if self.slots.is_used(s) and s not in self.slots.disabled:
-                self.slots.free(s)
+            for s in slots:
+                if self.slots.is_used(s) and s not in self.slots.disabled:
+                    self.slots.free(s)
 
     def close(self) -> None:
         if self._closed:
             return
+        if self._recovered and self._env_obj is not None and self._env_pid == os.getpid():
+            try:   # best effort: what failed commits left owed, and headers left to zero
+                self._settle()
+                self._retry_zeroing()
+            except Exception as e:  # noqa: BLE001 - closing must not fail for this
+                log.warning("nvme tier: settling owed metadata at close failed: %s", e)
         self._closed = True
         self._pool.close()
         for f, fd in enumerate(self._fds):

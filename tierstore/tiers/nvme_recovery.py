@@ -10,7 +10,8 @@ and with ``fix`` repairs them. Why this order is safe: the publish order
 in the module docstring of tiers/nvme.py.
 
 Uses the tier's state and helpers (``_fds``, ``_ready``, ``_written``, ``_locate``, ``_file_path``,
-``_read_entries``, ``_delete_entries``, ``_read_record``, ``_zero_header``, ``_pool``); runs on
+``_read_entries``, ``_delete_entries``, ``_read_record``, ``_zero_headers``, ``_settle``,
+``_retry_zeroing``, ``_meta_backlog``, ``_pool``); runs on
 the caller's thread like the rest of the tier, with per-slot header reads on the tier's pool.
 """
 
@@ -149,7 +150,7 @@ class NvmeRecovery:
             self._delete_entries(drop)
         live = {s for s, _ in keep}
         orphans = self._find_orphans(live)
-        self._pool.map(self._zero_header, orphans)
+        self._zero_headers(orphans)
         if orphans:
             log.warning("nvme tier %s: freed %d orphan records", self.path, len(orphans))
         self._used_bytes = self._payload_used = 0
@@ -179,9 +180,18 @@ class NvmeRecovery:
         return None if h.checksum == val[4] else "payload checksum differs from metadata"
 
     def check(self, fix: bool = False) -> list[str]:
+        """Verify every entry (header and payload checksum) and look for orphan records. First
+        settles what failed commits and header writes left owed (so a filesystem that has room
+        again checks clean without a restart) and, when the latest I/O failed, probes the write
+        path (``probe``); entries still owed a delete are not verified
+        (their records are zeroed on purpose): the tier's health reports them as pending."""
         self._ensure_open()
         problems: list[str] = []
         self.dropped_slots = []
+        self._settle()
+        self._retry_zeroing()
+        if self.health.failing:
+            self.probe()   # is it failing now? (a disk that works again checks clean)
         for name in self._scan_files(remove_unknown=fix):
             problems.append(f"unknown file slabs/{name}")
         for f in range(self.num_files):
@@ -189,7 +199,7 @@ class NvmeRecovery:
                 problems.append(f"slab file {self._file_path(f).name} missing")
                 os.close(self._fds[f])
                 self._fds[f], self._ready[f] = -1, 0
-        rows = self._read_entries()
+        rows = [r for r in self._read_entries() if r[0] not in self._meta_backlog]
         whys = self._pool.map(
             lambda sv: "slot out of range" if sv[0] >= self.num_slots else self._check_one(*sv),
             rows)
@@ -198,7 +208,7 @@ class NvmeRecovery:
             if why is not None:
                 problems.append(f"slot {slot}: {why}")
                 bad.append(slot)
-        orphans = self._find_orphans({s for s, _ in rows})
+        orphans = self._find_orphans({s for s, _ in rows} | self._meta_backlog)
         problems += [f"slot {s}: orphan record (no metadata entry)" for s in orphans]
         if fix:
             in_range = [s for s in bad if s < self.num_slots]
@@ -207,6 +217,6 @@ class NvmeRecovery:
                 self._delete_entries(out_range)
             if in_range:
                 self.delete_batch(in_range)
-            self._pool.map(self._zero_header, orphans)
+            self._zero_headers(orphans)
             self.dropped_slots = in_range
         return problems
