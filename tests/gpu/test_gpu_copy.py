@@ -146,3 +146,29 @@ def test_gpu_mem22_real_registration_rollback():
     assert float(torch.ones(4, device="cuda").sum()) == 4.0
     buf.release()
     mm.close()
+
+
+def test_gpu_connector_copier_never_blocks_the_host(pinned_slab):
+    """The worker side's Copier on CUDA (plugins/vllm/copier.py, issue 12): an asynchronous
+    copy returns before the bytes moved and polls done later; a copy the forward needs
+    (now=True) makes the current stream wait on the device, so a kernel queued after it sees
+    the loaded bytes without a host synchronize. Byte-exact both ways."""
+    from tierstore_plugins.vllm.copier import Copier
+
+    L, B, H, N, Cb, n = 4, 64, 8, 16, 256, 24
+    buf, logical = make_kv(L, B, H, N, Cb, "LBHNC", seed=5)
+    kv = PagedKV.from_buffer(buf, KVLayout(L, B, H, N, Cb, "LBHNC"))
+    slab = pinned_slab(n, kv.block_bytes)
+    c = Copier(CopyEngine(kv, slab, chunk_blocks=8))
+    assert not c.threaded
+    src = list(range(n))
+    t = c.start("offload", list(range(n)), src)
+    c.wait(t)
+    want = logical[:, :n].clone()
+    logical[:, 32:32 + n].zero_()
+    t2 = c.start("onload", list(range(n)), list(range(32, 32 + n)), now=True)
+    got = logical[:, 32:32 + n].clone()            # queued on the current stream after the wait
+    torch.cuda.current_stream().synchronize()
+    assert torch.equal(got, want)
+    c.wait(t2)
+    c.close()
