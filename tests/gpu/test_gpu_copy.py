@@ -153,7 +153,14 @@ def test_gpu_connector_copier_never_blocks_the_host(pinned_slab):
     copy returns before the bytes moved and polls done later; a copy the forward needs
     (now=True) makes the current stream wait on the device, so a kernel queued after it sees
     the loaded bytes without a host synchronize. Byte-exact both ways."""
-    from tierstore_plugins.vllm.copier import Copier
+    import importlib.util
+    from pathlib import Path
+    # by path: the GPU session runs from a checkout with PYTHONPATH=. (no installed plugins)
+    path = Path(__file__).resolve().parents[2] / "plugins" / "vllm" / "copier.py"
+    spec = importlib.util.spec_from_file_location("tierstore_copier_under_test", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    Copier = mod.Copier
 
     L, B, H, N, Cb, n = 4, 64, 8, 16, 256, 24
     buf, logical = make_kv(L, B, H, N, Cb, "LBHNC", seed=5)
