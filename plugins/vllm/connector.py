@@ -244,6 +244,11 @@ class TierStoreConnector(KVConnectorBase_V1):
     def request_finished(self, request: Any, block_ids: list[int]) -> tuple[bool, dict | None]:
         return self._scheduler.request_finished(request, block_ids)
 
+    def has_pending_push_work(self) -> bool:
+        """Keep vLLM's engine loop stepping while the workers still owe reports (the last saves
+        of an idle engine are published, their blocks freed)."""
+        return self._scheduler is not None and self._scheduler.has_pending_work()
+
     def timing(self) -> dict:
         """Time inside this instance's hooks per engine step: ``{steps, calls, p50_ms, p99_ms,
         max_ms, mean_ms}`` over the last 4,096 steps (scheduler side: from one

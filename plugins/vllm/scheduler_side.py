@@ -710,6 +710,13 @@ class SchedulerSide:
                                    "tail_tokens": (n_prompt % self.bs) if st.tail_saved else 0}}
         return delay, params
 
+    def has_pending_work(self) -> bool:
+        """Jobs the workers still have to report (saves to publish, loads to release, async
+        loads being staged): vLLM's engine loop keeps stepping while this is true
+        (``has_pending_push_work``), so an idle engine still publishes its last saves."""
+        return bool(self._save_jobs or self._load_jobs or self._waiting or self._release
+                    or self._cancelled)
+
     def shutdown(self) -> None:
         jobs = [j for st in self._reqs.values() if st.load and not st.load.dispatched
                 for j in st.load.jobs] + list(self._load_jobs)

@@ -352,6 +352,16 @@ class WorkerSide:
             self._drain()
             self.engine.close()
             self.engine = None
+        if self._done_saves and self.client is not None and hasattr(self.client, "store"):
+            # an embedded store shared with the scheduler half in this process, and nobody left
+            # to step the engine: publish what was copied (the scheduler's shutdown, if later,
+            # then finds these jobs gone)
+            for job, oks in self._done_saves.items():
+                try:
+                    self.client.complete_store(job, ok=oks)
+                except TierStoreError:   # completed (or aborted) by the scheduler half already
+                    pass
+            self._done_saves = {}
         if self.client is not None:
             self.client = None
             release_client(self.settings)

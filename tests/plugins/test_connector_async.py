@@ -235,3 +235,28 @@ def test_copier_runs_cpu_copies_off_the_calling_thread():
     else:
         raise AssertionError("the bad copy never finished")
     c.close()
+
+
+def test_an_idle_engine_keeps_stepping_until_its_saves_are_published(engine):
+    """After the last request finished, the workers still owe the report of its save copies:
+    the connector says so (has_pending_push_work: vLLM's engine loop keeps stepping) until the
+    scheduler published them; an engine shut down without those steps still publishes what the
+    worker copied (embedded store)."""
+    e = engine()
+    toks = prompt(9, 100)
+    e.add("a", toks)
+    e.step()                                   # prefill + the one output token: finished
+    assert e.sched.has_pending_work()
+    for _ in range(50):
+        if not e.sched.has_pending_work():
+            break
+        e.step()
+        import time
+        time.sleep(0.005)
+    assert not e.sched.has_pending_work()
+    assert stored_blocks_right(e, toks) == 6
+    e.add("b", prompt(10, 100))
+    e.step()                                   # finished, its report not stepped through
+    e.worker.shutdown()                        # the worker half goes first: it publishes
+    e.sched.shutdown()
+    assert stored_blocks_right(e, prompt(10, 100)) == 6
