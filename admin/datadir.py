@@ -23,12 +23,12 @@ SOCKET_ENV = "TIERSTORE_SOCKET"
 
 def data_dir_option() -> Optional[str]:
     return typer.Option(None, "--data-dir", envvar=DATA_DIR_ENV,
-                        help=f"Store directory (env {DATA_DIR_ENV}).")
+                        help="Store directory, opened in this process (not while a daemon owns it).")
 
 
 def socket_option() -> Optional[str]:
     return typer.Option(None, "--socket", envvar=SOCKET_ENV,
-                        help=f"Go through the daemon on this Unix socket (env {SOCKET_ENV}).")
+                        help="Go through the daemon on this Unix socket.")
 
 
 def open_client(data_dir: Optional[str], socket: Optional[str] = None):

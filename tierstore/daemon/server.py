@@ -179,18 +179,28 @@ def _secure_dir(d: Path) -> None:
         log.warning("socket directory %s has mode %04o (not 0700); the socket itself is 0600", d, mode)
 
 
-def _bind_socket(path: str) -> socket.socket:
+def check_socket_path(path: str) -> None:
+    """Refuse (ConfigError) a socket path the daemon must not use: too long, or something that
+    is not a socket (a user's file, a directory, a link: never replaced). Runs before anything
+    is written; :func:`_bind_socket` checks again when it binds."""
     if len(os.fsencode(path)) > _SUN_PATH_MAX:
         raise ConfigError(f"socket path {path} is longer than {_SUN_PATH_MAX} bytes")
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        kind = "a directory" if stat.S_ISDIR(st.st_mode) else \
+            "a symbolic link" if stat.S_ISLNK(st.st_mode) else "a file"
+        raise ConfigError(f"socket path {path} is {kind}, not a socket; refusing to replace it "
+                          "(choose another --socket, or remove it yourself)")
+
+
+def _bind_socket(path: str) -> socket.socket:
+    check_socket_path(path)
     p = Path(path)
     _secure_dir(p.parent)
     if os.path.lexists(p):
-        st = os.lstat(p)
-        if not stat.S_ISSOCK(st.st_mode):   # a user's file (or a link): never replaced
-            kind = "a directory" if stat.S_ISDIR(st.st_mode) else \
-                "a symbolic link" if stat.S_ISLNK(st.st_mode) else "a file"
-            raise ConfigError(f"socket path {p} is {kind}, not a socket; refusing to replace it "
-                              "(choose another --socket, or remove it yourself)")
         probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         probe.settimeout(1.0)
         try:
@@ -272,6 +282,7 @@ class DaemonServer:
     def start(self) -> None:
         """Open the data dir (lock, store, shm slab), bind the socket, start metrics."""
         s = self.settings
+        check_socket_path(self.socket_path)   # before anything is written
         if not self.data_dir.exists():
             self.data_dir.mkdir(mode=0o700, parents=True)
         prefix = shm_prefix(self.data_dir)
