@@ -22,7 +22,6 @@ from typing import List, Optional
 
 import typer
 
-from tierstore.client import Client
 from tierstore.errors import PinError
 from tierstore.types import Tier
 from tierstore.units import parse_duration
@@ -45,7 +44,7 @@ def _tier(text: Optional[str]) -> Optional[Tier]:
         fail(str(e))
 
 
-def _resolve(client: Client, texts: List[str]) -> list[bytes]:
+def _resolve(client, texts: List[str]) -> list[bytes]:
     """Hex keys or unique prefixes -> keys. A bad or ambiguous key is a usage error; a prefix
     that matches nothing is kept out (reported as missing by the caller)."""
     out: list[bytes] = []

@@ -30,7 +30,6 @@ from typing import Any, Callable, Optional
 
 import typer
 
-from tierstore.client import open_client
 from tierstore.errors import ConfigError, DaemonUnreachable, TierStoreError
 from tierstore.units import format_bytes
 from tierstore_admin.output import (stdout_console, EXIT_FAILED, EXIT_UNREACHABLE, EXIT_USAGE,
@@ -50,6 +49,13 @@ def _socket_for(socket: Optional[str], data_dir: Optional[str], config: Optional
     if not data_dir:
         fail(f"no socket: pass --socket or --data-dir (or set {SOCKET_ENV} / {DATA_DIR_ENV})")
     return str(Path(data_dir) / "ts.sock")
+
+
+def open_client(**kw):
+    """The daemon client (imported when a command runs: the CLI starts faster)."""
+    from tierstore.client import open_client as _open
+
+    return _open(**kw)
 
 
 def _connect(sock: str, timeout_s: float = 5.0):

@@ -14,7 +14,6 @@ from typing import Optional
 
 import typer
 
-from tierstore.client import open_client as _open_backend
 from tierstore_admin.output import fail, user_errors
 
 DATA_DIR_ENV = "TIERSTORE_DATA_DIR"
@@ -35,5 +34,7 @@ def open_client(data_dir: Optional[str], socket: Optional[str] = None):
     """The daemon backend when ``socket`` is given, else the data dir in-process."""
     if not data_dir and not socket:
         fail(f"no store: pass --socket (daemon) or --data-dir, or set {SOCKET_ENV} / {DATA_DIR_ENV}")
+    from tierstore.client import open_client as _open_backend   # heavy: only when a command runs
+
     with user_errors():
         return _open_backend(data_dir=None if socket else data_dir, socket=socket, create=False)

@@ -70,16 +70,17 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
-from tierstore.client import Client
-from tierstore.store import PUT_WAIT_S
 from tierstore.config import DramConfig, NvmeConfig, StoreConfig
 from tierstore.errors import ConfigError
 from tierstore.keys import Namespace
 from tierstore.policy import DEFAULT_EVICTION
 from tierstore.types import BlockStatus
 from tierstore.units import format_bytes, parse_bytes, parse_capacity
+
+if TYPE_CHECKING:  # pragma: no cover
+    from tierstore.client import Client
 
 BLOCK_TOKENS = 512
 """Tokens per block in Mooncake traces (``hash_ids`` are ids of 512-token blocks)."""
@@ -391,8 +392,9 @@ def _dist(ms: list[float]) -> dict:
             "mean": round(sum(s) / len(s), 4) if s else None}
 
 
-def _open_client(opts: ReplayOptions, p: _Plan) -> tuple[Client, str | None]:
+def _open_client(opts: ReplayOptions, p: _Plan) -> tuple["Client", str | None]:
     """Open the store; returns the client and a temp dir to remove afterwards (or None)."""
+    from tierstore.client import Client   # the store, imported when a replay runs
     if opts.socket is not None:
         from tierstore.client import open_client
         return open_client(socket=opts.socket), None
@@ -556,8 +558,10 @@ def _replay_one(opts: ReplayOptions, reqs: list[TraceRequest], source: str,
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _run(client: Client, reqs: list[TraceRequest], p: _Plan, verify: bool,
+def _run(client: "Client", reqs: list[TraceRequest], p: _Plan, verify: bool,
          progress: Callable[[int, int], None] | None, stop=None) -> dict:
+    from tierstore.store import PUT_WAIT_S
+
     ns, size = p.namespace, p.block_bytes
     keyer = client.keyer(ns)
     before = dict(client.stats()["counters"])
@@ -685,7 +689,7 @@ def _warnings(reqs: list[TraceRequest], r: dict) -> list[str]:
     return out
 
 
-def _describe(client: Client, opts: ReplayOptions, p: _Plan, source: str, setup_s: float) -> dict:
+def _describe(client: "Client", opts: ReplayOptions, p: _Plan, source: str, setup_s: float) -> dict:
     st = client.stats()
     caps = {u["tier"]: u["slots"] for u in st["tiers"]}
     return {

@@ -81,7 +81,8 @@ class CliDaemon:
         return self
 
     def stop(self) -> None:
-        run_tierstore("daemon", "stop", "--socket", self.socket, "--if-running", timeout=60)
+        if self.socket.exists():   # a clean stop removed it already
+            run_tierstore("daemon", "stop", "--socket", self.socket, "--if-running", timeout=60)
         if self.pid is not None:
             try:
                 os.kill(self.pid, signal.SIGKILL)

@@ -96,13 +96,13 @@ def ts():
 
 
 @pytest.fixture
-def cli_daemon(tmp_path):
+def cli_daemon(fast_dir):
     """Factory: ``cli_daemon(config_text=..., name=...)`` -> a daemon started with
-    `tierstore daemon start --detach`, stopped in teardown."""
+    `tierstore daemon start --detach` on a tmpfs data dir (fast_dir), stopped in teardown."""
     started: list[CliDaemon] = []
 
     def make(config_text: str = SMALL_DAEMON, name: str = "d", env: dict | None = None) -> CliDaemon:
-        d = CliDaemon(tmp_path, config_text, name)
+        d = CliDaemon(fast_dir, config_text, name)
         started.append(d)
         return d.start(env=env)
 

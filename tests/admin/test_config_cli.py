@@ -111,3 +111,34 @@ def test_one_capacity_grammar_for_cli_and_config(ts, tmp_path):
             "--baseline", "none")
     assert ok.code == 0, ok
     assert ok.json()["capacity_blocks"]["dram"] == 64
+
+
+# ------------------------------------------------------------------ data dirs (in-process, quick)
+def _settings(tmp_path, toml: str):
+    from tierstore.settings import load_settings
+    return load_settings(write_config(tmp_path / "r.toml", toml), env={}, data_dir=str(tmp_path / "d"))
+
+
+def test_reconcile_applies_safe_changes_and_refuses_the_rest_with_how(tmp_path):
+    """Issue 14 item 2 (the rule itself; the CLI form is the slow
+    test_changes_to_an_existing_data_dir_are_applied_or_refused_with_how): only keys that are
+    set count; DRAM capacity/policy and a larger NVMe tier apply, a new slot size, a smaller NVMe
+    tier or another NVMe path are refused with the data dir's value and what to do."""
+    from tierstore.errors import ConfigError
+    from tierstore.settings import reconcile_store
+
+    base = '[store]\nslot_bytes = "64KiB"\n[dram]\ncapacity = "64blocks"\n[nvme]\ncapacity = "512blocks"\n'
+    stored = _settings(tmp_path, base).store
+    same, changes = reconcile_store(stored, _settings(tmp_path, ""), tmp_path / "d")
+    assert same == stored and changes == []            # defaults never override store.json
+    new, changes = reconcile_store(stored, _settings(tmp_path, base.replace(
+        '"64blocks"', '"96blocks"\npolicy = "lru"').replace('"512blocks"', '"1024blocks"')), tmp_path / "d")
+    assert (new.dram.capacity_blocks, new.dram.policy, new.nvme.capacity_blocks) == (96, "lru", 1024)
+    assert len(changes) == 3
+    for text, needle in ((base.replace('"64KiB"', '"128KiB"'), "slot_bytes = 64.0 KiB"),
+                         (base.replace('"512blocks"', '"100blocks"'), "512blocks or more"),
+                         (base + 'path = "/elsewhere"\n', "[nvme] path"),
+                         (base.replace('"512blocks"', '"0"'), "NVMe tier")):
+        with pytest.raises(ConfigError) as e:
+            reconcile_store(stored, _settings(tmp_path, text), tmp_path / "d")
+        assert needle in str(e.value) and "new --data-dir" in str(e.value), str(e.value)

@@ -60,12 +60,12 @@ def test_a_socket_nobody_serves_is_replaced(cli_daemon, tmp_path):
         d.stop()
 
 
-def test_a_typo_never_reaches_store_json(ts, tmp_path, cli_daemon):
+def test_a_typo_never_reaches_store_json(ts, fast_dir, cli_daemon):
     """Found by trying it (issue 14 item 2): `[dram] policy = "nosuch"` wrote store.json before
     failing, so every later start failed, with the corrected config or none. Now the start is
     refused before anything is written, and the corrected config starts."""
-    d = tmp_path / "d"
-    bad = write_config(tmp_path / "bad.toml", SMALL_DAEMON.replace(
+    d = fast_dir / "d"
+    bad = write_config(fast_dir / "bad.toml", SMALL_DAEMON.replace(
         '[dram]\n    capacity = "64blocks"', '[dram]\n    capacity = "64blocks"\n    policy = "nosuch"'))
     r = ts("daemon", "start", "--data-dir", d, "--config", bad, "--detach")
     assert r.code == 2, r
@@ -75,6 +75,7 @@ def test_a_typo_never_reaches_store_json(ts, tmp_path, cli_daemon):
     assert json.loads((good.data_dir / "store.json").read_text())["dram"]["policy"] == "prefix-lhd"
 
 
+@pytest.mark.slow
 def test_changes_to_an_existing_data_dir_are_applied_or_refused_with_how(ts, tmp_path, cli_daemon):
     """Issue 14 item 2: a changed capacity or policy was silently ignored. DRAM capacity and
     policy and a larger NVMe tier are applied (and kept in store.json); a new slot size or a

@@ -19,7 +19,7 @@ from cli_support import clean_env, tierstore_argv  # noqa: E402
 pytestmark = pytest.mark.timeout(180)
 
 
-def _fill(ts, d, n: int = 60):
+def _fill(ts, d, n: int = 40):
     """Store blocks through the daemon (the replay writes and verifies real bytes)."""
     r = ts("replay", "--socket", d.socket, "--requests", n, "-q", "--json")
     assert r.code == 0, r
@@ -42,21 +42,40 @@ def test_flush_then_evict_dram_copies_leaves_nvme_only(ts, cli_daemon):
     assert f.code == 0, f
     assert f.json()["done"] and f.json()["write_behind"]["queued_blocks"] == 0
     everything = _keys(ts, d)
-    assert _keys(ts, d, "--tier", "dram")
-    dry = ts("blocks", "evict", "--all", "--tier", "dram", "--dry-run", "--socket", d.socket, "--json")
-    assert dry.code == 0 and dry.json()["would_evict"] == len(_keys(ts, d, "--tier", "dram")), dry
+    in_dram = _keys(ts, d, "--tier", "dram")
+    assert in_dram
     e = ts("blocks", "evict", "--all", "--tier", "dram", "--yes", "--socket", d.socket, "--json")
-    assert e.code == 0, e
+    assert e.code == 0 and e.json()["evicted"] == len(in_dram), e
     assert _keys(ts, d, "--tier", "dram") == []
     assert sorted(_keys(ts, d, "--tier", "nvme")) == sorted(everything)
     again = _fill(ts, d)                      # the same requests: hits come from NVMe, verified
     assert again["verify_failures"] == 0 and again["hits"]["nvme"] > 0
-    # a data dir in-process: nothing queued after open, flush is done at once
-    ts("daemon", "stop", "--socket", d.socket)
-    r = ts("flush", "--data-dir", d.data_dir, "--json")
-    assert r.code == 0 and r.json()["done"], r
 
 
+def test_exit_codes_on_a_data_dir(ts, fast_dir, trace_file):
+    """Issue 14 item 7 (quick form, in-process on a data dir): `blocks evict` of a missing block
+    exits 1 like `blocks show` of one; `--tier dram` of a block that is only on NVMe is not
+    evicted (exit 1); with --json every outcome, errors included, is one JSON object on stdout."""
+    d = fast_dir / "store"
+    r = ts("replay", trace_file, "--dram-capacity", "16blocks", "--nvme-capacity", "200blocks",
+           "--block-bytes", "16KiB", "--data-dir", d, "--limit", "10", "--json", "--baseline", "none")
+    assert r.code == 0, r
+    missing = "ab" * 32
+    for args in (["blocks", "evict", missing, "--yes"], ["blocks", "show", missing]):
+        r = ts(*args, "--data-dir", d, "--json")
+        assert r.code == 1, (args, r)
+        json.loads(r.stdout)
+    key = ts("blocks", "ls", "--data-dir", d, "--limit", "1", "--json").json()["blocks"][0]["key"]
+    r = ts("blocks", "evict", key, "--tier", "dram", "--yes", "--data-dir", d, "--json")
+    assert r.code == 1 and r.json()["not_in_tier"] == 1, r   # reopened: DRAM starts empty
+    r = ts("blocks", "show", "zz", "--data-dir", d, "--json")
+    assert r.code == 2 and r.json() == {"error": {"code": 2, "kind": "usage",
+                                                  "message": "not a hex key: 'zz'"}}, r
+    r = ts("blocks", "show", "--data-dir", d, "--json")      # a click usage error
+    assert r.code == 2 and r.json()["error"]["kind"] == "usage", r
+
+
+@pytest.mark.slow
 def test_exit_codes_agree_across_commands(ts, cli_daemon):
     """Issue 14 item 7: a block that is missing, pinned or not in the tier makes `blocks evict`
     exit 1, like `blocks show` of a missing key and `unpin` of an unpinned block; --json errors

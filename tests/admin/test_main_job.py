@@ -67,11 +67,11 @@ def test_replay_through_the_daemon_reports_every_tier_and_its_policies(ts, cli_d
     its real policies and its write-behind state; no baseline (a daemon has one policy)."""
     d = cli_daemon(SMALL_DAEMON.replace('[dram]\n    capacity = "64blocks"',
                                         '[dram]\n    capacity = "64blocks"\n    policy = "lru"'))
-    first = ts("replay", "--socket", d.socket, "--requests", "200", "-q", "--json")
+    first = ts("replay", "--socket", d.socket, "--requests", "100", "-q", "--json")
     assert first.code == 0, first
     ts("flush", "--socket", d.socket)
     ts("blocks", "evict", "--all", "--tier", "dram", "--yes", "--socket", d.socket)
-    r = ts("replay", "--socket", d.socket, "--requests", "200", "-q", "--json")
+    r = ts("replay", "--socket", d.socket, "--requests", "100", "-q", "--json")
     assert r.code == 0, r
     out = r.json()
     assert set(out["tiers"]) == {"dram", "nvme"}
@@ -80,5 +80,5 @@ def test_replay_through_the_daemon_reports_every_tier_and_its_policies(ts, cli_d
     assert out["policies"] == {"dram": "lru", "nvme": DEFAULT_EVICTION} and out["policy"] == "lru"
     assert out["write_behind"]["queued_blocks"] == 0 and out["flushed"]
     assert out["verify_failures"] == 0 and "baseline" not in out
-    human = ts("replay", "--socket", d.socket, "--requests", "50", "-q")
+    human = ts("replay", "--socket", d.socket, "--requests", "20", "-q")
     assert human.code == 0 and "│ nvme" in human.stdout and "dram lru, nvme" in human.stdout
