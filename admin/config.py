@@ -42,8 +42,11 @@ def show(config: Optional[str] = typer.Option(None, "--config", envvar="TIERSTOR
     dd = _data_dir(settings, rows)
     for w in settings.warnings:
         message("warning: " + w)
+    nvme_rows = [x for x in rows if x["section"] == "nvme" and x["key"] == "capacity"]
+    nvme_tier = settings.store.nvme is not None or (
+        bool(dd) and nvme_rows[0]["source"] == "data dir" and str(nvme_rows[0]["value"]) != "0")
     result = {"config_file": loaded.config_file, "keys": rows, "warnings": list(settings.warnings),
-              "data_dir": dd}
+              "nvme_tier": nvme_tier, "data_dir": dd}
     code = EXIT_USAGE if dd and dd.get("refused") else EXIT_OK
     if code:
         message("error: " + dd["refused"])
@@ -113,6 +116,9 @@ def _human(console, r: dict) -> None:
                         [(f"[{x['section']}] {x['key']}", _value(x["value"], x["kind"]), src(x),
                           x["env"])
                          for x in r["keys"]]))
+    if not r["nvme_tier"]:   # CFG-35: say why the disk tier stays empty
+        console.print("no NVMe tier: [nvme] capacity is 0, so blocks live in DRAM only "
+                      "(set [nvme] capacity, e.g. \"512GiB\", for a disk tier)")
     dd = r["data_dir"]
     if dd and dd.get("exists"):
         if dd.get("applied"):
