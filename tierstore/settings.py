@@ -76,6 +76,7 @@ ENV_PREFIX = "TIERSTORE_"
 DEFAULT_SLOT_BYTES = 2 << 20
 DEFAULT_DRAM_BLOCKS = 512
 SLOT_ALIGN = 4096          # slots are page aligned (tiers/dram.py), records 4 KiB-padded (nvme.py)
+MIN_SLOT_BYTES = 512       # one disk sector: anything smaller is not a KV block
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
 OTHER_ENV = {
@@ -152,8 +153,8 @@ KEYS: tuple[Key, ...] = (
        "on stop: how long in-flight jobs may finish"),
     _k("daemon", "log_level", "choice", "info", "", "log detail", choices=LOG_LEVELS),
     _k("store", "slot_bytes", "size", DEFAULT_SLOT_BYTES, "bytes",
-       "slot size of every tier: the largest block (a slot takes a multiple of 4 KiB); fixed "
-       "per data dir"),
+       "slot size of every tier: the largest block, at least 512 (a slot takes a multiple of "
+       "4 KiB); fixed per data dir"),
     _k("store", "exclusive", "bool", True, "",
        "between an HBM tier and DRAM a block lives in one tier (the daemon has no HBM tier)"),
     _k("dram", "capacity", "capacity", f"{DEFAULT_DRAM_BLOCKS}blocks", "bytes or blocks",
@@ -519,8 +520,10 @@ def settings_from(loaded: Loaded) -> DaemonSettings:
     v = loaded.values
     given = frozenset(d for d in v if loaded.given(d))
     slot_bytes = parse_bytes(v["store.slot_bytes"])
-    if slot_bytes < 1:
-        raise ConfigError(f"[store] slot_bytes must be positive, got {v['store.slot_bytes']!r}")
+    if slot_bytes < MIN_SLOT_BYTES:
+        raise ConfigError(f"[store] slot_bytes {v['store.slot_bytes']!r} is smaller than a disk "
+                          f"sector: a slot holds a whole KV block, at least {MIN_SLOT_BYTES} bytes "
+                          "(e.g. \"2MiB\")")
     warnings: list[str] = []
     stride = -(-slot_bytes // SLOT_ALIGN) * SLOT_ALIGN   # what a slot takes in DRAM (tiers/dram.py)
     if stride != slot_bytes:

@@ -51,13 +51,33 @@ def _error(r) -> str:
     ('[dram]\ncapacity = 4194304\n', None, ["no unit"]),
     ('[dram]\ncapacity = "3M"\n', None, ["counts tokens", "bytes", "blocks"]),
     ('[nvme]\ncapacity = "1TiB"\nwrite_through = false\n', None, ["write_through = false"]),
+    ('[store]\nslot_bytes = "1B"\n', None, ["slot_bytes '1B' is smaller than a disk sector"]),
 ])
-def test_bad_settings_are_one_line_errors(ts, tmp_path, toml, env, needles):
+def test_bad_settings_are_one_line_errors(tmp_path, toml, env, needles):
     """CFG-35 (a misspelled key) and issue 14 item 3: values that used to be accepted, or
-    silently ignored, are refused in one line; the file and the environment alike."""
-    line = _error(_show(ts, tmp_path, toml, env))
+    silently ignored, are refused in one line; the file and the environment alike. (In-process,
+    the rule; test_bad_settings_through_the_cli shows what the command line makes of it.)"""
+    from tierstore.errors import ConfigError
+    from tierstore.settings import load_settings
+
+    path = write_config(tmp_path / "ts.toml", toml) if toml is not None else None
+    with pytest.raises(ConfigError) as e:
+        load_settings(path, env=env or {})
+    line = str(e.value)
+    assert "\n" not in line
     for n in needles:
         assert n in line, line
+
+
+@pytest.mark.parametrize("toml, env, needle", [
+    ('[dram]\ncapacty = "1GiB"\n', None, "did you mean capacity?"),
+    (None, {"TIERSTORE_DRAM_CAPACTY": "1GiB"}, "did you mean TIERSTORE_DRAM_CAPACITY?"),
+    ('[metrics]\nenabled = "yes"\n', None, "must be true or false"),
+])
+def test_bad_settings_through_the_cli(ts, tmp_path, toml, env, needle):
+    """The same errors from `tierstore config show` (and `daemon start`): one stderr line, exit 2,
+    with --json the error object on stdout."""
+    assert needle in _error(_show(ts, tmp_path, toml, env))
 
 
 def test_one_type_rule_for_file_and_environment(ts, tmp_path):
@@ -88,6 +108,17 @@ def test_config_show_prints_every_key_with_its_source(ts, tmp_path):
     assert all(x["env"].startswith("TIERSTORE_") for x in rows.values())
     human = ts("config", "show", "--config", tmp_path / "ts.toml", env=clean_env())
     assert human.code == 0 and "[dram] capacity" in human.stdout and "8GiB" in human.stdout
+
+
+def test_slot_size_that_wastes_dram_is_said(ts, tmp_path):
+    """Issue 14 item 3: `slot_bytes` below a 4 KiB multiple silently took 4 KiB per slot; the
+    warning says so, and a capacity in bytes counts the slots as they are."""
+    r = _show(ts, tmp_path, '[store]\nslot_bytes = 5000\n[dram]\ncapacity = "80KiB"\n')
+    assert r.code == 0, r
+    assert "every slot takes 8.0 KiB of DRAM" in r.stderr, r
+    from tierstore.settings import load_settings
+    s = load_settings(tmp_path / "ts.toml", env={})
+    assert s.store.dram.capacity_blocks == 10        # 80 KiB / 8 KiB slots, not / 5000 bytes
 
 
 def test_inapplicable_keys_warn(ts, tmp_path):

@@ -36,3 +36,22 @@ def test_exit_code_table_is_the_one_the_cli_uses(doc):
     want = exit_codes_markdown()
     assert got == want, f"{doc} exit-code table is stale; it should read:\n" + want
     assert [c for c, _, _ in EXIT_CODES] == [0, 1, 2, 3, 130]
+
+
+def write_tables() -> None:
+    """Rewrite the generated blocks: ``python tests/admin/test_docs_tables.py --write``."""
+    for doc, marker, text in (("docs/operations.md", "settings-table", markdown_table()),
+                              ("docs/operations.md", "exit-codes", exit_codes_markdown()),
+                              ("README.md", "exit-codes", exit_codes_markdown())):
+        p = ROOT / doc
+        s = p.read_text()
+        s = re.sub(rf"(<!-- {marker}:[^\n]*-->\n).*?(\n<!-- end {marker} -->)",
+                   lambda m: m.group(1) + text + m.group(2), s, flags=re.S)
+        p.write_text(s)
+
+
+if __name__ == "__main__":
+    import sys
+
+    if "--write" in sys.argv:
+        write_tables()

@@ -134,8 +134,10 @@ def test_ctrl_c_exits_130(tmp_path):
     assert not list(tmp_path.glob("tierstore-replay-*"))
 
 
+@pytest.mark.slow
 def test_check_fix_that_fixed_everything_exits_0(ts, tmp_path, trace_file):
-    """Issue 14 item 7: `check --fix` exited 1 after fixing everything ("0 remaining")."""
+    """Issue 14 item 7: `check --fix` exited 1 after fixing everything ("0 remaining"). (The quick
+    in-process form: test_datadir_cli.test_check_clean_then_corrupt_record_then_fix.)"""
     d = tmp_path / "store"
     r = ts("replay", trace_file, "--dram-capacity", "16blocks", "--nvme-capacity", "200blocks",
            "--block-bytes", "16KiB", "--data-dir", d, "--limit", "20", "--json", "--baseline", "none")
