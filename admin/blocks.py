@@ -2,13 +2,17 @@
 
 Keys are given as hex: the full 64 digits, or a unique prefix of at least 8. ``evict`` is
 destructive: ``--dry-run`` reports what it would do; without ``--yes`` it asks on a terminal and
-refuses (exit 2) otherwise.
+refuses (exit 2) otherwise. ``evict --tier dram`` drops only the DRAM copies of blocks that NVMe
+holds (NVMe untouched): how an operator frees DRAM, or a benchmark starts cold; ``tierstore
+flush`` first makes sure every block has its NVMe copy.
 
 ``pin`` / ``unpin`` go through the daemon only (``--socket``): the pins belong to a named
 session (owner ``session:<NAME>``, default session ``default``), not to this short-lived
 connection, so they outlive the command; ``--ttl`` is required, so a forgotten pin still goes.
-In-process (``--data-dir``) a pin would die with this process: refused (exit 2). Exit 1 when a
-key could not be pinned (not resident) or unpinned (the session held no pin on it).
+
+Exit codes (tierstore_admin.output): 1 when any named block was not done: ``show`` of a block
+that is not there, ``evict`` of a block that is missing, pinned, not in ``--tier`` or only
+there, ``pin`` of a block not resident, ``unpin`` of a block the session did not pin.
 """
 
 from __future__ import annotations
@@ -18,7 +22,6 @@ from typing import List, Optional
 
 import typer
 
-from tierstore.client import Client
 from tierstore.errors import PinError
 from tierstore.types import Tier
 from tierstore.units import parse_duration
@@ -41,7 +44,7 @@ def _tier(text: Optional[str]) -> Optional[Tier]:
         fail(str(e))
 
 
-def _resolve(client: Client, texts: List[str]) -> list[bytes]:
+def _resolve(client, texts: List[str]) -> list[bytes]:
     """Hex keys or unique prefixes -> keys. A bad or ambiguous key is a usage error; a prefix
     that matches nothing is kept out (reported as missing by the caller)."""
     out: list[bytes] = []
@@ -101,13 +104,16 @@ def show(key: str = typer.Argument(..., help="Block key (hex, or a unique prefix
 @app.command("evict")
 def evict(keys: List[str] = typer.Argument(None, help="Block keys (hex, or unique prefixes)."),
           all_: bool = typer.Option(False, "--all", help="Every block (of --tier, if given)."),
-          tier: Optional[str] = typer.Option(None, "--tier", help="With --all: only this tier's blocks."),
+          tier: Optional[str] = typer.Option(
+              None, "--tier", help="Drop only this tier's copies, of blocks another tier holds "
+                                   "too (dram: the DRAM copies of blocks on NVMe). Default: the "
+                                   "whole block, from every tier."),
           dry_run: bool = typer.Option(False, "--dry-run", help="Say what would be evicted; change nothing."),
           yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask for confirmation."),
           data_dir: Optional[str] = data_dir_option(),
           socket: Optional[str] = socket_option(),
           as_json: bool = typer.Option(False, "--json", help=JSON_HELP)) -> None:
-    """Remove unpinned blocks from every tier (destructive)."""
+    """Remove unpinned blocks, from every tier or from --tier only (destructive)."""
     if bool(keys) == all_:
         fail("give block keys or --all (not both)")
     t = _tier(tier)
@@ -115,22 +121,43 @@ def evict(keys: List[str] = typer.Argument(None, help="Block keys (hex, or uniqu
         targets = [bytes.fromhex(b["key"]) for b in client.blocks(tier=t)] if all_ \
             else _resolve(client, keys)
         if dry_run:
-            result = {"dry_run": True, "would_evict": 0, "pinned": 0, "missing": 0, "keys": []}
+            result = {"dry_run": True, "tier": tier, "would_evict": 0, "pinned": 0, "missing": 0,
+                      "not_in_tier": 0, "only_copy": 0, "keys": []}
             for k in targets:
                 info = client.block(k)
-                state = "missing" if info is None else ("pinned" if info["pins"] else "would_evict")
+                state = _would(info, t)
                 result[state] += 1
                 result["keys"].append({"key": k.hex(), "state": state})
         else:
             if not yes:
                 if not sys.stdin.isatty():
                     fail(f"refusing to evict {len(targets)} block(s) without --yes (or use --dry-run)")
-                typer.confirm(f"evict {len(targets)} block(s) from {socket or data_dir}?", abort=True,
-                              err=True)
-            counts = client.evict(targets)
-            result = {"dry_run": False, "evicted": counts.get("evicted", 0),
-                      "pinned": counts.get("pinned", 0), "missing": counts.get("missing", 0)}
-    emit(result, as_json=as_json, human=_human_evict)
+                where = f" from {t.label}" if t is not None else ""
+                if not typer.confirm(f"evict {len(targets)} block(s){where} of {socket or data_dir}?",
+                                     err=True):
+                    fail("not confirmed: nothing evicted", EXIT_FAILED)
+            counts = client.evict(targets, tier=t) if t is not None else client.evict(targets)
+            result = {"dry_run": False, "tier": tier, "evicted": counts.get("evicted", 0),
+                      "pinned": counts.get("pinned", 0), "missing": counts.get("missing", 0),
+                      "not_in_tier": counts.get("not_in_tier", 0),
+                      "only_copy": counts.get("only_copy", 0)}
+    left = sum(result[k] for k in ("pinned", "missing", "not_in_tier", "only_copy"))
+    emit(result, as_json=as_json, human=_human_evict, code=EXIT_FAILED if left else EXIT_OK)
+
+
+def _would(info: Optional[dict], t: Optional[Tier]) -> str:
+    """What ``evict`` would answer for one block (``info``: ``client.block``)."""
+    if info is None:
+        return "missing"
+    if info["pins"]:
+        return "pinned"
+    if t is not None:
+        tiers = info["tiers"]
+        if t.label not in tiers:
+            return "not_in_tier"
+        if len(tiers) < 2:
+            return "only_copy"
+    return "would_evict"
 
 
 def _session_option() -> str:
@@ -139,24 +166,32 @@ def _session_option() -> str:
                              "command and go by TTL or unpin.")
 
 
-def _daemon_only(data_dir: Optional[str], socket: Optional[str], verb: str) -> None:
-    if not socket and data_dir:
-        fail(f"{verb} in-process is pointless: the pins would end with this command; "
-             "pin through the daemon with --socket (or $TIERSTORE_SOCKET)")
+def _daemon_only(socket: Optional[str], verb: str, data_dir: Optional[str] = None) -> None:
+    if not socket:
+        why = (" (in-process, with --data-dir, the pins would end with this command)"
+               if data_dir else "")
+        fail(f"{verb} goes through the daemon: pass --socket (or set $TIERSTORE_SOCKET); the pins "
+             f"belong to a session of the daemon and outlive this command{why}")
+
+
+def _no_data_dir() -> Optional[str]:
+    """A hidden --data-dir on pin/unpin: not offered in --help (it can never work), but given
+    anyway it gets the explanation instead of 'no such option'."""
+    return typer.Option(None, "--data-dir", hidden=True)
 
 
 @app.command("pin")
 def pin(keys: List[str] = typer.Argument(..., help="Block keys (hex, or unique prefixes)."),
         ttl: str = typer.Option(..., "--ttl", help="How long the pins hold: 30s, 30m, 2h, 1d (required)."),
         session: str = _session_option(),
-        data_dir: Optional[str] = data_dir_option(),
         socket: Optional[str] = socket_option(),
+        data_dir: Optional[str] = _no_data_dir(),
         as_json: bool = typer.Option(False, "--json", help=JSON_HELP)) -> None:
     """Pin blocks for a session until --ttl passes or they are unpinned (daemon only)."""
-    _daemon_only(data_dir, socket, "pinning")
+    _daemon_only(socket, "pinning", data_dir)
     with user_errors():
         ttl_s = parse_duration(ttl)
-    with open_client(data_dir, socket) as client, user_errors():
+    with open_client(None, socket) as client, user_errors():
         targets = _resolve(client, keys)
         n = client.pin(targets, ttl_s=ttl_s, session=session)
     result = {"session": session, "ttl_s": ttl_s, "requested": len(targets), "pinned": n,
@@ -167,13 +202,13 @@ def pin(keys: List[str] = typer.Argument(..., help="Block keys (hex, or unique p
 @app.command("unpin")
 def unpin(keys: List[str] = typer.Argument(..., help="Block keys (hex, or unique prefixes)."),
           session: str = _session_option(),
-          data_dir: Optional[str] = data_dir_option(),
           socket: Optional[str] = socket_option(),
+          data_dir: Optional[str] = _no_data_dir(),
           as_json: bool = typer.Option(False, "--json", help=JSON_HELP)) -> None:
     """Release one pin of the session on each block (daemon only)."""
-    _daemon_only(data_dir, socket, "unpinning")
+    _daemon_only(socket, "unpinning", data_dir)
     out = []
-    with open_client(data_dir, socket) as client, user_errors():
+    with open_client(None, socket) as client, user_errors():
         for k in _resolve(client, keys):
             try:
                 client.unpin([k], session=session)
@@ -214,8 +249,10 @@ def _human_show(console, b: dict) -> None:
 
 
 def _human_evict(console, r: dict) -> None:
+    where = f" from {r['tier']}" if r.get("tier") else ""
+    rest = ", ".join(f"{k.replace('_', ' ')} {r[k]}" for k in ("pinned", "missing", "not_in_tier",
+                                                                 "only_copy") if r[k])
     if r["dry_run"]:
-        console.print(f"dry run: would evict {r['would_evict']}, pinned {r['pinned']}, "
-                      f"missing {r['missing']}")
+        console.print(f"dry run: would evict {r['would_evict']}{where}" + (f"; {rest}" if rest else ""))
     else:
-        console.print(f"evicted {r['evicted']}, pinned {r['pinned']}, missing {r['missing']}")
+        console.print(f"evicted {r['evicted']}{where}" + (f"; not evicted: {rest}" if rest else ""))

@@ -1,7 +1,8 @@
 """``tierstore check [--fix]``: verify a data directory (index, pins, every NVMe record).
 
-Exit 0 when clean; 1 when problems were found (also when ``--fix`` repaired them: the output
-says what is left, ``remaining``).
+Exit 0 when clean, or when ``--fix`` repaired every problem it found (the output lists what was
+found and ``remaining``: none); 1 when problems are left (found without ``--fix``, or still there
+after it).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from tierstore_admin.output import EXIT_FAILED, EXIT_OK, JSON_HELP, emit, user_e
 
 
 def check_cmd(data_dir: Optional[str] = data_dir_option(),
-          socket: Optional[str] = socket_option(),
+              socket: Optional[str] = socket_option(),
               fix: bool = typer.Option(False, "--fix", help="Repair what can be repaired "
                                        "(drop bad records, free orphans)."),
               as_json: bool = typer.Option(False, "--json", help=JSON_HELP)) -> None:
@@ -25,7 +26,7 @@ def check_cmd(data_dir: Optional[str] = data_dir_option(),
         remaining = client.check(fix=False) if fix and problems else problems
     result = {"store": socket or data_dir, "clean": not problems, "problems": problems,
               "fixed": bool(fix and problems), "remaining": remaining}
-    emit(result, as_json=as_json, human=_human, code=EXIT_FAILED if problems else EXIT_OK)
+    emit(result, as_json=as_json, human=_human, code=EXIT_FAILED if remaining else EXIT_OK)
 
 
 def _human(console, r: dict) -> None:

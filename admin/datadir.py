@@ -14,7 +14,6 @@ from typing import Optional
 
 import typer
 
-from tierstore.client import open_client as _open_backend
 from tierstore_admin.output import fail, user_errors
 
 DATA_DIR_ENV = "TIERSTORE_DATA_DIR"
@@ -23,17 +22,19 @@ SOCKET_ENV = "TIERSTORE_SOCKET"
 
 def data_dir_option() -> Optional[str]:
     return typer.Option(None, "--data-dir", envvar=DATA_DIR_ENV,
-                        help=f"Store directory (env {DATA_DIR_ENV}).")
+                        help="Store directory, opened in this process (not while a daemon owns it).")
 
 
 def socket_option() -> Optional[str]:
     return typer.Option(None, "--socket", envvar=SOCKET_ENV,
-                        help=f"Go through the daemon on this Unix socket (env {SOCKET_ENV}).")
+                        help="Go through the daemon on this Unix socket.")
 
 
 def open_client(data_dir: Optional[str], socket: Optional[str] = None):
     """The daemon backend when ``socket`` is given, else the data dir in-process."""
     if not data_dir and not socket:
         fail(f"no store: pass --socket (daemon) or --data-dir, or set {SOCKET_ENV} / {DATA_DIR_ENV}")
+    from tierstore.client import open_client as _open_backend   # heavy: only when a command runs
+
     with user_errors():
         return _open_backend(data_dir=None if socket else data_dir, socket=socket, create=False)

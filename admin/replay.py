@@ -1,9 +1,12 @@
 """``tierstore replay [TRACE]``: parse flags, one call to the engine, one output.
 
-One policy at one capacity calls :func:`tierstore.replay.replay` (its result keeps the top-level
-``block_hit_ratio``). Several policies or capacities (``--policy a,b --capacity 1M,3M``), or
-``--plot``, call :func:`tierstore.sweep.sweep` instead: one result with a ``results`` list and the
-Belady / infinite ``references``. The engines define every result field.
+The main job. With no arguments it shows the product: the built-in workload through a real DRAM
+slab over a real NVMe tier (in a temporary directory), every loaded block verified, hits and
+bytes per tier, and the default eviction policy beside LRU on the same trace
+(:func:`tierstore.replay.replay` with a ``baseline``). Several policies or capacities
+(``--policy a,b --capacity 1M,3M``), or ``--plot``, call :func:`tierstore.sweep.sweep` instead
+(payload none): one result with a ``results`` list and the Belady / infinite ``references``.
+The engines define every result field.
 """
 
 from __future__ import annotations
@@ -24,25 +27,28 @@ from tierstore.units import format_bytes
 from tierstore_admin.output import (JSON_HELP, emit, fail, kv_table, message, stderr_console, table,
                                     user_errors)
 
-PAYLOAD_HELP = ("none: index + policy only, one cache of --capacity (fast); bytes: real bytes "
-                "through a DRAM slab (--dram-capacity) and an NVMe tier (--nvme-capacity), every "
-                "loaded block verified.")
-CAPACITY_GRAMMAR = "3M = 3,000,000 tokens (/512 per block), 64GiB = bytes, 256blocks = blocks"
+PAYLOAD_HELP = ("bytes: real bytes through a DRAM slab (--dram-capacity) over an NVMe tier "
+                "(--nvme-capacity), every loaded block verified; none: index + policy only, one "
+                "cache of --capacity (fast; sweeps).")
+CAPACITY_GRAMMAR = ("a unit is required: 3M = 3,000,000 tokens (512 per block), 64GiB = bytes, "
+                    "256blocks = blocks")
 
 
 def replay_cmd(
     trace: Optional[str] = typer.Argument(
         None, help="Mooncake JSONL trace (timestamp, input_length, output_length, hash_ids). "
                    "Default: the built-in generated workload (seed 0)."),
-    payload: Optional[str] = typer.Option(None, "--payload", help=PAYLOAD_HELP + " Default: none "
-                                          "in-process, bytes through a daemon (--socket)."),
+    payload: Optional[str] = typer.Option(None, "--payload", help=PAYLOAD_HELP + " Default: bytes; "
+                                          "none when only --capacity is given, and for sweeps."),
     capacity: Optional[str] = typer.Option(
         None, "--capacity", help="Payload none: the whole cache (default 3M); a comma list "
                                  f"(1M,3M,10M) sweeps. {CAPACITY_GRAMMAR}."),
     dram_capacity: Optional[str] = typer.Option(
-        None, "--dram-capacity", help="Payload bytes: DRAM tier size (default 3M tokens)."),
+        None, "--dram-capacity", help=f"Payload bytes: DRAM tier size (default "
+                                      f"{engine.DEFAULT_DRAM_CAPACITY} tokens)."),
     nvme_capacity: Optional[str] = typer.Option(
-        None, "--nvme-capacity", help="Payload bytes: NVMe tier size (default: no NVMe tier)."),
+        None, "--nvme-capacity", help=f"Payload bytes: NVMe tier size (default "
+                                      f"{engine.DEFAULT_NVME_CAPACITY} tokens; 0: no NVMe tier)."),
     block_bytes: Optional[str] = typer.Option(
         None, "--block-bytes",
         help="Bytes per 512-token block. Default: the model's (llama3-8b: 64 MiB) for payload none; "
@@ -52,6 +58,9 @@ def replay_cmd(
     policy: str = typer.Option(DEFAULT_EVICTION, "--policy", help="Eviction policy of every tier "
                                "(registry name such as prefix-lhd or lru, or module:Class); a "
                                "comma list (lru,s3fifo,prefix-lhd) sweeps."),
+    baseline: str = typer.Option(engine.DEFAULT_BASELINE, "--baseline",
+                                 help="Also replay the same trace with this policy, shown beside "
+                                      "(none: no baseline; not through a daemon)."),
     data_dir: Optional[str] = typer.Option(
         None, "--data-dir", help="Payload bytes: store directory (NVMe tier); a temp dir if omitted."),
     limit: Optional[int] = typer.Option(None, "--limit", min=0, help="Replay only the first N requests."),
@@ -89,8 +98,11 @@ def replay_cmd(
         nvme_capacity=nvme_capacity, block_bytes=block_bytes, model=model,
         policy=policies[0] if len(policies) == 1 else policy,
         data_dir=data_dir, limit=limit, num_requests=requests,
-        socket=socket)
+        socket=socket, baseline=None if baseline.strip().lower() == "none" else baseline.strip())
     is_sweep = len(policies) > 1 or len(capacities) > 1 or plot is not None
+    if is_sweep:
+        from dataclasses import replace
+        opts = replace(opts, baseline=None)   # a sweep has its reference rows
     show_progress = not quiet and sys.stderr.isatty()
     with user_errors():
         if plot is not None:
@@ -117,10 +129,11 @@ def replay_cmd(
 class _Bar:
     def __init__(self, label: str) -> None:
         from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
-                                   TimeElapsedColumn)
+                                   TimeElapsedColumn, TimeRemainingColumn)
 
         self._p = Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(),
-                           TimeElapsedColumn(), console=stderr_console(), transient=True)
+                           TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
+                           console=stderr_console(), transient=True)
         self._task = None
 
     def __enter__(self):
@@ -133,7 +146,7 @@ class _Bar:
     def __call__(self, done: int, total: int) -> None:
         if self._task is None:
             self._task = self._p.add_task("replay", total=total)
-        self._p.update(self._task, completed=done)
+        self._p.update(self._task, completed=done, total=total)
 
 
 def _progress(on: bool, label: str):
@@ -141,28 +154,51 @@ def _progress(on: bool, label: str):
 
 
 def _human(console, r: dict) -> None:
-    nominal = " (nominal)" if r["bytes_nominal"] else ""
+    nominal = r["bytes_nominal"]
+    base = r.get("baseline")
+    policies = r.get("policies") or {}
     summary = kv_table("replay", [
         ("trace", r["trace"]),
-        ("payload / model / policy", f"{r['payload']} / {r['model']} / {r['policy']}"),
+        ("payload / model", f"{r['payload']} / {r['model']}"),
         ("block", f"{r['block_tokens']} tokens, {format_bytes(r['block_bytes'])}"
-                  + (" nominal (payload none moves no bytes)" if r["bytes_nominal"]
-                     else " moved per block")),
+                  + (" nominal (payload none moves no bytes)" if nominal else " moved per block")),
+        ("policy", ", ".join(f"{t} {p}" for t, p in policies.items()) or r["policy"]),
         ("capacity (blocks)", r["capacity_blocks"]),
         ("requests", r["requests"]),
         ("block_hit_ratio", f"{r['block_hit_ratio']:.4f}  ({r['hit_blocks']:,} / {r['referenced_blocks']:,} blocks)"),
         ("token_hit_ratio", f"{r['token_hit_ratio']:.4f}  ({r['token_hit_definition']})"),
-        ("verify", f"{r['verified_blocks']:,} blocks checked, {r['verify_failures']} failures"),
-        ("wall", f"{r['wall_s']:.2f} s (+{r['setup_s']:.2f} s setup)"),
+        ("verify", "payload none: no bytes to check" if nominal else
+                   f"{r['verified_blocks']:,} loaded blocks checked byte for byte, "
+                   f"{r['verify_failures']} failures"),
+        ("wall", f"{r['wall_s']:.2f} s (+{r['setup_s']:.2f} s setup"
+                 + (f", +{r['flush_s']:.2f} s final NVMe flush" if r.get("flush_s") else "") + ")"
+                 + (" side by side with the baseline" if r.get("side_by_side") else "")),
         ("throughput", f"{r['throughput']['requests_per_s']} req/s, {r['throughput']['blocks_per_s']} blocks/s"),
     ])
-    tiers = table("tiers" + nominal, ["tier", "capacity blocks", "load hits", "read", "written"], [
+    tiers = table("tiers" + (" (nominal bytes)" if nominal else ""),
+                  ["tier", "capacity blocks", "load hits", "read", "written"], [
         (t, r["capacity_blocks"].get(t), r["hits"].get(t, 0), format_bytes(v["read_bytes"]),
          format_bytes(v["written_bytes"])) for t, v in r["tiers"].items()])
-    lat = table("per-request time (ms)", ["op", "requests", "p50", "p99", "mean"], [
+    parts = [summary, tiers]
+    if base is not None:
+        names = list(r["tiers"])
+        cols = ["policy", "block hit ratio", "token hit ratio",
+                *[f"{t} hits" for t in names], *[f"{t} written" for t in names],
+                "verified", "failures", "wall s"]
+
+        def row(x: dict):
+            return (x["policy"], x["block_hit_ratio"], x["token_hit_ratio"],
+                    *[x["hits"].get(t, 0) for t in names],
+                    *[format_bytes(x["tiers"].get(t, {}).get("written_bytes", 0)) for t in names],
+                    x["verified_blocks"], x["verify_failures"], f"{x['wall_s']:.2f}")
+
+        parts.append(table("policies on the same trace and tiers"
+                           + (" (run side by side)" if r.get("side_by_side") else ""),
+                           cols, [row(r), row(base)]))
+    parts.append(table("per-request time (ms)", ["op", "requests", "p50", "p99", "mean"], [
         (op, r[f"{op}_ms"]["count"], r[f"{op}_ms"]["p50"], r[f"{op}_ms"]["p99"], r[f"{op}_ms"]["mean"])
-        for op in ("load", "store")])
-    console.print(Group(summary, tiers, lat))
+        for op in ("load", "store")]))
+    console.print(Group(*parts))
 
 
 def _human_sweep(console, r: dict) -> None:

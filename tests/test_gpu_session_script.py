@@ -14,7 +14,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
+# Each run of the script takes 10-35 s on 2 cores: out of the README's quick command, in CI's.
+pytestmark = pytest.mark.slow
 ABSENT_THERE = ("lmdb", "zstandard", "xxhash")
 
 

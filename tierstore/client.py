@@ -21,7 +21,7 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 from tierstore.config import DramConfig, HbmConfig, NvmeConfig, StoreConfig
 from tierstore.errors import ConfigError, PinError
@@ -105,11 +105,16 @@ class Client:
     @classmethod
     def embedded(cls, data_dir: str | os.PathLike | None = None, config: StoreConfig | None = None,
                  *, secret: bytes | str | None = None, create: bool = True,
-                 shm_name: str | None = None) -> "Client":
+                 shm_name: str | None = None,
+                 reconcile: Callable[[StoreConfig], tuple[StoreConfig, list[str]]] | None = None
+                 ) -> "Client":
         """Open (or create) a store in this process.
 
         With ``data_dir``: the directory's ``store.json`` wins over ``config`` when it exists
-        (a directory is reopened as it was created); otherwise ``config`` is written there. The
+        (a directory is reopened as it was created), unless ``reconcile`` (given the stored
+        config, returns the config to use and one line per change, or raises ConfigError) changes
+        it; otherwise ``config`` is used. ``store.json`` is written only once the store opened
+        with that config, so a config the store refuses never reaches the disk. The
         NVMe path defaults to ``<data_dir>/nvme``; a relative NVMe path is stored and resolved
         relative to the data dir (never to the working directory), so a data dir opens the same
         from anywhere and a copied data dir never shares its original's NVMe tier. Raises DataDirBusy if another process holds
@@ -127,20 +132,25 @@ class Client:
         fd = _lock_dir(d)
         try:
             f = d / STORE_FILE
+            write = True
             if f.is_file():
                 try:
                     config = config_from_json(json.loads(f.read_text()))
                 except json.JSONDecodeError as e:
                     raise ConfigError(f"{f} is not valid JSON: {e}") from None
+                write = False
+                if reconcile is not None:
+                    new, changes = reconcile(config)
+                    if changes:
+                        log.info("data dir %s: applied %s", d, "; ".join(changes))
+                    write, config = new != config, new
             else:
                 if config is None:
                     raise ConfigError(f"{d} has no {STORE_FILE} and no config was given")
                 if config.nvme is not None:
                     config = dataclasses.replace(config, nvme=dataclasses.replace(
                         config.nvme, path=_relative_to(config.nvme.path or "nvme", d)))
-                tmp = f.with_suffix(".tmp")
-                tmp.write_text(json.dumps(config_to_json(config), indent=2))
-                os.replace(tmp, f)
+            persisted = config
             if config.nvme is not None and not Path(config.nvme.path).is_absolute():
                 config = dataclasses.replace(config, nvme=dataclasses.replace(
                     config.nvme, path=str(d / config.nvme.path)))
@@ -149,6 +159,10 @@ class Client:
                     config, dram=dataclasses.replace(config.dram, shm_name=shm_name))
             store = Store.open(config)
             try:
+                if write:
+                    tmp = f.with_suffix(".tmp")
+                    tmp.write_text(json.dumps(config_to_json(persisted), indent=2))
+                    os.replace(tmp, f)
                 return cls(store, secret=load_secret(secret, data_dir=d), data_dir=d, lock_fd=fd)
             except BaseException:
                 store.close()   # its DRAM slab (a daemon's /dev/shm object) goes too

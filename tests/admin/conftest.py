@@ -6,6 +6,7 @@ import json
 import os
 import random
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -80,3 +81,31 @@ def fast_dir(tmp_path):
         shutil.rmtree(d, ignore_errors=True)
     else:
         yield tmp_path
+
+
+
+# The real entry point (issue 14): helpers in cli_support.py, fixtures here.
+sys.path.insert(0, os.path.dirname(__file__))
+from cli_support import CliDaemon, SMALL_DAEMON, run_tierstore  # noqa: E402
+
+
+@pytest.fixture
+def ts():
+    """``ts(*args, env=..., cwd=...)``: run the real `tierstore` entry point in a subprocess."""
+    return run_tierstore
+
+
+@pytest.fixture
+def cli_daemon(fast_dir):
+    """Factory: ``cli_daemon(config_text=..., name=...)`` -> a daemon started with
+    `tierstore daemon start --detach` on a tmpfs data dir (fast_dir), stopped in teardown."""
+    started: list[CliDaemon] = []
+
+    def make(config_text: str = SMALL_DAEMON, name: str = "d", env: dict | None = None) -> CliDaemon:
+        d = CliDaemon(fast_dir, config_text, name)
+        started.append(d)
+        return d.start(env=env)
+
+    yield make
+    for d in started:
+        d.stop()

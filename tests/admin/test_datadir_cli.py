@@ -90,7 +90,8 @@ def test_check_clean_then_corrupt_record_then_fix(cli, data_dir):
     assert bad.code == 1, bad.stdout + bad.stderr
     assert bad.json()["problems"] and not bad.json()["clean"]
     fixed = cli("check", "--fix", "--data-dir", data_dir, "--json")
-    assert fixed.code == 1 and fixed.json()["fixed"] and fixed.json()["remaining"] == []
+    # issue 14 item 7: everything found was fixed ("0 remaining"): exit 0, not 1
+    assert fixed.code == 0 and fixed.json()["fixed"] and fixed.json()["remaining"] == []
     assert cli("check", "--data-dir", data_dir).code == 0
     assert victim["key"] not in {b["key"] for b in _keys(cli, data_dir)}
 
@@ -113,7 +114,8 @@ def test_dram_only_data_dir_is_empty_after_reopen(cli, trace_file, tmp_path):
     """Without NVMe nothing survives the replay: ls is empty and check is clean."""
     d = tmp_path / "dram-only"
     r = cli("replay", trace_file, "--payload", "bytes", "--dram-capacity", "64blocks",
-            "--block-bytes", "16KiB", "--data-dir", d, "--limit", "20", "--json")
+            "--nvme-capacity", "0", "--block-bytes", "16KiB", "--data-dir", d, "--limit", "20",
+            "--json")
     assert r.code == 0, r.stderr
     assert _keys(cli, d) == []
     assert cli("check", "--data-dir", d).code == 0

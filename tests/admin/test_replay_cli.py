@@ -36,17 +36,21 @@ def lru_prefix_hit_ratio(trace: list[dict], capacity_blocks: int) -> float:
 
 
 def test_replay_json_on_generated_default_is_sane(cli):
-    """No TRACE: the embedded generated workload; --json prints one object with sane numbers."""
+    """No TRACE: the embedded generated workload through DRAM over NVMe (payload bytes, a temp
+    dir), every load verified, the LRU baseline beside; --json prints one object."""
     pytest.importorskip("tierstore.workload")
     r = cli("replay", "--requests", "200", "--json", "-q")
     assert r.code == 0, r.stderr
     d = r.json()
-    assert d["requests"] == 200
+    assert d["requests"] == 200 and d["payload"] == "bytes"
     assert 0 < d["block_hit_ratio"] < 1
     assert 0 <= d["token_hit_ratio"] <= 1
     assert d["hit_blocks"] <= d["referenced_blocks"]
-    assert d["hits"]["dram"] == d["hit_blocks"]
-    assert d["capacity_blocks"] == {"dram": 3_000_000 // 512}
+    assert sum(d["hits"].values()) == d["hit_blocks"] == d["verified_blocks"]
+    assert d["verify_failures"] == 0
+    assert d["capacity_blocks"] == {"dram": 256_000 // 512, "nvme": 1_000_000 // 512}
+    assert d["policies"] == {"dram": "prefix-lhd", "nvme": "prefix-lhd"}
+    assert d["baseline"]["policies"] == {"dram": "lru", "nvme": "lru"}
     assert d["load_ms"]["p50"] is not None and d["store_ms"]["p99"] >= d["store_ms"]["p50"]
     assert d["throughput"]["requests_per_s"] > 0
 
@@ -56,11 +60,11 @@ def test_save_trace_writes_what_replays_the_same(cli, tmp_path, trace_file):
     that file gives the same result, request for request."""
     pytest.importorskip("tierstore.workload")
     gen = tmp_path / "gen.jsonl"
-    a = cli("replay", "--requests", "300", "--save-trace", gen, "--json", "-q")
+    a = cli("replay", "--requests", "300", "--capacity", "3M", "--save-trace", gen, "--json", "-q")
     assert a.code == 0, a.stderr
     lines = gen.read_text().splitlines()
     assert len(lines) == 300 and "wrote 300 requests" in a.stderr
-    b = cli("replay", gen, "--json", "-q")
+    b = cli("replay", gen, "--capacity", "3M", "--json", "-q")
     assert b.code == 0, b.stderr
     for f in ("block_hit_ratio", "hit_blocks", "referenced_blocks", "token_hit_ratio"):
         assert a.json()[f] == b.json()[f]
@@ -105,7 +109,7 @@ def test_payload_bytes_dram_only_verifies_and_matches_none(cli, trace_file):
     """Real bytes through the DRAM slab: same hits as payload none, every loaded block verified."""
     none = cli("replay", trace_file, "--capacity", "60blocks", "--json").json()
     r = cli("replay", trace_file, "--payload", "bytes", "--dram-capacity", "60blocks",
-            "--block-bytes", "16KiB", "--json")
+            "--nvme-capacity", "0", "--block-bytes", "16KiB", "--json")
     assert r.code == 0, r.stderr
     d = r.json()
     assert d["block_hit_ratio"] == none["block_hit_ratio"]
@@ -216,7 +220,7 @@ def test_unknown_flag_through_console_entry_is_one_line_exit_2():
 ])
 def test_model_presets_set_block_bytes(cli, trace_file, model, per_token):
     """Payload none defaults to the model's block: bytes/token x 512; --model is in the result."""
-    r = cli("replay", trace_file, "--model", model, "--limit", "3", "--json")
+    r = cli("replay", trace_file, "--model", model, "--limit", "3", "--payload", "none", "--json")
     assert r.code == 0, r.stderr
     d = r.json()
     assert d["model"] == model and d["bytes_per_token"] == per_token

@@ -67,8 +67,8 @@ def test_sweep_human_table_has_a_row_per_policy_and_reference(cli, small_trace):
         assert any(line.startswith(title) for line in lines), r.stdout
     header = [line for line in lines if "policy" in line and "60blocks" in line]
     assert len(header) == 2 and all("250blocks" in h for h in header)
-    for name in ("lru", "s3fifo", "belady", "infinite"):
-        assert sum(1 for line in lines if f" {name} " in line) == 2, name
+    for name in ("lru", "s3fifo", "belady", "infinite"):   # one row per table
+        assert sum(1 for line in lines if line.startswith(f"│ {name} ")) == 2, name
 
 
 def test_plot_writes_a_png(cli, small_trace, tmp_path):

@@ -28,16 +28,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from tierstore.daemon.server import DaemonServer
     from tierstore.settings import load_settings
-    import dataclasses
 
     try:
-        settings = load_settings(args.config, data_dir=args.data_dir, socket=args.socket)
-        if args.pid_file:
-            settings = dataclasses.replace(settings, pid_file=args.pid_file)
+        settings = load_settings(args.config, data_dir=args.data_dir, socket=args.socket,
+                                 pid_file=args.pid_file, log_level=args.log_level)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    level = (args.log_level or settings.log_level).upper()
+    level = settings.log_level.upper()
     logging.basicConfig(level=getattr(logging, level, logging.INFO),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     server = DaemonServer(settings)

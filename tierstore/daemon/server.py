@@ -112,7 +112,6 @@ object, remove the pid file, release the data-dir lock last.
 
 from __future__ import annotations
 
-import dataclasses
 import glob
 import hashlib
 import itertools
@@ -138,7 +137,7 @@ from tierstore.metrics import DaemonMetrics
 from tierstore.protocol.codec import (FLAG_ERROR, FLAG_REPLY, PROTOCOL_VERSION, FrameError,
                                       MsgType, decode_body, encode_frame, error_body, read_frame,
                                       tune_socket, unpack_keys)
-from tierstore.settings import DaemonSettings
+from tierstore.settings import DaemonSettings, reconcile_store
 from tierstore.types import Tier
 
 log = logging.getLogger("tierstore.daemon")
@@ -192,9 +191,25 @@ def _secure_dir(d: Path) -> None:
         log.warning("socket directory %s has mode %04o (not 0700); the socket itself is 0600", d, mode)
 
 
-def _bind_socket(path: str) -> socket.socket:
+def check_socket_path(path: str) -> None:
+    """Refuse (ConfigError) a socket path the daemon must not use: too long, or something that
+    is not a socket (a user's file, a directory, a link: never replaced). Runs before anything
+    is written; :func:`_bind_socket` checks again when it binds."""
     if len(os.fsencode(path)) > _SUN_PATH_MAX:
         raise ConfigError(f"socket path {path} is longer than {_SUN_PATH_MAX} bytes")
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        kind = "a directory" if stat.S_ISDIR(st.st_mode) else \
+            "a symbolic link" if stat.S_ISLNK(st.st_mode) else "a file"
+        raise ConfigError(f"socket path {path} is {kind}, not a socket; refusing to replace it "
+                          "(choose another --socket, or remove it yourself)")
+
+
+def _bind_socket(path: str) -> socket.socket:
+    check_socket_path(path)
     p = Path(path)
     _secure_dir(p.parent)
     if os.path.lexists(p):
@@ -203,7 +218,7 @@ def _bind_socket(path: str) -> socket.socket:
         try:
             probe.connect(str(p))
         except OSError:
-            os.unlink(p)   # nobody listens: a crashed daemon's leftover
+            os.unlink(p)   # a socket nobody listens on: a crashed daemon's leftover
         else:
             raise ConfigError(f"socket {p} is served by another running daemon")
         finally:
@@ -280,12 +295,17 @@ class DaemonServer:
     def start(self) -> None:
         """Open the data dir (lock, store, shm slab), bind the socket, start metrics."""
         s = self.settings
+        check_socket_path(self.socket_path)   # before anything is written
         if not self.data_dir.exists():
             self.data_dir.mkdir(mode=0o700, parents=True)
         prefix = shm_prefix(self.data_dir)
         self.shm_name = f"{prefix}{os.getpid()}-{secrets.token_hex(4)}"
+        for w in s.warnings:
+            log.warning("settings: %s", w)
         try:
-            self.client = Client.embedded(self.data_dir, s.store, shm_name=self.shm_name)
+            self.client = Client.embedded(
+                self.data_dir, s.store, shm_name=self.shm_name,
+                reconcile=lambda stored: reconcile_store(stored, s, self.data_dir))
         except BaseException:
             self._unlink_own_shm()
             raise
@@ -298,16 +318,17 @@ class DaemonServer:
             cfg = self.store.config
             if cfg.dram.payload is False:
                 raise ConfigError("the daemon needs a DRAM tier with payload")
-            if s.store != dataclasses.replace(cfg, dram=dataclasses.replace(cfg.dram, shm_name=None)):
-                log.info("data dir %s keeps the store config it was created with (store.json)",
-                         self.data_dir)
             self._listener = _bind_socket(self.socket_path)
             st = os.stat(self.socket_path)
             self._socket_id = (st.st_dev, st.st_ino)
             self._listener.settimeout(0.2)
             self.metrics = DaemonMetrics(self.store.stats)
             if s.metrics.enabled:
-                host, port = self.metrics.start(s.metrics.host, s.metrics.port)
+                try:
+                    host, port = self.metrics.start(s.metrics.host, s.metrics.port)
+                except OSError as e:   # a setting the machine refuses: one line, exit 2
+                    raise ConfigError(f"[metrics] cannot listen on {s.metrics.host}:"
+                                      f"{s.metrics.port}: {e.strerror or e}") from None
                 log.info("metrics on http://%s:%d/metrics", host, port)
             if s.peers.enabled:
                 from tierstore.daemon.peers import DaemonPeers
@@ -319,6 +340,12 @@ class DaemonServer:
             self._hello = self._make_hello()
         except BaseException:
             self._stop_peers()
+            if self.metrics is not None:
+                self.metrics.stop()
+            if self._listener is not None:   # a failed start leaves no socket file behind
+                self._listener.close()
+                self._listener = None
+                self._unlink_socket()
             self._close_store()
             self._unlink_own_shm()
             raise
