@@ -110,6 +110,8 @@ def test_crash_with_lost_record_and_stray_file(tmp_path):
         fh.write(b"\0" * 64)
     stray = Path(c.nvme.path) / "slabs" / "stray.bin"
     stray.write_bytes(b"junk")
+    probe = Path(c.nvme.path) / "slabs" / ".direct-probe-99999"   # a kill mid O_DIRECT probe
+    probe.write_bytes(b"\0" * 4096)
     s2 = Store.open(c)
     assert s2.lookup(P, NS).hit_tokens == 7 * B
     assert not stray.exists()
@@ -117,6 +119,7 @@ def test_crash_with_lost_record_and_stray_file(tmp_path):
     first = s2.check()          # the first check reports what recovery had to drop ...
     assert any("dropped 1 entries" in p for p in first), first
     assert any("unknown files" in p and "stray.bin" in p for p in first), first
+    assert not probe.exists() and not any(".direct-probe" in p for p in first), first
     assert s2.check() == []     # ... and the store is consistent afterwards
     assert s2.get(P[:7]) == payload(P[:7])
     s2.close()

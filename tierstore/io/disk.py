@@ -211,7 +211,7 @@ def probe_direct(directory: str) -> str | None:
     """Try O_DIRECT in ``directory``; returns None when it works, else the reason (one line)."""
     if not O_DIRECT:
         return "O_DIRECT is not available on this platform"
-    path = os.path.join(directory, f".direct-probe-{os.getpid()}")
+    path = os.path.join(directory, f".direct-probe-{os.getpid()}")   # nvme_recovery.PROBE_PREFIX
     buf = aligned_buffer(ALIGN)
     fd = -1
     try:

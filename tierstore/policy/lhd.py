@@ -108,6 +108,7 @@ class PrefixLHD(EvictionPolicy):
         self._tail: dict = {}  # True: the last block of the request that last touched it
         self._leaves: dict = {}  # non-orphan leaves (ordered set)
         self._orphans: dict = {}  # resident blocks whose parent is not resident (ordered set)
+        self._orphans_of: dict = {}  # absent parent -> its resident orphans (ordered set)
         self._ghost: OrderedDict = OrderedDict()  # key -> reference count when evicted
         self._tick = 0
         self._nev = 0  # evictions observed (undecayed), for the warm-up
@@ -175,13 +176,36 @@ class PrefixLHD(EvictionPolicy):
         self._tail[key] = False
         if parent is not None and parent not in self._parent:
             self._orphans[key] = None
+            self._orphans_of.setdefault(parent, {})[key] = None
+        else:
+            if parent is not None:
+                kids = self._kids[parent]
+                if not kids:
+                    self._leaves.pop(parent, None)
+                kids[key] = None
+            self._push_leaf(key)
+        self._adopt(key)
+
+    def _adopt(self, key: Key) -> None:
+        """``key`` arrived: blocks stored before it that name it as their parent are its children
+        now (a child stored before its parent is never left an orphan of a resident block)."""
+        waiting = self._orphans_of.pop(key, None)
+        if not waiting:
             return
-        if parent is not None:
-            kids = self._kids[parent]
-            if not kids:
-                self._leaves.pop(parent, None)
-            kids[key] = None
-        self._push_leaf(key)
+        kids = self._kids[key]
+        for child in waiting:
+            self._orphans.pop(child, None)
+            kids[child] = None
+        self._leaves.pop(key, None)   # not a leaf any more (its heap entry dies lazily)
+        if key in self._orphans:
+            return                    # still unreachable: the orphan walk finds the subtree
+        stack = list(waiting)
+        while stack:                  # the subtree is reachable now: its leaves are leaves
+            k = stack.pop()
+            if self._kids[k]:
+                stack.extend(self._kids[k])
+            else:
+                self._push_leaf(k)
 
     def access(self, key: Key) -> None:
         if key not in self._parent:
@@ -195,6 +219,7 @@ class PrefixLHD(EvictionPolicy):
         if key in self._orphans:
             if parent is None or parent in self._parent:  # the chain is whole again
                 del self._orphans[key]
+                self._drop_waiting(parent, key)
                 if parent is not None:
                     pk = self._kids[parent]
                     if not pk:
@@ -215,8 +240,10 @@ class PrefixLHD(EvictionPolicy):
         for kid in self._kids.pop(key):  # a parent left before its children: orphan them
             self._leaves.pop(kid, None)
             self._orphans[kid] = None
+            self._orphans_of.setdefault(key, {})[kid] = None
         self._leaves.pop(key, None)
-        self._orphans.pop(key, None)
+        if self._orphans.pop(key, 0) is None:
+            self._drop_waiting(parent, key)
         self._hcls.pop(key, None)
         if parent is not None and parent in self._kids:
             pk = self._kids[parent]
@@ -228,6 +255,13 @@ class PrefixLHD(EvictionPolicy):
         if len(self._ghost) > self.GHOST_FACTOR * self.capacity_blocks:
             self._ghost.popitem(last=False)
         del self._last[key], self._tail[key]
+
+    def _drop_waiting(self, parent: Optional[Key], key: Key) -> None:
+        w = self._orphans_of.get(parent)
+        if w is not None:
+            w.pop(key, None)
+            if not w:
+                del self._orphans_of[parent]
 
     def victim(self, evictable: Callable[[Key], bool]) -> Optional[Key]:
         kids = self._kids

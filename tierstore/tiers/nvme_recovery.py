@@ -28,15 +28,27 @@ from tierstore.tiers.base import DiskEntry
 from tierstore.tiers.record import HEADER_BYTES, is_header_like, verify_header
 
 log = logging.getLogger("tierstore.tiers.nvme")
+PROBE_PREFIX = ".direct-probe-"   # io/disk.py's probe file (a kill mid-probe leaves it)
 
 
 class NvmeRecovery:
     """``recover()`` and ``check()`` of :class:`tierstore.tiers.nvme.NvmeTier`."""
 
     def _scan_files(self, remove_unknown: bool) -> list[str]:
-        """Names of files in slabs/ that are not ours (removed when asked)."""
+        """Names of files in slabs/ that are not ours (removed when asked). The O_DIRECT probe's
+        file of a process killed mid-probe (``.direct-probe-<pid>``, io/disk.py) is ours: it is
+        removed without being reported."""
         ours = {self._file_path(f).name for f in range(self.num_files)}
-        unknown = [name for name in sorted(os.listdir(self.slab_dir)) if name not in ours]
+        names = sorted(os.listdir(self.slab_dir))
+        if remove_unknown:
+            for name in names:
+                if name.startswith(PROBE_PREFIX):
+                    try:
+                        (self.slab_dir / name).unlink()
+                    except OSError:
+                        pass
+        unknown = [name for name in names if name not in ours
+                   and not name.startswith(PROBE_PREFIX)]
         if remove_unknown:
             for name in unknown:
                 p = self.slab_dir / name

@@ -184,3 +184,15 @@ def test_prior_gives_unobserved_classes_the_pooled_density():
     for c in empty:
         assert dens[c][0] > 0  # the prior, not 0
         assert dens[c] == dens[empty[0]]  # every unobserved class gets the same pooled estimate
+
+
+def test_a_child_stored_before_its_parent_is_adopted_when_the_parent_arrives():
+    """Found by hypothesis (test_model_property, a fresh clone): insert 2 (parent 0, absent),
+    3 (parent 1, absent), then 1 (parent 2). Block 1 has a resident child (3) and must not be
+    the victim while the leaf 3 can go; before the fix 3 stayed an orphan for good."""
+    p = PrefixLHD(1)
+    for k, par in ((2, 0), (3, 1), (1, 2)):
+        p.insert(k, SIZE, par)
+    assert p.victim(EVERYTHING) == 3
+    p.remove(3)
+    assert p.victim(EVERYTHING) == 1     # then the chain from its leaf up
