@@ -10,10 +10,13 @@ and length-prefixed, so ("ab", "c") and ("a", "bc") differ and a LoRA name can n
 
 - ``payload_i`` is the block's token ids as little-endian uint32 (tag ``"tok"``), or, in trace
   replay, the trace's block id as little-endian uint64 (tag ``"bid"``).
-- ``extra_i`` is the concatenation of tagged request-level extras (``"salt"``, ``"lora"``) and the
-  block's multimodal digests (``"mm"``). An empty salt is identical to no salt.
+- ``extra_i`` is the concatenation of tagged request-level extras (``"salt"``, ``"lora"``, or
+  the LoRA fields ``"lora.name"``, ``"lora.path"``, ``"lora.weights"``) and the block's own
+  digests: multimodal items (``"mm"``) and prompt embeddings (``"emb"``). An empty salt is
+  identical to no salt.
 - ``ns_digest`` is BLAKE2b-16 of the tagged :class:`Namespace` fields: everything that makes two
-  blocks incompatible (model, revision, KV dtype, layout, geometry, TP/PP placement).
+  blocks incompatible (model, revision, KV dtype, layout, geometry, TP/PP placement, and when
+  set the weights fingerprint and the speculative configuration).
 
 Keys are identical across processes, nodes and restarts (no ``hash()``, no per-process seed); an
 outsider without the cluster secret cannot forge a colliding key. Partial blocks are never keyed:
@@ -73,6 +76,11 @@ def _field(name: bytes, value: bytes) -> bytes:
     return bytes((len(name),)) + name + struct.pack("<I", len(value)) + value
 
 
+_OPTIONAL_NS_FIELDS = frozenset({"weights", "speculative"})
+"""Namespace fields added after blocks were stored: they enter the digest only when set, so a
+namespace that leaves them empty digests exactly as before they existed."""
+
+
 @dataclass(frozen=True)
 class Namespace:
     """Everything that makes two blocks incompatible (DESIGN §1).
@@ -80,6 +88,11 @@ class Namespace:
     ``block_size`` is in tokens. ``kv_layout`` uses vLLM's names (``NHD``/``HND`` or a
     ``KVCacheLayout`` such as ``LBHNC``). For MLA, ``num_kv_heads`` is 1 and ``head_size`` is
     ``kv_lora_rank + qk_rope_head_dim``.
+
+    ``weights``: what changes with the model's weights when ``revision`` does not (a fingerprint
+    of a local model directory, an operator's ``weights_version``). ``speculative``: the
+    speculative-decoding configuration whose draft KV is stored in the same blocks (a draft
+    model's identity and layer count). Both are left out of the digest when empty.
     """
 
     model: str
@@ -94,9 +107,11 @@ class Namespace:
     tp_size: int = 1
     tp_rank: int = 0
     pp_rank: int = 0
+    weights: str = ""
+    speculative: str = ""
 
     def __post_init__(self) -> None:
-        for name in ("model", "revision", "kv_dtype", "kv_layout"):
+        for name in ("model", "revision", "kv_dtype", "kv_layout", "weights", "speculative"):
             if not isinstance(getattr(self, name), str):
                 raise ConfigError(f"namespace {name} must be a string, got {getattr(self, name)!r}")
         for name in ("block_size", "num_layers", "num_kv_heads", "head_size", "tp_size", "tp_rank", "pp_rank"):
@@ -122,6 +137,8 @@ class Namespace:
     def _compute_digest(self) -> bytes:
         h = hashlib.blake2b(digest_size=16, person=b"tierstore.ns.v1")
         for name, value in sorted(asdict(self).items()):
+            if name in _OPTIONAL_NS_FIELDS and value == "":
+                continue
             h.update(_field(name.encode(), str(value).encode()))
         return h.digest()
 
@@ -146,16 +163,42 @@ class Namespace:
 
 @dataclass(frozen=True)
 class ExtraKeys:
-    """Per-request identity mixed into every block of the chain.
+    """Per-request identity mixed into every block of the chain; every field enters tagged and
+    length-prefixed (see the module docstring), so no field's bytes can pass for another's.
 
-    ``cache_salt``: tenant isolation (vLLM's ``cache_salt``); ``""`` equals ``None``.
-    ``lora``: adapter name (and path/revision, as one string). ``mm``: per-block multimodal
-    digests, ``{block_index: [digest, ...]}``.
+    Request level (every block):
+
+    - ``cache_salt``: tenant isolation (vLLM's ``cache_salt``); ``""`` equals ``None``.
+    - ``lora``: one opaque adapter identity string (tag ``"lora"``), for callers that have one.
+    - ``lora_name``, ``lora_path``, ``lora_weights``: a LoRA adapter's name, path and weights
+      fingerprint, each under its own tag (``"lora.name"``, ``"lora.path"``,
+      ``"lora.weights"``); present as soon as ``lora_name`` or ``lora_path`` is not None (an
+      empty path is still a field), ``lora_weights`` only when set. Issue 13 item 6: name
+      ``"a|b"`` with path ``""`` and name ``"a"`` with path ``"b|"`` differ.
+
+    Block level (only the blocks listed):
+
+    - ``mm``: multimodal digests, ``{block_index: [digest, ...]}`` (tag ``"mm"`` each).
+    - ``embeds``: prompt-embeddings digest of the block, ``{block_index: digest}`` (tag
+      ``"emb"``): the embedding rows and the token/embeds mask of the block's positions
+      (case KEY-29); the plugin computes it.
+
+    A request with none of the new fields keys exactly as before they existed.
     """
 
     cache_salt: str | None = None
     lora: str | None = None
     mm: Mapping[int, Sequence[bytes | str]] | None = None
+    lora_name: str | None = None
+    lora_path: str | None = None
+    lora_weights: str | None = None
+    embeds: Mapping[int, bytes] | None = None
+
+    @property
+    def per_block(self) -> bool:
+        """True when some block has its own extras: a keyer must then call
+        :meth:`block_bytes` for every block, not reuse :meth:`request_bytes`."""
+        return bool(self.mm) or bool(self.embeds)
 
     def request_bytes(self) -> bytes:
         out = b""
@@ -163,14 +206,20 @@ class ExtraKeys:
             out += _field(b"salt", self.cache_salt.encode())
         if self.lora:
             out += _field(b"lora", self.lora.encode())
+        if self.lora_name is not None or self.lora_path is not None:
+            out += _field(b"lora.name", (self.lora_name or "").encode())
+            out += _field(b"lora.path", (self.lora_path or "").encode())
+            if self.lora_weights:
+                out += _field(b"lora.weights", self.lora_weights.encode())
         return out
 
     def block_bytes(self, index: int, base: bytes) -> bytes:
-        if not self.mm or index not in self.mm:
-            return base
         out = base
-        for d in self.mm[index]:
-            out += _field(b"mm", d if isinstance(d, bytes) else d.encode())
+        if self.mm and index in self.mm:
+            for d in self.mm[index]:
+                out += _field(b"mm", d if isinstance(d, bytes) else d.encode())
+        if self.embeds and index in self.embeds:
+            out += _field(b"emb", self.embeds[index])
         return out
 
 
