@@ -7,9 +7,22 @@ What it owns:
   dir is locked by the process that opens it, so two instances must not open it twice); plus
   unshared side connections to the daemon (``open_side_client``) for long calls;
 - the :class:`Namespace` of a vLLM configuration (DESIGN §1: model id + revision, KV dtype,
-  layout fingerprint, TP size/rank, PP rank, block size) and the request's :class:`ExtraKeys`
-  (cache_salt, LoRA, multimodal digests);
-- the key of a P/D partial tail block, addressed by request identity, never by prefix.
+  layout fingerprint, TP size/rank, PP rank, block size; a fingerprint of the weights when no
+  revision names them, issue 13 item 8; the draft model of a speculative configuration whose
+  KV is stored too, case SPEC-30) and the request's :class:`ExtraKeys` (cache_salt, LoRA name,
+  path and weights, multimodal digests, prompt-embeddings digests);
+- the keys of a request's full prompt blocks (:func:`request_keys`) and of a P/D partial tail
+  block (:func:`tail_keys`), the latter addressed by request identity, never by prefix.
+
+Weights fingerprint (:func:`weights_fingerprint`): vLLM's ``revision`` is None for a local
+model directory, so new weights at the same path would otherwise reuse the old KV. The
+fingerprint covers, for every ``*.safetensors`` file of the directory, its name, size, JSON
+header (tensor names, dtypes, shapes, offsets) and the first 4 KiB of every tensor's data; for
+other weight files (``*.bin``, ``*.pt``, ``*.pth``, ``*.gguf``) the name, size and first and
+last 64 KiB (a torch zip ends in its central directory, which holds every record's CRC); and the
+bytes of ``config.json``. It reads a few MiB even for a large model, never the weights, and is
+the same on every node that holds a copy of the same files (no mtimes). For a hub model id
+without a revision, the commit of the snapshot in the local Hugging Face cache stands for it.
 
 Only ``tierstore.client`` and value modules are imported (plugins/ sits above the client).
 Threading: the registry is guarded by a lock; everything else is pure.
@@ -18,10 +31,13 @@ Threading: the registry is guarded by a lock; everything else is pure.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
+import os
 import struct
 import threading
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Sequence
 
 from tierstore.client import Client, open_client
@@ -138,6 +154,8 @@ class Geometry:
     block_size: int
     tp_size: int
     pp_size: int
+    weights: str = ""
+    speculative: str = ""
 
     @property
     def num_ranks(self) -> int:
@@ -149,42 +167,222 @@ class Geometry:
                          kv_dtype=self.kv_dtype, kv_layout=TAIL_LAYOUT,
                          num_layers=self.num_layers, num_kv_heads=self.num_kv_heads,
                          head_size=self.head_size, use_mla=self.use_mla, tp_size=self.tp_size,
-                         tp_rank=tp_rank, pp_rank=pp_rank)
+                         tp_rank=tp_rank, pp_rank=pp_rank, weights=self.weights,
+                         speculative=self.speculative)
 
     def rank_index(self, tp_rank: int, pp_rank: int) -> int:
         return pp_rank * self.tp_size + tp_rank
 
 
-def geometry_from_vllm(vllm_config, kv_cache_config, settings: PluginSettings) -> Geometry:
-    """Read the namespace fields from vLLM's config (the KV-cache spec when there is one)."""
+# ---------------------------------------------------------------------------- weights identity
+_TENSOR_SAMPLE_BYTES = 4096
+_FILE_SAMPLE_BYTES = 64 << 10
+_OTHER_WEIGHTS = (".bin", ".pt", ".pth", ".gguf")
+_fingerprints: dict[str, str] = {}
+_fp_lock = threading.Lock()
+
+
+def _field(h, name: str, value: bytes) -> None:
+    h.update(struct.pack("<B", len(name)) + name.encode() + struct.pack("<Q", len(value)) + value)
+
+
+def _safetensors_sample(h, path: Path) -> None:
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) < 8:
+            _field(h, "short", raw)
+            return
+        (n,) = struct.unpack("<Q", raw)
+        header = f.read(min(n, 100 << 20))
+        _field(h, "header", header)
+        try:
+            tensors = json.loads(header)
+        except ValueError:
+            return
+        base = 8 + n
+        for name in sorted(k for k in tensors if k != "__metadata__"):
+            offs = (tensors[name] or {}).get("data_offsets") or [0, 0]
+            begin, end = int(offs[0]), int(offs[1])
+            f.seek(base + begin)
+            _field(h, "t", f.read(max(0, min(end - begin, _TENSOR_SAMPLE_BYTES))))
+
+
+def weights_fingerprint(path: str | os.PathLike, *, cached: bool = True) -> str:
+    """A 32-hex-digit fingerprint of the model files in local directory ``path`` (module
+    docstring), or ``""`` when ``path`` is not a local directory. Computed once per process and
+    path unless ``cached`` is False."""
+    p = Path(path)
+    if not p.is_dir():
+        return ""
+    key = str(p.resolve())
+    if cached:
+        with _fp_lock:
+            if key in _fingerprints:
+                return _fingerprints[key]
+    h = hashlib.blake2b(digest_size=16, person=b"tierstore.wfp1")
+    for f in sorted(p.iterdir()):
+        if not f.is_file():
+            continue
+        name = f.name
+        if name.endswith(".safetensors"):
+            _field(h, "file", name.encode() + struct.pack("<Q", f.stat().st_size))
+            _safetensors_sample(h, f)
+        elif name.endswith(_OTHER_WEIGHTS):
+            size = f.stat().st_size
+            _field(h, "file", name.encode() + struct.pack("<Q", size))
+            with open(f, "rb") as fh:
+                _field(h, "head", fh.read(_FILE_SAMPLE_BYTES))
+                fh.seek(max(0, size - _FILE_SAMPLE_BYTES))
+                _field(h, "tail", fh.read(_FILE_SAMPLE_BYTES))
+        elif name in ("config.json", "adapter_config.json") or name.endswith(".index.json"):
+            _field(h, "json", name.encode() + b"\0" + f.read_bytes())
+    fp = h.hexdigest()
+    if cached:
+        with _fp_lock:
+            _fingerprints[key] = fp
+    return fp
+
+
+def _hub_commit(model: str, revision: str | None) -> str:
+    """The snapshot commit of a hub model id in the local Hugging Face cache, or ""."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        found = try_to_load_from_cache(model, "config.json", revision=revision)
+    except Exception:
+        return ""
+    if not isinstance(found, str):
+        return ""
+    parts = Path(found).parts
+    return parts[-2] if len(parts) >= 2 and parts[-3] == "snapshots" else ""
+
+
+def model_identity(model_config, *, fingerprint: bool = True) -> tuple[str, str, str]:
+    """``(model, revision, weights)`` of a vLLM ``ModelConfig``: ``weights`` is the fingerprint
+    of a local directory, or ``hf:<commit>`` of a cached hub snapshot, and only when no
+    revision names the weights already (issue 13 item 8); "" otherwise."""
+    if model_config is None:
+        return "", "", ""
+    model = str(getattr(model_config, "model", "") or "")
+    revision = str(getattr(model_config, "revision", None) or "")
+    if revision or not fingerprint or not model:
+        return model, revision, ""
+    fp = weights_fingerprint(model)
+    if not fp:
+        commit = _hub_commit(model, None)
+        fp = f"hf:{commit}" if commit else ""
+    return model, revision, fp
+
+
+def geometry_from_vllm(vllm_config, kv_cache_config, settings: PluginSettings,
+                       shape=None) -> Geometry:
+    """Read the namespace fields from vLLM's config: the per-layer KV shape from ``shape`` (the
+    :class:`~tierstore_plugins.vllm.support.KVShape` that ``support.check_engine`` returned)
+    when given, else from the KV-cache spec or the model config."""
     mc, cc, pc = vllm_config.model_config, vllm_config.cache_config, vllm_config.parallel_config
-    groups = getattr(kv_cache_config, "kv_cache_groups", None) or []
-    if len(groups) > 1:
-        raise ConfigError("TierStoreConnector supports one KV-cache group (no hybrid models)")
     use_mla = bool(getattr(mc, "use_mla", False))
-    if groups:
-        spec = groups[0].kv_cache_spec
-        block_size, heads, head_size, dtype = (spec.block_size, spec.num_kv_heads,
-                                               spec.head_size, spec.dtype)
+    num_draft_layers, speculative = 0, ""
+    if shape is not None and shape.layer_names:
+        block_size, heads, head_size, dtype = (shape.block_size, shape.num_kv_heads,
+                                               shape.head_size, shape.dtype)
+        use_mla = use_mla or shape.use_mla
     else:
-        block_size = cc.block_size
-        heads = 1 if use_mla else mc.get_num_kv_heads(pc)
-        head_size, dtype = mc.get_head_size(), mc.dtype
-    num_layers = int(getattr(mc.hf_text_config, "num_hidden_layers", 0) or 0)
-    return Geometry(model=settings.model_id or str(mc.model),
-                    revision=settings.revision or str(mc.revision or ""),
+        groups = getattr(kv_cache_config, "kv_cache_groups", None) or []
+        if len(groups) > 1:
+            raise ConfigError("TierStoreConnector supports one KV-cache group (no hybrid models)")
+        if groups:
+            spec = groups[0].kv_cache_spec
+            block_size, heads, head_size, dtype = (spec.block_size, spec.num_kv_heads,
+                                                   spec.head_size, spec.dtype)
+        else:
+            block_size = cc.block_size
+            heads = 1 if use_mla else mc.get_num_kv_heads(pc)
+            head_size, dtype = mc.get_head_size(), mc.dtype
+    if shape is not None:
+        num_draft_layers, speculative = shape.num_draft_layers, shape.speculative
+    num_layers = int(getattr(mc.hf_text_config, "num_hidden_layers", 0) or 0) + num_draft_layers
+    model, revision, weights = model_identity(
+        mc, fingerprint=bool(settings.weights_fingerprint) and not settings.revision)
+    if settings.weights_version:
+        weights = (f"fp={weights};" if weights else "") + f"version={settings.weights_version}"
+    elif weights:
+        weights = f"fp={weights}"
+    return Geometry(model=settings.model_id or model,
+                    revision=settings.revision or revision,
                     kv_dtype=_dtype_name(dtype, getattr(cc, "cache_dtype", None)),
                     num_layers=num_layers, num_kv_heads=int(heads), head_size=int(head_size),
                     use_mla=use_mla, block_size=int(block_size),
-                    tp_size=int(pc.tensor_parallel_size), pp_size=int(pc.pipeline_parallel_size))
+                    tp_size=int(pc.tensor_parallel_size), pp_size=int(pc.pipeline_parallel_size),
+                    weights=weights, speculative=speculative)
+
+
+# ---------------------------------------------------------------------------- request identity
+def _embeds_mask(request, n: int) -> list[bool] | None:
+    """Per prompt position: True where the model reads the token id, False where it reads the
+    prompt-embeddings row (vLLM's rules: no token ids = all embeddings; token ids and
+    embeddings without a mask = all token ids); None for a request without embeddings."""
+    if getattr(request, "prompt_embeds", None) is None:
+        return None
+    tokens = getattr(request, "prompt_token_ids", None)
+    if tokens is None:
+        return [False] * n
+    mask = getattr(request, "prompt_is_token_ids", None)
+    return [True] * n if mask is None else [bool(m) for m in mask]
+
+
+def prompt_tokens(request) -> list[int]:
+    """The prompt's token ids as the model reads them: positions that read a prompt-embeddings
+    row hold 0 (their identity is in the ``"emb"`` digest), as in vLLM's own ``Request``."""
+    tokens = getattr(request, "prompt_token_ids", None)
+    n = int(getattr(request, "num_prompt_tokens", None) or len(tokens or ()))
+    mask = _embeds_mask(request, n)
+    if mask is None:
+        return list(tokens or [])
+    if tokens is None:
+        return [0] * n
+    return [t if m else 0 for t, m in zip(tokens, mask)]
+
+
+def embeds_digest(request, start: int, end: int, mask: list[bool] | None = None) -> bytes:
+    """Digest of prompt positions ``[start, end)`` of a request with prompt embeddings (case
+    KEY-29): the token/embeddings mask of those positions, the embeddings' dtype and width, and
+    the rows of the positions that read an embedding. 32 bytes of BLAKE2b; every part tagged
+    and length-prefixed."""
+    import torch
+
+    emb = request.prompt_embeds
+    if mask is None:
+        mask = _embeds_mask(request, int(emb.shape[0]))
+    m = mask[start:end]
+    h = hashlib.blake2b(digest_size=32, person=b"tierstore.emb1")
+    _field(h, "dtype", str(emb.dtype).encode())
+    _field(h, "width", struct.pack("<Q", int(emb.shape[1])))
+    _field(h, "mask", bytes(int(x) for x in m))
+    rows = [start + i for i, is_tok in enumerate(m) if not is_tok]
+    if rows:
+        sel = emb[rows[0]:rows[-1] + 1] if rows == list(range(rows[0], rows[-1] + 1)) else emb[rows]
+        data = sel.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes()
+    else:
+        data = b""
+    _field(h, "rows", data)
+    return h.digest()
+
+
+def lora_identity(lora) -> tuple[str | None, str | None, str | None]:
+    """``(name, path, weights fingerprint)`` of a vLLM ``LoRARequest`` (issue 13 item 6). The
+    engine-local ``lora_int_id`` is left out: the same adapter may carry other ids in other
+    engines."""
+    if lora is None:
+        return None, None, None
+    name = str(getattr(lora, "lora_name", "") or "")
+    path = str(getattr(lora, "lora_path", None) or getattr(lora, "lora_local_path", None) or "")
+    return name, path, (weights_fingerprint(path) if path else "") or None
 
 
 def extras_of(request, block_size: int) -> ExtraKeys:
-    """cache_salt, LoRA adapter and per-block multimodal digests of a vLLM ``Request``."""
-    lora = getattr(request, "lora_request", None)
-    lora_id = None
-    if lora is not None:
-        lora_id = f"{getattr(lora, 'lora_name', '')}|{getattr(lora, 'lora_path', '') or ''}"
+    """cache_salt, LoRA adapter, per-block multimodal digests and per-block prompt-embeddings
+    digests of a vLLM ``Request``; every field tagged (tierstore.keys.ExtraKeys)."""
+    lora_name, lora_path, lora_weights = lora_identity(getattr(request, "lora_request", None))
     mm: dict[int, list[str]] = {}
     bs = block_size
     for f in getattr(request, "mm_features", None) or []:
@@ -195,19 +393,47 @@ def extras_of(request, block_size: int) -> ExtraKeys:
         start, end = pos.offset, pos.offset + pos.length
         for b in range(start // bs, (end - 1) // bs + 1):
             mm.setdefault(b, []).append(f"{ident}@{start - b * bs}")
-    return ExtraKeys(cache_salt=getattr(request, "cache_salt", None) or None, lora=lora_id,
-                     mm=mm or None)
+    embeds = None
+    if getattr(request, "prompt_embeds", None) is not None:
+        n = int(request.prompt_embeds.shape[0])
+        mask = _embeds_mask(request, n)
+        embeds = {b: embeds_digest(request, b * bs, (b + 1) * bs, mask) for b in range(n // bs)}
+    return ExtraKeys(cache_salt=getattr(request, "cache_salt", None) or None,
+                     mm=mm or None, lora_name=lora_name, lora_path=lora_path,
+                     lora_weights=lora_weights, embeds=embeds or None)
+
+
+def request_keys(keyers: Sequence[Keyer], request, block_size: int) -> list[list[BlockKey]]:
+    """Keys of the request's full prompt blocks, one list per keyer (rank)."""
+    tokens = prompt_tokens(request)
+    extras = extras_of(request, block_size)
+    return [k.chain(tokens, extras) for k in keyers]
+
+
+def tail_keys(keyers: Sequence[Keyer], request, n_full: int, transfer_id: str,
+              parents: Sequence[BlockKey | None]) -> list[BlockKey]:
+    """Keys of the partial tail after ``n_full`` full blocks, one per keyer (rank); a request
+    with prompt embeddings adds the tail's embeddings digest."""
+    bs = keyers[0].block_size
+    tail = prompt_tokens(request)[n_full * bs:]
+    extra = b""
+    if getattr(request, "prompt_embeds", None) is not None:
+        extra = embeds_digest(request, n_full * bs, n_full * bs + len(tail))
+    return [tail_key(k, transfer_id, parents[r], tail, extra) for r, k in enumerate(keyers)]
 
 
 def tail_key(keyer: Keyer, transfer_id: str, parent: BlockKey | None,
-             tokens: Sequence[int]) -> BlockKey:
+             tokens: Sequence[int], extra: bytes = b"") -> BlockKey:
     """Key of a P/D partial tail block: keyed BLAKE2b over (namespace, transfer id, the previous
-    full block's key, the tail's token ids). Its own personalisation keeps it apart from every
-    prefix key (DESIGN §2: a partial tail is addressed by request, never by prefix)."""
+    full block's key, the tail's token ids, and ``extra``: the tail's prompt-embeddings digest,
+    left out when empty). Its own personalisation keeps it apart from every prefix key (DESIGN
+    §2: a partial tail is addressed by request, never by prefix)."""
     h = hashlib.blake2b(digest_size=32, key=keyer.secret[:64], person=b"tierstore.tail1")
     tid = transfer_id.encode()
     h.update(keyer.namespace.digest())
     h.update(struct.pack("<I", len(tid)) + tid)
     h.update(struct.pack("<I", len(parent or b"")) + (parent or b""))
     h.update(struct.pack("<I", len(tokens)) + struct.pack(f"<{len(tokens)}I", *tokens))
+    if extra:
+        h.update(b"emb" + struct.pack("<I", len(extra)) + extra)
     return h.digest()

@@ -26,8 +26,14 @@ waits for its copies in flight, closes its copy engine and copies nothing until 
 Not ``SupportsHMA``: a tierstore block is one token range of *all* layers (one byte object per
 block and rank). Under the hybrid KV cache manager the layers split into groups with their own
 block tables, and sliding-window groups free old blocks, so no such all-layer block exists; keying
-and storing per group is a later change. Without ``SupportsHMA`` vLLM turns HMA off, so
-sliding-window models run with full-attention KV (more memory) and hybrid SSM models are refused.
+and storing per group is a later change. Without ``SupportsHMA`` vLLM turns HMA off, so models
+that mix full and sliding-window layers run with full KV on every layer (more memory).
+
+What the connector serves is decided at start by :mod:`.support` (``check_engine`` in
+``__init__``, for both roles, and ``check_registered`` in ``register_kv_caches``): a model shape
+it cannot store correctly (sliding window on every layer, state-space layers, several KV-cache
+groups, EAGLE-style drafts, ...) makes the engine fail to start with one message that names the
+feature and what to change (issue 17), never a crash or a different output later.
 """
 
 from __future__ import annotations
@@ -43,6 +49,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (KVConnectorBase_V
 from tierstore_plugins.vllm.backend import acquire_client, geometry_from_vllm, release_client
 from tierstore_plugins.vllm.metadata import PluginSettings, TierStoreMetadata
 from tierstore_plugins.vllm.scheduler_side import SchedulerSide
+from tierstore_plugins.vllm.support import check_engine, check_registered
 from tierstore_plugins.vllm.worker_side import WorkerSide
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -115,7 +122,9 @@ class TierStoreConnector(KVConnectorBase_V1):
         if kvt.kv_load_failure_policy != self._settings.load_failure_policy:
             # read by vLLM's scheduler right after it built this instance
             kvt.kv_load_failure_policy = self._settings.load_failure_policy
-        geo = geometry_from_vllm(vllm_config, kv_cache_config, self._settings)
+        # refuses an unsupported model shape here, at start, with one message (support.py)
+        self._shape = check_engine(vllm_config, kv_cache_config)
+        geo = geometry_from_vllm(vllm_config, kv_cache_config, self._settings, self._shape)
         self._timer = StepTimer()
         self._scheduler: SchedulerSide | None = None
         self._worker: WorkerSide | None = None
@@ -139,6 +148,7 @@ class TierStoreConnector(KVConnectorBase_V1):
 
     # ---------------------------------------------------------------- worker side
     def register_kv_caches(self, kv_caches: dict[str, Any]) -> None:
+        check_registered(kv_caches, self._shape)
         self._worker.register_kv_caches(kv_caches)
 
     def unregister_kv_caches(self) -> None:   # vLLM >= 0.33, before sleep

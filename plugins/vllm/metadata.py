@@ -30,7 +30,13 @@ key                         default     meaning
 ``nvme_write_through``      true        must stay true: NVMe keeps a copy of every stored
                                         block, written behind the engine (survives a
                                         restart: the cross-session reuse path)
-``model_id``/``revision``   model cfg   override the model identity in the namespace
+``model_id``/``revision``   model cfg   override the model identity in the namespace (a
+                                        set ``revision`` also turns the weights fingerprint off)
+``weights_version``         none        any string: part of the namespace; bump it when the
+                                        weights change in a way nothing else shows
+``weights_fingerprint``     true        without a revision, fingerprint the local model
+                                        directory (backend.weights_fingerprint) into the
+                                        namespace, so new weights at the same path miss
 ``pin_ttl_s``               600         lease of the pins taken by a lookup
 ``save_tail``               producer    save the partial last prompt block for P/D, addressed
                                         by request id (``true`` in ``kv_producer`` role, else
@@ -89,6 +95,8 @@ class PluginSettings:
     nvme_write_through: bool = True
     model_id: str | None = None
     revision: str | None = None
+    weights_version: str | None = None
+    weights_fingerprint: bool = True
     pin_ttl_s: float = 600.0
     save_tail: bool | None = None
     load_tail: bool = False
