@@ -58,9 +58,10 @@ from tierstore.errors import TierStoreError
 from tierstore.keys import Keyer
 from tierstore.types import BlockKey, BlockStatus, Tier
 
-from tierstore_plugins.vllm.backend import Geometry, extras_of, open_side_client, tail_key
+from tierstore_plugins.vllm.backend import Geometry, open_side_client, request_keys, tail_keys
 from tierstore_plugins.vllm.metadata import (PARAMS_KEY, PARAMS_VERSION, LoadSpec, PluginSettings,
                                              SaveSpec, TierStoreMetadata, TierStoreWorkerMeta)
+from tierstore_plugins.vllm.support import unkeyable_reason
 
 logger = logging.getLogger("tierstore.vllm")
 
@@ -99,6 +100,7 @@ class _Req:
     fetch_deadline: float = 0.0
     pending_saves: set[int] = field(default_factory=set)   # store jobs the workers still copy
     finished: bool = False                     # request_finished came (kept for its saves)
+    unkeyable: str | None = None               # why it is neither loaded nor saved (support.py)
 
 
 @dataclass
@@ -281,7 +283,8 @@ class SchedulerSide:
                          "store_errors": 0, "tails_saved": 0, "tails_loaded": 0,
                          "pd_params_rejected": 0, "pd_waits": 0,
                          "peer_fetches": 0, "peer_fetched_blocks": 0, "peer_fetch_errors": 0,
-                         "peer_fetch_timeouts": 0, "peer_fetch_s": 0.0}
+                         "peer_fetch_timeouts": 0, "peer_fetch_s": 0.0,
+                         "unkeyable_requests": 0}
         self.fetcher: PeerFetcher | None = None
         if settings.fetch_from_peers and self.loads_enabled:
             self.fetcher = PeerFetcher(lambda: open_side_client(settings),
@@ -310,10 +313,15 @@ class SchedulerSide:
     def _state(self, request) -> _Req:
         st = self._reqs.get(request.request_id)
         if st is None:
-            tokens = list(request.prompt_token_ids or [])
-            extras = extras_of(request, self.bs)
-            keys = [k.chain(tokens, extras) for k in self.keyers]   # once per request
-            st = _Req(request, keys)
+            reason = unkeyable_reason(request)
+            if reason is None:
+                keys = request_keys(self.keyers, request, self.bs)   # once per request
+            else:   # no keys: never loaded, never saved (both skip a request without keys)
+                keys = [[] for _ in self.keyers]
+                self.counters["unkeyable_requests"] += 1
+                logger.warning("tierstore: request %s is not cached: %s", request.request_id,
+                               reason)
+            st = _Req(request, keys, unkeyable=reason)
             self._reqs[request.request_id] = st
         return st
 
@@ -344,9 +352,8 @@ class SchedulerSide:
 
     def _tail_keys(self, st: _Req, transfer_id: str) -> list[BlockKey]:
         n_full = len(st.keys[0])
-        tail = list(st.request.prompt_token_ids[n_full * self.bs:])
-        return [tail_key(kr, transfer_id, st.keys[r][-1] if n_full else None, tail)
-                for r, kr in enumerate(self.keyers)]
+        return tail_keys(self.keyers, st.request, n_full, transfer_id,
+                         [k[-1] if n_full else None for k in st.keys])
 
     # ---------------------------------------------------------------- loads
     def _drop_load(self, st: _Req) -> None:
@@ -701,7 +708,8 @@ class SchedulerSide:
         else:
             del self._reqs[request.request_id]
         params = None
-        if self.saves_enabled and (st.tail_saved or self.role == "kv_producer"):
+        if self.saves_enabled and not st.unkeyable and (st.tail_saved
+                                                        or self.role == "kv_producer"):
             n_prompt = request.num_prompt_tokens
             transfer_id = st.transfer_id or f"{self.engine_id}/{request.request_id}"
             params = {PARAMS_KEY: {"version": PARAMS_VERSION, "transfer_id": transfer_id,
