@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Build (or reuse) a venv with vllm==0.33.0 installed --no-deps over the CPU torch wheel, and run
-# the connector's API-level tests (tests/plugins/test_vllm_connector_unit.py) in it.
+# the connector's API-level tests in it (tests/plugins/test_vllm_connector_unit.py, the model-shape
+# matrix at the API level in test_vllm_support.py, and the key identity in test_vllm_identity.py).
 #
 #   bash .ci/vllm033-env.sh [pytest args...]
 #
@@ -106,5 +107,6 @@ pipq -c "$VENV/vllm-pins.txt" msgpack lmdb xxhash zstandard typer rich numpy aio
 
 cd "$ROOT"
 export VLLM_ENABLE_V1_MULTIPROCESSING=0
-exec "$VENV/bin/python" -m pytest tests/plugins/test_vllm_connector_unit.py -q \
+exec "$VENV/bin/python" -m pytest tests/plugins/test_vllm_connector_unit.py \
+    tests/plugins/test_vllm_support.py tests/plugins/test_vllm_identity.py -q \
     -p no:cacheprovider "$@"
