@@ -40,6 +40,15 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    """The model-shape matrix's numbers (test_vllm_shapes.py), one line per row."""
+    lines = getattr(config, "_tierstore_shape_matrix", None)
+    if lines:
+        terminalreporter.write_sep("-", "model-shape matrix (tests/plugins/test_vllm_shapes.py)")
+        for line in lines:
+            terminalreporter.write_line(line)
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> str:
     pytest.importorskip("vllm")
