@@ -194,8 +194,13 @@ def test_layers_of_different_shapes_and_unknown_kinds_are_refused(tiny_model):
                                                 kv_config(group(["l.0"], chunked)))
 
 
-def test_context_parallel_and_attention_free_are_refused(tiny_model):
-    """A block's tokens split across DCP ranks, and a model without any KV cache, are refused."""
+def test_encoder_decoder_context_parallel_and_attention_free_are_refused(tiny_model):
+    """A block's tokens split across DCP ranks, a model without any KV cache, and an
+    encoder-decoder model (a stand-in model config: the check reads ``is_encoder_decoder``)
+    are refused."""
+    stand_in = Obj(model_config=Obj(is_encoder_decoder=True), cache_config=None,
+                   parallel_config=None, speculative_config=None)
+    assert "encoder-decoder" in refused(stand_in, kv_config(dense()))
     vc = engine(tiny_model)
     vc.parallel_config.decode_context_parallel_size = 2
     assert "decode_context_parallel_size=2" in refused(vc, kv_config(dense()))
