@@ -194,12 +194,6 @@ class ExtraKeys:
     lora_weights: str | None = None
     embeds: Mapping[int, bytes] | None = None
 
-    @property
-    def per_block(self) -> bool:
-        """True when some block has its own extras: a keyer must then call
-        :meth:`block_bytes` for every block, not reuse :meth:`request_bytes`."""
-        return bool(self.mm) or bool(self.embeds)
-
     def request_bytes(self) -> bytes:
         out = b""
         if self.cache_salt:
@@ -353,24 +347,26 @@ class Keyer:
         return keys
 
 
-_EXTRA_FIELDS_KNOWN = {f.name for f in fields(ExtraKeys)} == {"cache_salt", "lora", "mm"}
+_EXTRA_FIELDS_KNOWN = {f.name for f in fields(ExtraKeys)} == {
+    "cache_salt", "lora", "mm", "lora_name", "lora_path", "lora_weights", "embeds"}
 
 
 def _blocks_with_own_extras(extras: ExtraKeys, n: int) -> Iterable[int]:
     """Indices ``i < n`` for which ``extras.block_bytes(i, base)`` may differ from ``base``.
 
     For :class:`ExtraKeys` as :meth:`ExtraKeys.block_bytes` defines it today, the blocks with
-    multimodal digests. For a subclass, or once ``ExtraKeys`` gains a field this helper does not
-    know, every block (exact, slower): extend this function with the new field.
+    multimodal or prompt-embeddings digests (the LoRA fields are request level). For a subclass,
+    or once ``ExtraKeys`` gains a field this helper does not know, every block (exact, slower):
+    extend this function with the new field.
     """
     if type(extras) is not ExtraKeys or not _EXTRA_FIELDS_KNOWN:
         return range(n)
-    mm = extras.mm
-    if not mm:
+    own = [m for m in (extras.mm, extras.embeds) if m]
+    if not own:
         return ()
-    if all(type(i) is int for i in mm):
-        return [i for i in mm if 0 <= i < n]
-    return [i for i in range(n) if i in mm]   # keys such as 1.0 equal block 1 in block_bytes
+    if all(type(i) is int for m in own for i in m):
+        return sorted({i for m in own for i in m if 0 <= i < n})
+    return [i for i in range(n) if any(i in m for m in own)]   # 1.0 equals block 1 there
 
 
 def load_secret(value: str | bytes | None = None, path: str | os.PathLike | None = None,

@@ -49,7 +49,10 @@ def test_embeds_digest_changes_its_block_and_the_chain_after_it():
     assert chain(ExtraKeys(embeds={1: b"d" * 32})) != chain(ExtraKeys(embeds={1: b"e" * 32}))
     # an embeddings digest never equals a multimodal digest of the same bytes
     assert chain(ExtraKeys(embeds={1: b"d" * 32})) != chain(ExtraKeys(mm={1: [b"d" * 32]}))
-    assert ExtraKeys(embeds={0: b"x"}).per_block and not ExtraKeys(cache_salt="s").per_block
+    # the chain's fast path (blocks without their own extras share one tail) sees embeddings
+    from tierstore.keys import _blocks_with_own_extras
+    assert list(_blocks_with_own_extras(ExtraKeys(embeds={1: b"d"}, mm={2: ["m"]}), 3)) == [1, 2]
+    assert list(_blocks_with_own_extras(ExtraKeys(lora_name="a", cache_salt="s"), 3)) == []
 
 
 @pytest.mark.parametrize("field", ["weights", "speculative"])
