@@ -193,6 +193,31 @@ def _spec_metrics(llm) -> dict:
     return out
 
 
+def _drain_saves(llm, sched, max_rounds: int = 50) -> int:
+    """Let the engine step until the connector's saves are published, and return the number of
+    1-token requests that took. Saves are asynchronous: the last request's blocks are copied
+    after its step and published when a later step reports the copy. An engine-core process
+    keeps stepping while the connector says ``has_pending_push_work``; the in-process engine of
+    this runner (``VLLM_ENABLE_V1_MULTIPROCESSING=0``) does not: ``LLM.generate`` stops when
+    the output processor has no unfinished request, and the connector's shutdown then fails
+    the pending store jobs. With the scheduler in this process, step until it holds no store
+    job; otherwise (TP = 2: the scheduler runs in the engine-core process) a few rounds."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    side = getattr(sched, "scheduler_side", None)
+    rounds = 0
+    for rounds in range(1, max_rounds + 1):
+        if side is not None and not side._save_jobs:
+            return rounds - 1
+        llm.generate([TokensPrompt(prompt_token_ids=[1])], SamplingParams(max_tokens=1),
+                     use_tqdm=False)
+        if side is None and rounds >= 3:
+            break
+        time.sleep(0.02)
+    return rounds
+
+
 def run(args) -> None:
     from vllm import LLM, SamplingParams
 
@@ -230,6 +255,7 @@ def run(args) -> None:
                         "num_cached_tokens": out.num_cached_tokens,
                         "kv_transfer_params": out.kv_transfer_params})
     sched, worker = _connector(llm.llm_engine)
+    drained = _drain_saves(llm, sched) if args.connector else None
     counters = {}
     if sched is not None and getattr(sched, "scheduler_side", None) is not None:
         counters["scheduler"] = sched.scheduler_side.counters
@@ -241,8 +267,8 @@ def run(args) -> None:
     if worker is not None and getattr(worker, "worker_side", None) is not None:
         counters["worker"] = worker.worker_side.counters
     json.dump({"results": results, "timings_s": timings, "init_s": init_s,
-               "counters": counters, "spec": _spec_metrics(llm)}, open(args.out, "w"),
-              default=str)
+               "counters": counters, "spec": _spec_metrics(llm), "drain_steps": drained},
+              open(args.out, "w"), default=str)
     # close the store cleanly (flushes, releases the data dir lock)
     try:
         if sched is not None:
