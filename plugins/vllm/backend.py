@@ -38,7 +38,7 @@ import struct
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from tierstore.client import Client, open_client
 from tierstore.config import DramConfig, NvmeConfig, StoreConfig
@@ -114,6 +114,38 @@ def release_client(settings: PluginSettings) -> None:
                 e.client.close()
             except Exception:  # pragma: no cover - best effort at shutdown
                 logger.exception("closing the tierstore client failed")
+
+
+_reporters: dict[tuple[str, str], list[Callable[[], dict]]] = {}
+
+
+def add_reporter(settings: PluginSettings, report: Callable[[], dict]) -> None:
+    """A worker half in this process registers how to hand over its finished, unreported save
+    copies (``{store job: per-key ok}``) at shutdown: an in-process engine (``LLM`` with
+    ``VLLM_ENABLE_V1_MULTIPROCESSING=0``) stops stepping when its last request finished, so the
+    scheduler half collects them itself (see ``SchedulerSide.shutdown``)."""
+    with _lock:
+        _reporters.setdefault(_backend_id(settings), []).append(report)
+
+
+def remove_reporter(settings: PluginSettings, report: Callable[[], dict]) -> None:
+    with _lock:
+        lst = _reporters.get(_backend_id(settings), [])
+        if report in lst:
+            lst.remove(report)
+
+
+def collect_reports(settings: PluginSettings) -> dict:
+    """Every registered worker half's unreported save results for this backend (this process)."""
+    with _lock:
+        reporters = list(_reporters.get(_backend_id(settings), []))
+    out: dict = {}
+    for report in reporters:
+        try:
+            out.update(report())
+        except Exception:   # pragma: no cover - best effort at shutdown
+            logger.exception("collecting a worker's save reports failed")
+    return out
 
 
 def open_side_client(settings: PluginSettings):

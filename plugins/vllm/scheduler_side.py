@@ -58,7 +58,8 @@ from tierstore.errors import TierStoreError
 from tierstore.keys import Keyer
 from tierstore.types import BlockKey, BlockStatus, Tier
 
-from tierstore_plugins.vllm.backend import Geometry, open_side_client, request_keys, tail_keys
+from tierstore_plugins.vllm.backend import (Geometry, collect_reports, open_side_client,
+                                            request_keys, tail_keys)
 from tierstore_plugins.vllm.metadata import (PARAMS_KEY, PARAMS_VERSION, LoadSpec, PluginSettings,
                                              SaveSpec, TierStoreMetadata, TierStoreWorkerMeta)
 from tierstore_plugins.vllm.support import unkeyable_reason
@@ -726,6 +727,10 @@ class SchedulerSide:
                     or self._cancelled)
 
     def shutdown(self) -> None:
+        if self._save_jobs:   # an engine that stopped stepping: the workers' last reports
+            reports = collect_reports(self.settings)
+            if reports:
+                self._complete_saves(reports)
         jobs = [j for st in self._reqs.values() if st.load and not st.load.dispatched
                 for j in st.load.jobs] + list(self._load_jobs)
         self._complete_loads(jobs)

@@ -44,7 +44,8 @@ from typing import Any
 from tierstore.errors import ConfigError, TierStoreError
 from tierstore.io.copy import CopyEngine, PagedKV, slab_tensor
 
-from tierstore_plugins.vllm.backend import Geometry, acquire_client, release_client, slab_of
+from tierstore_plugins.vllm.backend import (Geometry, acquire_client, add_reporter,
+                                            release_client, remove_reporter, slab_of)
 from tierstore_plugins.vllm.copier import Copier
 from tierstore_plugins.vllm.metadata import (LoadSpec, PluginSettings, SaveSpec, TierStoreMetadata,
                                              TierStoreWorkerMeta)
@@ -116,6 +117,7 @@ class WorkerSide:
                 "size, dtype, block size of the key namespace); the connector refuses to start "
                 "rather than store blocks it would key wrongly")
         self.client = acquire_client(self.settings, self.kv.block_bytes)
+        add_reporter(self.settings, self.final_report)
         self._ensure_engine()
         logger.info("tierstore: registered %d KV layers, %d blocks of %d bytes",
                     self.kv.shape[0], self.kv.num_blocks, self.kv.block_bytes)
@@ -347,19 +349,28 @@ class WorkerSide:
             except TierStoreError:
                 self._copy_done(cj, ok=False)
 
+    def final_report(self) -> dict[int, list[bool]]:
+        """Shutdown of an engine that stopped stepping: wait for the copies in flight and hand
+        over every save result not reported yet (the scheduler half in this process publishes
+        them). Idempotent."""
+        self._drain()
+        out, self._done_saves = self._done_saves, {}
+        return out
+
     def shutdown(self) -> None:
+        remove_reporter(self.settings, self.final_report)
         if self.engine is not None:
             self._drain()
             self.engine.close()
             self.engine = None
-        if self._done_saves and self.client is not None and hasattr(self.client, "store"):
-            # an embedded store shared with the scheduler half in this process, and nobody left
-            # to step the engine: publish what was copied (the scheduler's shutdown, if later,
-            # then finds these jobs gone)
+        if self._done_saves and self.client is not None:
+            # nobody steps the engine any more and the scheduler half may be gone: publish what
+            # was copied (through the daemon, only this connection's jobs can be; the scheduler
+            # half, if it shuts down later, finds these jobs gone)
             for job, oks in self._done_saves.items():
                 try:
                     self.client.complete_store(job, ok=oks)
-                except TierStoreError:   # completed (or aborted) by the scheduler half already
+                except TierStoreError:   # not ours, or completed by the scheduler half already
                     pass
             self._done_saves = {}
         if self.client is not None:

@@ -260,3 +260,17 @@ def test_an_idle_engine_keeps_stepping_until_its_saves_are_published(engine):
     e.worker.shutdown()                        # the worker half goes first: it publishes
     e.sched.shutdown()
     assert stored_blocks_right(e, prompt(10, 100)) == 6
+
+
+def test_an_engine_shut_down_scheduler_first_still_publishes_its_last_saves(engine):
+    """An in-process engine (vLLM's LLM with VLLM_ENABLE_V1_MULTIPROCESSING=0) stops stepping
+    when its last request finished; at shutdown the scheduler half collects the unreported save
+    results of the worker half in this process and publishes them."""
+    e = engine()
+    toks = prompt(11, 100)
+    e.add("c", toks)
+    e.step()
+    assert e.sched.has_pending_work()
+    e.sched.shutdown()                         # the scheduler half first
+    e.worker.shutdown()
+    assert stored_blocks_right(e, toks) == 6
