@@ -76,7 +76,7 @@ def _field(name: bytes, value: bytes) -> bytes:
     return bytes((len(name),)) + name + struct.pack("<I", len(value)) + value
 
 
-_OPTIONAL_NS_FIELDS = frozenset({"weights", "speculative"})
+_OPTIONAL_NS_FIELDS = frozenset({"weights", "speculative", "key_source"})
 """Namespace fields added after blocks were stored: they enter the digest only when set, so a
 namespace that leaves them empty digests exactly as before they existed."""
 
@@ -92,7 +92,10 @@ class Namespace:
     ``weights``: what changes with the model's weights when ``revision`` does not (a fingerprint
     of a local model directory, an operator's ``weights_version``). ``speculative``: the
     speculative-decoding configuration whose draft KV is stored in the same blocks (a draft
-    model's identity and layer count). Both are left out of the digest when empty.
+    model's identity and layer count). ``key_source``: how block keys are derived when not from
+    token ids by :meth:`Keyer.chain` (``Keyer.chain_from_engine_hashes``: the engine's hash
+    algorithm and seed), so engines keyed differently never meet in one namespace. All three are
+    left out of the digest when empty.
     """
 
     model: str
@@ -109,9 +112,11 @@ class Namespace:
     pp_rank: int = 0
     weights: str = ""
     speculative: str = ""
+    key_source: str = ""
 
     def __post_init__(self) -> None:
-        for name in ("model", "revision", "kv_dtype", "kv_layout", "weights", "speculative"):
+        for name in ("model", "revision", "kv_dtype", "kv_layout", "weights", "speculative",
+                     "key_source"):
             if not isinstance(getattr(self, name), str):
                 raise ConfigError(f"namespace {name} must be a string, got {getattr(self, name)!r}")
         for name in ("block_size", "num_layers", "num_kv_heads", "head_size", "tp_size", "tp_rank", "pp_rank"):

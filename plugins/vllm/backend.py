@@ -188,6 +188,12 @@ class Geometry:
     pp_size: int
     weights: str = ""
     speculative: str = ""
+    key_source: str = ""     # "" = Keyer.chain over token ids; else "vllm-<algo>:<seed id>"
+
+    @property
+    def engine_hash_algo(self) -> str | None:
+        """vLLM's block-hash algorithm the keys are derived from (None: token ids)."""
+        return self.key_source.split(":")[0].removeprefix("vllm-") if self.key_source else None
 
     @property
     def num_ranks(self) -> int:
@@ -200,7 +206,7 @@ class Geometry:
                          num_layers=self.num_layers, num_kv_heads=self.num_kv_heads,
                          head_size=self.head_size, use_mla=self.use_mla, tp_size=self.tp_size,
                          tp_rank=tp_rank, pp_rank=pp_rank, weights=self.weights,
-                         speculative=self.speculative)
+                         speculative=self.speculative, key_source=self.key_source)
 
     def rank_index(self, tp_rank: int, pp_rank: int) -> int:
         return pp_rank * self.tp_size + tp_rank
@@ -345,7 +351,55 @@ def geometry_from_vllm(vllm_config, kv_cache_config, settings: PluginSettings,
                     num_layers=num_layers, num_kv_heads=int(heads), head_size=int(head_size),
                     use_mla=use_mla, block_size=int(block_size),
                     tp_size=int(pc.tensor_parallel_size), pp_size=int(pc.pipeline_parallel_size),
-                    weights=weights, speculative=speculative)
+                    weights=weights, speculative=speculative,
+                    key_source=key_source(vllm_config, kv_cache_config, settings,
+                                          int(block_size), bool(speculative)))
+
+
+def key_source(vllm_config, kv_cache_config, settings: PluginSettings, block_size: int,
+               speculative: bool) -> str:
+    """How block keys are derived (issue 12 item 5): ``""`` for tierstore's keyed chain over
+    token ids, or ``"vllm-<algo>:<seed id>"`` for a keyed hash of vLLM's own block hashes
+    (``Keyer.chain_from_engine_hashes``; 2-3x cheaper per block, computed by vLLM anyway).
+
+    vLLM's hashes qualify when they are collision resistant and the same in every process:
+    ``sha256`` / ``sha256_cbor`` (their chain root is fixed unless ``PYTHONHASHSEED`` is set,
+    whose digest joins the namespace so engines with other seeds never meet), one hash per
+    block of ``block_size`` tokens, and no lookahead tokens (speculative decoding). ``keys =
+    "auto"`` takes them when they qualify; ``"engine"`` refuses to start when they do not;
+    ``"tokens"`` never takes them."""
+    if settings.keys == "tokens":
+        return ""
+    algo = str(getattr(vllm_config.cache_config, "prefix_caching_hash_algo", "") or "")
+    hbs = getattr(kv_cache_config, "hash_block_size", None) or block_size
+    why = None
+    if algo not in ("sha256", "sha256_cbor"):
+        why = f"vLLM's prefix-caching hash {algo or 'unknown'!r} is not sha256/sha256_cbor"
+    elif int(hbs) != block_size:
+        why = f"vLLM hashes blocks of {hbs} tokens, not {block_size}"
+    elif speculative:
+        why = "speculative decoding adds lookahead tokens to vLLM's block hashes"
+    elif not _engine_root_is_fixed():
+        why = "this vLLM may seed its block hashes per process (no DEFAULT_NONE_HASH_SEED)"
+    if why is not None:
+        if settings.keys == "engine":
+            raise ConfigError(f"TierStoreConnector keys='engine': {why}; use keys='tokens'")
+        return ""
+    seed = os.environ.get("PYTHONHASHSEED")
+    seed_id = "default" if seed is None else hashlib.blake2b(
+        seed.encode(), digest_size=4).hexdigest()
+    return f"vllm-{algo}:{seed_id}"
+
+
+def _engine_root_is_fixed() -> bool:
+    """True where vLLM derives its hash chain's root from a fixed seed for sha256 algorithms
+    (``kv_cache_utils.DEFAULT_NONE_HASH_SEED``, vLLM >= 0.32); older releases drew a random
+    root per process, so their hashes never match across a restart."""
+    try:
+        from vllm.v1.core import kv_cache_utils
+    except Exception:   # noqa: BLE001 - no vLLM (the stand-in engine of the unit tests)
+        return False
+    return isinstance(getattr(kv_cache_utils, "DEFAULT_NONE_HASH_SEED", None), str)
 
 
 # ---------------------------------------------------------------------------- request identity
@@ -435,8 +489,16 @@ def extras_of(request, block_size: int) -> ExtraKeys:
                      lora_weights=lora_weights, embeds=embeds or None)
 
 
-def request_keys(keyers: Sequence[Keyer], request, block_size: int) -> list[list[BlockKey]]:
-    """Keys of the request's full prompt blocks, one list per keyer (rank)."""
+def request_keys(keyers: Sequence[Keyer], request, block_size: int,
+                 engine_algo: str | None = None) -> list[list[BlockKey]]:
+    """Keys of the request's full prompt blocks, one list per keyer (rank). With
+    ``engine_algo`` (Geometry.engine_hash_algo) from vLLM's own ``request.block_hashes`` (which
+    already chain over the prefix and carry LoRA, multimodal, cache salt and prompt-embeds
+    identity); a request with fewer engine hashes than full prompt blocks keys only those."""
+    if engine_algo:
+        n_full = request.num_prompt_tokens // block_size
+        hashes = [bytes(h) for h in list(getattr(request, "block_hashes", None) or [])[:n_full]]
+        return [k.chain_from_engine_hashes(hashes, engine_algo) for k in keyers]
     tokens = prompt_tokens(request)
     extras = extras_of(request, block_size)
     return [k.chain(tokens, extras) for k in keyers]

@@ -52,6 +52,15 @@ key                         default     meaning
                                         off the scheduler thread (scheduler_side.PeerFetcher)
 ``peer_fetch_timeout_s``    30          how long a request waits for its peer fetch before
                                         vLLM computes what is still missing
+``keys``                    auto        how block keys are derived: ``tokens`` (tierstore's
+                                        keyed chain over token ids), ``engine`` (a keyed hash
+                                        of vLLM's own block hashes: 2-3x cheaper; needs
+                                        ``--prefix-caching-hash-algo`` sha256 or sha256_cbor
+                                        and vLLM's hash block size = the block size, else the
+                                        engine refuses to start), ``auto`` (engine when those
+                                        hold and no speculative decoding, else tokens). Engines
+                                        that share blocks must use the same mode (it is part
+                                        of the namespace)
 ``pd_wait_s``               1           P/D consumer: how long a request whose producer's
                                         blocks are not all visible yet waits for them (the
                                         producer publishes once its copies are done) before
@@ -82,6 +91,7 @@ PARAMS_KEY = "tierstore"
 
 PARAMS_VERSION = 1
 POLICIES = ("recompute", "fail")
+KEY_MODES = ("auto", "engine", "tokens")
 
 
 @dataclass(frozen=True)
@@ -103,6 +113,7 @@ class PluginSettings:
     fetch_from_peers: bool = False
     peer_fetch_timeout_s: float = 30.0
     pd_wait_s: float = 1.0
+    keys: str = "auto"
 
     @classmethod
     def from_extra_config(cls, extra: Mapping[str, Any] | None) -> "PluginSettings":
@@ -130,6 +141,8 @@ class PluginSettings:
             raise ConfigError("peer_fetch_timeout_s must be positive")
         if float(s.pd_wait_s) < 0:
             raise ConfigError("pd_wait_s must not be negative")
+        if s.keys not in KEY_MODES:
+            raise ConfigError(f"keys must be one of {KEY_MODES}, got {s.keys!r}")
         if int(s.dram_bytes) <= 0 or int(s.nvme_bytes) < 0 or float(s.pin_ttl_s) <= 0:
             raise ConfigError("dram_bytes and pin_ttl_s must be positive, nvme_bytes >= 0")
         return s

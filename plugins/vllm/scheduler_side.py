@@ -8,7 +8,9 @@ node's daemon, and NVMe reads are staged by the store's loader thread.
 
 Per request (store calls in brackets; one call covers every TP x PP rank)::
 
-    get_num_new_matched_tokens  keys once per request (kept here, all ranks)
+    get_num_new_matched_tokens  keys once per request (kept here, all ranks): a keyed hash of
+                                vLLM's own block hashes when they qualify, else tierstore's
+                                chain over token ids (backend.key_source, setting ``keys``)
         [prepare_loads(chains, wait=False)]   pins the resident prefix of every rank
         -> (promised tokens, load_async): async when a block must come from NVMe
         (a repeated call for the same request answers from what it already holds)
@@ -316,7 +318,8 @@ class SchedulerSide:
         if st is None:
             reason = unkeyable_reason(request)
             if reason is None:
-                keys = request_keys(self.keyers, request, self.bs)   # once per request
+                keys = request_keys(self.keyers, request, self.bs,   # once per request
+                                    self.geo.engine_hash_algo)
             else:   # no keys: never loaded, never saved (both skip a request without keys)
                 keys = [[] for _ in self.keyers]
                 self.counters["unkeyable_requests"] += 1

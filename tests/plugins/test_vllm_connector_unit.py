@@ -94,6 +94,58 @@ def _request(req_id: str, tokens: list[int], salt=None):
                    cache_salt=salt, block_hasher=get_request_block_hasher(BS, sha256))
 
 
+def _keys(side, tokens: list[int]) -> list[bytes]:
+    """The keys the scheduler side derives for a plain request of ``tokens``."""
+    from tierstore_plugins.vllm.backend import request_keys
+    return request_keys(side.keyers, _request("keys", tokens), BS, side.geo.engine_hash_algo)[0]
+
+
+@pytest.mark.parametrize("keys,algo,expect", [
+    ("auto", "sha256", "vllm-sha256:"), ("auto", "xxhash", ""), ("tokens", "sha256", ""),
+    ("engine", "sha256_cbor", "vllm-sha256_cbor:"), ("engine", "xxhash", None)])
+def test_key_source_follows_vllm_hash_algo(tiny_model, tmp_path, keys, algo, expect):
+    """Issue 12 item 5: keys come from vLLM's own block hashes only where those are the same in
+    every process (sha256 / sha256_cbor); ``keys="engine"`` refuses anything else at start,
+    ``"auto"`` falls back to token ids. The mode is part of the namespace: engines keyed
+    differently never share blocks."""
+    from tierstore_plugins.vllm.backend import key_source
+    vc, kcc = _configs(tiny_model, str(tmp_path / "store"))
+    vc.cache_config.prefix_caching_hash_algo = algo
+    settings = PluginSettings.from_extra_config({"data_dir": str(tmp_path), "keys": keys})
+    if expect is None:
+        with pytest.raises(ConfigError, match="keys='engine'"):
+            key_source(vc, kcc, settings, BS, speculative=False)
+        return
+    src = key_source(vc, kcc, settings, BS, speculative=False)
+    assert src.startswith(expect) if expect else src == ""
+    if keys == "engine":     # speculative decoding adds lookahead tokens to vLLM's hashes
+        with pytest.raises(ConfigError, match="speculative"):
+            key_source(vc, kcc, settings, BS, speculative=True)
+    else:
+        assert key_source(vc, kcc, settings, BS, speculative=True) == ""
+
+
+def test_engine_keys_match_vllm_hashes_and_salt(tiny_model, tmp_path):
+    """Engine-hash keys: two requests with the same tokens get the same keys in this process
+    and the keys of a freshly hashed request (no per-process root); another cache_salt or one
+    changed token changes every key from that block on."""
+    sched = _scheduler(tiny_model, str(tmp_path / "store"))
+    side = sched.connector.scheduler_side
+    tokens = [(11 * i) % 500 + 1 for i in range(5 * BS)]
+    a, b = _keys(side, tokens), _keys(side, list(tokens))
+    assert a == b and len(a) == 5 and len(set(a)) == 5
+    assert a != side.keyers[0].chain(tokens)              # not the token-id chain
+    from tierstore_plugins.vllm.backend import request_keys
+    salted = request_keys(side.keyers, _request("s", tokens, salt="t"), BS,
+                          side.geo.engine_hash_algo)[0]
+    assert not set(salted) & set(a)
+    changed = list(tokens)
+    changed[2 * BS + 3] += 1
+    c = _keys(side, changed)
+    assert c[:2] == a[:2] and not set(c[2:]) & set(a)
+    sched.connector.shutdown()
+
+
 def test_scheduler_loads_hit_beyond_engine_and_unpins_on_abort(tiny_model, tmp_path):
     """A 300-token prompt whose 9 full blocks are in tierstore: vLLM schedules only the 12
     remaining tokens, the metadata loads exactly 9 blocks into the request's first 9 block ids,
@@ -103,7 +155,8 @@ def test_scheduler_loads_hit_beyond_engine_and_unpins_on_abort(tiny_model, tmp_p
     sched = _scheduler(tiny_model, str(tmp_path / "store"))
     side = sched.connector.scheduler_side
     tokens = [(7 * i) % 500 + 1 for i in range(300)]
-    keys = side.keyers[0].chain(tokens)
+    assert side.geo.engine_hash_algo == "sha256"     # keys="auto" takes vLLM's block hashes
+    keys = _keys(side, tokens)
     assert len(keys) == 9
     side.client.put(keys, side.namespaces[0], [bytes(1024)] * 9)
 
@@ -139,7 +192,7 @@ def test_scheduler_salt_and_partial_blocks(tiny_model, tmp_path):
     sched = _scheduler(tiny_model, str(tmp_path / "store"))
     side = sched.connector.scheduler_side
     tokens = [(5 * i) % 500 + 1 for i in range(320)]          # exactly 10 blocks
-    keys = side.keyers[0].chain(tokens)
+    keys = _keys(side, tokens)
     side.client.put(keys, side.namespaces[0], [bytes(1024)] * len(keys))
     salted = _request("s", tokens, salt="tenant-b")
     assert side.get_num_new_matched_tokens(salted, 0) == (0, False)
