@@ -167,6 +167,7 @@ class _PeerState:
     bytes_read: int = 0
     blocks_read: int = 0
     failures: int = 0
+    blocks_kept_after_failure: int = 0   # whole blocks a failed fetch kept (issue 13 item 2)
     connects: int = 0
     extra: dict = field(default_factory=dict)
 
@@ -182,7 +183,9 @@ class _PeerState:
                 "rpcs": self.rpcs, "lookups": self.lookups,
                 "lookup_hit_blocks": self.lookup_hit_blocks, "fetches": self.fetches,
                 "bytes_read": self.bytes_read, "blocks_read": self.blocks_read,
-                "failures": self.failures, "last_error": self.last_error}
+                "failures": self.failures,
+                "blocks_kept_after_failure": self.blocks_kept_after_failure,
+                "last_error": self.last_error}
 
 
 def peer_settings(ps: Any, transports: Sequence[str] | None = None):
@@ -482,6 +485,11 @@ class DaemonPeers:
                 self.client.abort(f)
             self._failed(s, e)
             errors.append(f"{s.name}: {type(e).__name__}: {e}")
+            if f is not None and f.kept:   # whole blocks that arrived before the failure
+                with self._lock:
+                    s.blocks_read += f.kept
+                    s.bytes_read += f.kept * (f.job.sizes[0] if f.job.sizes else 0)
+                    s.blocks_kept_after_failure += f.kept
             return 0
         with self._lock:
             s.fetches += 1
@@ -502,9 +510,13 @@ class DaemonPeers:
                     pass   # recorded in the peer's state and shown below
         rows = [self._state(m).as_dict() for m in members]
         srv = self.server.stats() if self.server is not None else {}
+        fetching = {}
+        if self.client is not None:   # this node's pulls: aborted ones whose slots are held
+            fetching = dict(self.client.counters, aborted_pending=self.client.pending_aborts())
         return {"node": self.node, "listen": srv.get("address"), "membership": self.kind,
                 "transports": srv.get("transports", []), "peers": rows,
-                "serving": srv.get("sessions", []), "counters": srv.get("counters", {})}
+                "serving": srv.get("sessions", []), "counters": srv.get("counters", {}),
+                "fetching": fetching}
 
     def _ping_state(self, s: _PeerState) -> float:
         try:
