@@ -260,8 +260,8 @@ def test_issue13_item1_aborted_fetch_slots_return_with_no_later_traffic(pair_fac
         time.sleep(0.01)
     assert _used(p.b) == base and time.monotonic() - t0 < 1.0
     assert p.b.lookup(keys[2], NS).num_blocks == 0  # an aborted fetch publishes nothing
-    print(f"\n16 aborted slots back {took:.2f} s after the abort (lease {p.client.grace_s} + "
-          f"grace, no traffic); a late-ending job's 8 in {time.monotonic() - t0:.3f} s")
+    print(f"\n16 aborted slots back {took:.2f} s after the abort (lease 0.2 + grace 0.1 s, no "
+          f"traffic); a late-ending job's 8 in {time.monotonic() - t0:.3f} s")
 
 
 class _FailAtBlock(ServeHooks):
