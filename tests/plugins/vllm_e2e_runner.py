@@ -218,6 +218,23 @@ def _drain_saves(llm, sched, max_rounds: int = 50) -> int:
     return rounds
 
 
+def _drain(engine, timeout_s: float = 30.0) -> None:
+    """Step the in-process engine until its scheduler holds no request. Offline ``generate``
+    returns once a request's output is done, but a request whose connector save is still being
+    copied keeps its blocks (``delay_free_blocks``) until a later step reports the copy; ``vllm
+    serve`` keeps stepping for it (``Scheduler.has_requests``), an offline run must do it here,
+    else the last prompt's saves are dropped at shutdown."""
+    try:
+        core = engine.engine_core.engine_core
+        sched = core.scheduler
+    except AttributeError:   # the engine runs in another process: nothing to drive from here
+        return
+    deadline = time.monotonic() + timeout_s
+    while sched.has_requests() and time.monotonic() < deadline:
+        core.step_fn()
+        time.sleep(0.005)
+
+
 def run(args) -> None:
     from vllm import LLM, SamplingParams
 
@@ -254,6 +271,7 @@ def run(args) -> None:
         results.append({"tokens": list(out.outputs[0].token_ids),
                         "num_cached_tokens": out.num_cached_tokens,
                         "kv_transfer_params": out.kv_transfer_params})
+    _drain(llm.llm_engine)
     sched, worker = _connector(llm.llm_engine)
     drained = _drain_saves(llm, sched) if args.connector else None
     counters = {}

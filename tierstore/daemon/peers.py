@@ -23,15 +23,24 @@ Fetch from the nearest copy (``FETCH_REMOTE``)::
 
     local prefix n_local; peers asked as above for keys[n_local:]
     best peer (furthest reach, then dram first, then latency)
-        PeerClient.start_fetch(peer, keys[pos:])  -> the peer leases (pins) its hit prefix,
-                                                    staging NVMe-only blocks through its DRAM;
-                                                    local DRAM slots reserved (invisible)
-        Fetch.finish()                            -> bytes land in the slots; published only
-                                                    when the whole job is DONE and verified
+        PeerClient.start_fetch(peer, lacking)     -> ``lacking`` = keys[pos:pos+w] minus the
+                                                    blocks already here (a chain with a gap
+                                                    moves only the gap: issue 13 item 3); the
+                                                    peer leases (pins) its hit prefix, staging
+                                                    NVMe-only blocks through its DRAM; local
+                                                    DRAM slots reserved (invisible)
+        Fetch.finish()                            -> bytes land in the slots; published when
+                                                    the job is DONE; a job that fails keeps the
+                                                    blocks that arrived whole before the first
+                                                    one that did not (issue 13 item 2)
     a peer whose lease came back short (its DRAM could stage only part of an NVMe run) is asked
-    again while each round makes progress, with half the window when a lease came back empty; another peer is tried while it reaches further than
-    what is now local (each at most once after a round without progress); a failure marks the peer down for ``retry_s`` and, when no other peer covered the
-    gap, the request fails with TransferFailed (never a silently short answer)
+    again while each round makes progress, with half the window when a lease came back empty;
+    another peer is tried while it reaches further than what is now local (each at most once
+    after a round without progress or with an error); a failure marks the peer down for
+    ``retry_s``. When no other peer covered the gap the answer says so (``failed``, ``n`` <
+    ``promised``: what the peers reported) and a plain FETCH_REMOTE raises TransferFailed (a
+    ``partial`` one answers, so the caller can apply its load-failure policy to the blocks
+    the peers promised); never a silently short answer
 
 Pool placement (a second copy on each block's home node by rendezvous hashing over the live
 members, ``cluster.membership.home_node``) is not done: the node that computed a block keeps it
@@ -158,6 +167,7 @@ class _PeerState:
     bytes_read: int = 0
     blocks_read: int = 0
     failures: int = 0
+    blocks_kept_after_failure: int = 0   # whole blocks a failed fetch kept (issue 13 item 2)
     connects: int = 0
     extra: dict = field(default_factory=dict)
 
@@ -173,7 +183,9 @@ class _PeerState:
                 "rpcs": self.rpcs, "lookups": self.lookups,
                 "lookup_hit_blocks": self.lookup_hit_blocks, "fetches": self.fetches,
                 "bytes_read": self.bytes_read, "blocks_read": self.blocks_read,
-                "failures": self.failures, "last_error": self.last_error}
+                "failures": self.failures,
+                "blocks_kept_after_failure": self.blocks_kept_after_failure,
+                "last_error": self.last_error}
 
 
 def peer_settings(ps: Any, transports: Sequence[str] | None = None):
@@ -397,13 +409,18 @@ class DaemonPeers:
         return {"n": len(tiers), "local": n_local, "tiers": bytes(tiers), "remote": runs}
 
     # ------------------------------------------------------------------ fetch
-    def fetch(self, keys: Sequence[bytes], ns: Any) -> dict:
+    def fetch(self, keys: Sequence[bytes], ns: Any, *, partial: bool = False) -> dict:
         """Pull the blocks of ``keys`` that are not local from the nearest peers into local
-        DRAM. Returns ``{n (local prefix now), fetched, sources {peer: blocks}}``; raises
-        TransferFailed when a peer failed and nobody else covered its part."""
+        DRAM; blocks already here (also after a gap) are neither leased nor read again.
+        Returns ``{n (local prefix now), fetched, sources {peer: blocks}, errors, promised
+        (the prefix the peers reported), failed}``. A peer that fails mid-read leaves the
+        blocks that arrived whole before the failure (issue 13 item 2). ``failed``: a peer
+        failed and nobody covered its part (``n < promised``); then, unless ``partial``, this
+        raises TransferFailed instead of answering."""
         keys = list(keys)
         n_local = self.store.lookup(keys, ns).num_blocks
-        out = {"n": n_local, "fetched": 0, "sources": {}, "errors": []}
+        out = {"n": n_local, "fetched": 0, "sources": {}, "errors": [], "promised": n_local,
+               "failed": False}
         if n_local >= len(keys):
             return out
         answers = self._ask_all(keys[n_local:], ns)
@@ -423,23 +440,35 @@ class DaemonPeers:
                                                        c[0]))
             w = min(window[name], r - pos)
             n_err = len(errors)
-            got = self._fetch_from(s, keys[pos:pos + w], ns, errors)
+            lacking = self._lacking(keys[pos:pos + w], ns)   # item 3: never what is here
+            got = self._fetch_from(s, lacking, ns, errors) if lacking else 0
             if got:
                 out["sources"][name] = out["sources"].get(name, 0) + got
                 out["fetched"] += got
             new_pos = self.store.lookup(keys, ns).num_blocks
-            if not got and len(errors) == n_err and w > 1:
+            if len(errors) > n_err:
+                tried.add(name)         # it failed (what arrived whole is kept): not again
+            elif not got and w > 1 and new_pos <= pos:
                 window[name] = w // 2   # lease came back empty: its DRAM could not stage that
                                         # many NVMe blocks at once (all of a lease is pinned)
-            elif not got or new_pos <= pos:
+            elif new_pos <= pos:
                 tried.add(name)
             pos = new_pos
         out["n"] = pos
         out["errors"] = errors
-        if errors and pos < promised:
+        out["promised"] = promised
+        out["failed"] = bool(errors) and pos < promised
+        if out["failed"] and not partial:
             raise TransferFailed(f"fetch stopped at block {pos} of {promised} found on peers: "
                                  + "; ".join(errors))
         return out
+
+    def _lacking(self, keys: Sequence[bytes], ns: Any) -> list[bytes]:
+        """``keys`` minus those resident here (one lookup for the leading run, then per key
+        after the first miss: a chain with a gap fetches only the gap)."""
+        keys = list(keys)
+        n = self.store.lookup(keys, ns).num_blocks
+        return [k for k in keys[n:] if self.store.lookup([k], ns).num_blocks == 0]
 
     def _fetch_from(self, s: _PeerState, keys: Sequence[bytes], ns: Any, errors: list) -> int:
         f = None
@@ -456,6 +485,11 @@ class DaemonPeers:
                 self.client.abort(f)
             self._failed(s, e)
             errors.append(f"{s.name}: {type(e).__name__}: {e}")
+            if f is not None and f.kept:   # whole blocks that arrived before the failure
+                with self._lock:
+                    s.blocks_read += f.kept
+                    s.bytes_read += f.kept * (f.job.sizes[0] if f.job.sizes else 0)
+                    s.blocks_kept_after_failure += f.kept
             return 0
         with self._lock:
             s.fetches += 1
@@ -476,9 +510,13 @@ class DaemonPeers:
                     pass   # recorded in the peer's state and shown below
         rows = [self._state(m).as_dict() for m in members]
         srv = self.server.stats() if self.server is not None else {}
+        fetching = {}
+        if self.client is not None:   # this node's pulls: aborted ones whose slots are held
+            fetching = dict(self.client.counters, aborted_pending=self.client.pending_aborts())
         return {"node": self.node, "listen": srv.get("address"), "membership": self.kind,
                 "transports": srv.get("transports", []), "peers": rows,
-                "serving": srv.get("sessions", []), "counters": srv.get("counters", {})}
+                "serving": srv.get("sessions", []), "counters": srv.get("counters", {}),
+                "fetching": fetching}
 
     def _ping_state(self, s: _PeerState) -> float:
         try:

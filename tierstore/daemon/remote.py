@@ -481,15 +481,20 @@ class RemoteClient:
     # ---------------------------------------------------------------- peers
     def fetch_remote(self, keys: Sequence[BlockKey], namespace: Namespace, *, pin: bool = False,
                      ttl_s: float | None = None, detail: bool = False,
-                     request: str | None = None) -> int | dict:
+                     request: str | None = None, partial: bool = False) -> int | dict:
         """Pull the blocks of ``keys`` this node lacks from the nearest peers into the daemon's
         DRAM; returns how many blocks of ``keys`` are now local (a prefix), or with ``detail``
-        the daemon's ``{n, fetched, sources, errors[, pinned]}``. ``pin``: the local prefix is
-        pinned for this connection (like ``lookup(pin=True)``) so nothing evicts it before
-        ``prepare_load``. Raises TransferFailed when a peer failed mid-read and no other peer
-        covered its part (nothing partial became visible). Blocks for the whole transfer: use
-        a client of its own from a side thread when the caller must not wait."""
+        the daemon's ``{n, fetched, sources, errors, promised, failed[, pinned]}``. ``pin``: the
+        local prefix is pinned for this connection (like ``lookup(pin=True)``) so nothing
+        evicts it before ``prepare_load``. Raises TransferFailed when a peer failed mid-read
+        and no other peer covered its part; the blocks that arrived whole before the failure
+        stay visible (never a partial block). ``partial``: answer such a fetch instead of
+        raising (``failed`` true, ``n`` < ``promised``; ``pin`` pins what is local). Blocks
+        for the whole transfer: use a client of its own from a side thread when the caller
+        must not wait."""
         body = {"keys": pack_keys(keys), "ns": self._ns(namespace), "pin": pin, "ttl_s": ttl_s}
+        if partial:
+            body["partial"] = True
         if request is not None:   # the pins belong to that request (see lookup)
             body["request"] = request
         r = self._call(MsgType.FETCH_REMOTE, body, idempotent=not pin)

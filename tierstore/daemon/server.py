@@ -51,8 +51,12 @@ Requests (body fields; ``keys`` per tierstore.protocol.codec.pack_keys; ``ns`` =
                                                        local prefix first, then blocks only peers
                                                        hold (one batched RPC per peer; ``tiers``
                                                        is where each block lives on its node)
-    FETCH_REMOTE   {keys, ns, pin, ttl_s}           -> {n (local prefix now), fetched,
-                                                        sources {peer: blocks}, errors[, pinned]}
+    FETCH_REMOTE   {keys, ns, pin, ttl_s, partial}  -> {n (local prefix now), fetched,
+                                                        sources {peer: blocks}, errors,
+                                                        promised (prefix the peers reported),
+                                                        failed[, pinned]}; a failed fetch
+                                                        (n < promised after a peer error) is
+                                                        TransferFailed unless ``partial``
     PEERS          {probe}                          -> {node, listen, membership, transports,
                                                         peers [per-peer state], serving, counters}
     PEER_PING      {peer (name or host:port)}       -> per-peer state + {rtt_ms}
@@ -629,9 +633,10 @@ class DaemonServer:
         keys, ns = unpack_keys(body["keys"]), _namespace(body["ns"])
         if self.peers is None:
             n = self.store.lookup(keys, ns).num_blocks
-            out = {"n": n, "fetched": 0, "sources": {}, "errors": []}
+            out = {"n": n, "fetched": 0, "sources": {}, "errors": [], "promised": n,
+                   "failed": False}
         else:
-            out = self.peers.fetch(keys, ns)
+            out = self.peers.fetch(keys, ns, partial=bool(body.get("partial")))
         if body.get("pin") and out["n"]:   # hold the now-local prefix for this connection
             out["pinned"] = self.store.pin(keys[:out["n"]], owner=_owner(conn, body),
                                            ttl_s=_opt_float(body.get("ttl_s")))

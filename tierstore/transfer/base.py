@@ -23,8 +23,13 @@ Job contract (every implementation; tests/core/transfer/test_contract.py checks 
   terminal states (DONE, FAILED, CANCELLED) promise that no more bytes will be written into the
   job's local slots. Callers free or reuse local slots only in a terminal state (case XFER-12).
 - ``job.blocks_ok[i]`` is set only after block ``i`` arrived whole (and, with verification, its
-  checksum matched). Nothing here publishes a block: the caller publishes (``complete_store``)
-  after ``DONE`` only, so no partial block ever becomes valid (cases XFER-15, RACE-16).
+  checksum matched); a block is written once, so an ok block never changes afterwards. Nothing
+  here publishes a block: the caller publishes (``complete_store``) in a terminal state only —
+  every block after ``DONE``, after ``FAILED`` the blocks that arrived whole before the first
+  one that did not (issue 13 item 2), none after a cancel — so no partial block becomes valid
+  (cases XFER-15, RACE-16).
+- ``job.add_on_finish(fn)``: ``fn`` runs once the job is terminal (the client's reaper wakes on
+  it, so an aborted fetch's slots come back as soon as nothing can land in them).
 - A peer that goes away ends the job with ``FAILED`` within the transport's ``timeout_s``.
 
 Also here: :class:`Slab` (a bounds-checked view of fixed-size slots over one buffer, the thing both
@@ -145,6 +150,7 @@ class ReadJob:
         self._cancel_requested = False
         self._cond = threading.Condition()
         self.on_cancel: list = []   # callables run (outside the lock) when cancel is asked
+        self._on_finish: list = []  # callables run once the job is terminal (add_on_finish)
         if num_parts == 0:
             self.state, self.finished_s = JobState.DONE, self.started_s
 
@@ -179,13 +185,31 @@ class ReadJob:
             self.record_error(error)
         with self._cond:
             self._parts_left -= 1
-            if self._parts_left == 0:
+            finished = self._parts_left == 0
+            if finished:
                 if self._cancel_requested:
                     self._finish(JobState.CANCELLED)
                 elif self.error is not None:
                     self._finish(JobState.FAILED)
                 else:
                     self._finish(JobState.DONE)
+                hooks, self._on_finish = self._on_finish, []
+        if finished:
+            for fn in hooks:
+                try:
+                    fn()
+                except Exception:   # a finish hook must not break the transport's thread
+                    pass
+
+    def add_on_finish(self, fn) -> None:
+        """Call ``fn()`` once the job is terminal (at once if it is already). ``fn`` runs on
+        the transport's thread, possibly under the transport's own locks: it must be quick and
+        must not call back into the transport (setting an Event is the intended use)."""
+        with self._cond:
+            if not self.state.terminal:
+                self._on_finish.append(fn)
+                return
+        fn()
 
     def _finish(self, state: JobState) -> None:
         self.state = state

@@ -7,7 +7,10 @@ One fetch (the cross-node P/D and prefix-reuse path)::
     transport.read_blocks(remote, local)    ── bytes land straight in the reserved slots
     poll / wait until the job is terminal
         DONE      -> complete_store(ok=True, checksums)  (now, and only now, visible: RACE-16)
-        otherwise -> complete_store(ok=False)            (slots freed, nothing published)
+        FAILED    -> complete_store(ok=[per key])        the blocks that arrived whole before
+                                                         the first one that did not are
+                                                         published, the rest freed (item 2)
+        CANCELLED -> complete_store(ok=False)            (an abort: every slot freed)
     release(lease) on the peer              ── its pins go
 
 A local slot is freed only in a terminal job state, when no byte can land in it any more; an
@@ -15,8 +18,16 @@ aborted fetch whose job does not reach a terminal state within ``lease_s + grace
 data link torn down (which ends every write into our memory) before its slots are freed
 (case XFER-12). A late completion for a fetch that was already settled is ignored.
 
-Threading: public methods may be called from any thread; per-peer handles are created under
-``self._lock``; each :class:`Fetch` settles once (its own lock).
+Aborted fetches are settled by the reaper (issue 13 item 1): ``abort`` queues a fetch that is
+not terminal yet and wakes the reaper thread, which settles it as soon as its job ends (the job's
+finish hook wakes it) or, at the latest, tears its link down once ``lease_s + grace_s`` have
+passed since the abort — without any later fetch on this node. ``reap()`` may still be called
+by hand (``start_fetch`` does); settling is idempotent.
+
+Threading: public methods may be called from any thread; per-peer handles and the queue of
+aborted fetches are guarded by ``self._lock``; each :class:`Fetch` settles once (its own lock).
+The one thread of its own, ``peer-reaper``, is owned by the :class:`PeerClient`: started on the
+first abort that has to wait, it ends when nothing is queued and is stopped by ``close``.
 """
 
 from __future__ import annotations
@@ -68,6 +79,9 @@ class Fetch:
         self.hit_blocks = lease["hit"]
         self.aborted_s: float | None = None
         self.settled: BlockStatus | None = None   # OK or FAILED once settled
+        self.kept = 0                  # blocks published by a fetch that did not end DONE
+        self.queued = False            # in the client's queue of aborted fetches
+        self.hooked = False            # the job's finish wakes the client's reaper
         self._lock = threading.Lock()
 
     @property
@@ -85,13 +99,15 @@ class Fetch:
 
     def finish(self, timeout_s: float | None = None) -> int:
         """Wait for the job, publish or discard, release the peer's lease. Returns the number of
-        blocks now resident locally from this fetch (0 on failure). Raises the job's error."""
+        leading keys resident locally from this fetch. Raises the job's error (the blocks that
+        arrived whole before the failure are kept: :attr:`kept`)."""
         st = self.job.wait(self.client.settings.timeout_s * 2 if timeout_s is None else timeout_s)
         if not st.terminal:
             self.abort()
             st = self.job.wait(self.client.settings.timeout_s)
         if not st.terminal:
-            return 0   # not settled: the reaper frees the slots after lease + grace
+            self.client.abort(self)   # the reaper frees the slots after lease + grace
+            return 0
         n = self.settle()
         if st is JobState.FAILED:
             raise self.job.error   # type: ignore[misc]
@@ -99,9 +115,32 @@ class Fetch:
             raise TransferFailed(f"fetch from {self.peer.session.label} was cancelled")
         return n
 
+    def _answers(self) -> list[bool]:
+        """Per key of the local job: publish it? Every block read when DONE; when FAILED, the
+        blocks that arrived whole (``blocks_ok``) before the first one that did not; none of
+        a cancelled (aborted) fetch: its slots go back to the free pool (XFER-12). Never a
+        block after the first key that was neither read whole nor already present (the chain
+        is only useful as a prefix, and a key after a SKIPPED one was never read)."""
+        oks = [False] * len(self.local_job.keys)
+        if self.job.state not in (JobState.DONE, JobState.FAILED):
+            return oks
+        done = self.job.state is JobState.DONE
+        read = {i: j for j, i in enumerate(self.read_idx)}
+        for i, st in enumerate(self.local_job.status):
+            if st is BlockStatus.OK:
+                j = read.get(i)
+                if j is None or not (done or self.job.blocks_ok[j]):
+                    break
+                oks[i] = True
+            elif st is not BlockStatus.PRESENT:
+                break
+        return oks
+
     def settle(self, force: bool = False) -> int:
-        """Publish (DONE) or free (anything else) the local slots, once. ``force``: the job is
-        not terminal but its link was torn down (no write can land any more)."""
+        """Publish what arrived whole and free the rest of the local slots, once. ``force``:
+        the job is not terminal but its link was torn down (no write can land any more).
+        Returns the number of leading keys now resident from this fetch (0 if settled
+        already)."""
         with self._lock:
             if self.settled is not None:
                 return 0   # late completion: ignored (no double free)
@@ -110,30 +149,38 @@ class Fetch:
                 return 0
             ok = st is JobState.DONE
             store = self.client.store
-            sums = None
-            if ok:
-                sums = [0] * len(self.local_job.keys)
-                for j, i in enumerate(self.read_idx):
-                    sums[i] = self.lease["checksums"][i] if i < len(self.lease["checksums"]) else 0
-            store.complete_store(self.local_job.job_id, ok=ok, checksums=sums)
+            oks = self._answers()
+            sums = [0] * len(self.local_job.keys)
+            for i in self.read_idx:
+                if oks[i] and i < len(self.lease["checksums"]):
+                    sums[i] = self.lease["checksums"][i]
+            status = store.complete_store(self.local_job.job_id, ok=oks, checksums=sums)
+            lead = 0
+            for x in status:   # what the store kept (a closed store keeps nothing)
+                if x not in (BlockStatus.OK, BlockStatus.PRESENT):
+                    break
+                lead += 1
+            kept = [j for j, i in enumerate(self.read_idx) if oks[i]
+                    and status[i] is BlockStatus.OK]
+            self.kept = 0 if ok else len(kept)
             self.settled = BlockStatus.OK if ok else BlockStatus.FAILED
             c = self.client
             s = self.peer.session.stats
             s.read_jobs += 1
-            if ok:
-                s.bytes_read += self.job.bytes_moved
-                s.blocks_read += self.job.num_blocks
-            else:
+            s.bytes_read += sum(self.job.sizes[j] for j in kept)
+            s.blocks_read += len(kept)
+            if not ok:
                 s.read_failures += 1
                 if self.job.error is not None:
                     s.last_error = f"{type(self.job.error).__name__}: {self.job.error}"
+                c.counters["fetch_blocks_kept"] += self.kept
             c.counters["fetch_ok" if ok else "fetch_failed"] += 1
         try:
             if not self.peer.session.closed:
                 self.peer.session.release(self.lease["lease"])
         except TierStoreError:
             pass   # the peer releases everything of a dead session itself
-        return len(self.local_job.keys) if ok else 0
+        return lead
 
 
 class PeerClient:
@@ -155,6 +202,9 @@ class PeerClient:
         self._peers: dict[tuple[str, int], _Peer] = {}
         self._aborted: list[Fetch] = []
         self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._reaper: threading.Thread | None = None
+        self._closing = False
 
     @property
     def offered(self) -> list[str]:
@@ -233,12 +283,36 @@ class PeerClient:
         return 0 if f is None else f.finish()
 
     def abort(self, f: Fetch) -> None:
+        """Cancel ``f``; its slots come back once no byte can land in them: at once when the
+        job is terminal, else from the reaper thread (when the job ends, or after
+        ``lease_s + grace_s`` with its link torn down). Idempotent."""
         f.abort()
         if f.job.state.terminal:
             f.settle()
-        else:
-            with self._lock:
-                self._aborted.append(f)
+            return
+        self._queue([f])
+
+    def _queue(self, fetches: Sequence[Fetch], wake: bool = True) -> None:
+        """Put aborted fetches in the reaper's queue and make sure the reaper runs."""
+        start = None
+        hook = []
+        with self._lock:
+            for f in fetches:
+                if not f.queued and f.settled is None:
+                    f.queued = True
+                    self._aborted.append(f)
+                    if not f.hooked:
+                        f.hooked = True
+                        hook.append(f)
+            if self._aborted and self._reaper is None and not self._closing:
+                start = self._reaper = threading.Thread(target=self._reap_loop,
+                                                        name="peer-reaper", daemon=True)
+        for f in hook:
+            f.job.add_on_finish(self._wake.set)
+        if start is not None:
+            start.start()
+        elif wake:
+            self._wake.set()
 
     def reap(self) -> int:
         """Free the slots of aborted fetches that became terminal, or whose lease + grace ran
@@ -249,6 +323,7 @@ class PeerClient:
             pending, self._aborted = self._aborted, []
         keep = []
         for f in pending:
+            f.queued = False
             if f.job.state.terminal:
                 f.settle()
                 done += 1
@@ -262,9 +337,28 @@ class PeerClient:
                     keep.append(f)
             else:
                 keep.append(f)
-        with self._lock:
-            self._aborted.extend(keep)
+        if keep:
+            self._queue(keep, wake=False)
         return done
+
+    def _reap_loop(self) -> None:
+        """The ``peer-reaper`` thread: reap, then sleep until the next fetch's lease + grace
+        runs out or a queued job ends; exit when nothing is queued."""
+        while True:
+            self._wake.clear()
+            self.reap()
+            with self._lock:
+                if not self._aborted or self._closing:
+                    self._reaper = None
+                    return
+                due = min((f.aborted_s or 0.0) for f in self._aborted) + self.lease_s + \
+                    self.grace_s
+            self._wake.wait(min(max(due - time.monotonic(), 0.05), 1.0))
+
+    def pending_aborts(self) -> int:
+        """Aborted fetches whose slots are still reserved."""
+        with self._lock:
+            return len(self._aborted)
 
     def ping(self, address: tuple[str, int]) -> float:
         return self._peer(address).session.ping()
@@ -275,9 +369,19 @@ class PeerClient:
 
     def close(self) -> None:
         with self._lock:
+            self._closing = True
             peers, self._peers = list(self._peers.values()), {}
+            reaper = self._reaper
+        self._wake.set()
+        if reaper is not None:
+            reaper.join(self.settings.timeout_s)
         for p in peers:
             p.link.close()
             p.session.close()
+        with self._lock:   # every link is down: nothing lands in their slots any more
+            pending, self._aborted = self._aborted, []
+        for f in pending:
+            if f.job.state.terminal or getattr(f.peer.link, "quiescent", True):
+                f.settle(force=True)
         for t in self.transports.values():
             t.close()

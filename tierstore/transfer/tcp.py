@@ -17,7 +17,9 @@ authenticated, bound to the same session) is opened for the next part.
 
 Timeouts and failures: every socket wait is bounded by ``timeout_s``; a peer that closes or dies
 mid-stream raises in ``recv_into`` at once (EOF/RST) or after ``timeout_s`` (silence). The first
-failing part shuts the job's other connections so the whole job ends promptly. ``cancel`` shuts
+failing part shuts the connections of the job's later parts so the job ends promptly; earlier
+parts run on (each bounded by ``timeout_s``), since the blocks before the failure are kept by the
+client (issue 13 item 2). ``cancel`` shuts
 the job's sockets; the job becomes CANCELLED only after every worker has left ``recv_into`` (so no
 byte can land in a local slot afterwards).
 
@@ -60,6 +62,7 @@ class _Stream:
         self.job: ReadJob | None = None
         self.q: queue.Queue = queue.Queue()
         self.thread: threading.Thread | None = None
+        self.first = 0   # index of the first block of the part it is reading
 
 
 class TcpLink(Link):
@@ -80,9 +83,12 @@ class TcpLink(Link):
         for st, part in zip(self.streams, parts):
             st.q.put((job, part, checksums))
 
-    def _shutdown_job(self, job: ReadJob) -> None:
+    def _shutdown_job(self, job: ReadJob, after: int = -1) -> None:
+        """Shut the job's connections that read parts starting after block ``after`` (all of
+        them by default)."""
         with self._lock:
-            conns = [st.conn for st in self.streams if st.job is job and st.conn is not None]
+            conns = [st.conn for st in self.streams
+                     if st.job is job and st.conn is not None and st.first > after]
         for c in conns:
             try:
                 c.sock.shutdown(socket.SHUT_RDWR)
@@ -96,7 +102,7 @@ class TcpLink(Link):
                 return
             job, part, checksums = item
             with self._lock:
-                st.job = job
+                st.job, st.first = job, part.start
             err: BaseException | None = None
             try:
                 if job.cancel_requested:
@@ -107,7 +113,9 @@ class TcpLink(Link):
                 job.record_error(e)      # the cause, before the other streams see closed sockets
                 self._drop(st)
                 if not job.cancel_requested:
-                    self._shutdown_job(job)
+                    # the parts after this one end now (their blocks follow the one that
+                    # failed); the parts before it may finish: their blocks are kept (item 2)
+                    self._shutdown_job(job, after=part.start)
             finally:
                 with self._lock:
                     st.job = None

@@ -67,7 +67,11 @@ def test_unleased_or_out_of_range_slot_fails_job_server_stays_up(pair_factory, t
     assert p.b.get(keys) == payload(keys)
 
 
-def test_checksum_mismatch_fails_and_publishes_nothing(pair_factory, transport):
+def test_checksum_mismatch_fails_and_keeps_only_the_verified_blocks_before_it(pair_factory,
+                                                                             transport):
+    """Block 1's recorded checksum disagrees with its bytes: the fetch fails with
+    ChecksumFailed, block 0 (verified, before the failure) is kept, block 1 and everything
+    after it are freed (issue 13 item 2: never a block that failed, never one after it)."""
     p = pair_factory(transport, verify=True)
     keys = chain(3)
     good = payload(keys)
@@ -80,8 +84,10 @@ def test_checksum_mismatch_fails_and_publishes_nothing(pair_factory, transport):
     p.a.complete_store(job.job_id, ok=True, checksums=sums)
     with pytest.raises(ChecksumFailed):
         p.client.fetch(p.addr, keys, NS)
-    assert p.b.lookup(keys, NS).num_blocks == 0
-    assert p.b.stats()["tiers"][0]["used_slots"] == 0
+    assert p.b.lookup(keys, NS).num_blocks == 1
+    assert p.b.get(keys) == good[:1]
+    assert p.b.stats()["tiers"][0]["used_slots"] == 1
+    assert p.b.check() == []
 
 
 def _slow(p, transport):
@@ -140,8 +146,12 @@ def test_peer_gone_mid_read_fails_within_timeout(pair_factory, transport):
     assert st is JobState.FAILED and elapsed < 2 * timeout
     with pytest.raises(TransferFailed):
         f.finish()
-    assert p.b.lookup(keys, NS).num_blocks == 0
-    assert p.b.stats()["tiers"][0]["used_slots"] == 0
+    # what arrived whole before the failure is kept, byte-exact; nothing else (item 2)
+    n = p.b.lookup(keys, NS).num_blocks
+    assert n == f.kept < len(keys)
+    assert p.b.get(keys) == payload(keys)[:n]
+    assert p.b.stats()["tiers"][0]["used_slots"] == n
+    assert p.b.check() == []
 
 
 class _Tamper(ServeHooks):
