@@ -141,7 +141,9 @@ class Residency:
 
     def set_meta(self, h: int, meta: bytes) -> None:
         """Give a resident block without engine metadata its blob (a block stored first by the
-        CLI, then by an engine): its copies are announced now."""
+        CLI, then by an engine): its copies are announced now. In memory only: an NVMe entry
+        committed before keeps none, so after a restart the block is announced again only once
+        an engine stores it again."""
         if self.meta[h] is not None:
             return
         self.meta[h] = meta
