@@ -290,3 +290,29 @@ def test_raw_log_alternates_per_copy(tmp_path):
             state[k] = op == STORED
     finally:
         s.close()
+
+
+def test_hbm_demotion_is_removed_gpu_plus_stored_cpu(tmp_path):
+    """An HBM tier (on the CPU device here): a block stored into HBM is Stored(GPU); pushed out
+    by HBM pressure it becomes Removed(GPU) followed by Stored(CPU), never a bare removal."""
+    pytest.importorskip("torch")
+    from tierstore.config import HbmConfig
+
+    s = Store.open(StoreConfig(slot_bytes=4096, dram=DramConfig(capacity_blocks=16),
+                               hbm=HbmConfig(capacity_blocks=2, device="cpu", policy="lru")))
+    try:
+        st = Stream(s)
+        kr = Keyer(NS, SECRET)
+        for i in range(3):
+            job = s.prepare_store(kr.chain_from_block_ids([i]), NS, SIZE, tier=Tier.HBM,
+                                  engine=blobs([i]))
+            s.complete_store(job.job_id, True)
+        ev = st.take()
+        assert ("BlockStored", "GPU") in kinds(ev)
+        gone = [e for e in ev if e["type"] == "BlockRemoved"]
+        assert [e["medium"] for e in gone] == ["GPU"]
+        after = [e for e in ev[ev.index(gone[0]):] if e["block_hashes"] == gone[0]["block_hashes"]]
+        assert after[-1]["type"] == "BlockStored" and after[-1]["medium"] == "CPU"
+        assert st.index.blocks == media_of_blocks(s.blocks())
+    finally:
+        s.close()
