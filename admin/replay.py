@@ -6,6 +6,8 @@ bytes per tier, and the default eviction policy beside LRU on the same trace
 (:func:`tierstore.replay.replay` with a ``baseline``). Several policies or capacities
 (``--policy a,b --capacity 1M,3M``), or ``--plot``, call :func:`tierstore.sweep.sweep` instead
 (payload none): one result with a ``results`` list and the Belady / infinite ``references``.
+``--nodes N`` calls :func:`tierstore.routing.cluster_replay`: N simulated nodes behind a router
+that routes by their KV events (``--route``), beside one pooled cache of N x ``--capacity``.
 The engines define every result field.
 """
 
@@ -76,6 +78,14 @@ def replay_cmd(
         None, "--save-trace", help="Also write the requests this run replays (the generated "
                                    "workload, or TRACE cut by --limit) to this file as a JSONL "
                                    "trace; `tierstore replay FILE` replays it again."),
+    nodes: Optional[int] = typer.Option(
+        None, "--nodes", min=1, help="Simulate N nodes of --capacity each (payload none) behind "
+                                     "a router that knows only their KV events; reported beside "
+                                     "one pooled cache of N x --capacity."),
+    route: str = typer.Option(
+        "round-robin,prefix-aware", "--route",
+        help="With --nodes: round-robin, prefix-aware (longest prefix in the router's event "
+             "index, within a load bound), or a comma list of both."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
     as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
 ) -> None:
@@ -99,6 +109,9 @@ def replay_cmd(
         policy=policies[0] if len(policies) == 1 else policy,
         data_dir=data_dir, limit=limit, num_requests=requests,
         socket=socket, baseline=None if baseline.strip().lower() == "none" else baseline.strip())
+    if nodes is not None:
+        _cluster(opts, nodes, route, capacities, policies, plot, quiet, as_json)
+        return
     is_sweep = len(policies) > 1 or len(capacities) > 1 or plot is not None
     if is_sweep:
         from dataclasses import replace
@@ -124,6 +137,46 @@ def replay_cmd(
     for w in result.get("warnings", []):
         message("warning: " + w)
     emit(result, as_json=as_json, human=_human_sweep if is_sweep else _human)
+
+
+def _cluster(opts, nodes: int, route: str, capacities: list, policies: list, plot, quiet: bool,
+             as_json: bool) -> None:
+    from dataclasses import replace
+
+    from tierstore import routing
+
+    with user_errors():
+        if len(capacities) > 1 or len(policies) > 1:
+            from tierstore.errors import ConfigError
+            raise ConfigError("--nodes takes one --capacity (per node) and one --policy")
+        if plot is not None:
+            from tierstore_admin.plot import require_matplotlib
+            require_matplotlib()
+        opts = replace(opts, baseline=None)
+        with _progress(not quiet and sys.stderr.isatty(), "cluster") as progress:
+            result = routing.cluster_replay(opts, nodes, route.split(","), progress=progress)
+        if plot is not None:
+            from tierstore_admin.plot import plot_routes
+            plot_routes(result, plot)
+            result["plot"] = plot
+    emit(result, as_json=as_json, human=_human_cluster)
+
+
+def _human_cluster(console, r: dict) -> None:
+    rows = [(x["route"], x["nodes"], x["capacity_blocks_per_node"] * x["nodes"],
+             x["block_hit_ratio"], x["token_hit_ratio"], " / ".join(map(str, x["requests_per_node"])),
+             x["load_imbalance"], "yes" if x["router_exact"] else "NO", f"{x['wall_s']:.1f}")
+            for x in r["routes"] + [r["pooled"]]]
+    head = (f"{r['trace']}: {r['requests']:,} requests on {r['nodes']} nodes of {r['capacity']} "
+            f"({r['capacity_blocks_per_node']:,} blocks) each, policy {r['policy']}, payload none; "
+            f"pooled = one cache of {r['pooled_capacity_blocks']:,} blocks")
+    parts = [head, table("cluster hit ratio by route (router fed by KV events only)",
+                         ["route", "nodes", "blocks in all", "block hit ratio", "token hit ratio",
+                          "requests per node", "max/mean load", "router index exact", "wall s"],
+                         rows)]
+    if r.get("plot"):
+        parts.append(f"plot: {r['plot']}")
+    console.print(Group(*parts))
 
 
 class _Bar:

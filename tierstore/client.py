@@ -206,15 +206,17 @@ class Client:
         """``request``: pin for that request alone (see :meth:`RemoteClient.lookup`)."""
         return self.store.lookup(keys, namespace, pin=pin, owner=self._owner(request), ttl_s=ttl_s)
 
-    def prepare_store(self, keys, namespace, size_bytes, parent=None, wait_s: float = 0.0) -> StoreJob:
+    def prepare_store(self, keys, namespace, size_bytes, parent=None, wait_s: float = 0.0,
+                      engine=None) -> StoreJob:
+        """``engine``: per key engine metadata (``tierstore.events.engine_block``) or None."""
         return self.store.prepare_store(keys, namespace, size_bytes, owner=self.owner,
-                                        parent=parent, wait_s=wait_s)
+                                        parent=parent, wait_s=wait_s, engine=engine)
 
     def complete_store(self, job_id: int, ok: bool | Sequence[bool] = True) -> list[BlockStatus]:
         return self.store.complete_store(job_id, ok=ok)
 
     def prepare_stores(self, specs: Sequence[tuple]) -> list[StoreJob]:
-        """Several ``(keys, namespace, size_bytes, parent)`` jobs in one call."""
+        """Several ``(keys, namespace, size_bytes, parent[, engine])`` jobs in one call."""
         return self.store.prepare_stores(specs, owner=self.owner)
 
     def complete_stores(self, answers: Sequence[tuple]) -> list[list[BlockStatus]]:

@@ -233,7 +233,7 @@ class TierMoves:
         dram = self.tiers[Tier.DRAM]
         return DiskWrite(nvme_slot, key, self._ns_digest(self.res.ns[h]),
                          dram.view(self.res.slot(h, Tier.DRAM))[: self.res.size[h]],
-                         self.res.checksum[h])
+                         self.res.checksum[h], self.res.meta[h])
 
     def _commit_nvme_writes(self, items, results, retry: bool):
         """Record written blocks in the index; free failed slots. Returns (items to retry after

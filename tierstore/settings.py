@@ -31,6 +31,10 @@ that the two agree). An example file::
     enabled = true
     peers = ["b=10.0.0.2:7470"]
 
+    [events]                               # KV events for routers (vLLM's format, ZMQ)
+    enabled = true
+    endpoint = "tcp://127.0.0.1:5557"
+
 **One type rule** for the file and the environment: text (an environment variable, or a TOML
 string) is read by the key's type; a TOML value of another type must be that type already.
 Booleans: ``true``/``false`` (text also ``1``/``0``); integers: whole numbers; floats: numbers;
@@ -198,6 +202,21 @@ KEYS: tuple[Key, ...] = (
     _k("peers", "connect_timeout_s", "float", 2.0, "s", "connect timeout"),
     _k("peers", "retry_s", "float", 2.0, "s", "a failed peer is not dialled again for this long"),
     _k("peers", "verify_checksums", "bool", True, "", "xxh3-64 of every received block"),
+    _k("events", "enabled", "bool", False, "", "publish KV events (vLLM's format) for routers; "
+       "needs pyzmq"),
+    _k("events", "endpoint", "str", "tcp://127.0.0.1:5557", "", "ZMQ PUB address bound by the "
+       "daemon (another host is logged as a warning)"),
+    _k("events", "replay_endpoint", "str", "tcp://127.0.0.1:5558", "", "ZMQ ROUTER address for "
+       "late subscribers; empty: none"),
+    _k("events", "buffer", "int", 10000, "batches", "batches kept for replay"),
+    _k("events", "max_pending", "int", 1 << 20, "events", "residency changes waiting to be "
+       "published, at most; beyond, the publisher resynchronises (a full snapshot)"),
+    _k("events", "interval_s", "float", 0.05, "s", "how often waiting changes are published "
+       "as one batch"),
+    _k("events", "heartbeat_s", "float", 1.0, "s", "an idle publisher repeats its last sequence "
+       "number this often (empty batch), so a gap shows"),
+    _k("events", "topic", "str", "", "", "ZMQ topic of every message"),
+    _k("events", "hwm", "int", 100000, "messages", "ZMQ high-water mark of the PUB socket"),
 )
 KEY_BY_NAME: dict[str, Key] = {k.dotted: k for k in KEYS}
 SECTIONS: tuple[str, ...] = tuple(dict.fromkeys(k.section for k in KEYS))
@@ -369,6 +388,42 @@ class MetricsSettings:
 
 
 @dataclass(frozen=True)
+class EventsSettings:
+    """``[events]``: the KV event publisher (tierstore/daemon/publisher.py)."""
+
+    enabled: bool = False
+    endpoint: str = "tcp://127.0.0.1:5557"
+    replay_endpoint: str = "tcp://127.0.0.1:5558"
+    buffer: int = 10000
+    max_pending: int = 1 << 20
+    interval_s: float = 0.05
+    heartbeat_s: float = 1.0
+    topic: str = ""
+    hwm: int = 100000
+
+
+def _events_settings(v: Mapping[str, Any], warnings: list[str]) -> EventsSettings:
+    e = EventsSettings(**{k.name: v[k.dotted] for k in KEYS if k.section == "events"})
+    for name in ("endpoint", "replay_endpoint"):
+        ep = getattr(e, name)
+        if not ep:
+            if name == "endpoint":
+                raise ConfigError("[events] endpoint must not be empty")
+            continue
+        if not ep.startswith(("tcp://", "ipc://", "inproc://")):
+            raise ConfigError(f"[events] {name} {ep!r}: expected tcp://host:port or ipc://path")
+        if e.enabled and ep.startswith("tcp://") and \
+                ep[6:].rpartition(":")[0].strip("[]") not in ("127.0.0.1", "localhost", "::1"):
+            warnings.append(f"[events] {name} {ep} is not loopback: other hosts can subscribe "
+                            "to this node's block hashes")
+    if e.buffer < 1 or e.max_pending < 16 or e.hwm < 0:
+        raise ConfigError("[events] buffer must be >= 1, max_pending >= 16, hwm >= 0")
+    if e.interval_s <= 0 or e.heartbeat_s <= 0:
+        raise ConfigError("[events] interval_s and heartbeat_s must be positive")
+    return e
+
+
+@dataclass(frozen=True)
 class PeerEntry:
     """One static peer: ``name=host:port`` (or ``host:port``, named by its address)."""
 
@@ -482,6 +537,7 @@ class DaemonSettings:
         slot_bytes=DEFAULT_SLOT_BYTES, dram=DramConfig(capacity_blocks=DEFAULT_DRAM_BLOCKS)))
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
     peers: PeersSettings = field(default_factory=PeersSettings)
+    events: EventsSettings = field(default_factory=EventsSettings)
     given: frozenset[str] = frozenset()      # dotted names set by a file, env or flag
     warnings: tuple[str, ...] = ()           # keys that cannot apply, one line each
 
@@ -565,7 +621,9 @@ def settings_from(loaded: Loaded) -> DaemonSettings:
                               port=v["metrics.port"])
     if not 0 <= metrics.port <= 65535:
         raise ConfigError(f"[metrics] port {metrics.port} out of range")
-    for section, on in (("metrics", metrics.enabled), ("peers", v["peers.enabled"])):
+    events = _events_settings(v, warnings)
+    for section, on in (("metrics", metrics.enabled), ("peers", v["peers.enabled"]),
+                        ("events", events.enabled)):
         off = sorted(d.split(".")[1] for d in given if d.startswith(section + ".")
                      and d != f"{section}.enabled")
         if off and not on:
@@ -580,7 +638,8 @@ def settings_from(loaded: Loaded) -> DaemonSettings:
                           pid_file=v["daemon.pid_file"] or None, max_frame_bytes=max_frame,
                           drain_timeout_s=v["daemon.drain_timeout_s"],
                           log_level=v["daemon.log_level"], store=store, metrics=metrics,
-                          peers=_peers_settings(v), given=given, warnings=tuple(warnings))
+                          peers=_peers_settings(v), events=events, given=given,
+                          warnings=tuple(warnings))
 
 
 def load_settings(path: str | os.PathLike | None = None, env: Mapping[str, str] | None = None,
@@ -717,7 +776,7 @@ def describe(loaded: Loaded) -> list[dict]:
     return out
 
 
-__all__ = ["DaemonSettings", "KEYS", "Key", "Loaded", "MetricsSettings", "OTHER_ENV",
+__all__ = ["DaemonSettings", "EventsSettings", "KEYS", "Key", "Loaded", "MetricsSettings", "OTHER_ENV",
            "PeerEntry", "PeersSettings", "coerce", "describe", "load_settings", "load_values",
            "markdown_table", "parse_address", "reconcile_store", "settings_from"]
 

@@ -47,6 +47,7 @@ from typing import Callable, Iterable, Sequence
 
 from tierstore.config import StoreConfig
 from tierstore.errors import ConfigError, JobError, RejectedError
+from tierstore.events import STORED, EventLog, check_engine_blobs, decode_engine_block
 from tierstore.index.prefix import longest_prefix, longest_prefix_tiers
 from tierstore.index.residency import NOWHERE, REQUEST_SEP, TIER_BY_VALUE, PinBook, Residency
 from tierstore.keys import Namespace
@@ -73,6 +74,30 @@ PUT_WAIT_S = 60.0
 the NVMe write-behind queue before blocks are SKIPPED."""
 
 
+def _parents_first(items: list[tuple[int, bytes]]) -> list[tuple[int, bytes]]:
+    """``(handle, engine blob)`` pairs ordered so that a block whose parent is among them comes
+    after it (recovery lists blocks in slot order; routers like chains announced root first)."""
+    decoded = {}
+    for h, m in items:
+        try:
+            decoded[h] = decode_engine_block(m)
+        except ValueError:
+            decoded[h] = None
+    by_hash = {e.hash: h for h, e in decoded.items() if e is not None}
+    blob = dict(items)
+    out: list[tuple[int, bytes]] = []
+    done: set[int] = set()
+    for h, _ in items:
+        chain = []
+        while h is not None and h not in done:
+            chain.append(h)
+            done.add(h)
+            e = decoded.get(h)
+            h = by_hash.get(e.parent) if e is not None and e.parent is not None else None
+        out.extend((x, blob[x]) for x in reversed(chain))
+    return out
+
+
 @dataclass
 class _PendingStore:
     owner: str
@@ -85,6 +110,7 @@ class _PendingStore:
     tier: Tier = Tier.DRAM
     budget: int = 0          # write-behind bytes reserved per OK block (0: none reserved)
     started_s: float = 0.0   # the store's clock at prepare (check reports stale jobs)
+    engine: list[bytes | None] | None = None   # per key: engine metadata (tierstore/events.py)
 
 
 @dataclass
@@ -206,7 +232,7 @@ class Store(TierMoves):
             ns_id = self._ns_ids.get(e.ns_digest)
             if ns_id is None:
                 ns_id = self._add_ns(e.ns_digest, {"digest": e.ns_digest.hex()})
-            h = self.res.add(e.key, ns_id, e.size, e.checksum)
+            h = self.res.add(e.key, ns_id, e.size, e.checksum, meta=e.meta)
             self.res.set_slot(h, Tier.NVME, e.slot)
             pol.insert(e.key, e.size, None)
             self.counters["nvme_recovered"] += 1
@@ -319,7 +345,8 @@ class Store(TierMoves):
     # ---------------------------------------------------------------- store
     def prepare_store(self, keys: Sequence[BlockKey], namespace: Namespace, size_bytes: int, *,
                       owner: str = LOCAL, parent: BlockKey | None = None,
-                      tier: Tier = Tier.DRAM, wait_s: float = 0.0) -> StoreJob:
+                      tier: Tier = Tier.DRAM, wait_s: float = 0.0,
+                      engine: Sequence[bytes | None] | None = None) -> StoreJob:
         """Reserve DRAM slots for blocks of ``size_bytes`` each.
 
         Per key: ``PRESENT`` if resident or being stored by another job (nothing to write),
@@ -331,8 +358,11 @@ class Store(TierMoves):
         bytes still waiting for their NVMe copy would pass ``nvme.write_queue_bytes``
         (writebehind.py: admission instead of waiting). ``wait_s`` (seconds, default 0: a serving
         engine never waits) lets a bulk writer (``put``, replay, CLI) wait that long for the
-        queue to drain first: a bounded throttle. Raises RejectedError if ``size_bytes`` exceeds
-        ``slot_bytes`` or a key is not 32 bytes long.
+        queue to drain first: a bounded throttle. ``engine``: per key, the engine's identity of
+        the block (:func:`tierstore.events.engine_block`, or None), kept with the block and
+        persisted beside its NVMe record so KV events can name it (tierstore/events.py). Raises
+        RejectedError if ``size_bytes`` exceeds ``slot_bytes``, a key is not 32 bytes long or
+        ``engine`` does not match the keys.
         """
         if size_bytes > self.config.slot_bytes or size_bytes <= 0:
             raise RejectedError(f"block of {size_bytes} bytes does not fit slots of "
@@ -340,6 +370,10 @@ class Store(TierMoves):
         check_keys(keys)
         if parent is not None:
             check_keys((parent,), what="parent key")
+        try:
+            engine = check_engine_blobs(engine, len(keys))
+        except ValueError as e:
+            raise RejectedError(str(e)) from None
         if tier not in (Tier.DRAM, Tier.HBM) or tier not in self.tiers:
             raise ConfigError(f"cannot store into tier {tier.label}: this store has no such tier")
         with self._lock:
@@ -387,7 +421,7 @@ class Store(TierMoves):
             jid = next(self._job_ids)
             self._stores[jid] = _PendingStore(owner, ns_id, size_bytes, list(keys), slots, status,
                                               parent, tier, size_bytes if wb is not None else 0,
-                                              self._clock())
+                                              self._clock(), engine)
             return StoreJob(jid, list(keys), slots, status, size_bytes, tier)
 
     def complete_store(self, job_id: int, ok: bool | Sequence[bool] = True,
@@ -428,12 +462,15 @@ class Store(TierMoves):
                         failed += 1
                         prev = k
                         continue
-                    h = self.res.add(k, job.ns_id, job.size, checksums[i] if checksums else 0)
+                    h = self.res.add(k, job.ns_id, job.size, checksums[i] if checksums else 0,
+                                     meta=job.engine[i] if job.engine else None)
                     self.res.set_slot(h, job.tier, s)
                     pol.insert(k, job.size, prev)
                     new.append(k)
                 elif st is BlockStatus.PRESENT and oks[i]:
                     self._touch(k)
+                    if job.engine and job.engine[i] is not None and k in self.res:
+                        self.res.set_meta(self.res.get(k), job.engine[i])
                 prev = k
             if new:
                 self.counters["stored_blocks"] += len(new)
@@ -703,10 +740,12 @@ class Store(TierMoves):
 
     def prepare_stores(self, specs: Sequence[tuple], *, owner: str = LOCAL) -> list[StoreJob]:
         """:meth:`prepare_store` of several chains in one call; each spec is ``(keys,
-        namespace, size_bytes, parent)``."""
+        namespace, size_bytes, parent)`` or ``(keys, namespace, size_bytes, parent, engine)``
+        (``engine``: per key engine metadata or None, see :meth:`prepare_store`)."""
         with self._lock:
-            return [self.prepare_store(k, ns, size, owner=owner, parent=parent)
-                    for k, ns, size, parent in specs]
+            return [self.prepare_store(sp[0], sp[1], sp[2], owner=owner, parent=sp[3],
+                                       engine=sp[4] if len(sp) > 4 else None)
+                    for sp in specs]
 
     def complete_stores(self, answers: Sequence[tuple[int, bool | Sequence[bool]]]
                         ) -> list[list[BlockStatus]]:
@@ -785,6 +824,28 @@ class Store(TierMoves):
                 out["evicted"] += 1
         return dict(out)
 
+    # ---------------------------------------------------------------- events
+    def attach_events(self, log: EventLog | None) -> None:
+        """Log every residency change of blocks with engine metadata into ``log`` from now on
+        (tierstore/events.py); None detaches. The log starts with CLEARED and one STORED per
+        copy of every such block now resident (parents before children), so a consumer that
+        starts from it knows the whole state: after a restart that is the epoch change plus
+        the re-announcement of what survived on NVMe (case EVT-37 (a)). The same snapshot
+        answers the log's overflow (``log.resync``)."""
+        with self._lock:
+            self.res.events = None
+            if log is None:
+                return
+            log.resync = lambda: self._snapshot_events(log)
+            self._snapshot_events(log)
+
+    def _snapshot_events(self, log: EventLog) -> None:
+        with self._lock:
+            res = self.res
+            items = [(h, m) for _, h in res.handles() if (m := res.meta[h]) is not None]
+            log.reset([(STORED, t, m) for h, m in _parents_first(items) for t in res.tiers_of(h)])
+            res.events = log
+
     def _drop_block(self, key: BlockKey, h: int) -> None:
         for t in list(self.res.tiers_of(h)):
             s = self.res.clear_slot(h, t)
@@ -847,7 +908,7 @@ class Store(TierMoves):
     def _describe(self, k: BlockKey, h: int, tiers: list[Tier]) -> dict:
         ns = self._namespaces[self.res.ns[h]]
         nsd = ns.describe() if isinstance(ns, Namespace) else dict(ns)
-        return {
+        d = {
             "key": k.hex(),
             "namespace": nsd,
             "tiers": [t.label for t in tiers],
@@ -856,6 +917,14 @@ class Store(TierMoves):
             "checksum": f"{self.res.checksum[h]:016x}" if self.res.checksum[h] else None,
             "pins": self.res.pins[h],
         }
+        m = self.res.meta[h]
+        if m is not None:   # the engine's hash: what KV events name this block by
+            try:
+                eh = decode_engine_block(m).hash
+                d["engine_hash"] = eh.hex() if isinstance(eh, bytes) else eh
+            except ValueError:
+                d["engine_hash"] = None
+        return d
 
     def stats(self) -> dict:
         with self._lock:

@@ -47,6 +47,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (KVConnectorBase_V
                                                                 KVConnectorRole)
 
 from tierstore_plugins.vllm.backend import acquire_client, geometry_from_vllm, release_client
+from tierstore_plugins.vllm.kv_events import embedded_events
 from tierstore_plugins.vllm.metadata import PluginSettings, TierStoreMetadata
 from tierstore_plugins.vllm.scheduler_side import SchedulerSide
 from tierstore_plugins.vllm.support import check_engine, check_registered
@@ -128,11 +129,13 @@ class TierStoreConnector(KVConnectorBase_V1):
         self._timer = StepTimer()
         self._scheduler: SchedulerSide | None = None
         self._worker: WorkerSide | None = None
+        self._events = None
         if role == KVConnectorRole.SCHEDULER:
             client = acquire_client(self._settings, geo.namespace(0).block_bytes)
             self._scheduler = SchedulerSide(client, geo, self._settings,
                                             role=kvt.kv_role or "kv_both",
                                             engine_id=str(kvt.engine_id))
+            self._events = embedded_events(client, vllm_config)   # kv_events.py: embedded only
         else:
             tp_rank, pp_rank = _ranks()
             self._worker = WorkerSide(self._settings, geo, tp_rank=tp_rank, pp_rank=pp_rank)
@@ -253,6 +256,11 @@ class TierStoreConnector(KVConnectorBase_V1):
     @_timed
     def request_finished(self, request: Any, block_ids: list[int]) -> tuple[bool, dict | None]:
         return self._scheduler.request_finished(request, block_ids)
+
+    def take_events(self):
+        """The embedded store's KV events for vLLM's publisher (plugins/vllm/kv_events.py);
+        nothing through a daemon, which publishes the node's events itself."""
+        return self._events.take() if self._events is not None else ()
 
     def has_pending_push_work(self) -> bool:
         """Keep vLLM's engine loop stepping while the workers still owe reports (the last saves

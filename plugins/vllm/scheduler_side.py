@@ -67,6 +67,7 @@ from tierstore.types import BlockKey, BlockStatus, Tier
 
 from tierstore_plugins.vllm.backend import (Geometry, collect_reports, open_side_client,
                                             request_keys, tail_keys)
+from tierstore_plugins.vllm.kv_events import engine_blobs
 from tierstore_plugins.vllm.metadata import (PARAMS_KEY, PARAMS_VERSION, LoadSpec, PluginSettings,
                                              SaveSpec, TierStoreMetadata, TierStoreWorkerMeta)
 from tierstore_plugins.vllm.support import unkeyable_reason
@@ -748,10 +749,13 @@ class SchedulerSide:
             if want_tail:
                 st.transfer_id = f"{self.engine_id}/{st.request.request_id}"
                 tkeys = self._tail_keys(st, st.transfer_id)
+            # the engine's block hashes, so KV events name the blocks as routers know them
+            eng = engine_blobs(st.request, lo, hi, self.bs)
+            eng = eng + [None] if eng is not None and tkeys else eng
             for r in range(self.num_ranks):
                 keys = st.keys[r][lo:hi] + ([tkeys[r]] if tkeys else [])
                 specs.append((keys, self.namespaces[r], self.block_bytes,
-                              st.keys[r][lo - 1] if lo else None))
+                              st.keys[r][lo - 1] if lo else None, eng))
         jobs = self._call("prepare_stores", self.client.prepare_stores, specs)
         if jobs is None:
             return

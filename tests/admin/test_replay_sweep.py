@@ -108,3 +108,31 @@ def test_plot_without_matplotlib_is_one_clean_error_before_any_replay(cli, small
 def test_sweep_bad_input_is_exit_2(cli, small_trace, args, words):
     r = cli("replay", small_trace, *args, "-q")
     assert r.code == 2 and words in r.stderr and r.stderr.startswith("error: ")
+
+
+def test_nodes_reports_each_route_beside_the_pooled_cache_and_plots_it(cli, small_trace, tmp_path):
+    """``--nodes 3 --route round-robin,prefix-aware --capacity C``: one result with a row per
+    route (cluster hit ratios, requests per node, the router index exact) and the pooled cache
+    of 3 x C; ``--plot`` draws the bars (PNG) when matplotlib is there."""
+    out = tmp_path / "routes.png"
+    try:
+        import matplotlib  # noqa: F401
+        plot = ["--plot", out]
+    except ImportError:
+        plot = []
+    r = cli("replay", small_trace, "--nodes", 3, "--route", "round-robin,prefix-aware",
+            "--capacity", "60blocks", "--json", "-q", *plot)
+    assert r.code == 0, r.stderr
+    res = r.json()
+    assert [x["route"] for x in res["routes"]] == ["round-robin", "prefix-aware"]
+    assert res["pooled"]["capacity_blocks_per_node"] == 180 == res["pooled_capacity_blocks"]
+    for x in res["routes"] + [res["pooled"]]:
+        assert 0 <= x["block_hit_ratio"] <= 1 and x["router_exact"] is True
+        assert sum(x["requests_per_node"]) == 400
+    if plot:
+        assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and res["plot"] == str(out)
+    human = cli("replay", small_trace, "--nodes", 2, "--route", "prefix-aware", "--capacity",
+                "60blocks", "-q")
+    assert human.code == 0 and "pooled" in human.stdout and "prefix-aware" in human.stdout
+    bad = cli("replay", small_trace, "--nodes", 2, "--route", "nearest", "--capacity", "60blocks")
+    assert bad.code == 2 and "nearest" in bad.stderr

@@ -296,10 +296,14 @@ class RemoteClient:
                             namespace.block_size, pinned=pin, owner=self._pin_owner(request))
 
     def prepare_store(self, keys: Sequence[BlockKey], namespace: Namespace, size_bytes: int,
-                      parent: BlockKey | None = None, wait_s: float = 0.0) -> StoreJob:
-        r = self._call(MsgType.PREPARE_STORE, {"keys": pack_keys(keys), "ns": self._ns(namespace),
-                                               "size": int(size_bytes), "parent": parent,
-                                               "wait_s": float(wait_s)})
+                      parent: BlockKey | None = None, wait_s: float = 0.0,
+                      engine: Sequence[bytes | None] | None = None) -> StoreJob:
+        """``engine``: per key engine metadata (``tierstore.events.engine_block``) or None."""
+        body = {"keys": pack_keys(keys), "ns": self._ns(namespace), "size": int(size_bytes),
+                "parent": parent, "wait_s": float(wait_s)}
+        if engine is not None:
+            body["engine"] = list(engine)
+        r = self._call(MsgType.PREPARE_STORE, body)
         return StoreJob(r["job"], list(keys), r["slots"], [_STATUS[s] for s in r["status"]],
                         int(size_bytes))
 
@@ -309,12 +313,18 @@ class RemoteClient:
         return [_STATUS[s] for s in r["status"]]
 
     def prepare_stores(self, specs: Sequence[tuple]) -> list[StoreJob]:
-        """Several ``(keys, namespace, size_bytes, parent)`` store jobs in one round trip."""
-        body = {"specs": [{"keys": pack_keys(k), "ns": self._ns(ns), "size": int(size),
-                           "parent": parent} for k, ns, size, parent in specs]}
-        r = self._call(MsgType.PREPARE_STORES, body)
-        return [StoreJob(j["job"], list(k), j["slots"], [_STATUS[x] for x in j["status"]],
-                         int(size)) for j, (k, _, size, _) in zip(r["jobs"], specs)]
+        """Several ``(keys, namespace, size_bytes, parent[, engine])`` store jobs in one round
+        trip (``engine``: per key engine metadata or None, see ``Store.prepare_store``)."""
+        out = []
+        for sp in specs:
+            d = {"keys": pack_keys(sp[0]), "ns": self._ns(sp[1]), "size": int(sp[2]),
+                 "parent": sp[3]}
+            if len(sp) > 4 and sp[4] is not None:
+                d["engine"] = list(sp[4])
+            out.append(d)
+        r = self._call(MsgType.PREPARE_STORES, {"specs": out})
+        return [StoreJob(j["job"], list(sp[0]), j["slots"], [_STATUS[x] for x in j["status"]],
+                         int(sp[2])) for j, sp in zip(r["jobs"], specs)]
 
     def complete_stores(self, answers: Sequence[tuple]) -> list[list[BlockStatus]]:
         """Several ``(job_id, ok)`` answers (``ok``: bool or one per key) in one round trip."""

@@ -23,6 +23,10 @@ Threading (every thread is owned by :class:`DaemonServer`)::
     peer threads     when [peers] enabled: the peer server's accept/connection threads, the etcd
                      keeper and the lookup pool, all owned by tierstore/daemon/peers.py
                      (DaemonPeers), started after the store and stopped before it closes
+    events thread    when [events] enabled: ``tierstore-events`` (tierstore/daemon/publisher.py)
+                     publishes the store's residency changes as vLLM KV events over ZMQ; started
+                     after the store (a new epoch: AllBlocksCleared, then what NVMe kept), stopped
+                     after it closed (the last NVMe copies are published too)
 
 Connections and ownership: each connection is one owner (``conn-<n>-pid<peer pid>``). Pins taken
 by its lookups/pins and its unfinished jobs belong to it. A request that names ``request`` (LOOKUP,
@@ -60,9 +64,11 @@ Requests (body fields; ``keys`` per tierstore.protocol.codec.pack_keys; ``ns`` =
     PEERS          {probe}                          -> {node, listen, membership, transports,
                                                         peers [per-peer state], serving, counters}
     PEER_PING      {peer (name or host:port)}       -> per-peer state + {rtt_ms}
-    PREPARE_STORE  {keys, ns, size, parent, wait_s} -> {job, slots [int|nil], status [str]}
+    PREPARE_STORE  {keys, ns, size, parent, wait_s[, engine]} -> {job, slots [int|nil], status [str]}
                                                        (wait_s: how long a bulk writer waits for
-                                                       room in the NVMe write-behind queue, ≤ 60)
+                                                       room in the NVMe write-behind queue, ≤ 60;
+                                                       engine: per key bin|nil, the engine's
+                                                       identity of the block, tierstore/events.py)
     COMPLETE_STORE {job, ok (bool | [bool] per key)} -> {status [str]}
     PREPARE_LOAD   {keys, wait}                     -> JOB = {job, slots, status, sizes, ready,
                                                        expected, sources (bin: the Tier value
@@ -73,7 +79,7 @@ Requests (body fields; ``keys`` per tierstore.protocol.codec.pack_keys; ``ns`` =
     POLL_LOADS     {jobs [int]}                     -> {done [JOB]}   (the staged ones)
     WAIT_LOAD      {job, timeout_s}                 -> {done: JOB | nil}
     COMPLETE_LOADS {jobs [int], ok}                 -> {}
-    PREPARE_STORES {specs [{keys, ns, size, parent}]} -> {jobs [{job, slots, status}]}
+    PREPARE_STORES {specs [{keys, ns, size, parent[, engine]}]} -> {jobs [{job, slots, status}]}
     COMPLETE_STORES {answers [[job, ok]]}           -> {status [[str]]}
     FLUSH          {timeout_s}                      -> {done: bool}  (every block this connection
                                                        stored has its NVMe copy; false: timeout,
@@ -88,7 +94,8 @@ Requests (body fields; ``keys`` per tierstore.protocol.codec.pack_keys; ``ns`` =
     RELEASE        {request}                        -> {n}: every pin of that request goes
     EVICT          {keys, tier}                     -> {evicted, pinned, missing[, not_in_tier,
                                                        only_copy]}; tier: only that tier's copies
-    STATS          {}                               -> Store.stats() + {"daemon": {...}}
+    STATS          {}                               -> Store.stats() + {"daemon": {...}, "events":
+                                                       {...} (the publisher: epoch, seq, ...)}
     BLOCKS         {limit, tier}                    -> {blocks [...]}
     BLOCK          {key}                            -> {block | nil}
     CHECK          {fix}                            -> {problems [str]}
@@ -268,6 +275,7 @@ class DaemonServer:
         self.store = None
         self.metrics: DaemonMetrics | None = None
         self.peers: Any = None   # tierstore.daemon.peers.DaemonPeers when [peers] enabled
+        self.events: Any = None  # tierstore.daemon.publisher.KVEventPublisher when [events] enabled
         self.shm_name = ""
         self._listener: socket.socket | None = None
         self._socket_id: tuple[int, int] | None = None
@@ -339,10 +347,13 @@ class DaemonServer:
 
                 self.peers = DaemonPeers(s.peers, self.store, self.client.secret).start()
                 self.metrics.add_peer_source(self.peers.metric_rows)
+            if s.events.enabled:
+                self._start_events()
             if s.pid_file:
                 Path(s.pid_file).write_text(f"{os.getpid()}\n")
             self._hello = self._make_hello()
         except BaseException:
+            self._stop_events()
             self._stop_peers()
             if self.metrics is not None:
                 self.metrics.stop()
@@ -356,6 +367,26 @@ class DaemonServer:
         log.info("tierstore daemon %s serving %s on %s (shm %s, %d slots of %d bytes)",
                  __version__, self.data_dir, self.socket_path, self.shm_name,
                  self._hello["num_slots"], self._hello["slot_stride"])
+
+    def _start_events(self) -> None:
+        from tierstore.daemon.publisher import KVEventPublisher, next_epoch
+        from tierstore.events import EventLog
+
+        ev = self.settings.events
+        log_ = EventLog(ev.max_pending)
+        pub = KVEventPublisher(log_, ev, epoch=next_epoch(self.data_dir))
+        self.store.attach_events(log_)   # the epoch's first batch: cleared + what NVMe kept
+        self.events = pub.start()
+        log.info("KV events on %s (replay %s), epoch %d", pub.endpoint, pub.replay_endpoint,
+                 pub.epoch)
+
+    def _stop_events(self) -> None:
+        if self.events is not None:
+            try:
+                self.events.stop()
+            except Exception:
+                log.exception("stopping the KV event publisher failed")
+            self.events = None
 
     def _unlink_own_shm(self) -> None:
         """A refused start leaves no slab behind (issue 13 item 18: a unit restarting every 2 s
@@ -455,6 +486,7 @@ class DaemonServer:
         if self.metrics is not None:
             self.metrics.stop()
         self._close_store()
+        self._stop_events()   # after the store: its last NVMe copies are published too
         if self.settings.pid_file:
             try:
                 os.unlink(self.settings.pid_file)
@@ -664,7 +696,8 @@ class DaemonServer:
             raise ProtocolError("parent must be bin")
         job = self.store.prepare_store(keys, _namespace(body["ns"]), _uint(body, "size", required=True),
                                        owner=conn.owner, parent=parent,
-                                       wait_s=_wait_s(body.get("wait_s")))
+                                       wait_s=_wait_s(body.get("wait_s")),
+                                       engine=_engine(body, len(keys)))
         conn.store_jobs.add(job.job_id)
         return {"job": job.job_id, "slots": job.slots, "status": [s.value for s in job.status]}
 
@@ -684,8 +717,9 @@ class DaemonServer:
             parent = sp.get("parent")
             if parent is not None and not isinstance(parent, bytes):
                 raise ProtocolError("parent must be bin")
-            specs.append((unpack_keys(sp["keys"]), _namespace(sp["ns"]),
-                          _uint(sp, "size", required=True), parent))
+            keys = unpack_keys(sp["keys"])
+            specs.append((keys, _namespace(sp["ns"]), _uint(sp, "size", required=True), parent,
+                          _engine(sp, len(keys))))
         jobs = self.store.prepare_stores(specs, owner=conn.owner)
         conn.store_jobs.update(j.job_id for j in jobs)
         return {"jobs": [{"job": j.job_id, "slots": j.slots,
@@ -780,6 +814,7 @@ class DaemonServer:
                         "connections": n_conns, "stopping": self._draining,
                         "metrics": (f"http://{self.metrics.address[0]}:{self.metrics.address[1]}/metrics"
                                     if self.metrics.address else None)}
+        st["events"] = self.events.stats() if self.events is not None else {"enabled": False}
         return st
 
     def _h_blocks(self, conn: _Conn, body: dict) -> dict:
@@ -812,6 +847,17 @@ def _owner(conn: _Conn, body: dict) -> str:
     if body.get("session") is not None:
         raise PinError("a pin belongs to a session or to a request, not both")
     return request_owner(conn.owner, request)
+
+
+def _engine(body: dict, n: int) -> list | None:
+    """The optional per-key engine metadata of a store request (bin or nil each)."""
+    v = body.get("engine")
+    if v is None:
+        return None
+    if not isinstance(v, list) or len(v) != n or \
+            not all(x is None or isinstance(x, bytes) for x in v):
+        raise ProtocolError(f"engine must be a list of {n} bin or nil entries")
+    return v
 
 
 def _wait_s(v: Any, default: float = 0.0) -> float:

@@ -12,6 +12,12 @@ block costs about 170 bytes of index memory (key bytes object + dict entry + col
     pins        i32    number of live pins (never negative)
     slot[tier]  i32    slot in that tier, -1 = not resident there (hbm, dram, nvme)
     near        u8     nearest tier holding it (Tier value), 255 = none (kept for fast lookups)
+    meta        object engine metadata blob (tierstore/events.py) or None: how routers know it
+
+Events: with an :class:`~tierstore.events.EventLog` attached (``events``), every change of a
+block's tiers is logged here and only here: ``set_slot`` of a new copy appends STORED,
+``clear_slot`` of a copy appends REMOVED, ``set_meta`` on a resident block appends STORED per copy
+(blocks without engine metadata log nothing). Without a log the cost is one attribute test.
 
 A block may be resident in several tiers at once (NVMe write-through); ``nearest`` is the one a
 load uses. ``PinBook`` records which owner (a connection, a session, a job) holds each pin, so a
@@ -29,6 +35,7 @@ from array import array
 from typing import Iterator, Sequence
 
 from tierstore.errors import PinError
+from tierstore.events import REMOVED, STORED
 from tierstore.types import BlockKey, Tier
 
 _LOCAL_TIERS = (Tier.HBM, Tier.DRAM, Tier.NVME)
@@ -50,6 +57,8 @@ class Residency:
         self.pins = array("i")
         self.slots = {t: array("i") for t in _LOCAL_TIERS}
         self.near = array("B")
+        self.meta: list[bytes | None] = []
+        self.events = None   # tierstore.events.EventLog, attached by Store.attach_events
 
     # -- lookups -------------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -88,7 +97,9 @@ class Residency:
         self.near[h] = NOWHERE
 
     # -- mutation ------------------------------------------------------------------------------
-    def add(self, key: BlockKey, ns_id: int, size: int, checksum: int = 0) -> int:
+    def add(self, key: BlockKey, ns_id: int, size: int, checksum: int = 0,
+            meta: bytes | None = None) -> int:
+        """A new block, resident nowhere yet; ``meta``: its engine metadata blob."""
         if key in self._handle:
             raise KeyError("key already resident")
         if self._free:
@@ -98,6 +109,7 @@ class Residency:
             for t in _LOCAL_TIERS:
                 self.slots[t][h] = -1
             self.near[h] = NOWHERE
+            self.meta[h] = meta
         else:
             h = len(self._keys)
             self._keys.append(key)
@@ -108,19 +120,36 @@ class Residency:
             for t in _LOCAL_TIERS:
                 self.slots[t].append(-1)
             self.near.append(NOWHERE)
+            self.meta.append(meta)
         self._handle[key] = h
         return h
 
     def set_slot(self, h: int, tier: Tier, slot: int) -> None:
+        if self.events is not None and self.slots[tier][h] < 0 and self.meta[h] is not None:
+            self.events.append(STORED, tier, self.meta[h])
         self.slots[tier][h] = slot
         self._renear(h)
 
     def clear_slot(self, h: int, tier: Tier) -> int:
         """Forget the block's place in ``tier``; returns the old slot (-1 if none)."""
         old = self.slots[tier][h]
+        if old >= 0 and self.events is not None and self.meta[h] is not None:
+            self.events.append(REMOVED, tier, self.meta[h])
         self.slots[tier][h] = -1
         self._renear(h)
         return old
+
+    def set_meta(self, h: int, meta: bytes) -> None:
+        """Give a resident block without engine metadata its blob (a block stored first by the
+        CLI, then by an engine): its copies are announced now. In memory only: an NVMe entry
+        committed before keeps none, so after a restart the block is announced again only once
+        an engine stores it again."""
+        if self.meta[h] is not None:
+            return
+        self.meta[h] = meta
+        if self.events is not None:
+            for t in self.tiers_of(h):
+                self.events.append(STORED, t, meta)
 
     def remove(self, h: int) -> None:
         """Drop a block that is resident nowhere and unpinned."""
@@ -131,6 +160,7 @@ class Residency:
         key = self._keys[h]
         del self._handle[key]
         self._keys[h] = None
+        self.meta[h] = None
         self._free.append(h)
 
     def memory_bytes(self) -> int:
@@ -142,7 +172,9 @@ class Residency:
         keys = sum(sys.getsizeof(k) for k in self._handle)
         # handles >= 256 are separate int objects stored as dict values
         ints = sum(28 for v in self._handle.values() if v > 256)
-        return sys.getsizeof(self._handle) + sys.getsizeof(self._keys) + 8 * n + keys + ints + cols
+        meta = sys.getsizeof(self.meta) + sum(sys.getsizeof(m) for m in self.meta if m is not None)
+        return sys.getsizeof(self._handle) + sys.getsizeof(self._keys) + 8 * n + keys + ints + cols \
+            + meta
 
 
 SESSION_PREFIX = "session:"

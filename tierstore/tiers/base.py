@@ -173,6 +173,7 @@ class DiskEntry:
     size: int          # payload bytes (uncompressed)
     checksum: int      # xxh3-64 of the uncompressed payload
     ns_digest: bytes   # 16 bytes, Namespace.digest()
+    meta: bytes | None = None   # the block's engine metadata (tierstore/events.py), if any
 
 
 @dataclass
@@ -182,6 +183,7 @@ class DiskWrite:
     ns_digest: bytes
     src: memoryview    # exactly the payload (len == size)
     checksum: int = 0  # 0 = compute it
+    meta: bytes | None = None   # engine metadata, committed beside the entry (opaque here)
 
 
 @dataclass

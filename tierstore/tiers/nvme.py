@@ -33,6 +33,8 @@ LMDB keys (values little-endian)::
     b"!format"        FORMAT_TAG; an env with another tag -> FormatError (one line)
     b"!geometry"      JSON {slot_bytes, file_slots, record_bytes}; a mismatch -> ConfigError
     b"s" + slot(u64 BE)  key(32) ns_digest(16) size(u64) stored(u64) checksum(u64) flags(u16)
+    b"e" + slot(u64 BE)  optional: the block's engine metadata (tierstore/events.py, opaque
+                         here), committed and deleted in the same txn as its ``s`` entry
     b"n" + ns_digest     JSON namespace descriptor
 
 Publish order of ``write_batch``: records (one ``pwritev`` each, header + payload, from page-aligned
@@ -99,7 +101,7 @@ from tierstore.tiers.base import (
 )
 from tierstore.tiers.health import TierHealth, error_name
 from tierstore.tiers.nvme_recovery import NvmeRecovery
-from tierstore.tiers.nvme_upkeep import SLOT_KEY, VALUE, NvmeUpkeep, slot_key
+from tierstore.tiers.nvme_upkeep import SLOT_KEY, VALUE, NvmeUpkeep, meta_key, slot_key
 from tierstore.tiers.record import (
     FLAG_ZSTD,
     HEADER_BYTES,
@@ -397,9 +399,22 @@ class NvmeTier(NvmeRecovery, NvmeUpkeep, DiskTier):
                     out.append((_SLOT_KEY.unpack(k)[1], _VALUE.unpack(v)))
         return out
 
+    def _read_metas(self) -> dict[int, bytes]:
+        """slot -> engine metadata, for the slots that have one."""
+        out = {}
+        with self._read_txn() as txn:
+            cur = txn.cursor()
+            if cur.set_range(b"e"):
+                for k, v in cur:
+                    if k[:1] != b"e":
+                        break
+                    out[_SLOT_KEY.unpack(k)[1]] = bytes(v)
+        return out
+
     def entries(self) -> list[DiskEntry]:
-        """Every entry LMDB holds now (one read txn)."""
-        return [DiskEntry(key, slot, size, cs, ns)
+        """Every entry LMDB holds now (one read txn for the entries, one for their metadata)."""
+        metas = self._read_metas()
+        return [DiskEntry(key, slot, size, cs, ns, metas.get(slot))
                 for slot, (key, ns, size, _st, cs, _fl) in self._read_entries()]
 
     def namespaces(self) -> dict[bytes, dict]:
@@ -715,6 +730,10 @@ class NvmeTier(NvmeRecovery, NvmeUpkeep, DiskTier):
                     txn.put(_slot_key(w.slot), _VALUE.pack(bytes(w.key), bytes(w.ns_digest),
                                                            memoryview(w.src).nbytes, stored,
                                                            results[i].checksum, flags))
+                    if w.meta is not None:
+                        txn.put(meta_key(w.slot), bytes(w.meta))
+                    else:   # a reused slot never inherits another block's metadata
+                        txn.delete(meta_key(w.slot))
             try:
                 self._write_txn(publish)
             except lmdb.Error as e:

@@ -176,7 +176,9 @@ class NvmeRecovery:
         self.last_recovery = {"entries": len(keep), "dropped": len(drop), "orphans": len(orphans),
                               "unknown_files": unknown,
                               "missing_files": [self._file_path(f).name for f in vanished]}
-        return [DiskEntry(k, s, size, cs, ns) for s, (k, ns, size, _st, cs, _fl) in keep]
+        metas = self._read_metas()
+        return [DiskEntry(k, s, size, cs, ns, metas.get(s))
+                for s, (k, ns, size, _st, cs, _fl) in keep]
 
     def _check_one(self, slot: int, val: tuple) -> str | None:
         why = self._header_ok(slot, val)

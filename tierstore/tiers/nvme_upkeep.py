@@ -47,6 +47,11 @@ def slot_key(slot: int) -> bytes:
     return SLOT_KEY.pack(b"s", slot)
 
 
+def meta_key(slot: int) -> bytes:
+    """LMDB key of a slot's engine metadata (optional; written and deleted with its entry)."""
+    return SLOT_KEY.pack(b"e", slot)
+
+
 class NvmeUpkeep:
     """Owed metadata, header zeroing and the write-path probe of the NVMe tier."""
 
@@ -112,6 +117,7 @@ class NvmeUpkeep:
         slots, namespace descriptors, the entries of a probe)."""
         for s in backlog:
             txn.delete(slot_key(s))
+            txn.delete(meta_key(s))
         for digest, value in ns_backlog.items():
             txn.put(b"n" + digest, value)
         if self._probe_owed:
