@@ -61,9 +61,10 @@ class WriteBehind:
     ``batch_blocks`` / ``batch_bytes``: the largest single ``write_batch`` (several I/Os in
     flight inside it, see tiers/nvme.py). The flusher takes what is queued up to that, so a
     trickle goes out in small batches and a backlog in large ones: each batch ends with the pool
-    drained, one ``fdatasync`` per touched file and one LMDB commit (two fsyncs), which cost
-    ~10 % of a 1 GiB backlog's write time at 32 blocks of 2 MiB and ~3 % at 128
-    (docs/benchmarks.md, "peer_bench acceptance").
+    drained, one ``fdatasync`` per touched file and one LMDB commit (two fsyncs): measured on a
+    1 GiB backlog of 2 MiB blocks, those two took 3-17 % of the write time in batches of 32 and
+    3-8 % in batches of 128, which wrote 1.16-1.59 GB/s against 1.04-1.72 (docs/benchmarks.md,
+    "peer_bench acceptance").
     """
 
     def __init__(self, store: "Store", *, max_queue_bytes: int, batch_blocks: int = 128,
