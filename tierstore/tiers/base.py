@@ -17,23 +17,31 @@ Tiers are single-threaded; the store calls them under its lock.
 
 from __future__ import annotations
 
+import heapq
 from abc import ABC, abstractmethod
 
 from tierstore.types import Tier
 
 
 class SlotAllocator:
-    """Free list over ``num_slots`` slots; O(1) alloc/free, no allocation per call after start."""
+    """Free slots in a min-heap: ``alloc`` hands out the lowest free slot, O(log n) per call, no
+    allocation per call after start.
+
+    Lowest-first (not last-freed-first) so that a batch of allocations gets ascending runs of
+    consecutive slots whatever order the slots were freed in (an evicted chain frees its slots
+    root first): a job's copy between the slab and an engine buffer is then one copy per run
+    (io/copy.py, benchmarks/peer_bench_adapter.py), and the NVMe tier fills its slab files from
+    the front (the order ``NvmeTier.prepare`` pre-zeroes them)."""
 
     def __init__(self, num_slots: int) -> None:
         self.num_slots = num_slots
-        self._free = list(range(num_slots - 1, -1, -1))  # pop() hands out slot 0 first
+        self._free = list(range(num_slots))   # ascending: already a heap
         self._used = bytearray(num_slots)
 
     def alloc(self) -> int | None:
         if not self._free:
             return None
-        s = self._free.pop()
+        s = heapq.heappop(self._free)
         self._used[s] = 1
         return s
 
@@ -41,7 +49,7 @@ class SlotAllocator:
         if not 0 <= slot < self.num_slots or not self._used[slot]:
             raise ValueError(f"slot {slot} is not allocated")
         self._used[slot] = 0
-        self._free.append(slot)
+        heapq.heappush(self._free, slot)
 
     def take(self, slot: int) -> None:
         """Mark a specific slot used (recovery of persisted slots)."""
@@ -49,6 +57,7 @@ class SlotAllocator:
             raise ValueError(f"slot {slot} already used")
         self._used[slot] = 1
         self._free.remove(slot)
+        heapq.heapify(self._free)
 
     def is_used(self, slot: int) -> bool:
         return bool(self._used[slot])

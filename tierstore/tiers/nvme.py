@@ -78,6 +78,7 @@ readers) and its own pool; the parent's env handle is never used for a transacti
 from __future__ import annotations
 
 import errno
+import heapq
 import json
 import logging
 import os
@@ -139,6 +140,7 @@ class _ClampAllocator(SlotAllocator):
                 raise ValueError(f"slot {s} already used")
             self._used[s] = 1
         self._free = [s for s in self._free if not self._used[s]]
+        heapq.heapify(self._free)
 
     def disable(self, pred) -> int:
         keep = []
@@ -148,6 +150,7 @@ class _ClampAllocator(SlotAllocator):
                 self.disabled.add(s)
             else:
                 keep.append(s)
+        heapq.heapify(keep)
         self._free = keep
         return len(self.disabled)
 
