@@ -681,15 +681,21 @@ class Store(TierMoves):
 
     def poll_loads(self, job_ids: Iterable[int]) -> dict[int, LoadJob]:
         """The staged jobs among ``job_ids`` (``ready`` True); jobs still staging are left out.
-        Raises JobError for a job id that is not pending."""
+        Raises JobError for a job id that is not pending.
+
+        Takes no lock (a scheduler polls this every step, and the loader thread holds the store
+        lock while it installs a staged job): ``pl.result`` is assigned once, complete, after
+        staging, and a dict lookup is atomic, so a poll sees a job either still staging or
+        done."""
         out: dict[int, LoadJob] = {}
-        with self._lock:
-            for jid in job_ids:
-                pl = self._loads.get(jid)
-                if pl is None:
-                    raise JobError(f"unknown load job {jid}")
-                if pl.result is not None:
-                    out[jid] = pl.result
+        loads = self._loads
+        for jid in job_ids:
+            pl = loads.get(jid)
+            if pl is None:
+                raise JobError(f"unknown load job {jid}")
+            res = pl.result
+            if res is not None:
+                out[jid] = res
         return out
 
     def wait_load(self, job_id: int, timeout_s: float | None = None) -> LoadJob | None:

@@ -78,10 +78,19 @@ class StepTimer:
         self.steps: list[float] = []
         self._cur = 0.0
         self.calls = 0
+        self.hooks: dict[str, list[float]] = {}   # hook -> [calls, total s, max s]
 
-    def add(self, seconds: float) -> None:
+    def add(self, seconds: float, hook: str = "") -> None:
         self._cur += seconds
         self.calls += 1
+        if hook:
+            h = self.hooks.get(hook)
+            if h is None:
+                h = self.hooks[hook] = [0, 0.0, 0.0]
+            h[0] += 1
+            h[1] += seconds
+            if seconds > h[2]:
+                h[2] = seconds
 
     def next_step(self) -> None:
         self.steps.append(self._cur)
@@ -96,7 +105,9 @@ class StepTimer:
         q = lambda p: s[min(len(s) - 1, int(p * len(s)))]   # noqa: E731
         return {"steps": len(s), "calls": self.calls, "p50_ms": round(q(0.5) * 1e3, 4),
                 "p99_ms": round(q(0.99) * 1e3, 4), "max_ms": round(s[-1] * 1e3, 4),
-                "mean_ms": round(sum(s) / len(s) * 1e3, 4)}
+                "mean_ms": round(sum(s) / len(s) * 1e3, 4),
+                "hooks": {k: {"calls": int(v[0]), "total_ms": round(v[1] * 1e3, 3),
+                              "max_ms": round(v[2] * 1e3, 3)} for k, v in self.hooks.items()}}
 
 
 def _timed(fn):
@@ -106,7 +117,7 @@ def _timed(fn):
         try:
             return fn(self, *a, **kw)
         finally:
-            self._timer.add(time.perf_counter() - t0)
+            self._timer.add(time.perf_counter() - t0, fn.__name__)
     wrapper.__name__ = fn.__name__
     wrapper.__doc__ = fn.__doc__
     return wrapper
@@ -173,7 +184,7 @@ class TierStoreConnector(KVConnectorBase_V1):
             self._timer.next_step()
             t0 = time.perf_counter()
             self._worker.bind(self._meta())
-            self._timer.add(time.perf_counter() - t0)
+            self._timer.add(time.perf_counter() - t0, "bind_connector_metadata")
 
     @_timed
     def start_load_kv(self, forward_context: Any, **kwargs: Any) -> None:
@@ -245,7 +256,7 @@ class TierStoreConnector(KVConnectorBase_V1):
         try:
             return self._scheduler.build_connector_meta(scheduler_output)
         finally:
-            self._timer.add(time.perf_counter() - t0)
+            self._timer.add(time.perf_counter() - t0, "build_connector_meta")
             self._timer.next_step()
 
     @_timed
@@ -269,7 +280,8 @@ class TierStoreConnector(KVConnectorBase_V1):
 
     def timing(self) -> dict:
         """Time inside this instance's hooks per engine step: ``{steps, calls, p50_ms, p99_ms,
-        max_ms, mean_ms}`` over the last 4,096 steps (scheduler side: from one
+        max_ms, mean_ms, hooks}`` over the last 4,096 steps (``hooks``: per hook ``{calls,
+        total_ms, max_ms}`` since start) (scheduler side: from one
         ``build_connector_meta`` to the next; worker side: one step's hooks)."""
         return self._timer.summary()
 
