@@ -325,7 +325,9 @@ class Keyer:
         the other, so every client of a store must use the same one.
 
         The engine hash must already chain over the prefix and carry the request's extras (vLLM's
-        does: parent hash, token ids, LoRA, multimodal, cache salt, prompt embeds), be stable
+        does: parent hash, token ids, multimodal, cache salt; LoRA by name and path only and
+        prompt-embedding rows without their mask, so the vLLM connector keys requests with a
+        LoRA adapter or prompt embeddings with :meth:`chain` instead), be stable
         across processes and be collision resistant against whoever writes prompts. ``algo``
         names it and must be one of :data:`ENGINE_HASH_ALGOS`: vLLM's ``sha256`` and
         ``sha256_cbor``, whose chain root is the same everywhere unless ``PYTHONHASHSEED`` is set

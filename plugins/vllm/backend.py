@@ -515,11 +515,18 @@ def extras_of(request, block_size: int) -> ExtraKeys:
 
 def request_keys(keyers: Sequence[Keyer], request, block_size: int,
                  engine_algo: str | None = None) -> list[list[BlockKey]]:
-    """Keys of the request's full prompt blocks, one list per keyer (rank). With
-    ``engine_algo`` (Geometry.engine_hash_algo) from vLLM's own ``request.block_hashes`` (which
-    already chain over the prefix and carry LoRA, multimodal, cache salt and prompt-embeds
-    identity); a request with fewer engine hashes than full prompt blocks keys only those."""
-    if engine_algo:
+    """Keys of the request's full prompt blocks, one list per keyer (rank).
+
+    With ``engine_algo`` (Geometry.engine_hash_algo), from vLLM's own ``request.block_hashes``
+    (they chain over the prefix and carry multimodal identifiers and the cache salt); a request
+    with fewer engine hashes than full prompt blocks keys only those. Requests with a LoRA
+    adapter or prompt embeddings always key from token ids with tierstore's extras: vLLM hashes
+    a LoRA by name and path only (not its weights, issue 13 item 6) and embedding rows without
+    the token/embeddings mask (case KEY-29), so its hashes would let such requests meet. The two
+    derivations are different hash domains (BLAKE2s over engine hashes, the BLAKE2b chain), so
+    their keys never collide; each request always gets the same one."""
+    if engine_algo and getattr(request, "lora_request", None) is None \
+            and getattr(request, "prompt_embeds", None) is None:
         n_full = request.num_prompt_tokens // block_size
         hashes = [bytes(h) for h in list(getattr(request, "block_hashes", None) or [])[:n_full]]
         return [k.chain_from_engine_hashes(hashes, engine_algo) for k in keyers]

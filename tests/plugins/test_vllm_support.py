@@ -375,7 +375,8 @@ def vreq(req_id: str, tokens=None, **kw):
 
 
 def store_blocks(side, request) -> list[bytes]:
-    keys = request_keys(side.keyers, request, BS)[0]
+    """Store the request's full blocks under the keys the scheduler side derives for it."""
+    keys = request_keys(side.keyers, request, BS, side.geo.engine_hash_algo)[0]
     side.client.put(keys, side.namespaces[0], [bytes(1024)] * len(keys))
     return keys
 
@@ -448,6 +449,34 @@ def test_lora_name_and_path_do_not_collide(tiny_model, tmp_path):
     assert hit(side, vreq("y", tokens, lora_request=LoRARequest("a", 2, "b|c"))) == 0
     assert hit(side, vreq("z", tokens, lora_request=LoRARequest("a|b", 7, "c"))) == BS
     assert hit(side, vreq("w", tokens)) == 0
+    sched.connector.shutdown()
+
+
+def test_engine_hash_keys_leave_lora_and_embeds_to_tierstores_chain(tiny_model, tmp_path):
+    """With keys from vLLM's block hashes (``keys="auto"`` on sha256), requests with a LoRA
+    adapter or prompt embeddings still key with tierstore's chain: vLLM hashes a LoRA by name
+    and path (not its weights: issue 13 item 6) and embedding rows without the token/embeddings
+    mask (KEY-29 (c)), so its hashes alone would give two such requests the same blocks. Plain
+    requests take the engine keys."""
+    from vllm.lora.request import LoRARequest
+
+    sched = _scheduler(tiny_model, str(tmp_path / "store"), enable_prompt_embeds=True)
+    side = sched.connector.scheduler_side
+    algo = side.geo.engine_hash_algo
+    assert algo == "sha256"
+    tokens = list(range(1, 2 * BS + 1))
+    plain, lora = vreq("p", tokens), vreq("l", tokens, lora_request=LoRARequest("a", 1, "b"))
+    emb = vreq("e", tokens, prompt_embeds=torch.randn(2 * BS, 128).to(BF16),
+               prompt_is_token_ids=[i % 2 == 0 for i in range(2 * BS)])
+    assert request_keys(side.keyers, plain, BS, algo) != request_keys(side.keyers, plain, BS)
+    for r in (lora, emb):
+        assert request_keys(side.keyers, r, BS, algo) == request_keys(side.keyers, r, BS)
+    # vLLM's own hashes of two mixed prompts that differ only in the mask are equal or not;
+    # either way tierstore's keys differ
+    other = vreq("e2", tokens, prompt_embeds=emb.prompt_embeds,
+                 prompt_is_token_ids=[i % 3 == 0 for i in range(2 * BS)])
+    assert not set(request_keys(side.keyers, other, BS, algo)[0]) & \
+        set(request_keys(side.keyers, emb, BS, algo)[0])
     sched.connector.shutdown()
 
 
