@@ -7,6 +7,7 @@ Callers tell outcomes apart by class, never by message text::
     ├── FormatError            on-disk data of another format version, or not ours at all
     ├── PinError               unpin without a matching pin, pin of a non-resident block
     ├── RejectedError          the store refused an operation (tier full, block too large, ...)
+    │   └── AccessDenied       the caller may not use this daemon (another uid on its socket)
     ├── JobError               unknown or already completed job id
     ├── TransferFailed         bytes could not be moved (I/O error, peer gone, copy failed)
     │   └── ChecksumFailed     bytes were moved but failed their checksum
@@ -37,6 +38,11 @@ class PinError(TierStoreError):
 
 class RejectedError(TierStoreError):
     """The store refused the request (e.g. every candidate victim is pinned)."""
+
+
+class AccessDenied(RejectedError):
+    """The daemon refused the caller itself: its uid is neither the daemon's nor root's
+    (SO_PEERCRED on the Unix socket). Every request but PING is refused and counted."""
 
 
 class JobError(TierStoreError):

@@ -198,6 +198,9 @@ class DaemonMetrics:
                                        registry=self.registry)
         self.lookup_hits = Counter(PREFIX + "lookup_hit_blocks", "Lookup hits by nearest tier",
                                    ["tier"], registry=self.registry)
+        self.refused = Counter(PREFIX + "requests_refused", "Requests refused before reaching "
+                               "the store (reason uid: a caller of another uid, SEC-26)",
+                               ["reason"], registry=self.registry)
         self.connections = Gauge(PREFIX + "connections", "Open client connections",
                                  registry=self.registry)
         self._latency_children: dict[str, object] = {}

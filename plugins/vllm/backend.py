@@ -31,6 +31,7 @@ Threading: the registry is guarded by a lock; everything else is pure.
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
 import logging
 import os
@@ -562,3 +563,50 @@ def tail_key(keyer: Keyer, transfer_id: str, parent: BlockKey | None,
     if extra:
         h.update(b"emb" + struct.pack("<I", len(extra)) + extra)
     return h.digest()
+
+
+TICKET_FIELDS = ("version", "transfer_id", "namespace", "block_size", "num_prompt_tokens",
+                 "tail_tokens")
+"""The fields of tierstore's P/D hand-off params (``kv_transfer_params["tierstore"]``) that its
+``mac`` covers; the params hold these and ``mac``, nothing else (no address: a consumer finds
+peers only through its daemon's membership, case SEC-28)."""
+
+
+def ticket_mac(secret: bytes, params: dict, tokens: Sequence[int]) -> str:
+    """The MAC of a P/D hand-off ticket: hex HMAC-SHA256 under a key derived from the cluster
+    secret (``HMAC(secret, "tierstore pd ticket v1")``: used for nothing else) over each of
+    :data:`TICKET_FIELDS` (name and JSON value, length-prefixed) and the prompt's token ids
+    (``<q`` each, count first). Only a producer holding the cluster secret can issue one, and
+    it holds only for the prompt it was issued for (case SEC-28: a client forging or
+    replaying params gets them rejected, and nothing is fetched on their account)."""
+    key = hmac.new(secret, b"tierstore pd ticket v1", hashlib.sha256).digest()
+    h = hmac.new(key, digestmod=hashlib.sha256)
+    for name in TICKET_FIELDS:
+        v = json.dumps(params.get(name), sort_keys=True).encode()
+        h.update(struct.pack("<I", len(name)) + name.encode() + struct.pack("<I", len(v)) + v)
+    h.update(struct.pack("<I", len(tokens)) + struct.pack(f"<{len(tokens)}q", *tokens))
+    return h.hexdigest()
+
+
+def ticket_problem(secret: bytes, params: Any, tokens: Sequence[int]) -> str:
+    """Why ``params`` are not a genuine ticket for a prompt of ``tokens`` ("" when they are):
+    not a map, fields beyond :data:`TICKET_FIELDS` and ``mac`` (an address, a peer, anything a
+    client added), no mac, or a mac that does not verify (forged, altered, another prompt, or
+    a producer with another cluster secret)."""
+    if not isinstance(params, dict):
+        return "the params are not a map"
+    extra = sorted(str(k) for k in set(params) - set(TICKET_FIELDS) - {"mac"})
+    if extra:
+        return f"unexpected fields {extra[:5]} (tierstore takes no addresses from a request)"
+    mac = params.get("mac")
+    if not isinstance(mac, str):
+        return (f"no mac (params version {params.get('version')!r}: a producer older than "
+                "version 2, or params not made by a producer)")
+    try:
+        want = ticket_mac(secret, params, tokens)
+    except (struct.error, TypeError, ValueError, OverflowError) as e:
+        return f"cannot be checked: {e}"
+    if not hmac.compare_digest(mac, want):
+        return ("the mac does not verify (forged or altered params, params of another prompt, "
+                "or a producer with another cluster secret)")
+    return ""

@@ -92,7 +92,8 @@ except ImportError:  # pragma: no cover - vLLM without worker metadata, or none 
 PARAMS_KEY = "tierstore"
 """Key of tierstore's entry in ``kv_transfer_params``."""
 
-PARAMS_VERSION = 1
+PARAMS_VERSION = 2
+"""2: the params carry ``mac`` (backend.ticket_mac); a consumer rejects params without one."""
 POLICIES = ("recompute", "fail")
 KEY_MODES = ("auto", "engine", "tokens")
 

@@ -40,6 +40,15 @@ blocks this engine cannot use (params version, namespace, block size: no re-chun
 refused once, on its first params, with one error and ``pd_producers_refused``; its requests
 are then computed here.
 
+The params are a ticket, not an instruction (case SEC-28): the producer MACs them under the
+cluster secret, bound to the prompt's token ids (backend.ticket_mac), and they hold no address.
+A consumer takes nothing else from ``kv_transfer_params``: params that are not a genuine
+ticket for this prompt (forged, altered, replayed on another prompt, carrying any other field
+such as a host:port) are dropped before anything is looked up or fetched for them
+(``pd_tickets_rejected``; one warning, later ones at debug level), and the request goes on as
+one without P/D params. Peers are dialled only by the node's daemon, at the addresses of its
+membership (static peers or etcd), after the cluster-secret handshake.
+
 P/D across nodes (``fetch_from_peers``): a request whose blocks are not all on this node has
 them pulled from the other nodes' daemons first, by :class:`PeerFetcher` on its own thread;
 meanwhile ``get_num_new_matched_tokens`` answers None (vLLM asks again later). Only blocks
@@ -66,7 +75,8 @@ from tierstore.keys import Keyer
 from tierstore.types import BlockKey, BlockStatus, Tier
 
 from tierstore_plugins.vllm.backend import (Geometry, collect_reports, open_side_client,
-                                            request_keys, tail_keys)
+                                            prompt_tokens, request_keys, tail_keys, ticket_mac,
+                                            ticket_problem)
 from tierstore_plugins.vllm.kv_events import engine_blobs
 from tierstore_plugins.vllm.metadata import (PARAMS_KEY, PARAMS_VERSION, LoadSpec, PluginSettings,
                                              SaveSpec, TierStoreMetadata, TierStoreWorkerMeta)
@@ -335,7 +345,7 @@ class SchedulerSide:
                          "saves": 0, "saved_blocks": 0, "save_blocks_not_copied": 0,
                          "save_blocks_skipped": 0, "delayed_frees": 0, "store_calls": 0,
                          "store_errors": 0, "tails_saved": 0, "tails_loaded": 0,
-                         "pd_params_rejected": 0, "pd_waits": 0,
+                         "pd_params_rejected": 0, "pd_tickets_rejected": 0, "pd_waits": 0,
                          "peer_fetches": 0, "peer_fetched_blocks": 0, "peer_fetch_errors": 0,
                          "peer_fetch_timeouts": 0, "peer_fetch_s": 0.0,
                          "peer_fetch_failed_loads": 0, "pd_producers_refused": 0,
@@ -406,8 +416,17 @@ class SchedulerSide:
         :attr:`refused_producers`; its later requests are computed here without a warning each
         (``pd_params_rejected`` counts them). Blocks are never copied across block sizes, not
         even divisible ones: tierstore does not re-chunk (MAP-11; issue 13 item 4)."""
-        params = (getattr(request, "kv_transfer_params", None) or {}).get(PARAMS_KEY)
+        ktp = getattr(request, "kv_transfer_params", None)
+        params = ktp.get(PARAMS_KEY) if isinstance(ktp, dict) else None
         if not params:
+            return None
+        why = ticket_problem(self.keyers[0].secret, params, prompt_tokens(request))
+        if why:   # before anything else: a forged ticket must not refuse a genuine producer
+            self.counters["pd_tickets_rejected"] += 1
+            level = logging.WARNING if self.counters["pd_tickets_rejected"] == 1 else logging.DEBUG
+            logger.log(level, "tierstore: rejecting the P/D params of request %s: %s; it is "
+                       "served as a request without them (pd_tickets_rejected counts these)",
+                       request.request_id, why)
             return None
         producer = str(params.get("transfer_id") or "?").split("/", 1)[0]
         refused = self.refused_producers.get(producer)
@@ -708,8 +727,8 @@ class SchedulerSide:
             return bool(self.settings.save_tail)
         if self.role == "kv_producer":
             return True
-        params = getattr(request, "kv_transfer_params", None) or {}
-        return bool(params.get("do_remote_decode"))
+        params = getattr(request, "kv_transfer_params", None)
+        return isinstance(params, dict) and bool(params.get("do_remote_decode"))
 
     def _block_ids(self, req_id: str) -> list[int] | None:
         if self._kv_cache_manager is None:
@@ -858,6 +877,8 @@ class SchedulerSide:
                                    "namespace": self.ns_digest, "block_size": self.bs,
                                    "num_prompt_tokens": n_prompt,
                                    "tail_tokens": (n_prompt % self.bs) if st.tail_saved else 0}}
+            params[PARAMS_KEY]["mac"] = ticket_mac(self.keyers[0].secret, params[PARAMS_KEY],
+                                                   prompt_tokens(request))
         return delay, params
 
     def has_pending_work(self) -> bool:

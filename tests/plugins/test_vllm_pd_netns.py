@@ -294,9 +294,9 @@ def test_issue13_item2_pd_fetch_past_deadline_fails_the_request_under_fail_polic
     side, fake, a, b = _nodes(timeout_s=0.2, policy="fail")
     tokens = list(range(1, 3 * BS + 5))
     _store_prefix(a, tokens, 3)
-    req = FakeRequest("r1", tokens, {"tierstore": {
-        "version": 1, "transfer_id": "prod/r1", "namespace": side.ns_digest,
-        "block_size": BS, "num_prompt_tokens": len(tokens), "tail_tokens": 4}})
+    req = FakeRequest("r1", tokens, {"tierstore": _ticket(side, tokens, {
+        "version": 2, "transfer_id": "prod/r1", "namespace": side.ns_digest,
+        "block_size": BS, "num_prompt_tokens": len(tokens), "tail_tokens": 4})})
     n, nones = _ask(side, req)
     assert n == 3 * BS and side.counters["peer_fetch_timeouts"] == 1
     side.update_state_after_alloc(req, _Blocks(4), n)
@@ -310,11 +310,18 @@ def _pd_request(side: SchedulerSide, rid: str, producer_bs: int, **over) -> Fake
     import dataclasses
     tokens = list(range(1, 4 * BS + 3))
     ns = dataclasses.replace(side.namespaces[0], block_size=producer_bs)
-    params = {"version": 1, "transfer_id": f"{over.pop('producer', 'prod-1')}/{rid}",
+    params = {"version": 2, "transfer_id": f"{over.pop('producer', 'prod-1')}/{rid}",
               "namespace": ns.digest().hex(), "block_size": producer_bs,
               "num_prompt_tokens": len(tokens), "tail_tokens": len(tokens) % producer_bs}
     params.update(over)
-    return FakeRequest(rid, tokens, {"tierstore": params})
+    return FakeRequest(rid, tokens, {"tierstore": _ticket(side, tokens, params)})
+
+
+def _ticket(side: SchedulerSide, tokens: list[int], params: dict) -> dict:
+    """``params`` with the mac a producer holding the cluster secret gives them (SEC-28)."""
+    from tierstore_plugins.vllm.backend import ticket_mac
+
+    return dict(params, mac=ticket_mac(side.keyers[0].secret, params, tokens))
 
 
 def test_issue13_item4_block_size_mismatch_refuses_the_producer_when_they_meet(caplog):
@@ -372,9 +379,9 @@ def test_issue13_item5_tail_is_loaded_unless_the_attention_kernel_would_crash(mo
         from tierstore_plugins.vllm.backend import tail_key
         tk = tail_key(side.keyers[0], "prod/r1", keys[1], tokens[2 * BS:])
         b.put([tk], ns, [b"t" * ns.block_bytes])
-        req = FakeRequest("r1", tokens, {"tierstore": {
-            "version": 1, "transfer_id": "prod/r1", "namespace": side.ns_digest,
-            "block_size": BS, "num_prompt_tokens": len(tokens), "tail_tokens": 10}})
+        req = FakeRequest("r1", tokens, {"tierstore": _ticket(side, tokens, {
+            "version": 2, "transfer_id": "prod/r1", "namespace": side.ns_digest,
+            "block_size": BS, "num_prompt_tokens": len(tokens), "tail_tokens": 10})})
         n, _ = side.get_num_new_matched_tokens(req, 0)
         side.shutdown()
         return side.load_tail, n

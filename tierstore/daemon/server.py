@@ -38,6 +38,15 @@ requests' too) and aborts
 the unfinished stores (their slots are freed, nothing becomes visible) and loads. A connection may
 complete only its own jobs.
 
+Who may talk to it (case SEC-26): the socket is mode 0600 in a 0700 directory, so the kernel
+lets only the daemon's uid (and root) connect. The daemon checks again: each connection's peer
+uid (SO_PEERCRED) must be the daemon's effective uid or root. Another uid (a socket or directory
+widened by hand, a shared group) gets AccessDenied on every request but PING, nothing it sends
+reaches the store, and each refusal is counted (``stats`` -> ``daemon.refused``, Prometheus
+``tierstore_requests_refused_total{reason="uid"}``) and the first per connection is logged.
+No TCP port is opened by default: ``[metrics]`` (read-only HTTP GET, loopback unless configured),
+``[peers]`` (HMAC-authenticated, tierstore/transfer/session.py) and ``[events]`` are opt-in.
+
 Keys: the daemon never sends the cluster secret. ``hello`` names the file the daemon read it from
 (``secret_file``: ``$TIERSTORE_SECRET_FILE`` or ``<data_dir>/secret``, mode 0600, so a client
 running as the same user reads it; ``None`` when the secret came from ``$TIERSTORE_SECRET``) and a
@@ -140,7 +149,7 @@ from typing import Any, Callable
 
 from tierstore import __version__
 from tierstore.client import Client
-from tierstore.errors import (ConfigError, JobError, PinError, ProtocolError, RejectedError,
+from tierstore.errors import (AccessDenied, ConfigError, JobError, PinError, ProtocolError, RejectedError,
                               RetryLater, TierStoreError)
 from tierstore.index.residency import request_owner, session_name, session_owner
 from tierstore.keys import SECRET_ENV, SECRET_FILE_ENV, Namespace, secret_id
@@ -248,11 +257,15 @@ def _bind_socket(path: str) -> socket.socket:
 class _Conn:
     """One client connection: its socket, owner id and the jobs it may complete."""
 
-    def __init__(self, n: int, sock: socket.socket, owner: str, peer_pid: int) -> None:
+    def __init__(self, n: int, sock: socket.socket, owner: str, peer_pid: int,
+                 peer_uid: int | None = None, allowed: bool = True) -> None:
         self.n = n
         self.sock = sock
         self.owner = owner
         self.peer_pid = peer_pid
+        self.peer_uid = peer_uid
+        self.allowed = allowed   # False: another uid; every request but PING is refused
+        self.refusals = 0
         self.store_jobs: set[int] = set()
         self.load_jobs: set[int] = set()
         self.thread: threading.Thread | None = None
@@ -286,6 +299,9 @@ class DaemonServer:
         self._conns_lock = threading.Lock()
         self._conn_ids = itertools.count(1)
         self._started_at = time.time()
+        self._uid = os.geteuid()
+        self._refused = {"uid": 0}   # requests refused, by reason (stats -> daemon.refused)
+        self._refused_lock = threading.Lock()
         self._hello: dict = {}
         self._handlers: dict[int, Callable[[_Conn, dict], dict]] = {
             MsgType.HELLO: self._h_hello, MsgType.LOOKUP: self._h_lookup,
@@ -522,12 +538,13 @@ class DaemonServer:
         n = next(self._conn_ids)
         try:
             cred = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-            pid, _uid, _gid = struct.unpack("3i", cred)
+            pid, uid, _gid = struct.unpack("3i", cred)
         except OSError:
-            pid = 0
+            pid, uid = 0, None   # unknown credentials: refused like another uid
         sock.settimeout(None)
         tune_socket(sock)
-        conn = _Conn(n, sock, f"conn-{n}-pid{pid}", pid)
+        allowed = uid is not None and uid in (self._uid, 0)
+        conn = _Conn(n, sock, f"conn-{n}-pid{pid}", pid, uid, allowed)
         conn.thread = threading.Thread(target=self._serve_conn, args=(conn,), name=f"conn-{n}",
                                        daemon=True)
         with self._conns_lock:
@@ -562,6 +579,8 @@ class DaemonServer:
         handler = self._handlers.get(mtype)
         t0 = time.perf_counter()
         try:
+            if not conn.allowed and mtype != MsgType.PING:
+                self._refuse(conn, mtype)
             if flags & FLAG_REPLY or handler is None:
                 self.metrics.protocol_errors.inc()
                 raise ProtocolError(f"unknown message type {mtype}" if handler is None
@@ -623,6 +642,18 @@ class DaemonServer:
             if r["pins_released"] or r["jobs_aborted"]:
                 log.info("%s gone: released %d pin(s), aborted %d job(s)", conn.owner,
                          r["pins_released"], r["jobs_aborted"])
+
+    def _refuse(self, conn: _Conn, mtype: int) -> None:
+        """Count and refuse one request of a connection whose uid may not use this daemon."""
+        with self._refused_lock:
+            self._refused["uid"] += 1
+        self.metrics.refused.labels("uid").inc()
+        conn.refusals += 1
+        if conn.refusals == 1:
+            log.warning("refused %s from uid %s (pid %d): only uid %d and root may use this "
+                        "daemon", _op_name(mtype), conn.peer_uid, conn.peer_pid, self._uid)
+        raise AccessDenied(f"uid {conn.peer_uid} may not use this daemon (only uid {self._uid} "
+                           "and root may); run as the daemon's user")
 
     # ------------------------------------------------------------------ handlers
     def _refuse_when_draining(self) -> None:
@@ -812,6 +843,7 @@ class DaemonServer:
                         "data_dir": str(self.data_dir), "shm_name": self.shm_name,
                         "uptime_s": round(time.time() - self._started_at, 3),
                         "connections": n_conns, "stopping": self._draining,
+                        "uid": self._uid, "refused": dict(self._refused),
                         "metrics": (f"http://{self.metrics.address[0]}:{self.metrics.address[1]}/metrics"
                                     if self.metrics.address else None)}
         st["events"] = self.events.stats() if self.events is not None else {"enabled": False}
