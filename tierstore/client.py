@@ -240,8 +240,11 @@ class Client:
     def complete_load(self, job_id: int, ok: bool = True) -> None:
         self.store.complete_load(job_id, ok=ok)
 
-    def complete_loads(self, job_ids: Sequence[int], ok: bool = True) -> None:
-        self.store.complete_loads(job_ids, ok=ok)
+    def complete_loads(self, job_ids: Sequence[int], ok: bool = True,
+                       tokens: dict[str, int] | None = None) -> None:
+        """``tokens``: the engine's token accounting since its last report
+        (``Store.account_tokens``)."""
+        self.store.complete_loads(job_ids, ok=ok, tokens=tokens)
 
     def flush(self, timeout_s: float | None = None) -> bool:
         """Wait until every block stored so far has its NVMe copy (``Store.flush``)."""

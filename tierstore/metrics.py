@@ -38,6 +38,13 @@ Names (all prefixed ``tierstore_``)::
     request_seconds{op}                histogram  daemon-side handling time per message type
     request_errors_total{op}           counter  requests answered with an error
     protocol_errors_total              counter  malformed frames
+    tokens_total{outcome,tier}         counter  engine tokens (MET-38), reported by the vLLM
+                                                connector: outcome promised (vLLM accepted the
+                                                load) = delivered + failed (I/O error, corrupt,
+                                                copy) + dropped (no room to stage); declined
+                                                (offered, vLLM took none); tier where the block was
+    lookup_tokens_total                counter  prompt tokens engines looked up
+    token_hit_ratio                    gauge    sum(tokens delivered) / lookup_tokens since start
 
   per peer (when [peers] is enabled; read from the daemon's peer state at scrape time)::
 
@@ -116,6 +123,27 @@ class _StoreCollector:
         yield CounterMetricFamily(PREFIX + "stores_aborted", "Store jobs aborted",
                                   value=c.get("stores_aborted", 0))
         yield from _failure_families(s, c)
+        yield from _token_families(s, c)
+
+
+def _token_families(s: dict, c: dict):
+    """Engine token accounting (case MET-38), from the counters engines report with their
+    ``complete_loads`` (``Store.account_tokens``): every ``tokens_<outcome>_<tier>`` counter is
+    one series, so ``tierstore stats --json`` and this output hold the same numbers."""
+    from tierstore.store import TOKEN_OUTCOMES
+
+    fam = CounterMetricFamily(PREFIX + "tokens", "Engine tokens by outcome (promised, delivered, "
+                              "failed, dropped, declined) and tier", labels=["outcome", "tier"])
+    for name, v in sorted(c.items()):
+        if name.startswith("tokens_"):
+            outcome, _, tier = name[len("tokens_"):].partition("_")
+            if outcome in TOKEN_OUTCOMES and tier:
+                fam.add_metric([outcome, tier], v)
+    yield fam
+    yield CounterMetricFamily(PREFIX + "lookup_tokens", "Prompt tokens engines looked up past "
+                              "their own prefix", value=c.get("lookup_tokens", 0))
+    yield GaugeMetricFamily(PREFIX + "token_hit_ratio", "Delivered tokens / looked-up tokens "
+                            "since start", value=s.get("token_hit_ratio", 0.0))
 
 
 def _failure_families(s: dict, c: dict):

@@ -293,8 +293,8 @@ class TierMoves:
                 self.counters["nvme_read_errors"] += 1
                 break
             s = self._alloc(Tier.DRAM)
-            if s is None:
-                status[i] = BlockStatus.FAILED
+            if s is None:   # no room to stage it: dropped (not an I/O failure; MET-38)
+                status[i] = BlockStatus.SKIPPED
                 self.counters["load_staging_failed"] += 1
                 break
             staged.append((i, s))

@@ -63,6 +63,18 @@ log = logging.getLogger(__name__)
 
 LOCAL = "local"
 _HIT_COUNTER = {t: f"load_hits_{t.label}" for t in Tier}
+# engine token accounting (account_tokens, case MET-38): promised = delivered + failed + dropped
+# per load vLLM accepted; declined = offered, vLLM took none of it
+TOKEN_OUTCOMES = ("promised", "delivered", "failed", "dropped", "declined")
+TOKEN_TIERS = tuple(dict.fromkeys([t.label for t in Tier] + ["peer", "unknown"]))
+
+
+def token_hit_ratio(counters: dict) -> float:
+    """Delivered tokens / looked-up tokens (0.0 before any lookup): what engines got, not what
+    lookups found or what was promised (case MET-38)."""
+    looked = counters.get("lookup_tokens", 0)
+    got = sum(v for k, v in counters.items() if k.startswith("tokens_delivered_"))
+    return round(got / looked, 6) if looked else 0.0
 _NEAR = {**TIER_BY_VALUE, NOWHERE: None}   # Residency.near code -> nearest tier
 STALE_JOB_S = 600.0
 """A job prepared longer ago than this (seconds) and never completed is reported by ``check``
@@ -737,12 +749,38 @@ class Store(TierMoves):
         with self._lock:
             return [self.prepare_load(c, owner=owner, into=into, wait=wait) for c in chains]
 
-    def complete_loads(self, job_ids: Iterable[int], ok: bool = True) -> None:
-        """:meth:`complete_load` of several jobs; unknown jobs are skipped."""
+    def complete_loads(self, job_ids: Iterable[int], ok: bool = True,
+                       tokens: dict[str, int] | None = None) -> None:
+        """:meth:`complete_load` of several jobs; unknown jobs are skipped. ``tokens``: the
+        engine's token accounting since its last report (:meth:`account_tokens`)."""
         with self._lock:
             for jid in job_ids:
                 if jid in self._loads:
                     self.complete_load(jid, ok=ok)
+            if tokens:   # after the jobs: a bad report must not leave their pins behind
+                self.account_tokens(tokens)
+
+    def account_tokens(self, tokens: dict[str, int]) -> None:
+        """Add an engine's token accounting (case MET-38) to the store's counters, so that
+        ``stats()`` and the daemon's Prometheus output show what engines were promised and
+        actually got. Keys: ``lookup`` (prompt tokens looked up past the engine's own prefix)
+        and ``<outcome>.<tier>`` with outcome in :data:`TOKEN_OUTCOMES` and tier a tier label
+        or ``peer``/``unknown``; values are non-negative deltas. Raises RejectedError for
+        anything else (nothing is added then)."""
+        add: list[tuple[str, int]] = []
+        for k, v in tokens.items():
+            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                raise RejectedError(f"token count {k!r} must be a non-negative int")
+            if k == "lookup":
+                add.append(("lookup_tokens", v))
+                continue
+            outcome, _, tier = str(k).partition(".")
+            if outcome not in TOKEN_OUTCOMES or tier not in TOKEN_TIERS:
+                raise RejectedError(f"unknown token counter {k!r}")
+            add.append((f"tokens_{outcome}_{tier}", v))
+        with self._lock:
+            for name, v in add:
+                self.counters[name] += v
 
     def prepare_stores(self, specs: Sequence[tuple], *, owner: str = LOCAL) -> list[StoreJob]:
         """:meth:`prepare_store` of several chains in one call; each spec is ``(keys,
@@ -954,6 +992,7 @@ class Store(TierMoves):
                 "tiers": tiers,
                 "policies": {t.label: p.name for t, p in self.policies.items()},
                 "counters": c,
+                "token_hit_ratio": token_hit_ratio(c),
             }
 
     def _health(self) -> dict:

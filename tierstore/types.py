@@ -85,7 +85,8 @@ class BlockStatus(enum.Enum):
 
     OK = "ok"
     PRESENT = "present"          # store: already resident, nothing written
-    SKIPPED = "skipped"          # store: refused (tier full of pinned blocks, admission said no)
+    SKIPPED = "skipped"          # store: refused (tier full of pinned blocks, admission said no);
+                                 # load: dropped, no room to stage it into (every slot pinned)
     MISSING = "missing"          # load: not resident (evicted, never stored, pin lease expired)
     CORRUPT = "corrupt"          # load: checksum or header check failed; counted, never returned
     FAILED = "failed"            # I/O error or aborted job

@@ -50,6 +50,7 @@ from tierstore_plugins.vllm.backend import acquire_client, geometry_from_vllm, r
 from tierstore_plugins.vllm.kv_events import embedded_events
 from tierstore_plugins.vllm.metadata import PluginSettings, TierStoreMetadata
 from tierstore_plugins.vllm.scheduler_side import SchedulerSide
+from tierstore_plugins.vllm.stats import TierStoreConnectorStats, TierStorePromMetrics, make_stats
 from tierstore_plugins.vllm.support import check_engine, check_registered
 from tierstore_plugins.vllm.worker_side import WorkerSide
 
@@ -284,6 +285,30 @@ class TierStoreConnector(KVConnectorBase_V1):
         total_ms, max_ms}`` since start) (scheduler side: from one
         ``build_connector_meta`` to the next; worker side: one step's hooks)."""
         return self._timer.summary()
+
+    # ---------------------------------------------------------------- metrics (stats.py)
+    def get_kv_connector_stats(self) -> TierStoreConnectorStats | None:
+        """This side's counters since the previous call (vLLM calls it every step, on the
+        scheduler and on every worker): token outcomes per tier (scheduler), bytes, seconds
+        and copies per direction and load errors (workers)."""
+        if self._scheduler is not None:
+            return make_stats(scheduler_delta=self._scheduler.stats_delta())
+        if self._worker is not None:
+            return make_stats(worker_delta=self._worker.stats_delta())
+        return None
+
+    @classmethod
+    def build_kv_connector_stats(cls, data: dict[str, Any] | None = None
+                                 ) -> TierStoreConnectorStats:
+        return TierStoreConnectorStats(data=dict(data or {}))
+
+    @classmethod
+    def build_prom_metrics(cls, vllm_config: Any, metric_types: dict, labelnames: list[str],
+                           per_engine_labelvalues: dict[int, list[object]]
+                           ) -> TierStorePromMetrics:
+        """tierstore's series in vLLM's ``/metrics`` (stats.py)."""
+        return TierStorePromMetrics(vllm_config, metric_types, labelnames,
+                                    per_engine_labelvalues)
 
     # ---------------------------------------------------------------- both
     def shutdown(self) -> None:

@@ -98,11 +98,13 @@ class _Load:
     ready: bool                       # staged at once (all in DRAM): a synchronous load
     answer: tuple[int, bool]          # what get_num_new_matched_tokens returned
     tiers: dict[str, int] = field(default_factory=dict)   # promised blocks per tier label
+    src: list[str] = field(default_factory=list)   # per promised block, its tier label
     tail: bool = False                # the P/D tail is part of it (jobs[num_ranks:])
     staged: dict[int, Any] = field(default_factory=dict)   # job id -> staged LoadJob
     block_ids: list[int] | None = None   # set by update_state_after_alloc
     tail_block_id: int | None = None
     dispatched: bool = False          # the LoadSpec went to the workers
+    accepted: int = 0                 # tokens vLLM accepted (update_state_after_alloc)
 
 
 @dataclass
@@ -350,6 +352,12 @@ class SchedulerSide:
                          "peer_fetch_timeouts": 0, "peer_fetch_s": 0.0,
                          "peer_fetch_failed_loads": 0, "pd_producers_refused": 0,
                          "unkeyable_requests": 0}
+        # token accounting (case MET-38): "<outcome>.<tier>" and "lookup" -> tokens since start;
+        # deltas go to the store with complete_loads and to vLLM's metrics (kv connector stats)
+        self.tokens: dict[str, int] = {}
+        self._tokens_reported: dict[str, int] = {}
+        self._tokens_in_stats: dict[str, int] = {}
+        self._last_call_failed = False
         self.refused_producers: dict[str, str] = {}   # P/D producer engine id -> why refused
         self.load_tail = settings.load_tail
         if self.load_tail is None and self.loads_enabled:   # auto: on unless it would crash
@@ -371,16 +379,48 @@ class SchedulerSide:
         """One store call; a TierStoreError is logged and counted and returns None (the request
         then computes: a failure is a miss, never a crashed engine)."""
         self.counters["store_calls"] += 1
+        self._last_call_failed = False
         try:
             return fn(*args, **kw)
         except TierStoreError:
+            self._last_call_failed = True
             self.counters["store_errors"] += 1
             logger.warning("tierstore: %s failed", what, exc_info=True)
             return None
 
-    def _complete_loads(self, job_ids: Sequence[int]) -> None:
-        if job_ids:
-            self._call("complete_loads", self.client.complete_loads, list(job_ids))
+    def _complete_loads(self, job_ids: Sequence[int], *, report: bool = False) -> None:
+        """Release load jobs; the token accounting since the last report goes with them to the
+        store (its ``tokens_*`` counters: ``tierstore stats``, the daemon's ``/metrics``)."""
+        if not job_ids and not report:
+            return
+        delta = {k: v - self._tokens_reported.get(k, 0) for k, v in self.tokens.items()
+                 if v != self._tokens_reported.get(k, 0)}
+        if not delta:
+            if job_ids:
+                self._call("complete_loads", self.client.complete_loads, list(job_ids))
+            return
+        snapshot = dict(self.tokens)
+        self._call("complete_loads", self.client.complete_loads, list(job_ids), tokens=delta)
+        if not self._last_call_failed:   # else the delta goes with the next report
+            self._tokens_reported = snapshot
+
+    def _tok(self, outcome: str, tier: str, n: int) -> None:
+        """Count ``n`` tokens of ``outcome`` (promised, delivered, failed, dropped, declined)
+        from ``tier``; ``lookup`` with tier "" (case MET-38). Cumulative: reports are deltas."""
+        if n > 0:
+            key = f"{outcome}.{tier}" if tier else outcome
+            self.tokens[key] = self.tokens.get(key, 0) + n
+
+    def _tok_blocks(self, outcome: str, src: Sequence[str], n_tokens: int) -> None:
+        """``n_tokens`` of ``outcome`` over blocks with tier labels ``src`` (``bs`` tokens each,
+        whatever is left over with the last block: the P/D tail)."""
+        left = n_tokens
+        for i, label in enumerate(src):
+            t = left if i == len(src) - 1 else min(left, self.bs)
+            self._tok(outcome, label, t)
+            left -= t
+        if left > 0:
+            self._tok(outcome, "unknown", left)
 
     # ---------------------------------------------------------------- keys
     def _state(self, request) -> _Req:
@@ -517,6 +557,8 @@ class SchedulerSide:
             chains += [[k] for k in self._tail_keys(st, params["transfer_id"])]
         jobs = self._call("prepare_loads", self.client.prepare_loads, chains, wait=False)
         self.counters["lookups"] += 1
+        self._tok("lookup", "", (end - first) * self.bs
+                  + (tail_tokens - 1 if want_tail and tail_tokens > 1 else 0))
         if self.fetcher is not None:
             self.fetcher.release(request.request_id)   # ours are pinned now (or missed)
         if jobs is None:
@@ -543,18 +585,18 @@ class SchedulerSide:
         self._complete_loads([j.job_id for j in unused])
         ready = all(j.ready for j in used)
         tiers: dict[str, int] = {}
-        for code in jobs[0].sources[:n]:   # where rank 0's blocks are (the ranks move together)
-            label = _TIER_LABEL.get(code, "unknown")
+        src = [_TIER_LABEL.get(code, "unknown") for code in jobs[0].sources[:n]]
+        src += ["peer"] * owed   # where rank 0's blocks are (the ranks move together)
+        for label in src:
             tiers[label] = tiers.get(label, 0) + 1
         if owed:
-            tiers["peer"] = tiers.get("peer", 0) + owed
             self.counters["peer_fetch_failed_loads"] += 1
             logger.warning("tierstore: request %s: the peer fetch failed short of %d block(s) it "
                            "owed; load_failure_policy is 'fail', so they are reported as load "
                            "errors and vLLM fails the request", request.request_id, owed)
         st.load = _Load(num_computed_tokens, first, n + owed, [j.job_id for j in used], ready,
                         (ext, not ready), tail=tail_ok,
-                        staged={j.job_id: j for j in used if j.ready}, tiers=tiers)
+                        staged={j.job_id: j for j in used if j.ready}, tiers=tiers, src=src)
         if n:
             st.saved_upto = max(st.saved_upto, first + n)   # loaded blocks need no save
         self.counters["hit_tokens"] += ext
@@ -585,15 +627,20 @@ class SchedulerSide:
         ld = st.load
         if num_external_tokens <= 0:
             self.counters["declined_tokens"] += ld.answer[0]   # promised, vLLM took none
+            self._tok_blocks("declined", ld.src, ld.answer[0])
             self._drop_load(st)
             return
         nblk = min(ld.n, num_external_tokens // self.bs)
+        self._tok_blocks("promised", ld.src[:nblk], num_external_tokens)
+        if ld.answer[0] > num_external_tokens:   # vLLM took part of it: the rest declined
+            self._tok_blocks("declined", ld.src[nblk:], ld.answer[0] - num_external_tokens)
         block_ids = blocks.get_block_ids()[0]
         ld.block_ids = list(block_ids[ld.first:ld.first + nblk])
         if nblk < ld.n:   # vLLM took fewer: the rest is not loaded (nor the tail)
             ld.n, ld.tail = nblk, False
         if ld.tail and num_external_tokens > nblk * self.bs:
             ld.tail_block_id = block_ids[ld.first + nblk]
+        ld.accepted = num_external_tokens
         self.counters["loads"] += 1
         self.counters["promised_tokens"] += num_external_tokens
         for label, nb in ld.tiers.items():
@@ -644,11 +691,45 @@ class SchedulerSide:
         ok_tokens = n_ok * self.bs
         self.counters["delivered_tokens"] += ok_tokens
         self.counters["failed_tokens"] += (nblk - n_ok) * self.bs
+        self._account_load(ld, staged, nblk, n_ok, spec)
         if n_ok < nblk:
             logger.warning("tierstore: request %s: %d of %d blocks could not be staged; vLLM "
                            "recomputes them", spec.req_id, nblk - n_ok, nblk)
             st.saved_upto = min(st.saved_upto, ld.first + n_ok)
         return spec
+
+    def _account_load(self, ld: _Load, staged: list, nblk: int, n_ok: int,
+                      spec: LoadSpec) -> None:
+        """Split the tokens vLLM accepted into delivered / failed / dropped per tier: blocks
+        past ``n_ok`` are dropped when the store had no room to stage them (status SKIPPED),
+        failed otherwise (I/O error, corrupt record, owed by a failed peer fetch)."""
+        src = ld.src[:nblk]
+        tail = spec.tail_block_id is not None
+        promised = self._promised_of(ld, nblk)
+        tail_tokens = promised - nblk * self.bs
+        delivered = n_ok * self.bs + (tail_tokens if tail and spec.tail_ok else 0)
+        self._tok_blocks("delivered", src[:n_ok], delivered)
+        if delivered >= promised:
+            return
+        why = "failed"
+        if n_ok < nblk:
+            r0 = staged[0] if staged else None
+            st = r0.status[n_ok] if r0 is not None and n_ok < len(r0.status) else None
+            if st is BlockStatus.SKIPPED:
+                why = "dropped"
+        rest = src[n_ok:] if n_ok < nblk else (src[-1:] if src else [])
+        self._tok_blocks(why, rest, promised - delivered)
+
+    def _promised_of(self, ld: _Load, nblk: int) -> int:
+        """Tokens vLLM accepted for the load (blocks, plus the P/D tail's tokens)."""
+        return ld.accepted or nblk * self.bs
+
+    def stats_delta(self) -> dict[str, int]:
+        """Token accounting since the last call (vLLM's kv connector stats, per interval)."""
+        out = {k: v - self._tokens_in_stats.get(k, 0) for k, v in self.tokens.items()
+               if v != self._tokens_in_stats.get(k, 0)}
+        self._tokens_in_stats = dict(self.tokens)
+        return out
 
     def _peer_fetch(self, st: _Req, params: dict | None, want_tail: bool,
                     num_computed_tokens: int) -> bool:
@@ -856,6 +937,8 @@ class SchedulerSide:
             self.fetcher.release(request.request_id)
         ld = st.load
         if ld is not None and not ld.dispatched:
+            if ld.block_ids is not None:   # accepted, never copied: the engine gave it up
+                self._tok_blocks("declined", ld.src[:len(ld.block_ids)], ld.accepted)
             if request.request_id in self._waiting:
                 # vLLM keeps the blocks of a WAITING_FOR_REMOTE_KVS request until the workers
                 # report it received: tell them to report it without copying
@@ -895,7 +978,7 @@ class SchedulerSide:
                 self._complete_saves(reports)
         jobs = [j for st in self._reqs.values() if st.load and not st.load.dispatched
                 for j in st.load.jobs] + list(self._load_jobs)
-        self._complete_loads(jobs)
+        self._complete_loads(jobs, report=True)   # with the last token accounting
         if self._save_jobs:
             self._call("complete_stores", self.client.complete_stores,
                        [(j, False) for j in self._save_jobs])

@@ -37,6 +37,7 @@ Threading: vLLM's worker thread only.
 from __future__ import annotations
 
 import logging
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
@@ -65,6 +66,7 @@ class _Copy:
     oks: list[bool] = field(default_factory=list)   # save: per-key answer
     copied: list[int] = field(default_factory=list)  # save: keys this copy writes
     block_ids: list[int] | None = None
+    t0: float = 0.0                  # perf_counter when it was submitted
 
 
 def _unique_layers(kv_caches: dict[str, Any]) -> list[Any]:
@@ -105,6 +107,11 @@ class WorkerSide:
         self._failed_from: dict[str, int] = {}        # this step: first failed load position
         self.counters = {"loaded_blocks": 0, "load_error_blocks": 0, "saved_blocks": 0,
                          "load_jobs": 0, "save_jobs": 0, "saves_cut_by_failed_load": 0}
+        # vLLM's metrics (kv connector stats): per direction, bytes copied and seconds from a
+        # copy's submit until this side saw it done (polled once per step); load error blocks
+        self.xfer = {"load_bytes": 0, "load_seconds": 0.0, "load_copies": 0, "save_bytes": 0,
+                     "save_seconds": 0.0, "save_copies": 0, "load_error_blocks": 0}
+        self._xfer_in_stats: dict[str, float] = {}
 
     # ---------------------------------------------------------------- setup
     def register_kv_caches(self, kv_caches: dict[str, Any]) -> None:
@@ -223,6 +230,7 @@ class WorkerSide:
             try:
                 # a synchronous load feeds this step's forward: in place before it (CUDA: the
                 # forward's stream waits on the device; CPU: copied now); async: in background
+                t0 = time.perf_counter()
                 cj = self._ensure_engine().start("onload", slots, ids, now=not spec.is_async)
             except TierStoreError:
                 logger.warning("tierstore: load copy failed for %s", spec.req_id, exc_info=True)
@@ -232,6 +240,7 @@ class WorkerSide:
         if errors:
             self._load_errors.update(errors)
             self.counters["load_error_blocks"] += len(errors)
+            self.xfer["load_error_blocks"] += len(errors)
             n_good = min(len(ids), len(spec.block_ids))
             prev = self._failed_from.get(spec.req_id)
             pos = spec.first + n_good
@@ -243,7 +252,14 @@ class WorkerSide:
                 self._recv_done.add(spec.req_id)
             return
         self._copies[cj] = _Copy("load", spec.req_id, self._my_jobs(spec.job_ids),
-                                 is_async=spec.is_async, n=len(ids), block_ids=ids)
+                                 is_async=spec.is_async, n=len(ids), block_ids=ids, t0=t0)
+
+    def stats_delta(self) -> dict[str, float]:
+        """:attr:`xfer` since the last call (vLLM's kv connector stats, per interval)."""
+        out = {k: v - self._xfer_in_stats.get(k, 0) for k, v in self.xfer.items()
+               if v != self._xfer_in_stats.get(k, 0)}
+        self._xfer_in_stats = dict(self.xfer)
+        return out
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         out, self._load_errors = self._load_errors, set()
@@ -278,6 +294,7 @@ class WorkerSide:
             self._done_saves[job] = oks
             return
         try:
+            t0 = time.perf_counter()
             cj = self._ensure_engine().start("offload", [sl for _, _, sl in pairs],
                                              [b for _, b, _ in pairs])
         except TierStoreError:
@@ -287,12 +304,17 @@ class WorkerSide:
             self._done_saves[job] = oks
             return
         self._copies[cj] = _Copy("save", spec.req_id, [job], oks=oks,
-                                 copied=[i for i, _, _ in pairs])
+                                 copied=[i for i, _, _ in pairs], t0=t0)
         self._req_pending[spec.req_id] += 1
 
     # ---------------------------------------------------------------- completions
     def _copy_done(self, cj: int, ok: bool) -> None:
         c = self._copies.pop(cj)
+        if ok:
+            n = c.n if c.kind == "load" else len(c.copied)
+            self.xfer[f"{c.kind}_bytes"] += n * self.namespace.block_bytes
+            self.xfer[f"{c.kind}_seconds"] += time.perf_counter() - c.t0
+            self.xfer[f"{c.kind}_copies"] += 1
         if c.kind == "load":
             self._done_loads.extend(c.jobs)
             if ok:
@@ -322,6 +344,7 @@ class WorkerSide:
                 c = self._copies[cj]
                 if c.kind == "load":
                     self._load_errors.update(c.block_ids or ())
+                    self.xfer["load_error_blocks"] += len(c.block_ids or ())
                 self._copy_done(cj, ok=False)
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:

@@ -30,7 +30,7 @@ def connector(role: str, **extra) -> dict:
 
 def start_engine(model: str, prompts: list[dict], out: Path, *, conn: dict | None = None,
                  prefix_caching: bool = True, max_tokens: int = 8,
-                 params_in: list | None = None) -> subprocess.Popen:
+                 params_in: list | None = None, metrics: bool = False) -> subprocess.Popen:
     pf = out.with_suffix(".prompts.json")
     pf.write_text(json.dumps(prompts))
     cmd = [sys.executable, str(RUNNER), "run", "--model", model, "--prompts", str(pf),
@@ -39,6 +39,8 @@ def start_engine(model: str, prompts: list[dict], out: Path, *, conn: dict | Non
         cmd += ["--connector", json.dumps(conn)]
     if not prefix_caching:
         cmd.append("--no-prefix-caching")
+    if metrics:
+        cmd.append("--metrics")
     if params_in is not None:
         pi = out.with_suffix(".params.json")
         pi.write_text(json.dumps(params_in))

@@ -6,6 +6,8 @@
                                   [--engine JSON] [--no-prefix-caching] [--max-tokens N]
                                   [--params-in F]
 
+``--metrics`` turns vLLM's stats on and adds ``metrics``: the Prometheus text of vLLM's
+registry (what ``vllm serve``'s /metrics shows), read over a loopback HTTP endpoint.
 ``--connector`` is the ``kv_transfer_config`` dict (JSON) or absent for a plain engine;
 ``--engine`` more ``LLM(...)`` arguments (JSON). ``P.json`` is a list of prompts, each
 ``{"tokens": [...], "salt": str|null, "lora": {"name", "id", "path"}|null, "embeds": null |
@@ -235,6 +237,23 @@ def _drain(engine, timeout_s: float = 30.0) -> None:
         time.sleep(0.005)
 
 
+def _scrape_metrics() -> str:
+    """vLLM's Prometheus registry (what its /metrics serves) over HTTP: served here on a
+    loopback port picked by the kernel, read with one GET."""
+    import urllib.request
+
+    from prometheus_client import REGISTRY, start_http_server
+
+    server, thread = start_http_server(0, addr="127.0.0.1", registry=REGISTRY)
+    try:
+        url = f"http://127.0.0.1:{server.server_port}/metrics"
+        with urllib.request.urlopen(url, timeout=10) as r:
+            return r.read().decode()
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 def run(args) -> None:
     from vllm import LLM, SamplingParams
 
@@ -243,7 +262,7 @@ def run(args) -> None:
     kw = {"block_size": 32, "max_model_len": 4096, "max_num_batched_tokens": 4096}
     if args.engine:
         kw.update(json.loads(args.engine))
-    if kw.get("speculative_config"):
+    if kw.get("speculative_config") or args.metrics:
         kw.setdefault("disable_log_stats", False)   # the acceptance counters need the stats
     if args.connector:
         kw["kv_transfer_config"] = json.loads(args.connector)
@@ -282,11 +301,15 @@ def run(args) -> None:
             counters["store"] = dict(sched.scheduler_side.client.stats().get("counters", {}))
         except Exception:
             pass
+        counters["tokens"] = sched.scheduler_side.tokens
     if worker is not None and getattr(worker, "worker_side", None) is not None:
         counters["worker"] = worker.worker_side.counters
+        counters["xfer"] = worker.worker_side.xfer
+        counters["block_bytes"] = worker.worker_side.namespace.block_bytes
+    metrics = _scrape_metrics() if args.metrics else None
     json.dump({"results": results, "timings_s": timings, "init_s": init_s,
-               "counters": counters, "spec": _spec_metrics(llm), "drain_steps": drained},
-              open(args.out, "w"), default=str)
+               "counters": counters, "spec": _spec_metrics(llm), "drain_steps": drained,
+               "metrics": metrics}, open(args.out, "w"), default=str)
     # close the store cleanly (flushes, releases the data dir lock)
     try:
         if sched is not None:
@@ -315,6 +338,8 @@ def main(argv=None) -> int:
     r.add_argument("--params-in")
     r.add_argument("--no-prefix-caching", action="store_true")
     r.add_argument("--max-tokens", type=int, default=8)
+    r.add_argument("--metrics", action="store_true",
+                   help="log_stats on; the output's 'metrics' is vLLM's /metrics text")
     r.add_argument("--engine", help="JSON: more LLM(...) arguments (speculative_config, "
                                     "kv_cache_dtype, enable_lora, block_size, ...)")
     a = ap.parse_args(argv)

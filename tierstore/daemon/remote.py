@@ -376,10 +376,16 @@ class RemoteClient:
         self._load_keys.pop(job_id, None)
         self._call(MsgType.COMPLETE_LOAD, {"job": job_id, "ok": ok})
 
-    def complete_loads(self, job_ids: Sequence[int], ok: bool = True) -> None:
+    def complete_loads(self, job_ids: Sequence[int], ok: bool = True,
+                       tokens: dict[str, int] | None = None) -> None:
+        """``tokens``: the engine's token accounting since its last report, added to the
+        daemon's counters (``Store.account_tokens``; ``tierstore stats``, ``/metrics``)."""
         for j in job_ids:
             self._load_keys.pop(j, None)
-        self._call(MsgType.COMPLETE_LOADS, {"jobs": [int(j) for j in job_ids], "ok": ok})
+        body: dict = {"jobs": [int(j) for j in job_ids], "ok": ok}
+        if tokens:
+            body["tokens"] = {str(k): int(v) for k, v in tokens.items()}
+        self._call(MsgType.COMPLETE_LOADS, body)
 
     def flush(self, timeout_s: float | None = None) -> bool:
         """Wait until every block stored so far has its NVMe copy on the daemon's disk; False on

@@ -87,7 +87,7 @@ Requests (body fields; ``keys`` per tierstore.protocol.codec.pack_keys; ``ns`` =
     PREPARE_LOADS  {chains [keys], wait}            -> {jobs [JOB]}   (wait defaults to false)
     POLL_LOADS     {jobs [int]}                     -> {done [JOB]}   (the staged ones)
     WAIT_LOAD      {job, timeout_s}                 -> {done: JOB | nil}
-    COMPLETE_LOADS {jobs [int], ok}                 -> {}
+    COMPLETE_LOADS {jobs [int], ok[, tokens {name: int}]} -> {}   (tokens: Store.account_tokens)
     PREPARE_STORES {specs [{keys, ns, size, parent[, engine]}]} -> {jobs [{job, slots, status}]}
     COMPLETE_STORES {answers [[job, ok]]}           -> {status [[str]]}
     FLUSH          {timeout_s}                      -> {done: bool}  (every block this connection
@@ -805,7 +805,10 @@ class DaemonServer:
     def _h_complete_loads(self, conn: _Conn, body: dict) -> dict:
         ids = self._own_loads(conn, body["jobs"])
         conn.load_jobs.difference_update(ids)
-        self.store.complete_loads(ids, ok=bool(body.get("ok", True)))
+        tokens = body.get("tokens")
+        if tokens is not None and not isinstance(tokens, dict):
+            raise RejectedError("tokens must be a map of counter -> int")
+        self.store.complete_loads(ids, ok=bool(body.get("ok", True)), tokens=tokens)
         return {}
 
     def _h_flush(self, conn: _Conn, body: dict) -> dict:
