@@ -104,6 +104,10 @@ def test_over_its_cap_a_tenant_is_refused_and_another_tenant_is_unaffected(env):
     ta, tb = st["retention"]["tenants"][tenant_label("A")], st["retention"]["tenants"][tenant_label("B")]
     assert (ta["pinned_blocks"], ta["hints_refused"], ta["blocks_refused"]) == (6, 2, 8)
     assert (tb["pinned_blocks"], tb["hints_refused"], tb["blocks_refused"]) == (8, 0, 0)
+    from tierstore.metrics import _StoreCollector
+    fams = {f.name: f for f in _StoreCollector(store.stats).collect()}
+    refused = {s.labels["tenant"]: s.value for s in fams["tierstore_retention_refused_blocks"].samples}
+    assert refused == {tenant_label("A"): 8, tenant_label("B"): 0}
     store.retain([], session="s1", tenant="A", ttl_s=0, priority=10**6)   # A ends its s1
     store.retain(a, session="s9", tenant="A", ttl_s=60, priority=10**6)
     flood(store, keyer)
