@@ -180,6 +180,9 @@ class PluginSettings:
             v = getattr(s, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
                 raise ConfigError(f"{name} must be a positive number of seconds, got {v!r}")
+        if s.retention_ttl_s > s.retention_max_ttl_s:
+            raise ConfigError(f"retention_ttl_s ({s.retention_ttl_s}) is longer than "
+                              f"retention_max_ttl_s ({s.retention_max_ttl_s})")
         caps = [n for n in ("retention_tenant_blocks", "retention_tenants",
                             "retention_total_blocks") if getattr(s, n) is not None]
         if s.socket and caps:

@@ -137,7 +137,7 @@ def test_a_bad_hint_never_fails_the_request(engine):
     """Unknown fields, a bad session id, a bool priority: the hint is ignored with a counter,
     the request is served and saved; a TTL above retention_max_ttl_s is clamped; ttl_s 0 ends
     the session."""
-    e, _ = engine(retention_tenant_blocks=16, retention_max_ttl_s=120)
+    e, _ = engine(retention_tenant_blocks=16, retention_max_ttl_s=120, retention_ttl_s=60)
     bad = [{"session_id": "has space"}, {"session_id": "s", "pin": 1},
            {"session_id": "s", "priority": True}, "agent-1"]
     run(e, [(f"bad{i}", prompt(40 + i), {"kv_transfer_params": {RETENTION_KEY: h}})
@@ -159,6 +159,8 @@ def test_retention_settings_are_checked():
         PluginSettings.from_extra_config({"data_dir": "/d", "retention_max_ttl_s": 0})
     with pytest.raises(ConfigError, match="blocks"):
         PluginSettings.from_extra_config({"data_dir": "/d", "retention_tenants": {"A": -1}})
+    with pytest.raises(ConfigError, match="longer than"):
+        PluginSettings.from_extra_config({"socket": "/s", "retention_ttl_s": 7200})
     s = PluginSettings.from_extra_config({"socket": "/s", "retention_ttl_s": 30})
     assert s.retention_ttl_s == 30
 
