@@ -280,6 +280,12 @@ class Client:
             raise PinError("a pin belongs to a session or to a request, not both")
         return self.store.unpin(keys, owner=session_name(session))
 
+    def retain(self, keys, *, session: str, tenant: str = "", ttl_s: float,
+               priority: int = 0) -> dict:
+        """A retention hint: ``Store.retain`` (tierstore/retention.py)."""
+        return self.store.retain(keys, session=session, tenant=tenant, ttl_s=ttl_s,
+                                 priority=priority)
+
     def release(self, request: str) -> int:
         """Release every pin ``request`` holds (as :meth:`RemoteClient.release`)."""
         return self.store.release_owner(request_owner(self.owner, request))["pins_released"]

@@ -124,6 +124,7 @@ class _StoreCollector:
                                   value=c.get("stores_aborted", 0))
         yield from _failure_families(s, c)
         yield from _token_families(s, c)
+        yield from _retention_families(s)
 
 
 def _token_families(s: dict, c: dict):
@@ -144,6 +145,27 @@ def _token_families(s: dict, c: dict):
                               "their own prefix", value=c.get("lookup_tokens", 0))
     yield GaugeMetricFamily(PREFIX + "token_hit_ratio", "Delivered tokens / looked-up tokens "
                             "since start", value=s.get("token_hit_ratio", 0.0))
+
+
+def _retention_families(s: dict):
+    """Retention hints per tenant label (tierstore/retention.py; one series per tenant that
+    sent a hint since the start, named by its label, never its cache salt)."""
+    tenants = (s.get("retention") or {}).get("tenants", {})
+    pinned = GaugeMetricFamily(PREFIX + "retention_pinned_blocks", "Blocks a tenant's hinted "
+                               "sessions pin", labels=["tenant"])
+    cap = GaugeMetricFamily(PREFIX + "retention_cap_blocks", "A tenant's cap on hinted pins",
+                            labels=["tenant"])
+    hints = CounterMetricFamily(PREFIX + "retention_hints", "Retention hints by outcome",
+                                labels=["tenant", "outcome"])
+    refused = CounterMetricFamily(PREFIX + "retention_refused_blocks", "Blocks a hint could not "
+                                  "pin (over the tenant's cap or the total)", labels=["tenant"])
+    for label, t in sorted(tenants.items()):
+        pinned.add_metric([label], t.get("pinned_blocks", 0))
+        cap.add_metric([label], t.get("cap", 0))
+        hints.add_metric([label, "refused"], t.get("hints_refused", 0))
+        hints.add_metric([label, "accepted"], t.get("hints", 0) - t.get("hints_refused", 0))
+        refused.add_metric([label], t.get("blocks_refused", 0))
+    yield from (pinned, cap, hints, refused)
 
 
 def _failure_families(s: dict, c: dict):

@@ -35,6 +35,10 @@ that the two agree). An example file::
     enabled = true
     endpoint = "tcp://127.0.0.1:5557"
 
+    [retention]                            # session pins requests ask for (tierstore/retention.py)
+    max_ttl_s = 3600
+    tenants = ["tenant-a-salt=2048", "=512"]
+
 **One type rule** for the file and the environment: text (an environment variable, or a TOML
 string) is read by the key's type; a TOML value of another type must be that type already.
 Booleans: ``true``/``false`` (text also ``1``/``0``); integers: whole numbers; floats: numbers;
@@ -73,6 +77,7 @@ from typing import Any, Mapping
 from tierstore.config import COMPRESSION, DIRECT_IO_MODES, DramConfig, NvmeConfig, StoreConfig
 from tierstore.errors import ConfigError
 from tierstore.policy import ADMISSION, DEFAULT_EVICTION, EVICTION
+from tierstore.retention import RetentionConfig, parse_tenant_caps
 from tierstore.units import format_bytes, parse_bytes, parse_capacity
 
 CONFIG_ENV = "TIERSTORE_CONFIG"
@@ -217,6 +222,15 @@ KEYS: tuple[Key, ...] = (
        "number this often (empty batch), so a gap shows"),
     _k("events", "topic", "str", "", "", "ZMQ topic of every message"),
     _k("events", "hwm", "int", 100000, "messages", "ZMQ high-water mark of the PUB socket"),
+    _k("retention", "max_ttl_s", "float", 3600.0, "s", "longest TTL a retention hint (session "
+       "pin from a request) gets; longer ones are clamped"),
+    _k("retention", "tenant_blocks", "int", None, "blocks", "cap of hinted pins of a tenant "
+       "(cache salt) without an entry in tenants; unset: a tenth of the DRAM tier"),
+    _k("retention", "total_blocks", "int", None, "blocks", "cap of hinted pins of all tenants "
+       "together; unset: half the DRAM tier; more than DRAM is refused"),
+    _k("retention", "tenants", "list", [], "", "per-tenant caps, \"<cache salt>=<blocks>\" "
+       "(\"=N\": requests without a salt); a cap above total_blocks is refused, caps adding up "
+       "to more are a warning"),
 )
 KEY_BY_NAME: dict[str, Key] = {k.dotted: k for k in KEYS}
 SECTIONS: tuple[str, ...] = tuple(dict.fromkeys(k.section for k in KEYS))
@@ -538,6 +552,7 @@ class DaemonSettings:
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
     peers: PeersSettings = field(default_factory=PeersSettings)
     events: EventsSettings = field(default_factory=EventsSettings)
+    retention: RetentionConfig = field(default_factory=RetentionConfig)
     given: frozenset[str] = frozenset()      # dotted names set by a file, env or flag
     warnings: tuple[str, ...] = ()           # keys that cannot apply, one line each
 
@@ -629,6 +644,11 @@ def settings_from(loaded: Loaded) -> DaemonSettings:
         if off and not on:
             warnings.append(f"[{section}] {', '.join(off)} set but {section} are off "
                             f"(set [{section}] enabled = true)")
+    retention = RetentionConfig(max_ttl_s=v["retention.max_ttl_s"],
+                                tenant_blocks=v["retention.tenant_blocks"],
+                                total_blocks=v["retention.total_blocks"],
+                                tenants=parse_tenant_caps(v["retention.tenants"]))
+    # checked against the DRAM tier when the daemon opens its store (store.json may size it)
     max_frame = parse_bytes(v["daemon.max_frame_bytes"])
     if max_frame < 4096:
         raise ConfigError("[daemon] max_frame_bytes must be at least 4096")
@@ -638,7 +658,8 @@ def settings_from(loaded: Loaded) -> DaemonSettings:
                           pid_file=v["daemon.pid_file"] or None, max_frame_bytes=max_frame,
                           drain_timeout_s=v["daemon.drain_timeout_s"],
                           log_level=v["daemon.log_level"], store=store, metrics=metrics,
-                          peers=_peers_settings(v), events=events, given=given,
+                          peers=_peers_settings(v), events=events, retention=retention,
+                          given=given,
                           warnings=tuple(warnings))
 
 

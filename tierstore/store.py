@@ -54,6 +54,7 @@ from tierstore.keys import Namespace
 from tierstore.moves import TierMoves
 from tierstore.policy import make_admission, make_eviction
 from tierstore.policy.base import AdmissionPolicy, EvictionPolicy
+from tierstore.retention import Retention, RetentionConfig
 from tierstore.tiers.base import DiskTier, MemoryTier, NullTier
 from tierstore.types import (BlockKey, BlockStatus, LoadJob, LookupResult, StoreJob, Tier,
                              check_keys)
@@ -170,6 +171,8 @@ class Store(TierMoves):
             self.policies[Tier.HBM] = make_eviction(config.hbm.policy if config.hbm else
                                                     config.dram.policy, hbm.num_slots)
         self.counters: Counter[str] = Counter()
+        # retention hints: session pins bounded per tenant (tierstore/retention.py)
+        self.retention = Retention(self.pins, self.res, dram.num_slots, self.counters)
         self._namespaces: list[Namespace | dict] = []   # by ns id; dict = known only from disk
         self._ns_digests: list[bytes] = []
         self._ns_ids: dict[bytes, int] = {}
@@ -349,6 +352,26 @@ class Store(TierMoves):
         n = self.pins.expire()
         if n:
             self.counters["pins_expired"] += n
+
+    def retain(self, keys: Iterable[BlockKey], *, session: str, tenant: str = "",
+               ttl_s: float, priority: int = 0) -> dict:
+        """A retention hint (issue 15 item 5): pin the resident ``keys`` for ``session`` of
+        ``tenant`` (a cache salt, "" = none) for ``ttl_s`` seconds, refreshing the session's
+        other pins to the same deadline; bounded by the tenant's cap and the total
+        (tierstore/retention.py: the rules, priority, case TEN-39). Never waits; a hint over a
+        cap pins what fits and counts the rest as refused. ``ttl_s`` 0 ends the session.
+        Returns ``{pinned, refused, held, displaced, ttl_s, cap, tenant}``; PinError for a bad
+        session id, TTL or priority."""
+        with self._lock:
+            self._expire()
+            return self.retention.hint(keys, session=session, tenant=tenant, ttl_s=ttl_s,
+                                       priority=priority)
+
+    def configure_retention(self, config: RetentionConfig) -> list[str]:
+        """Set the bounds of retention hints (ConfigError when they cannot hold for this
+        store's DRAM tier, and nothing changes); returns warnings (oversubscribed caps)."""
+        with self._lock:
+            return self.retention.configure(config)
 
     def _refuse_closed(self) -> None:
         if self._closed or self._closing:
@@ -972,6 +995,7 @@ class Store(TierMoves):
 
     def stats(self) -> dict:
         with self._lock:
+            retention = self.retention.stats()   # first: it expires sessions (counters)
             tiers = []
             for t, tier in self.tiers.items():
                 u = tier.usage()
@@ -993,6 +1017,7 @@ class Store(TierMoves):
                 "policies": {t.label: p.name for t, p in self.policies.items()},
                 "counters": c,
                 "token_hit_ratio": token_hit_ratio(c),
+                "retention": retention,
             }
 
     def _health(self) -> dict:

@@ -98,6 +98,11 @@ def acquire_client(settings: PluginSettings, block_bytes: int):
             cfg = StoreConfig(slot_bytes=block_bytes, dram=DramConfig(capacity_blocks=dram_blocks),
                               nvme=nvme)
             client = Client.embedded(settings.data_dir, cfg, secret=secret, create=True)
+            try:   # retention hints' caps (issue 15 item 5): refused when DRAM cannot hold them
+                client.store.configure_retention(settings.retention_config())
+            except BaseException:
+                client.close()
+                raise
         _clients[bid] = _Entry(client, 1)
         return client
 

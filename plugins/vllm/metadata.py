@@ -68,7 +68,26 @@ key                         default     meaning
                                         blocks are not all visible yet waits for them (the
                                         producer publishes once its copies are done) before
                                         vLLM computes what is missing
+``retention_ttl_s``         600         TTL of a retention hint that names no ``ttl_s``
+``retention_max_ttl_s``     3600        longest hint TTL; longer ones are clamped (the store
+                                        clamps to its own maximum too)
+``retention_tenant_blocks`` 1/10 DRAM   embedded store only: cap of hinted pins per tenant
+                                        (cache salt) without an entry in
+                                        ``retention_tenants``, in blocks (one block of one
+                                        rank = one slot)
+``retention_tenants``       {}          embedded store only: ``{cache salt: blocks}`` (``""``:
+                                        requests without a salt)
+``retention_total_blocks``  1/2 DRAM    embedded store only: cap of hinted pins of all
+                                        tenants together (more than DRAM is refused; caps
+                                        adding up to more are a warning, case TEN-39).
+                                        With ``socket`` the caps are the daemon's
+                                        ``[retention]`` keys, and these three are refused
 ==========================  ==========  ====================================================
+
+Retention hints (issue 15 item 5): a request's ``kv_transfer_params["tierstore_retention"] =
+{"session_id": str, "ttl_s": seconds, "priority": int}`` asks the store to keep its blocks
+pinned for that session; rules in tierstore/retention.py, the connector's side in
+scheduler_side.py (``_retention_hint``).
 """
 
 from __future__ import annotations
@@ -94,6 +113,10 @@ PARAMS_KEY = "tierstore"
 
 PARAMS_VERSION = 2
 """2: the params carry ``mac`` (backend.ticket_mac); a consumer rejects params without one."""
+RETENTION_KEY = "tierstore_retention"
+"""Key of a request's retention hint in ``kv_transfer_params`` (fields ``session_id``, ``ttl_s``,
+``priority``)."""
+RETENTION_FIELDS = ("session_id", "ttl_s", "priority")
 POLICIES = ("recompute", "fail")
 KEY_MODES = ("auto", "engine", "tokens")
 
@@ -118,6 +141,11 @@ class PluginSettings:
     peer_fetch_timeout_s: float = 30.0
     pd_wait_s: float = 1.0
     keys: str = "auto"
+    retention_ttl_s: float = 600.0
+    retention_max_ttl_s: float = 3600.0
+    retention_tenant_blocks: int | None = None
+    retention_tenants: dict | None = None
+    retention_total_blocks: int | None = None
 
     @classmethod
     def from_extra_config(cls, extra: Mapping[str, Any] | None) -> "PluginSettings":
@@ -149,7 +177,34 @@ class PluginSettings:
             raise ConfigError(f"keys must be one of {KEY_MODES}, got {s.keys!r}")
         if int(s.dram_bytes) <= 0 or int(s.nvme_bytes) < 0 or float(s.pin_ttl_s) <= 0:
             raise ConfigError("dram_bytes and pin_ttl_s must be positive, nvme_bytes >= 0")
+        for name in ("retention_ttl_s", "retention_max_ttl_s"):
+            v = getattr(s, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
+                raise ConfigError(f"{name} must be a positive number of seconds, got {v!r}")
+        if s.retention_ttl_s > s.retention_max_ttl_s:
+            raise ConfigError(f"retention_ttl_s ({s.retention_ttl_s}) is longer than "
+                              f"retention_max_ttl_s ({s.retention_max_ttl_s})")
+        caps = [n for n in ("retention_tenant_blocks", "retention_tenants",
+                            "retention_total_blocks") if getattr(s, n) is not None]
+        if s.socket and caps:
+            raise ConfigError(f"{', '.join(caps)}: with 'socket' the daemon enforces the caps on "
+                              "retention hints for every engine it serves; set them in its "
+                              "[retention] section (tenant_blocks, tenants, total_blocks)")
+        s.retention_config()   # ConfigError for a bad cap
         return s
+
+    def retention_config(self):
+        """The embedded store's :class:`tierstore.retention.RetentionConfig` from these
+        settings (checked against the DRAM tier when the store is opened)."""
+        from tierstore.retention import RetentionConfig, parse_tenant_caps
+
+        tenants = self.retention_tenants or {}
+        if not isinstance(tenants, dict):
+            raise ConfigError("retention_tenants must be a mapping {cache salt: blocks}")
+        return RetentionConfig(max_ttl_s=float(self.retention_max_ttl_s),
+                               tenant_blocks=self.retention_tenant_blocks,
+                               total_blocks=self.retention_total_blocks,
+                               tenants=parse_tenant_caps(tenants))
 
 
 @dataclass

@@ -70,7 +70,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
-from tierstore.errors import TierStoreError
+from tierstore.errors import PinError, TierStoreError
 from tierstore.keys import Keyer
 from tierstore.types import BlockKey, BlockStatus, Tier
 
@@ -78,8 +78,9 @@ from tierstore_plugins.vllm.backend import (Geometry, collect_reports, open_side
                                             prompt_tokens, request_keys, tail_keys, ticket_mac,
                                             ticket_problem)
 from tierstore_plugins.vllm.kv_events import engine_blobs
-from tierstore_plugins.vllm.metadata import (PARAMS_KEY, PARAMS_VERSION, LoadSpec, PluginSettings,
-                                             SaveSpec, TierStoreMetadata, TierStoreWorkerMeta)
+from tierstore_plugins.vllm.metadata import (PARAMS_KEY, PARAMS_VERSION, RETENTION_FIELDS,
+                                             RETENTION_KEY, LoadSpec, PluginSettings, SaveSpec,
+                                             TierStoreMetadata, TierStoreWorkerMeta)
 from tierstore_plugins.vllm.support import unkeyable_reason
 
 logger = logging.getLogger("tierstore.vllm")
@@ -126,6 +127,8 @@ class _Req:
     pending_saves: set[int] = field(default_factory=set)   # store jobs the workers still copy
     finished: bool = False                     # request_finished came (kept for its saves)
     unkeyable: str | None = None               # why it is neither loaded nor saved (support.py)
+    hint: dict | None = None                   # retention hint: session, tenant, ttl_s, priority
+    hint_sent: bool = False                    # the arrival hint went to the store
 
 
 @dataclass
@@ -351,7 +354,11 @@ class SchedulerSide:
                          "peer_fetches": 0, "peer_fetched_blocks": 0, "peer_fetch_errors": 0,
                          "peer_fetch_timeouts": 0, "peer_fetch_s": 0.0,
                          "peer_fetch_failed_loads": 0, "pd_producers_refused": 0,
-                         "unkeyable_requests": 0}
+                         "unkeyable_requests": 0,
+                         "retention_hints": 0, "retention_hints_invalid": 0,
+                         "retention_ttl_clamped": 0, "retention_calls": 0,
+                         "retention_hints_refused": 0, "retention_blocks_pinned": 0,
+                         "retention_blocks_refused": 0}
         # token accounting (case MET-38): "<outcome>.<tier>" and "lookup" -> tokens since start;
         # deltas go to the store with complete_loads and to vLLM's metrics (kv connector stats)
         self.tokens: dict[str, int] = {}
@@ -436,8 +443,68 @@ class SchedulerSide:
                 logger.warning("tierstore: request %s is not cached: %s", request.request_id,
                                reason)
             st = _Req(request, keys, unkeyable=reason)
+            if reason is None:
+                st.hint = self._retention_hint(request)
             self._reqs[request.request_id] = st
         return st
+
+    # ---------------------------------------------------------------- retention hints
+    def _retention_hint(self, request) -> dict | None:
+        """The request's retention hint (``kv_transfer_params["tierstore_retention"]``),
+        checked: ``{"session_id": 1-128 printable characters without spaces, "ttl_s": seconds
+        >= 0 (default ``retention_ttl_s``; above ``retention_max_ttl_s`` clamped; 0 ends the
+        session), "priority": integer (default 0)}``. The tenant is the request's cache salt
+        (none: the default tenant). A bad hint is ignored with a warning and
+        ``retention_hints_invalid``: a hint never makes a request fail."""
+        params = getattr(request, "kv_transfer_params", None) or {}
+        h = params.get(RETENTION_KEY) if isinstance(params, dict) else None
+        if h is None:
+            return None
+        from tierstore.retention import check_priority, check_session_id
+
+        try:
+            if not isinstance(h, dict):
+                raise PinError(f"expected an object with {', '.join(RETENTION_FIELDS)}")
+            unknown = sorted(set(h) - set(RETENTION_FIELDS))
+            if unknown:
+                raise PinError(f"unknown fields {unknown}; expected {list(RETENTION_FIELDS)}")
+            session = check_session_id(h.get("session_id"))
+            ttl = h.get("ttl_s", self.settings.retention_ttl_s)
+            if isinstance(ttl, bool) or not isinstance(ttl, (int, float)) or not 0 <= ttl < 1e12:
+                raise PinError(f"ttl_s must be a number of seconds >= 0, got {ttl!r}")
+            priority = check_priority(h.get("priority", 0))
+        except PinError as e:
+            self.counters["retention_hints_invalid"] += 1
+            logger.warning("tierstore: ignoring the retention hint of request %s: %s",
+                           request.request_id, e)
+            return None
+        if ttl > self.settings.retention_max_ttl_s:
+            ttl = self.settings.retention_max_ttl_s
+            self.counters["retention_ttl_clamped"] += 1
+        self.counters["retention_hints"] += 1
+        return {"session": session, "tenant": getattr(request, "cache_salt", None) or "",
+                "ttl_s": float(ttl), "priority": priority}
+
+    def _retain(self, st: _Req, lo: int, hi: int) -> None:
+        """Send the request's hint with its blocks [lo, hi) of every rank (block by block, so a
+        hint cut short by its tenant's cap keeps a prefix on every rank). Refreshes the session's
+        TTL whatever the blocks. Never fails the request: refusals and errors are counted."""
+        h = st.hint
+        keys = [st.keys[r][b] for b in range(lo, hi) for r in range(self.num_ranks)]
+        self.counters["retention_calls"] += 1
+        res = self._call("retain", self.client.retain, keys, session=h["session"],
+                         tenant=h["tenant"], ttl_s=h["ttl_s"], priority=h["priority"])
+        if res is None:
+            return
+        self.counters["retention_blocks_pinned"] += int(res.get("pinned", 0))
+        refused = int(res.get("refused", 0))
+        if refused:
+            self.counters["retention_hints_refused"] += 1
+            self.counters["retention_blocks_refused"] += refused
+            logger.info("tierstore: request %s: %d block(s) of session %s not pinned: tenant %s "
+                        "is at its cap of %s blocks (or all tenants at the total)",
+                        st.request.request_id, refused, h["session"], res.get("tenant"),
+                        res.get("cap"))
 
     def _pd(self, st: _Req) -> dict | None:
         """``_pd_params`` once per request (get_num_new_matched_tokens may run many times)."""
@@ -530,6 +597,11 @@ class SchedulerSide:
 
     def get_num_new_matched_tokens(self, request, num_computed_tokens: int):
         st = self._state(request)
+        if st.hint is not None and not st.hint_sent:
+            # the session's TTL starts again, and what the store holds of this prompt is pinned
+            # for it before anything else can evict it (a hit of the previous turn)
+            st.hint_sent = True
+            self._retain(st, 0, len(st.keys[0]))
         if not self.loads_enabled or not st.keys[0]:
             return 0, False
         ld = st.load
@@ -913,8 +985,15 @@ class SchedulerSide:
         if not answers:
             return
         res = self._call("complete_stores", self.client.complete_stores, answers)
+        retain: dict[str, tuple[int, int]] = {}   # request -> blocks just published, to pin
         for (j, oks), status in zip(answers, res or [[]] * len(answers)):
             req_id, lo = self._save_jobs.pop(j)
+            st = self._reqs.get(req_id)
+            if res is not None and st is not None and st.hint is not None \
+                    and st.hint["ttl_s"] > 0:
+                hi = min(lo + len(oks), len(st.keys[0]))   # the tail (P/D) is never pinned
+                a, b = retain.get(req_id, (lo, hi))
+                retain[req_id] = (min(a, lo), max(b, hi))
             self.counters["saved_blocks"] += sum(x is BlockStatus.OK for x in status)
             st = self._reqs.get(req_id)
             not_copied = [i for i, ok in enumerate(oks) if not ok]
@@ -927,6 +1006,9 @@ class SchedulerSide:
                 st.tail_saved = False if lo + not_copied[0] >= len(st.keys[0]) else st.tail_saved
             if st.finished and not st.pending_saves and req_id not in self._release:
                 pass   # the release already went out; finished_sending removes the state
+        for req_id, (lo, hi) in retain.items():   # published now: the session pins them
+            if hi > lo:
+                self._retain(self._reqs[req_id], lo, hi)
 
     def request_finished(self, request, block_ids) -> tuple[bool, dict | None]:
         st = self._reqs.get(request.request_id)

@@ -84,7 +84,8 @@ class ConnOut:
 
 
 class MiniVLLM:
-    """One engine (scheduler half + one worker) on an embedded store in ``data_dir``."""
+    """One engine (scheduler half + one worker) on an embedded store in ``data_dir``, or on a
+    daemon's store with ``socket=`` (then ``data_dir`` is unused)."""
 
     def __init__(self, data_dir, *, block_size: int = 16, num_blocks: int = 128,
                  role: str = "kv_both", chunk: int = 10_000, **settings) -> None:
@@ -95,7 +96,12 @@ class MiniVLLM:
                             block_size=block_size, tp_size=1, pp_size=1)
         settings.setdefault("dram_bytes", 64 * self.geo.namespace(0).block_bytes)
         settings.setdefault("nvme_bytes", 512 * self.geo.namespace(0).block_bytes)
-        self.settings = PluginSettings(data_dir=str(data_dir), **settings)
+        if settings.get("socket"):   # the node's daemon (data_dir unused)
+            settings.pop("dram_bytes")
+            settings.pop("nvme_bytes")
+            self.settings = PluginSettings(**settings)
+        else:
+            self.settings = PluginSettings(data_dir=str(data_dir), **settings)
         self.client = acquire_client(self.settings, self.geo.namespace(0).block_bytes)
         self.sched = SchedulerSide(self.client, self.geo, self.settings, role=role,
                                    engine_id="mini")

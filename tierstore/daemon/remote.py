@@ -466,6 +466,17 @@ class RemoteClient:
             body["request"] = request
         return int(self._call(MsgType.UNPIN, body)["n"])
 
+    def retain(self, keys: Sequence[BlockKey], *, session: str, tenant: str = "",
+               ttl_s: float, priority: int = 0) -> dict:
+        """A retention hint (``Store.retain``, tierstore/retention.py): pin the resident
+        ``keys`` for ``session`` of ``tenant`` (a cache salt) for ``ttl_s``, within the daemon's
+        ``[retention]`` caps. The pins belong to the session, not this connection: they outlive
+        it and go by their TTL. Returns ``{pinned, refused, held, displaced, ttl_s, cap,
+        tenant}``."""
+        return dict(self._call(MsgType.RETAIN, {"keys": pack_keys(keys), "session": session,
+                                                "tenant": tenant, "ttl_s": ttl_s,
+                                                "priority": priority}))
+
     def release(self, request: str) -> int:
         """Release every pin ``request`` (of this connection) still holds; returns how many.
         Pins whose lease ran out are simply gone: no error."""

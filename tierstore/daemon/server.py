@@ -101,6 +101,11 @@ Requests (body fields; ``keys`` per tierstore.protocol.codec.pack_keys; ``ns`` =
                                                        nothing: a key without a pin of that
                                                        owner -> PinError, nothing released
     RELEASE        {request}                        -> {n}: every pin of that request goes
+    RETAIN         {keys, session, tenant, ttl_s, priority} -> {pinned, refused, held, displaced,
+                                                       ttl_s, cap, tenant}: a retention hint
+                                                       (tierstore/retention.py): the pins belong
+                                                       to the tenant's session, not the
+                                                       connection; bounded by ``[retention]``
     EVICT          {keys, tier}                     -> {evicted, pinned, missing[, not_in_tier,
                                                        only_copy]}; tier: only that tier's copies
     STATS          {}                               -> Store.stats() + {"daemon": {...}, "events":
@@ -316,7 +321,7 @@ class DaemonServer:
             MsgType.WAIT_LOAD: self._h_wait_load, MsgType.COMPLETE_LOADS: self._h_complete_loads,
             MsgType.PREPARE_STORES: self._h_prepare_stores,
             MsgType.COMPLETE_STORES: self._h_complete_stores, MsgType.FLUSH: self._h_flush,
-            MsgType.RELEASE: self._h_release,
+            MsgType.RELEASE: self._h_release, MsgType.RETAIN: self._h_retain,
         }
 
     # ------------------------------------------------------------------ lifecycle
@@ -346,6 +351,9 @@ class DaemonServer:
             cfg = self.store.config
             if cfg.dram.payload is False:
                 raise ConfigError("the daemon needs a DRAM tier with payload")
+            # [retention]: ConfigError (no start) for caps the DRAM tier cannot hold; warnings
+            # (oversubscribed tenant caps, TEN-39) are logged by configure_retention
+            self.store.configure_retention(s.retention)
             self._listener = _bind_socket(self.socket_path)
             st = os.stat(self.socket_path)
             self._socket_id = (st.st_dev, st.st_ino)
@@ -826,6 +834,15 @@ class DaemonServer:
         session = body.get("session")
         owner = _owner(conn, body) if session is None else session_name(session)
         return {"n": self.store.unpin(unpack_keys(body["keys"]), owner=owner)}
+
+    def _h_retain(self, conn: _Conn, body: dict) -> dict:
+        self._refuse_when_draining()
+        tenant = body.get("tenant") or ""
+        if not isinstance(tenant, str):
+            raise ProtocolError("retain: tenant must be a string")
+        return self.store.retain(unpack_keys(body["keys"]), session=body.get("session"),
+                                 tenant=tenant, ttl_s=body.get("ttl_s"),
+                                 priority=body.get("priority", 0))
 
     def _h_release(self, conn: _Conn, body: dict) -> dict:
         owner = _owner(conn, body)

@@ -84,6 +84,7 @@ class MsgType(enum.IntEnum):
     FLUSH = 24          # wait until every stored block has its NVMe copy
     WAIT_LOAD = 25      # block until one load job is staged (bounded)
     RELEASE = 26        # release every pin one request of this connection holds
+    RETAIN = 27         # a retention hint: session pins bounded per tenant (tierstore/retention.py)
 
 
 _TYPES = {int(t) for t in MsgType}
