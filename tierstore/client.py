@@ -14,16 +14,17 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from tierstore.config import StoreConfig
+from tierstore.contract import StoreClient, check_pin_owner
 from tierstore.datadir import (STORE_FILE, DataDirBusy, config_from_json,  # noqa: F401 (re-exported)
                                config_to_json, open_data_dir)
-from tierstore.errors import PinError
 from tierstore.index.residency import request_owner, session_name, session_owner
 from tierstore.keys import ExtraKeys, Keyer, Namespace, NO_EXTRAS
-from tierstore.store import LOCAL, Store
+from tierstore.store import LOCAL, PUT_WAIT_S, Store
 from tierstore.types import BlockKey, BlockStatus, LoadJob, LookupResult, StoreJob
 
 class Client:
-    """One API over an in-process Store (this class) or the daemon (``tierstore.daemon``)."""
+    """One API over an in-process Store (this class) or the daemon (``tierstore.daemon``): both
+    implement :class:`tierstore.contract.StoreClient`."""
 
     def __init__(self, store: Store, *, secret: bytes, data_dir: Path | None = None,
                  lock_fd: int | None = None, owner: str = LOCAL) -> None:
@@ -144,8 +145,10 @@ class Client:
         dram = self.store.tiers[Tier.DRAM]
         return dram.buffer, dram.num_slots, dram.slot_bytes
 
-    def put(self, keys, namespace, blocks, parent=None) -> list[BlockStatus]:
-        return self.store.put(keys, namespace, blocks, owner=self.owner, parent=parent)
+    def put(self, keys, namespace, blocks, parent=None, wait_s: float = PUT_WAIT_S) -> list[BlockStatus]:
+        """``Store.put``: a copy that fails aborts the job (nothing published) and re-raises."""
+        return self.store.put(keys, namespace, blocks, owner=self.owner, parent=parent,
+                              wait_s=wait_s)
 
     def get(self, keys) -> list[bytes]:
         return self.store.get(keys, owner=self.owner)
@@ -153,15 +156,15 @@ class Client:
     def pin(self, keys, ttl_s: float | None = None, session: str | None = None,
             request: str | None = None) -> int:
         """As :meth:`RemoteClient.pin`; a session's pins live as long as this process."""
-        owner = self._owner(request) if session is None else _session_only(session, ttl_s, request)
+        check_pin_owner(session, request)
+        owner = self._owner(request) if session is None else session_owner(session, ttl_s)
         return self.store.pin(keys, owner=owner, ttl_s=ttl_s)
 
     def unpin(self, keys, session: str | None = None, request: str | None = None) -> int:
         """As :meth:`RemoteClient.unpin`: all or nothing."""
+        check_pin_owner(session, request)
         if session is None:
             return self.store.unpin(keys, owner=self._owner(request))
-        if request is not None:
-            raise PinError("a pin belongs to a session or to a request, not both")
         return self.store.unpin(keys, owner=session_name(session))
 
     def release(self, request: str) -> int:
@@ -189,15 +192,9 @@ class Client:
         return self.store.stats()["tiers"]
 
 
-def _session_only(session: str, ttl_s: float | None, request: str | None) -> str:
-    if request is not None:
-        raise PinError("a pin belongs to a session or to a request, not both")
-    return session_owner(session, ttl_s)
-
-
 def open_client(data_dir: str | os.PathLike | None = None, socket: str | os.PathLike | None = None,
                 config: StoreConfig | None = None, *, create: bool = False,
-                secret: bytes | str | None = None, timeout_s: float = 5.0):
+                secret: bytes | str | None = None, timeout_s: float = 5.0) -> StoreClient:
     """The backend the caller asked for: the daemon when ``socket`` is given (DaemonUnreachable
     when it does not answer; never a silent fallback to the data dir), else the store embedded
     in this process on ``data_dir``. Both have the same methods."""
@@ -206,4 +203,5 @@ def open_client(data_dir: str | os.PathLike | None = None, socket: str | os.Path
     return Client.embedded(data_dir, config, secret=secret, create=create)
 
 
-__all__ = ["Client", "DataDirBusy", "ExtraKeys", "Namespace", "NO_EXTRAS", "open_client"]
+__all__ = ["Client", "DataDirBusy", "ExtraKeys", "Namespace", "NO_EXTRAS", "StoreClient",
+           "open_client"]
