@@ -227,7 +227,7 @@ class PinBook:
     pin without a TTL first (nothing else would ever release it), else the one whose deadline
     is nearest; so a pin re-taken after an unpin never inherits the old pin's deadline.
 
-    Invariants (checked by ``tests/core/test_pin_books.py``): every count is positive; for each
+    Invariants (checked by ``tests/core/index/test_pin_books.py``): every count is positive; for each
     resident block ``pins`` = sum over owners of their count on it; an owner's live deadlines on
     a key never outnumber its pins on it.
 
