@@ -50,7 +50,6 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 from tierstore.errors import ProtocolError, RejectedError, TransferFailed
-from tierstore.protocol.codec import error_from_body
 
 # Negotiation order: best first (session.py picks the first one both ends offer).
 TRANSPORT_PREFERENCE = ("rdma", "tcp", "loopback")
@@ -310,6 +309,8 @@ class Transport(ABC):
 def raise_remote(body: dict) -> None:
     """Raise the exception an error reply names (tierstore.errors or this module's), by the
     codec's one rule (:func:`tierstore.protocol.codec.error_from_body`)."""
+    from tierstore.protocol.codec import error_from_body
+
     raise error_from_body(body, ERROR_CLASSES)
 
 
