@@ -61,7 +61,7 @@ def _data_dir(settings, rows: list[dict]) -> dict | None:
     f = d / "store.json"
     if not f.is_file():
         return {"path": str(d), "exists": False}
-    from tierstore.client import config_from_json
+    from tierstore.datadir import config_from_json
 
     try:
         stored = config_from_json(json.loads(f.read_text()))

@@ -26,8 +26,10 @@ tier reused         the slab files of an earlier round, entries deleted: overwri
 
 Tier cases run in a child process each (``--worker``), so ``--compare-src DIR`` can time another
 checkout's tier (``git archive <rev> tierstore | tar -x -C DIR``) beside this one, as ``old ...``
-rows. The order of the cases rotates by one every round. Every read lands in a zeroed buffer and
-is compared with the source, byte for byte (untimed). GB/s = 1e9 B/s of payload; each ratio is the
+rows. The order of the cases rotates by one every round, starting from a random rotation
+(``--seed`` repeats one), so no case (raw included) always runs first. Every read lands in a
+buffer zeroed just before it (never one that already holds the source's bytes) and is compared
+with the source, byte for byte (untimed). GB/s = 1e9 B/s of payload; each ratio is the
 median over rounds of case / raw in the same round.
 """
 
@@ -36,6 +38,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import shutil
 import statistics
 import subprocess
@@ -60,11 +63,13 @@ def source(n: int):
     src = paths.anon(n * BLOCK)
     paths.fill(src, n)
     dst = paths.anon(n * BLOCK)
-    dst[:] = src            # pre-fault; zeroed before every read
+    zero(dst)               # pre-fault with zeros: dst never holds the source's bytes before a read
     return src, dst
 
 
 def zero(dst) -> None:
+    """Zero ``dst`` before a read, so the byte check afterwards can only pass if the read wrote
+    every byte (a read that wrote nothing leaves zeros, which random source bytes never are)."""
     np.frombuffer(dst, np.uint8)[:] = 0
 
 
@@ -151,6 +156,8 @@ def main() -> None:
     ap.add_argument("--io-threads", type=int, default=8)
     ap.add_argument("--compare-src", help="another checkout (holding tierstore/) to time beside")
     ap.add_argument("--cases", default="raw,raw_slab,tier fresh,tier prepared,tier reused")
+    ap.add_argument("--seed", type=int, default=None,
+                    help="first round's rotation of the case order (default: random, printed)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--src", default=str(HERE.parent), help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -176,11 +183,12 @@ def main() -> None:
     prep: dict[str, list[float]] = {}
     loads, dropped, direct = [], True, None
     pool = paths.ThreadPoolExecutor(args.io_threads)
+    seed = random.randrange(len(cases)) if args.seed is None else args.seed
     t_start = time.time()
     try:
         for rnd in range(args.rounds):
             loads.append(os.getloadavg()[0])
-            k = rnd % len(cases)
+            k = (seed + rnd) % len(cases)   # raw is not always first: the start moves per run
             for c in cases[k:] + cases[:k]:
                 if c == "raw":
                     d = root / "raw"
@@ -215,14 +223,15 @@ def main() -> None:
                         prep.setdefault(c, []).append(out["prepare_s"])
                     dropped &= out["dropped"]
                     direct = out["direct"]
-            print(f"round {rnd + 1}/{args.rounds} done, {time.time() - t_start:.0f} s, "
-                  f"load {os.getloadavg()[0]:.2f}", file=sys.stderr)
+            print(f"round {rnd + 1}/{args.rounds} done ({', '.join(cases[k:] + cases[:k])}), "
+                  f"{time.time() - t_start:.0f} s, load {os.getloadavg()[0]:.2f}", file=sys.stderr)
     finally:
         pool.shutdown()
         shutil.rmtree(root, ignore_errors=True)
 
     print(f"# NVMe tier vs raw O_DIRECT: {n} x 2 MiB = {gb:.2f} GB per case, batch {args.batch}, "
-          f"io_threads {args.io_threads}, {args.rounds} rounds, dir {root}, "
+          f"io_threads {args.io_threads}, {args.rounds} rounds (order rotated from --seed {seed}), "
+          f"dir {root}, "
           f"tier direct_io={direct}")
     print(f"# {time.strftime('%Y-%m-%d %H:%M %Z')}; load average at round starts: "
           + " ".join(f"{x:.2f}" for x in loads)

@@ -31,3 +31,23 @@ def test_core_imports_neither_typer_nor_vllm():
             assert f"import {mod}" not in text and f"from {mod}" not in text, (rel, mod)
         if rel not in torch_ok:
             assert "import torch" not in text, rel
+
+
+def test_the_library_imports_without_its_extras():
+    """``cli`` (typer, rich) and ``metrics`` (prometheus-client) are extras: the library's entry
+    points import none of them, nor aiofiles (not a dependency: the README says why)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, tierstore, tierstore.client, tierstore.daemon.remote, tierstore.store\n"
+            "print(sorted(m for m in ('typer', 'rich', 'prometheus_client', 'aiofiles')"
+            " if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
+                         check=True).stdout
+    assert out.strip() == "[]"
+    cfg = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    core = " ".join(cfg["dependencies"])
+    for dep in ("typer", "rich", "prometheus-client", "aiofiles"):
+        assert dep not in core, dep
+    extras = cfg["optional-dependencies"]
+    assert "tierstore[cli,metrics]" in extras["dev"]   # `pip install -e '.[dev]'` gets everything

@@ -3,95 +3,28 @@
 ``Client.embedded(...)`` runs a :class:`Store` in this process on a data directory (the
 embedded default); the daemon backend (a Unix-socket client moving bytes through shared memory)
 implements the same methods. Everything here is a thin forwarding layer: no policy, no I/O of its
-own besides opening the data directory.
-
-Data directory layout::
-
-    <data_dir>/store.json    the StoreConfig the directory was created with (reopened as is)
-    <data_dir>/secret        cluster secret, 32 random bytes, mode 0600, unless configured
-    <data_dir>/lock          flock held by the process that owns the directory
-    <data_dir>/nvme/         NVMe tier: slab files + LMDB metadata (tiers/nvme.py)
+own. Opening the data directory (its lock, ``store.json``, the secret) is
+:mod:`tierstore.datadir`'s.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import fcntl
-import json
-import logging
 import os
 from pathlib import Path
 from typing import Callable, Sequence
 
-from tierstore.config import DramConfig, HbmConfig, NvmeConfig, StoreConfig
-from tierstore.errors import ConfigError, PinError
+from tierstore.config import StoreConfig
+from tierstore.contract import StoreClient, check_pin_owner
+from tierstore.datadir import (STORE_FILE, DataDirBusy, config_from_json,  # noqa: F401 (re-exported)
+                               config_to_json, open_data_dir)
 from tierstore.index.residency import request_owner, session_name, session_owner
-from tierstore.keys import ExtraKeys, Keyer, Namespace, NO_EXTRAS, load_secret
-from tierstore.store import LOCAL, Store
+from tierstore.keys import ExtraKeys, Keyer, Namespace, NO_EXTRAS
+from tierstore.store import LOCAL, PUT_WAIT_S, Store
 from tierstore.types import BlockKey, BlockStatus, LoadJob, LookupResult, StoreJob
 
-STORE_FILE = "store.json"
-log = logging.getLogger(__name__)
-
-
-class DataDirBusy(ConfigError):
-    """Another process owns the data directory."""
-
-
-def _lock_dir(path: Path):
-    path.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path / "lock", os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        try:
-            owner = os.pread(fd, 32, 0).decode().strip() or "?"
-        finally:
-            os.close(fd)
-        raise DataDirBusy(f"data dir {path} is in use by pid {owner} "
-                          "(a running daemon? use --socket to go through it)") from None
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-    return fd
-
-
-def _relative_to(path: str, data_dir: Path) -> str:
-    """``path`` as stored in store.json: relative to the data dir when inside it (or given
-    relative), absolute otherwise."""
-    p = Path(path)
-    if not p.is_absolute():
-        return str(p)
-    try:
-        return str(p.relative_to(data_dir))
-    except ValueError:
-        return str(p)
-
-
-def config_to_json(cfg: StoreConfig) -> dict:
-    d = dataclasses.asdict(cfg)
-    d["dram"].pop("shm_name", None)   # a per-run choice of the daemon, never persisted
-    return d
-
-
-def config_from_json(d: dict) -> StoreConfig:
-    try:
-        dram = DramConfig(**d.get("dram", {}))
-        nv = dict(d["nvme"]) if d.get("nvme") else None
-        if nv is not None and nv.get("write_through") is False:
-            # created before write-behind: exclusive tiers are gone; the data reads the same
-            log.info("store.json: nvme write_through=false is upgraded to write-behind "
-                     "(NVMe keeps a clean copy of every DRAM block)")
-            nv["write_through"] = True
-        nvme = NvmeConfig(**nv) if nv is not None else None
-        hbm = HbmConfig(**d["hbm"]) if d.get("hbm") else None
-        return StoreConfig(slot_bytes=int(d["slot_bytes"]), dram=dram, nvme=nvme,
-                           exclusive=bool(d.get("exclusive", True)), hbm=hbm)
-    except (KeyError, TypeError) as e:
-        raise ConfigError(f"invalid store config: {e}") from None
-
-
 class Client:
-    """One API over an in-process Store (this class) or the daemon (``tierstore.daemon``)."""
+    """One API over an in-process Store (this class) or the daemon (``tierstore.daemon``): both
+    implement :class:`tierstore.contract.StoreClient`."""
 
     def __init__(self, store: Store, *, secret: bytes, data_dir: Path | None = None,
                  lock_fd: int | None = None, owner: str = LOCAL) -> None:
@@ -122,54 +55,9 @@ class Client:
         (the daemon) puts the DRAM slab in POSIX shared memory under that name for this run
         only; it is never written to ``store.json``.
         """
-        if data_dir is None:
-            if config is None:
-                raise ConfigError("need a data dir or a config")
-            return cls(Store.open(config), secret=load_secret(secret))
-        d = Path(data_dir).absolute()
-        if not create and not (d / STORE_FILE).is_file():
-            raise ConfigError(f"{d} is not a tierstore data dir (no {STORE_FILE})")
-        fd = _lock_dir(d)
-        try:
-            f = d / STORE_FILE
-            write = True
-            if f.is_file():
-                try:
-                    config = config_from_json(json.loads(f.read_text()))
-                except json.JSONDecodeError as e:
-                    raise ConfigError(f"{f} is not valid JSON: {e}") from None
-                write = False
-                if reconcile is not None:
-                    new, changes = reconcile(config)
-                    if changes:
-                        log.info("data dir %s: applied %s", d, "; ".join(changes))
-                    write, config = new != config, new
-            else:
-                if config is None:
-                    raise ConfigError(f"{d} has no {STORE_FILE} and no config was given")
-                if config.nvme is not None:
-                    config = dataclasses.replace(config, nvme=dataclasses.replace(
-                        config.nvme, path=_relative_to(config.nvme.path or "nvme", d)))
-            persisted = config
-            if config.nvme is not None and not Path(config.nvme.path).is_absolute():
-                config = dataclasses.replace(config, nvme=dataclasses.replace(
-                    config.nvme, path=str(d / config.nvme.path)))
-            if shm_name is not None:
-                config = dataclasses.replace(
-                    config, dram=dataclasses.replace(config.dram, shm_name=shm_name))
-            store = Store.open(config)
-            try:
-                if write:
-                    tmp = f.with_suffix(".tmp")
-                    tmp.write_text(json.dumps(config_to_json(persisted), indent=2))
-                    os.replace(tmp, f)
-                return cls(store, secret=load_secret(secret, data_dir=d), data_dir=d, lock_fd=fd)
-            except BaseException:
-                store.close()   # its DRAM slab (a daemon's /dev/shm object) goes too
-                raise
-        except BaseException:
-            os.close(fd)
-            raise
+        dd = open_data_dir(data_dir, config, secret=secret, create=create, shm_name=shm_name,
+                           reconcile=reconcile)
+        return cls(dd.store, secret=dd.secret, data_dir=dd.path, lock_fd=dd.lock_fd)
 
     @classmethod
     def connect(cls, socket_path: str | os.PathLike, *, timeout_s: float = 5.0,
@@ -260,8 +148,10 @@ class Client:
         dram = self.store.tiers[Tier.DRAM]
         return dram.buffer, dram.num_slots, dram.slot_bytes
 
-    def put(self, keys, namespace, blocks, parent=None) -> list[BlockStatus]:
-        return self.store.put(keys, namespace, blocks, owner=self.owner, parent=parent)
+    def put(self, keys, namespace, blocks, parent=None, wait_s: float = PUT_WAIT_S) -> list[BlockStatus]:
+        """``Store.put``: a copy that fails aborts the job (nothing published) and re-raises."""
+        return self.store.put(keys, namespace, blocks, owner=self.owner, parent=parent,
+                              wait_s=wait_s)
 
     def get(self, keys) -> list[bytes]:
         return self.store.get(keys, owner=self.owner)
@@ -269,15 +159,15 @@ class Client:
     def pin(self, keys, ttl_s: float | None = None, session: str | None = None,
             request: str | None = None) -> int:
         """As :meth:`RemoteClient.pin`; a session's pins live as long as this process."""
-        owner = self._owner(request) if session is None else _session_only(session, ttl_s, request)
+        check_pin_owner(session, request)
+        owner = self._owner(request) if session is None else session_owner(session, ttl_s)
         return self.store.pin(keys, owner=owner, ttl_s=ttl_s)
 
     def unpin(self, keys, session: str | None = None, request: str | None = None) -> int:
         """As :meth:`RemoteClient.unpin`: all or nothing."""
+        check_pin_owner(session, request)
         if session is None:
             return self.store.unpin(keys, owner=self._owner(request))
-        if request is not None:
-            raise PinError("a pin belongs to a session or to a request, not both")
         return self.store.unpin(keys, owner=session_name(session))
 
     def retain(self, keys, *, session: str, tenant: str = "", ttl_s: float,
@@ -311,15 +201,9 @@ class Client:
         return self.store.stats()["tiers"]
 
 
-def _session_only(session: str, ttl_s: float | None, request: str | None) -> str:
-    if request is not None:
-        raise PinError("a pin belongs to a session or to a request, not both")
-    return session_owner(session, ttl_s)
-
-
 def open_client(data_dir: str | os.PathLike | None = None, socket: str | os.PathLike | None = None,
                 config: StoreConfig | None = None, *, create: bool = False,
-                secret: bytes | str | None = None, timeout_s: float = 5.0):
+                secret: bytes | str | None = None, timeout_s: float = 5.0) -> StoreClient:
     """The backend the caller asked for: the daemon when ``socket`` is given (DaemonUnreachable
     when it does not answer; never a silent fallback to the data dir), else the store embedded
     in this process on ``data_dir``. Both have the same methods."""
@@ -328,4 +212,5 @@ def open_client(data_dir: str | os.PathLike | None = None, socket: str | os.Path
     return Client.embedded(data_dir, config, secret=secret, create=create)
 
 
-__all__ = ["Client", "DataDirBusy", "ExtraKeys", "Namespace", "NO_EXTRAS", "open_client"]
+__all__ = ["Client", "DataDirBusy", "ExtraKeys", "Namespace", "NO_EXTRAS", "StoreClient",
+           "open_client"]

@@ -99,8 +99,9 @@ def test_sigterm_drains_an_in_flight_store_then_exits_cleanly(tmp_path):
         d.proc.send_signal(signal.SIGTERM)
         time.sleep(0.5)
         assert d.alive()                                  # draining: waits for our job
-        with pytest.raises(RetryLater):
+        with pytest.raises(RetryLater) as ei:
             c.prepare_store(keys, ns, 4096)
+        assert ei.value.after_s == 1.0                    # the daemon's hint, carried on the wire
         for s in job.slots:
             c.slot_view(s)[:] = b"x" * 4096
         c.complete_store(job.job_id)

@@ -26,6 +26,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    try:
+        import prometheus_client  # noqa: F401  (the daemon's counters and exporter)
+    except ImportError:
+        print("tierstore-daemon: the daemon needs prometheus-client: pip install 'tierstore[metrics]'",
+              file=sys.stderr)
+        return 2
     from tierstore.daemon.server import DaemonServer
     from tierstore.settings import load_settings
 

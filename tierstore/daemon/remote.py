@@ -37,11 +37,12 @@ import threading
 import time
 from typing import Any, Sequence
 
-from tierstore import errors
-from tierstore.errors import ConfigError, DaemonUnreachable, ProtocolError, TierStoreError
+from tierstore.contract import check_pin_owner
+from tierstore.errors import ConfigError, DaemonUnreachable, ProtocolError
 from tierstore.keys import Keyer, Namespace, load_secret
 from tierstore.protocol.codec import (FLAG_ERROR, PROTOCOL_VERSION, FrameError, MsgType, decode_body,
-                                      encode_frame, pack_keys, read_frame, tune_socket)
+                                      encode_frame, error_from_body, pack_keys, read_frame,
+                                      tune_socket)
 from tierstore.types import BlockKey, BlockStatus, LoadJob, LookupResult, StoreJob, Tier
 
 REPLY_MAX_BYTES = 256 << 20
@@ -52,14 +53,13 @@ _STATUS = {s.value: s for s in BlockStatus}
 
 
 def _raise_remote(body: dict) -> None:
-    name = str(body.get("error", "TierStoreError"))
-    msg = str(body.get("message", ""))
-    cls = getattr(errors, name, None)
-    if not (isinstance(cls, type) and issubclass(cls, TierStoreError)):
-        raise TierStoreError(f"daemon error {name}: {msg}")
-    if cls is errors.RetryLater:
-        raise errors.RetryLater(msg, after_s=1.0)
-    raise cls(msg)
+    """The error a reply names, by the one rule every reader of error replies uses
+    (``error_from_body``; the peer transfer's own classes included, as a fetch may end in one);
+    a RetryLater keeps the daemon's ``after_s``. Imported here, on the error path: the package
+    tierstore.transfer is heavy and a daemon client never needs it otherwise."""
+    from tierstore.transfer.base import ERROR_CLASSES
+
+    raise error_from_body(body, ERROR_CLASSES)
 
 
 class RemoteClient:
@@ -366,11 +366,18 @@ class RemoteClient:
         return out
 
     def wait_load(self, job_id: int, timeout_s: float | None = None) -> LoadJob | None:
-        t = 60.0 if timeout_s is None else min(max(0.0, timeout_s), 60.0)
-        r = self._call(MsgType.WAIT_LOAD, {"job": int(job_id), "timeout_s": t})
-        if r["done"] is None:
-            return None
-        return self._load_job(self._load_keys.pop(job_id, []), r["done"])
+        """As ``Store.wait_load``: None once ``timeout_s`` ran out; without ``timeout_s`` it
+        waits until the job is staged (asking the daemon at most 60 s at a time)."""
+        while True:
+            t = 60.0 if timeout_s is None else min(max(0.0, timeout_s), 60.0)
+            t0 = time.monotonic()
+            r = self._call(MsgType.WAIT_LOAD, {"job": int(job_id), "timeout_s": t})
+            if r["done"] is not None:
+                return self._load_job(self._load_keys.pop(job_id, []), r["done"])
+            if timeout_s is not None:
+                timeout_s -= time.monotonic() - t0
+                if timeout_s <= 0:
+                    return None
 
     def complete_load(self, job_id: int, ok: bool = True) -> None:
         self._load_keys.pop(job_id, None)
@@ -446,7 +453,9 @@ class RemoteClient:
         """Pin resident ``keys``; returns how many were pinned. Without ``session`` the pins
         belong to this connection (gone when it closes), or to one ``request`` of it (see
         :meth:`lookup`); with ``session`` they belong to ``session:<session>``, outlive the
-        connection and need ``ttl_s`` (PinError without)."""
+        connection and need ``ttl_s`` (PinError without); ``session`` and ``request`` together
+        are a PinError."""
+        check_pin_owner(session, request)
         body = {"keys": pack_keys(keys), "ttl_s": ttl_s}
         if session is not None:
             body["session"] = session
@@ -459,6 +468,7 @@ class RemoteClient:
         """Release one pin per key of this connection, of one ``request`` of it, or of
         ``session``. All or nothing: PinError when the owner holds no pin on one of the keys
         (a lease ran out), and then nothing is released."""
+        check_pin_owner(session, request)
         body = {"keys": pack_keys(keys)}
         if session is not None:
             body["session"] = session

@@ -2,7 +2,7 @@
 
 What it owns::
 
-    <data_dir>/lock, store.json, secret, nvme/      through Client.embedded (the data-dir lock:
+    <data_dir>/lock, store.json, secret, nvme/      through tierstore.datadir (the data-dir lock:
                                                     a second daemon gets DataDirBusy)
     /dev/shm/tierstore-<dirhash>-<pid>-<rand>       the DRAM slab (mode 0600), its memory reserved
                                                     at start (a /dev/shm too small refuses the start
@@ -153,9 +153,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 from tierstore import __version__
-from tierstore.client import Client
-from tierstore.errors import (AccessDenied, ConfigError, JobError, PinError, ProtocolError, RejectedError,
-                              RetryLater, TierStoreError)
+from tierstore.datadir import DataDir, open_data_dir
+from tierstore.errors import (AccessDenied, ConfigError, JobError, PinError, ProtocolError,
+                              RejectedError, RetryLater, TierStoreError)
 from tierstore.index.residency import request_owner, session_name, session_owner
 from tierstore.keys import SECRET_ENV, SECRET_FILE_ENV, Namespace, secret_id
 from tierstore.metrics import DaemonMetrics
@@ -289,7 +289,7 @@ class DaemonServer:
         self.settings = settings
         self.data_dir = Path(settings.data_dir).absolute()
         self.socket_path = os.path.abspath(settings.resolved_socket())
-        self.client: Client | None = None
+        self.datadir: DataDir | None = None
         self.store = None
         self.metrics: DaemonMetrics | None = None
         self.peers: Any = None   # tierstore.daemon.peers.DaemonPeers when [peers] enabled
@@ -336,7 +336,7 @@ class DaemonServer:
         for w in s.warnings:
             log.warning("settings: %s", w)
         try:
-            self.client = Client.embedded(
+            self.datadir = open_data_dir(
                 self.data_dir, s.store, shm_name=self.shm_name,
                 reconcile=lambda stored: reconcile_store(stored, s, self.data_dir))
         except BaseException:
@@ -347,7 +347,7 @@ class DaemonServer:
             if stale:
                 log.warning("removed %d stale shared-memory slab(s) of a previous daemon: %s",
                             len(stale), ", ".join(stale))
-            self.store = self.client.store
+            self.store = self.datadir.store
             cfg = self.store.config
             if cfg.dram.payload is False:
                 raise ConfigError("the daemon needs a DRAM tier with payload")
@@ -369,7 +369,7 @@ class DaemonServer:
             if s.peers.enabled:
                 from tierstore.daemon.peers import DaemonPeers
 
-                self.peers = DaemonPeers(s.peers, self.store, self.client.secret).start()
+                self.peers = DaemonPeers(s.peers, self.store, self.datadir.secret).start()
                 self.metrics.add_peer_source(self.peers.metric_rows)
             if s.events.enabled:
                 self._start_events()
@@ -437,7 +437,7 @@ class DaemonServer:
             "slot_bytes": self.store.config.slot_bytes, "num_slots": dram.num_slots,
             "data_dir": str(self.data_dir), "socket": self.socket_path,
             "secret_source": secret_source, "secret_file": secret_file,
-            "secret_id": secret_id(self.client.secret),
+            "secret_id": secret_id(self.datadir.secret),
             "max_frame_bytes": self.settings.max_frame_bytes,
         }
 
@@ -537,9 +537,9 @@ class DaemonServer:
             self.peers = None
 
     def _close_store(self) -> None:
-        if self.client is not None:
-            self.client.close()   # store.close() (aborts jobs, closes LMDB, unlinks shm), then the lock
-            self.client = None
+        if self.datadir is not None:
+            self.datadir.close()   # store.close() (aborts jobs, closes LMDB, unlinks shm), then the lock
+            self.datadir = None
 
     # ------------------------------------------------------------------ connections
     def _spawn(self, sock: socket.socket) -> None:
@@ -641,7 +641,7 @@ class DaemonServer:
         except OSError:
             pass
         store = self.store
-        if store is not None and self.client is not None:
+        if store is not None and self.datadir is not None:
             try:
                 r = store.release_owner(conn.owner)
             except Exception:

@@ -163,19 +163,6 @@ class Residency:
         self.meta[h] = None
         self._free.append(h)
 
-    def memory_bytes(self) -> int:
-        """Approximate bytes held by the map (dict + keys + columns), for the index benchmark."""
-        import sys
-        n = len(self._keys)
-        cols = sum(a.itemsize * len(a) for a in (self.ns, self.size, self.checksum, self.pins, self.near))
-        cols += sum(a.itemsize * len(a) for a in self.slots.values())
-        keys = sum(sys.getsizeof(k) for k in self._handle)
-        # handles >= 256 are separate int objects stored as dict values
-        ints = sum(28 for v in self._handle.values() if v > 256)
-        meta = sys.getsizeof(self.meta) + sum(sys.getsizeof(m) for m in self.meta if m is not None)
-        return sys.getsizeof(self._handle) + sys.getsizeof(self._keys) + 8 * n + keys + ints + cols \
-            + meta
-
 
 SESSION_PREFIX = "session:"
 SESSION_NAME_MAX = 128
@@ -227,7 +214,7 @@ class PinBook:
     pin without a TTL first (nothing else would ever release it), else the one whose deadline
     is nearest; so a pin re-taken after an unpin never inherits the old pin's deadline.
 
-    Invariants (checked by ``tests/core/test_pin_books.py``): every count is positive; for each
+    Invariants (checked by ``tests/core/index/test_pin_books.py``): every count is positive; for each
     resident block ``pins`` = sum over owners of their count on it; an owner's live deadlines on
     a key never outnumber its pins on it.
 

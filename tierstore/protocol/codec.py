@@ -17,8 +17,9 @@ body. All integers are big-endian (network order)::
         16     n  body         one msgpack map (str keys; bytes as msgpack bin); empty body = {}
 
 A reply carries the request's type and id with REPLY set. An error reply also sets ERROR; its body
-is ``{"error": <exception class name>, "message": <one line>}``, and the client raises the class of
-that name from :mod:`tierstore.errors` (``TierStoreError`` for names it does not know).
+is ``{"error": <exception class name>, "message": <one line>}`` (a RetryLater adds ``"after_s":
+<seconds>``; readers ignore fields they do not know), and the client raises the class of that name
+from :mod:`tierstore.errors` (``TierStoreError`` for names it does not know): :func:`error_from_body`.
 
 Keys travel as one bin field ``keys``: the concatenation of 32-byte keys (the common case), or a
 msgpack array of bin when a caller uses keys of another length. :func:`pack_keys` /
@@ -35,11 +36,12 @@ import functools
 import socket
 import struct
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import msgpack
 
-from tierstore.errors import ProtocolError
+from tierstore import errors
+from tierstore.errors import ProtocolError, RetryLater, TierStoreError
 
 MAGIC = b"TS"
 PROTOCOL_VERSION = 2   # 2: batched/asynchronous jobs, flush, per-block store answers, evict tier
@@ -152,7 +154,35 @@ def decode_body(raw: bytes | memoryview) -> dict:
 
 
 def error_body(exc: BaseException) -> dict:
-    return {"error": type(exc).__name__, "message": " ".join(str(exc).split())[:1000]}
+    """The body of an error reply: ``{"error": class name, "message": one line}``, plus
+    ``after_s`` for a RetryLater (an optional field: a reader that does not know it ignores it,
+    so protocol version 2 carries it unchanged)."""
+    body: dict[str, Any] = {"error": type(exc).__name__,
+                            "message": " ".join(str(exc).split())[:1000]}
+    if isinstance(exc, RetryLater):
+        body["after_s"] = float(exc.after_s)
+    return body
+
+
+def error_from_body(body: dict, extra: Mapping[str, type] | None = None) -> TierStoreError:
+    """The exception an error reply names: the one rule for every reader of error replies (the
+    daemon's clients, tierstore/daemon/remote.py, and the peer sessions, tierstore/transfer/).
+    The class of that name from :mod:`tierstore.errors` or ``extra`` (a reader's own
+    TierStoreError subclasses); any other name (a bug's ValueError, a newer release's class) is
+    a TierStoreError whose message names it. A RetryLater keeps the ``after_s`` it was raised
+    with (0.0 when the sender did not say)."""
+    name = str(body.get("error", "TierStoreError"))
+    msg = str(body.get("message", ""))
+    cls = (extra or {}).get(name) or getattr(errors, name, None)
+    if not (isinstance(cls, type) and issubclass(cls, TierStoreError)):
+        return TierStoreError(f"remote error {name}: {msg}")
+    if issubclass(cls, RetryLater):
+        try:
+            after_s = float(body.get("after_s", 0.0))
+        except (TypeError, ValueError):
+            after_s = 0.0
+        return cls(msg, after_s=after_s)
+    return cls(msg)
 
 
 # ------------------------------------------------------------------------------ keys

@@ -307,14 +307,11 @@ class Transport(ABC):
 
 
 def raise_remote(body: dict) -> None:
-    """Raise the exception an error reply names (tierstore.errors or this module's)."""
-    import tierstore.errors as E
+    """Raise the exception an error reply names (tierstore.errors or this module's), by the
+    codec's one rule (:func:`tierstore.protocol.codec.error_from_body`)."""
+    from tierstore.protocol.codec import error_from_body
 
-    name, msg = body.get("error"), body.get("message", "")
-    cls = ERROR_CLASSES.get(name) or getattr(E, str(name), None)
-    if not (isinstance(cls, type) and issubclass(cls, Exception)):
-        cls = E.TierStoreError
-    raise cls(msg)
+    raise error_from_body(body, ERROR_CLASSES)
 
 
 __all__ = ["AuthFailed", "JobState", "Link", "OutOfRange", "ProtocolError", "ReadJob", "Slab",

@@ -90,6 +90,23 @@ def test_checksum_mismatch_fails_and_keeps_only_the_verified_blocks_before_it(pa
     assert p.b.check() == []
 
 
+def _until(pred, timeout_s: float = 10.0) -> None:
+    """Wait for an event the test can observe (never a fixed sleep standing in for it)."""
+    deadline = time.monotonic() + timeout_s
+    while not pred():
+        assert time.monotonic() < deadline, "timed out waiting for the event"
+        time.sleep(0.002)
+
+
+def _reading(hooks, transport):
+    """True once the read is in flight: A has started sending a block (TCP), or B's reads sit
+    posted on a QP of the paused fake fabric (RDMA)."""
+    if transport == "rdma":
+        from tierstore.transfer.fakeverbs import FABRIC
+        return lambda: any(qp.sq for qp in list(FABRIC.qps.values()))
+    return lambda: hooks.sent > 0
+
+
 def _slow(p, transport):
     """Make A's data path stall: TCP/loopback by a hook, RDMA by pausing the fake fabric."""
     if transport == "rdma":
@@ -108,7 +125,7 @@ def test_cancel_mid_read_frees_slots_only_when_quiescent(pair_factory, transport
     undo = _slow(p, transport)
     try:
         f = p.client.start_fetch(p.addr, keys, NS)
-        time.sleep(0.05)
+        _until(_reading(hooks, transport))
         used = p.b.stats()["tiers"][0]["used_slots"]
         assert used == 30   # reserved, invisible
         assert p.b.lookup(keys, NS).num_blocks == 0
@@ -134,7 +151,7 @@ def test_peer_gone_mid_read_fails_within_timeout(pair_factory, transport):
     undo = _slow(p, transport)
     try:
         f = p.client.start_fetch(p.addr, keys, NS)
-        time.sleep(0.05)
+        _until(_reading(hooks, transport))
         t0 = time.monotonic()
         p.server.stop()   # A goes away mid-read (data sockets shut, RDMA QP to error)
         if transport == "rdma":
