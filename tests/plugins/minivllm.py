@@ -425,7 +425,10 @@ class MiniVLLM:
         r = self.reqs.get(req_id)
         if r is None or r.status == "finished":
             return            # vLLM's finish_requests skips requests that already finished
-        was_loading = r.status == "loading"
+        # vLLM keeps a WAITING_FOR_REMOTE_KVS request's blocks until the workers report it
+        # received, unless they already did
+        was_loading = r.status == "loading" and req_id not in self.finished_recving
+        self.finished_recving.discard(req_id)
         r.status = "finished"
         self._finished_ids.add(req_id)
         delay, _ = self.sched.request_finished(r, list(r.block_ids))

@@ -343,3 +343,39 @@ def test_chk34_chunked_prefill_stores_every_full_block_once(engine, bs, steps, a
     assert r.loaded_tokens == hit
     assert store.counters["stored_blocks"] == n_full
     assert_baseline(e)
+
+
+def test_abt32d_preempted_request_loads_again_when_resumed(engine):
+    """ABT-32 (d), preemption: a request whose hit was loaded is preempted while that step is
+    in flight; vLLM asks get_num_new_matched_tokens again when it resumes, and the connector
+    plans the load anew (it used to answer 0: a resumed request recomputed its whole hit)."""
+    e = engine(async_sched=True)
+    toks = prompt(12, 100)
+    e.add("cold", toks)
+    drain(e)
+    r = e.add("warm", toks + prompt(13, 30))
+    e.step()                                  # scheduled with a synchronous load, in flight
+    assert r.status == "running" and r.loaded_tokens == 6 * BS
+    assert e.preempt("warm")
+    drain(e)
+    assert e.sched.counters["loads"] == 2 and e.sched.counters["preempted"] == 1
+    assert e.outputs["warm"]["loaded_tokens"] == 6 * BS
+    assert stored_right(e, toks + prompt(13, 30)) == 8
+    assert_baseline(e)
+
+
+def test_abt32_worker_never_reports_a_key_without_a_block_as_copied(engine):
+    """ABT-32, worker side: a save that names more keys than vLLM blocks (a plan past the
+    blocks vLLM holds) copies what has a block and answers False for the rest, so the store
+    never publishes a slot nobody wrote."""
+    from tierstore_plugins.vllm.metadata import SaveSpec, TierStoreMetadata
+    e = engine()
+    keys = e.sched.keyers[0].chain(prompt(14, 32))
+    (job,) = e.client.prepare_stores([(keys, e.sched.namespaces[0], e.sched.block_bytes, None)])
+    e.worker.wait_for_save(TierStoreMetadata(saves=[SaveSpec("x", [3], [job.slots],
+                                                             [job.job_id], 0)]))
+    e.worker._drain()
+    wm = e.worker.build_connector_worker_meta()
+    assert wm.saves[job.job_id] == [True, False]
+    e.client.complete_stores([(job.job_id, wm.saves[job.job_id])])
+    assert e.client.lookup(keys, e.sched.namespaces[0]).num_blocks == 1
