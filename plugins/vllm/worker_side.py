@@ -278,6 +278,8 @@ class WorkerSide:
         rank_slots = spec.slots[self.rank]
         job = spec.job_ids[self.rank]
         oks = [True] * len(rank_slots)
+        for i in range(len(block_ids), len(rank_slots)):
+            oks[i] = rank_slots[i] is None   # a key without a vLLM block: nothing to copy
         cut = self._failed_from.get(spec.req_id)
         pairs = []
         for i, (b, sl) in enumerate(zip(block_ids, rank_slots)):

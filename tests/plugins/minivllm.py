@@ -8,6 +8,14 @@ it (a chain), so a block computed on top of wrong or missing KV differs from the
 makes the failed-load rule observable (issue 12). Only what the connector can see is modelled:
 one KV cache group, prefix-cache off (vLLM's own cache never hits), greedy admission, prompts
 computed in chunks of at most ``chunk`` tokens, then ``max_tokens`` decode steps.
+
+``async_sched=True`` models vLLM's async scheduling (cases ABT-32, CHK-34): step N+1 is scheduled
+(its connector metadata built) before step N ran on the worker and before its output came back;
+the scheduler output carries each request's position like vLLM's ``scheduled_new_reqs`` /
+``scheduled_cached_reqs``, while the request's own ``num_computed_tokens`` lags (it advances
+when a step's output is processed). ``steps`` gives a request's prefill step sizes; ``preempt``
+frees a running request's blocks as vLLM's preemption does (the request starts over);
+``abort`` ignores requests that already finished, as vLLM's ``finish_requests`` does.
 """
 
 from __future__ import annotations
@@ -54,6 +62,10 @@ class Req:
     block_ids: list[int] = field(default_factory=list)
     loaded_tokens: int = 0           # external tokens vLLM accepted
     delayed: bool = False
+    scheduled: int = 0               # async: tokens scheduled (vLLM's num_computed_tokens)
+    prefill_steps: int = 0           # async: prefill steps scheduled (index into ``steps``)
+    epoch: int = 0                   # async: preemptions so far (stale in-flight output)
+    decodes: int = 0                 # async: decode tokens scheduled
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -69,10 +81,33 @@ class _Blocks:
 
 
 @dataclass
+class NewReqData:
+    req_id: str
+    num_computed_tokens: int
+
+
+@dataclass
+class CachedReqData:
+    req_ids: list = field(default_factory=list)
+    num_computed_tokens: list = field(default_factory=list)
+    resumed_req_ids: set = field(default_factory=set)
+
+
+@dataclass
 class SchedOut:
     num_scheduled_tokens: dict
     preempted_req_ids: set = field(default_factory=set)
     finished_req_ids: set = field(default_factory=set)
+    scheduled_new_reqs: list | None = None
+    scheduled_cached_reqs: CachedReqData | None = None
+
+
+@dataclass
+class _Planned:
+    """An async step scheduled but not run yet: what the worker gets and what the forward does."""
+    out: SchedOut
+    meta: object
+    work: list          # (request, first token, n tokens, block ids at schedule, epoch)
 
 
 @dataclass
@@ -88,9 +123,16 @@ class MiniVLLM:
     daemon's store with ``socket=`` (then ``data_dir`` is unused)."""
 
     def __init__(self, data_dir, *, block_size: int = 16, num_blocks: int = 128,
-                 role: str = "kv_both", chunk: int = 10_000, **settings) -> None:
+                 role: str = "kv_both", chunk: int = 10_000, async_sched: bool = False,
+                 steps: list[int] | None = None, **settings) -> None:
         self.bs = block_size
         self.chunk = chunk
+        self.async_sched = async_sched
+        self.prefill_steps = list(steps) if steps else [chunk]
+        self._inflight: list[_Planned] = []
+        self._preempted: set[str] = set()
+        self._finished_ids: set[str] = set()
+        self.frees: dict[str, int] = {}          # request id -> times its blocks were freed
         self.geo = Geometry(model="mini", revision="", kv_dtype="bfloat16", num_layers=LAYERS,
                             num_kv_heads=HEADS, head_size=HEAD, use_mla=False,
                             block_size=block_size, tp_size=1, pp_size=1)
@@ -118,22 +160,29 @@ class MiniVLLM:
 
     # ---------------------------------------------------------------- what the connector calls
     def get_block_ids(self, req_id: str):
-        return (list(self.reqs[req_id].block_ids),)
+        r = self.reqs.get(req_id)     # vLLM's manager: a request without blocks has none
+        return (list(r.block_ids) if r is not None else [],)
 
     # ---------------------------------------------------------------- the model
-    def _compute(self, r: Req, lo: int, hi: int) -> None:
+    def _compute(self, r: Req, lo: int, hi: int, block_ids: list[int] | None = None) -> None:
         """Write the KV of tokens [lo, hi) of ``r``, each from its token and the KV bytes of the
-        token before it (whatever is in the cache: loaded, computed, or garbage)."""
+        token before it (whatever is in the cache: loaded, computed, or garbage), into
+        ``block_ids`` (default: the request's blocks now)."""
+        ids = r.block_ids if block_ids is None else block_ids
         for p in range(lo, hi):
             if p == 0:
                 prev = 0
             else:
-                b, o = r.block_ids[(p - 1) // self.bs], (p - 1) % self.bs
+                b, o = ids[(p - 1) // self.bs], (p - 1) % self.bs
                 prev = int.from_bytes(hashlib.blake2b(
                     self.kv[:, b, :, o, :].contiguous().view(torch.uint8).numpy().tobytes(),
                     digest_size=4).digest(), "little")
-            tok = r.prompt_token_ids[p] if p < r.num_prompt_tokens else r.output[p - r.num_prompt_tokens]
-            b, o = r.block_ids[p // self.bs], p % self.bs
+            if p < r.num_prompt_tokens:
+                tok = r.prompt_token_ids[p]
+            else:
+                i = p - r.num_prompt_tokens
+                tok = r.output[i] if i < len(r.output) else 0
+            b, o = ids[p // self.bs], p % self.bs
             self.kv[:, b, :, o, :] = kv_values(token_kv(tok, prev))
 
     def block_bytes(self, req: Req, i: int) -> torch.Tensor:
@@ -169,6 +218,11 @@ class MiniVLLM:
         return min(self.chunk, r.num_prompt_tokens - ext)
 
     def step(self) -> int:
+        if self.async_sched:
+            return self._step_async()
+        return self._step_sync()
+
+    def _step_sync(self) -> int:
         """One engine step: schedule, build metadata, run the worker hooks around a forward,
         process the output (invalid blocks, finished requests, connector output). Returns
         the number of requests that computed."""
@@ -234,8 +288,137 @@ class MiniVLLM:
                 self.finished_recving.add(rid)
         return len(sched)
 
+    # ---------------------------------------------------------------- async scheduling
+    def _budget(self, r: Req) -> int:
+        return self.prefill_steps[min(r.prefill_steps, len(self.prefill_steps) - 1)]
+
+    def _schedule_async(self) -> _Planned:
+        sched: dict[str, int] = {}
+        work = []
+        new, cached = [], CachedReqData()
+        for r in list(self.reqs.values()):
+            if r.status == "loading" and r.request_id in self.finished_recving:
+                self.finished_recving.discard(r.request_id)
+                r.status = "running"
+            if r.status == "waiting":
+                ext, is_async = self.sched.get_num_new_matched_tokens(r, 0)
+                if ext is None:
+                    continue
+                n = 0 if is_async else min(self._budget(r), r.num_prompt_tokens - ext)
+                need = -(-(ext + n) // self.bs)
+                if need > len(self.free):     # no blocks: stays waiting (it has hashes, no blocks)
+                    continue
+                self._alloc(r, ext + n)
+                self.sched.update_state_after_alloc(r, _Blocks(r.block_ids), ext)
+                r.loaded_tokens = ext
+                r.scheduled = ext
+                r.num_computed_tokens = ext
+                resumed = r.epoch > 0
+                if is_async:
+                    r.status = "loading"
+                    continue
+                r.status = "running"
+                if resumed:
+                    cached.resumed_req_ids.add(r.request_id)
+                    cached.req_ids.append(r.request_id)
+                    cached.num_computed_tokens.append(ext)
+                else:
+                    new.append(NewReqData(r.request_id, ext))
+            elif r.status == "running":
+                left = r.num_prompt_tokens - r.scheduled
+                if left > 0:
+                    n = min(self._budget(r), left)
+                elif r.decodes + 1 < r.max_tokens:
+                    n = 1
+                    r.decodes += 1
+                else:
+                    continue
+                if -(-(r.scheduled + n) // self.bs) - len(r.block_ids) > len(self.free):
+                    continue
+                self._alloc(r, r.scheduled + n)
+                cached.req_ids.append(r.request_id)
+                cached.num_computed_tokens.append(r.scheduled)
+            else:
+                continue
+            sched[r.request_id] = n
+            work.append((r, r.scheduled, n, list(r.block_ids), r.epoch))
+            if r.scheduled < r.num_prompt_tokens:
+                r.prefill_steps += 1
+        out = SchedOut(sched, preempted_req_ids=set(self._preempted),
+                       finished_req_ids=set(self._finished_ids), scheduled_new_reqs=new,
+                       scheduled_cached_reqs=cached)
+        self._preempted, self._finished_ids = set(), set()
+        meta = self.sched.build_connector_meta(out)
+        for r, lo, n, _, _ in work:          # vLLM's _update_after_schedule
+            r.scheduled = lo + n
+        return _Planned(out, meta, work)
+
+    def _execute(self, p: _Planned) -> None:
+        """Run one scheduled step on the worker, then process its output."""
+        w, meta = self.worker, p.meta
+        w.handle_preemptions(meta)
+        w.bind(meta)
+        sync = any(not s.is_async for s in meta.loads)
+        if sync:
+            w.start_load_kv(meta)
+        for r, lo, n, ids, _ in p.work:      # the forward runs whatever was scheduled
+            self._compute(r, lo, lo + n, ids)
+        if not sync:
+            w.start_load_kv(meta)
+        w.wait_for_save(meta)
+        sending, recving = w.get_finished(set(p.out.finished_req_ids))
+        invalid = w.get_block_ids_with_load_errors()
+        assert not invalid, f"load errors in an async run: {invalid}"
+        wm = w.build_connector_worker_meta()
+        for r, lo, n, _, epoch in p.work:
+            if r.status == "finished" or epoch != r.epoch:
+                continue                      # aborted or preempted since: stale output
+            r.num_computed_tokens = max(r.num_computed_tokens, lo + n)   # lags: set here
+            if lo + n >= r.num_prompt_tokens:
+                r.output.append(token_kv(lo + n, 7) % 500)
+                if len(r.output) >= r.max_tokens:
+                    self._finish(r)
+        self.sched.update_connector_output(ConnOut(wm, sending, recving, invalid))
+        for rid in sending or ():
+            self._free(self.reqs[rid])
+        for rid in recving or ():
+            r = self.reqs.get(rid)
+            if r is not None and r.status == "finished":
+                self._free(r)
+            else:
+                self.finished_recving.add(rid)
+
+    def _step_async(self) -> int:
+        """Schedule step N+1, then run step N and process its output (vLLM's async
+        scheduling: one step in flight while the next is scheduled)."""
+        self.steps += 1
+        p = self._schedule_async()
+        self._inflight.append(p)
+        if len(self._inflight) > 1:
+            self._execute(self._inflight.pop(0))
+        n = len(p.out.num_scheduled_tokens)
+        if not n and self._inflight:          # nothing new: drain the step in flight
+            self._execute(self._inflight.pop(0))
+        return n
+
+    def preempt(self, req_id: str) -> bool:
+        """vLLM's preemption of a running request: its blocks are freed at once (the step in
+        flight still writes them), it starts over from the waiting queue."""
+        r = self.reqs.get(req_id)
+        if r is None or r.status != "running":
+            return False
+        self.free.extend(r.block_ids)
+        r.block_ids = []
+        r.status = "waiting"
+        r.num_computed_tokens = r.scheduled = r.decodes = 0
+        r.output = []
+        r.epoch += 1
+        self._preempted.add(req_id)
+        return True
+
     def _finish(self, r: Req) -> None:
         r.status = "finished"
+        self._finished_ids.add(r.request_id)
         delay, params = self.sched.request_finished(r, list(r.block_ids))
         self.outputs[r.request_id] = {"params": params, "output": list(r.output),
                                       "loaded_tokens": r.loaded_tokens}
@@ -245,14 +428,22 @@ class MiniVLLM:
             self._free(r)
 
     def abort(self, req_id: str) -> None:
-        r = self.reqs[req_id]
-        was_loading = r.status == "loading"
+        r = self.reqs.get(req_id)
+        if r is None or r.status == "finished":
+            return            # vLLM's finish_requests skips requests that already finished
+        # vLLM keeps a WAITING_FOR_REMOTE_KVS request's blocks until the workers report it
+        # received, unless they already did
+        was_loading = r.status == "loading" and req_id not in self.finished_recving
+        self.finished_recving.discard(req_id)
         r.status = "finished"
+        self._finished_ids.add(req_id)
         delay, _ = self.sched.request_finished(r, list(r.block_ids))
         if not (delay or was_loading):
             self._free(r)
 
     def _free(self, r: Req) -> None:
+        self.frees[r.request_id] = self.frees.get(r.request_id, 0) + 1
+        assert not set(r.block_ids) & set(self.free), f"{r.request_id}: blocks freed twice"
         self.free.extend(r.block_ids)
         r.block_ids = []
         self.reqs.pop(r.request_id, None)
@@ -260,7 +451,7 @@ class MiniVLLM:
     def run(self, max_steps: int = 200) -> None:
         """Step until every request finished and was freed."""
         for _ in range(max_steps):
-            if not self.reqs:
+            if not self.reqs and not self._inflight:
                 return
             if not self.step():
                 time.sleep(0.002)   # an idle engine step takes time too (the loader runs)
