@@ -376,3 +376,39 @@ def test_refused_starts_after_the_slab_exists_leave_no_slab(tmp_path):
     finally:   # a failing run (the old code) must not leave its slabs behind
         stop_daemon(None, data)
         stop_daemon(None, tmp_path / "other")
+
+
+def test_a_daemon_that_drops_the_connection_during_the_hello_is_unreachable(tmp_path):
+    """Found by the full suite under load (a --detach start whose daemon failed on its metrics
+    port after binding its socket): the CLI's wait loop got a ConnectionResetError traceback
+    instead of the daemon's own error. A connection closed or reset before the hello's reply
+    is DaemonUnreachable, the error callers already handle."""
+    import socket as _socket
+    import struct
+    import threading
+
+    from tierstore.daemon.remote import RemoteClient
+    from tierstore.errors import DaemonUnreachable
+
+    path = str(tmp_path / "s.sock")
+    srv = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
+    srv.bind(path)
+    srv.listen(4)
+
+    def serve():
+        for reset in (False, True):
+            conn, _ = srv.accept()
+            conn.recv(64)
+            if reset:   # RST instead of FIN: linger 0
+                conn.setsockopt(_socket.SOL_SOCKET, _socket.SO_LINGER, struct.pack("ii", 1, 0))
+            conn.close()
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    try:
+        for _ in range(2):
+            with pytest.raises(DaemonUnreachable, match="closed the connection"):
+                RemoteClient.connect(path, timeout_s=2.0)
+    finally:
+        t.join(5)
+        srv.close()

@@ -107,6 +107,10 @@ class RemoteClient:
         self._sock = s
         try:
             info = self._roundtrip(MsgType.HELLO, {"pid": os.getpid()})
+        except OSError as e:   # the daemon went away between accept and hello (a failed start)
+            self._drop()
+            raise DaemonUnreachable(f"the tierstore daemon on {self.socket_path} closed the "
+                                    f"connection during the hello: {e.strerror or e}") from None
         except BaseException:
             self._drop()
             raise
