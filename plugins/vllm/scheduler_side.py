@@ -688,6 +688,28 @@ class SchedulerSide:
         self.counters["hit_tokens"] += ext
         return ext, not ready
 
+    def may_load_async(self, request) -> bool:
+        """vLLM >= 0.34 (with ``--max-num-inflight-kv-loads``): whether
+        :meth:`get_num_new_matched_tokens` may answer ``load_async=True`` for ``request``, asked
+        each time the request enters a waiting queue; True lets vLLM start the load while the
+        running batch is full. The answer is what the store holds now: some block of the
+        loadable prefix is past DRAM (NVMe), so its load is staged asynchronously. One lookup
+        without pins (in memory, or one daemon round trip); the keys it computes are the ones
+        get_num_new_matched_tokens uses anyway. A load already planned answers from its plan.
+        A false positive (vLLM's own prefix cache covers those blocks, or they were promoted
+        meanwhile) only holds back other async loads until a slot frees; a false negative
+        loads when a slot is free, as before 0.34."""
+        if not self.loads_enabled:
+            return False
+        st = self._state(request)
+        if st.load is not None and st.load.block_ids is None:
+            return bool(st.load.answer[1])
+        end = min(len(st.keys[0]), max(0, (request.num_prompt_tokens - 1) // self.bs))
+        if end <= 0:
+            return False
+        res = self._call("lookup", self.client.lookup, st.keys[0][:end], self.namespaces[0])
+        return res is not None and any(t > Tier.DRAM for t in res.tiers)
+
     def hit_sources(self, request, num_external_tokens: int) -> dict[str, int]:
         """``num_external_tokens`` split by the tier each promised block was in (tier label ->
         tokens; the P/D tail counts with the last block's tier). Sums to the argument."""

@@ -75,6 +75,35 @@ def test_dram_hit_is_a_synchronous_load_and_costs_three_store_calls(engine):
     assert stored_blocks_right(e, toks + prompt(2, 40)) == 8
 
 
+def test_may_load_async_says_where_the_stored_prefix_is(engine):
+    """vLLM 0.34's ``may_load_async`` (asked when a request enters a waiting queue): a miss or a
+    DRAM-held prefix is False (a synchronous load or none), a prefix that reaches NVMe is True,
+    and get_num_new_matched_tokens then answers load_async=True as predicted; one lookup, no
+    pins left behind; a planned load answers from its plan without a store call."""
+    e = engine()
+    toks = prompt(5, 100)
+    assert e.sched.may_load_async(e.add("miss", toks + [9])) is False
+    e.run()
+    assert e.client.flush(timeout_s=30)
+    dram = e.add("dram", toks + [1, 2])
+    assert e.sched.may_load_async(dram) is False
+    e.run()
+    assert e.client.flush(timeout_s=30)
+    keys = e.sched.keyers[0].chain(toks)
+    assert e.client.evict(keys[3:], tier=Tier.DRAM)["evicted"] == 3   # blocks 3-5 on NVMe only
+    r = e.add("warm", toks + [1, 2, 3])
+    calls = e.sched.counters["store_calls"]
+    assert e.sched.may_load_async(r) is True
+    assert e.sched.counters["store_calls"] == calls + 1
+    assert e.client.store.pins.total() == 0
+    assert e.sched.get_num_new_matched_tokens(r, 0) == (6 * BS, True)
+    calls = e.sched.counters["store_calls"]
+    assert e.sched.may_load_async(r) is True                        # from the plan
+    assert e.sched.counters["store_calls"] == calls
+    e.run()
+    assert e.outputs["warm"]["loaded_tokens"] == 6 * BS
+
+
 def test_nvme_hit_is_asynchronous_and_the_request_waits_for_it(engine):
     """Blocks on NVMe only: get_num_new_matched_tokens answers load_async=True at once (no
     disk read on the scheduler's step), the request waits while the store's loader stages the

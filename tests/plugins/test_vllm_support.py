@@ -550,7 +550,8 @@ def test_unkeyable_requests_are_neither_loaded_nor_saved(tiny_model, tmp_path):
     from vllm.v1.request import RequestStatus
 
     sched = _scheduler(tiny_model, str(tmp_path / "store"), role="kv_producer")
-    bad = vreq("u", [1 << 33] + list(range(1, 2 * BS + 5)))
+    # negative: vLLM 0.34 holds token ids as int32 (TokenBuffer), so 1 << 33 cannot be built
+    bad = vreq("u", [-1] + list(range(1, 2 * BS + 5)))
     assert "uint32" in unkeyable_reason(bad)
     sched.add_request(bad)
     out = sched.schedule()
