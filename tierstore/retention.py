@@ -149,6 +149,15 @@ class _Session:
     keys: set[BlockKey] = field(default_factory=set)
 
 
+MIN_SESSIONS = 64
+"""Sessions a tenant may hold at once: ``max(MIN_SESSIONS, its cap in blocks)``; a hint that
+would open one more is refused (``retention_sessions_refused``)."""
+
+MAX_TENANT_STATS = 1024
+"""Per-tenant statistics kept (and exported): beyond this many tenant labels, those with no
+session and no configured cap are forgotten (their series end)."""
+
+
 class Retention:
     """The ledger of hinted sessions over the store's PinBook (module docstring)."""
 
@@ -167,6 +176,12 @@ class Retention:
         self._tstats: dict[str, Counter] = {}
         self.warnings: list[str] = []
         self.configure(config or RetentionConfig())
+
+    def _prune_tstats(self) -> None:
+        """Forget the statistics of tenants with no session and no configured cap."""
+        for label in [lb for lb in self._tstats
+                      if lb not in self._by_tenant and lb not in self._caps]:
+            del self._tstats[label]
 
     def configure(self, config: RetentionConfig) -> list[str]:
         """Apply ``config`` (raises ConfigError, changing nothing, when it cannot hold); returns
@@ -243,7 +258,10 @@ class Retention:
         priority = check_priority(priority)
         if isinstance(ttl_s, bool) or not isinstance(ttl_s, (int, float)) or not ttl_s >= 0:
             raise PinError(f"a retention TTL is a number of seconds >= 0, got {ttl_s!r}")
-        ttl = float(ttl_s)
+        try:
+            ttl = float(ttl_s)
+        except OverflowError:   # an int beyond a float: longer than any maximum
+            ttl = float("inf")
         if ttl > self.config.max_ttl_s:
             ttl = float(self.config.max_ttl_s)
             self.counters["retention_ttl_clamped"] += 1
@@ -251,6 +269,8 @@ class Retention:
         label = tenant_label(tenant)
         owner = f"{OWNER_PREFIX}{label}/{session}"
         cap = self._caps.get(label, self._default)
+        if label not in self._tstats and len(self._tstats) >= MAX_TENANT_STATS:
+            self._prune_tstats()
         ts = self._tstats.setdefault(label, Counter())
         self.counters["retention_hints"] += 1
         ts["hints"] += 1
@@ -280,16 +300,23 @@ class Retention:
 
         extra = sum(1 for k in want if not use[k])
         displaced = 0
-        while extra > room():
-            victims = [v for v in self._by_tenant.get(label, {}).values()
-                       if v.owner != owner and v.priority < priority]
-            if not victims:
-                break
-            v = min(victims, key=lambda v: (v.priority, v.deadline))
-            self._release(v)
-            displaced += 1
-            use = self._use.get(label, Counter())
-            extra = sum(1 for k in want if not use[k])
+        if extra > room():   # own lower-priority sessions make room, lowest and oldest first
+            victims = sorted((v for v in self._by_tenant.get(label, {}).values()
+                              if v.owner != owner and v.priority < priority),
+                             key=lambda v: (v.priority, v.deadline))
+            for v in victims:
+                if extra <= room():
+                    break
+                self._release(v)
+                displaced += 1
+                use = self._use.get(label, Counter())
+                extra = sum(1 for k in want if not use[k])
+        if s is None and want and len(self._by_tenant.get(label, ())) >= max(MIN_SESSIONS, cap):
+            # a new session beyond the tenant's session bound: refused (sessions that share
+            # blocks cost no cap, so the cap alone would not bound them)
+            self.counters["retention_sessions_refused"] += 1
+            ts["sessions_refused"] += 1
+            want = []
         budget = max(0, room())
         if want and s is None:
             s = _Session(owner, label, priority, 0.0)

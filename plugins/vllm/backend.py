@@ -550,7 +550,39 @@ def tail_keys(keyers: Sequence[Keyer], request, n_full: int, transfer_id: str,
     extra = b""
     if getattr(request, "prompt_embeds", None) is not None:
         extra = embeds_digest(request, n_full * bs, n_full * bs + len(tail))
+    extra += _tail_identity(request, n_full, bs)
     return [tail_key(k, transfer_id, parents[r], tail, extra) for r, k in enumerate(keyers)]
+
+
+def _tail_identity(request, n_full: int, bs: int) -> bytes:
+    """What the tail's KV depends on beyond its token ids and the previous full block's key:
+    the multimodal items that reach into the tail (identifier and offset, as the full blocks
+    key them), and, for a prompt shorter than one block (no parent key), the cache salt and
+    the LoRA identity. Tagged and length-prefixed; ``b""`` for a plain request, so its tail
+    keys as before. Found by an adversarial review: two requests with the same token ids and
+    another image in the unfinished last block shared the tail, and a replayed P/D ticket
+    loaded the other image's KV."""
+    fields: list[tuple[bytes, str]] = []
+    lo = n_full * bs
+    for f in getattr(request, "mm_features", None) or []:   # as extras_of keys full blocks
+        pos = getattr(f, "mm_position", None)
+        ident = getattr(f, "identifier", None) or getattr(f, "mm_hash", None)
+        if pos is not None and ident is not None and pos.offset + pos.length > lo:
+            fields.append((b"mm", f"{ident}@{pos.offset - lo}"))
+    if n_full == 0:
+        name, path, weights = lora_identity(getattr(request, "lora_request", None))
+        salt = getattr(request, "cache_salt", None) or None
+        for tag, v in ((b"salt", salt), (b"lora.name", name), (b"lora.path", path),
+                       (b"lora.weights", weights)):
+            if v is not None:
+                fields.append((tag, str(v)))
+    if not fields:
+        return b""
+    h = hashlib.sha256()
+    for tag, v in fields:
+        b = v.encode("utf-8", "surrogatepass")
+        h.update(struct.pack("<I", len(tag)) + tag + struct.pack("<I", len(b)) + b)
+    return b"id" + h.digest()
 
 
 def tail_key(keyer: Keyer, transfer_id: str, parent: BlockKey | None,
@@ -607,10 +639,12 @@ def ticket_problem(secret: bytes, params: Any, tokens: Sequence[int]) -> str:
     if not isinstance(mac, str):
         return (f"no mac (params version {params.get('version')!r}: a producer older than "
                 "version 2, or params not made by a producer)")
+    if len(mac) != 64 or not mac.isascii():   # compare_digest refuses non-ASCII str
+        return "the mac is not 64 hex digits"
     try:
         want = ticket_mac(secret, params, tokens)
-    except (struct.error, TypeError, ValueError, OverflowError) as e:
-        return f"cannot be checked: {e}"
+    except Exception as e:   # noqa: BLE001 - any value a client sent: never the engine's crash
+        return f"cannot be checked: {type(e).__name__}: {e}"
     if not hmac.compare_digest(mac, want):
         return ("the mac does not verify (forged or altered params, params of another prompt, "
                 "or a producer with another cluster secret)")

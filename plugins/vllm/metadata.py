@@ -277,13 +277,17 @@ class TierStoreWorkerMeta(KVConnectorWorkerMetadata):
     """Worker -> scheduler, per step: store jobs whose copies are done. ``saves[job_id]`` is one
     bool per key of the job (True: copied, publish it; False: not copied or not trusted — the
     failed-load rule, a copy error, sleep); ``loads`` are load job ids whose copy is done (the
-    scheduler releases their pins). Ranks report their own jobs; ``aggregate`` merges them."""
+    scheduler releases their pins); ``load_failed`` the ones among them whose copy into the KV
+    cache failed (their blocks went to vLLM as load errors: the scheduler counts the tokens
+    failed, not delivered). Ranks report their own jobs; ``aggregate`` merges them."""
 
     saves: dict[int, list[bool]] = field(default_factory=dict)
     loads: list[int] = field(default_factory=list)
+    load_failed: list[int] = field(default_factory=list)
 
     def aggregate(self, other: "TierStoreWorkerMeta") -> "TierStoreWorkerMeta":
         if other is None:
             return self
         return TierStoreWorkerMeta(saves={**self.saves, **other.saves},
-                                   loads=self.loads + other.loads)
+                                   loads=self.loads + other.loads,
+                                   load_failed=self.load_failed + other.load_failed)

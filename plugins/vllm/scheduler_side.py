@@ -350,6 +350,7 @@ class SchedulerSide:
         self._cancelled: list[LoadSpec] = []      # async loads of requests that went away
         self._release: list[str] = []             # delayed frees the workers answer
         self._load_jobs: set[int] = set()         # dispatched load jobs not reported copied yet
+        self._acct_of: dict[int, list] = {}        # load job -> its load's pending token account
         self._save_jobs: dict[int, tuple[str, int]] = {}   # job -> (request id, first block)
         self._kv_cache_manager = None
         self.counters = {"lookups": 0, "hit_tokens": 0, "loads": 0, "loads_async": 0,
@@ -475,7 +476,7 @@ class SchedulerSide:
         try:
             if not isinstance(h, dict):
                 raise PinError(f"expected an object with {', '.join(RETENTION_FIELDS)}")
-            unknown = sorted(set(h) - set(RETENTION_FIELDS))
+            unknown = sorted(repr(k) for k in set(h) - set(RETENTION_FIELDS))
             if unknown:
                 raise PinError(f"unknown fields {unknown}; expected {list(RETENTION_FIELDS)}")
             session = check_session_id(h.get("session_id"))
@@ -483,7 +484,7 @@ class SchedulerSide:
             if isinstance(ttl, bool) or not isinstance(ttl, (int, float)) or not 0 <= ttl < 1e12:
                 raise PinError(f"ttl_s must be a number of seconds >= 0, got {ttl!r}")
             priority = check_priority(h.get("priority", 0))
-        except PinError as e:
+        except Exception as e:   # noqa: BLE001 - a client's value: never the engine's crash
             self.counters["retention_hints_invalid"] += 1
             logger.warning("tierstore: ignoring the retention hint of request %s: %s",
                            request.request_id, e)
@@ -799,15 +800,37 @@ class SchedulerSide:
         ok_tokens = n_ok * self.bs
         self.counters["delivered_tokens"] += ok_tokens
         self.counters["failed_tokens"] += (nblk - n_ok) * self.bs
-        self._account_load(ld, staged, nblk, n_ok, spec)
+        # delivered / failed / dropped are counted when the workers report the copies (a copy
+        # into the KV cache can still fail there: update_connector_output)
+        acct = [set(spec.job_ids), False, (ld, staged, nblk, n_ok, spec)]
+        for j in spec.job_ids:
+            self._acct_of[j] = acct
+        if not spec.job_ids:
+            self._account_load(ld, staged, nblk, n_ok, spec)
         if n_ok < nblk:
             logger.warning("tierstore: request %s: %d of %d blocks could not be staged; vLLM "
                            "recomputes them", spec.req_id, nblk - n_ok, nblk)
             st.saved_upto = min(st.saved_upto, ld.first + n_ok)
         return spec
 
+    def _account_copies(self, job_ids: Sequence[int], failed: Sequence[int]) -> None:
+        """The workers reported these load jobs copied (``failed``: the copy into the KV cache
+        failed, the blocks went to vLLM as load errors); a load is accounted once every rank's
+        job is in, with nothing delivered when any rank's copy failed (case MET-38)."""
+        bad = set(failed)
+        for j in job_ids:
+            acct = self._acct_of.pop(j, None)
+            if acct is None:
+                continue
+            acct[0].discard(j)
+            acct[1] = acct[1] or j in bad
+            if not acct[0]:
+                ld, staged, nblk, n_ok, spec = acct[2]
+                self._account_load(ld, staged, nblk, 0 if acct[1] else n_ok, spec,
+                                   copy_failed=acct[1])
+
     def _account_load(self, ld: _Load, staged: list, nblk: int, n_ok: int,
-                      spec: LoadSpec) -> None:
+                      spec: LoadSpec, copy_failed: bool = False) -> None:
         """Split the tokens vLLM accepted into delivered / failed / dropped per tier: blocks
         past ``n_ok`` are dropped when the store had no room to stage them (status SKIPPED),
         failed otherwise (I/O error, corrupt record, owed by a failed peer fetch)."""
@@ -815,12 +838,13 @@ class SchedulerSide:
         tail = spec.tail_block_id is not None
         promised = self._promised_of(ld, nblk)
         tail_tokens = promised - nblk * self.bs
-        delivered = n_ok * self.bs + (tail_tokens if tail and spec.tail_ok else 0)
+        delivered = n_ok * self.bs + (tail_tokens if tail and spec.tail_ok and not copy_failed
+                                      else 0)
         self._tok_blocks("delivered", src[:n_ok], delivered)
         if delivered >= promised:
             return
         why = "failed"
-        if n_ok < nblk:
+        if n_ok < nblk and not copy_failed:
             r0 = staged[0] if staged else None
             st = r0.status[n_ok] if r0 is not None and n_ok < len(r0.status) else None
             if st is BlockStatus.SKIPPED:
@@ -1069,6 +1093,7 @@ class SchedulerSide:
         wm = getattr(output, "kv_connector_worker_meta", None)
         if isinstance(wm, TierStoreWorkerMeta):
             if wm.loads:
+                self._account_copies(wm.loads, getattr(wm, "load_failed", None) or ())
                 done = [j for j in wm.loads if j in self._load_jobs]
                 self._load_jobs.difference_update(done)
                 self._complete_loads(done)
@@ -1144,8 +1169,8 @@ class SchedulerSide:
             self.fetcher.release(request.request_id)
         ld = st.load
         if ld is not None and not ld.dispatched:
-            if ld.block_ids is not None:   # accepted, never copied: the engine gave it up
-                self._tok_blocks("declined", ld.src[:len(ld.block_ids)], ld.accepted)
+            if ld.block_ids is not None:   # promised, never copied: the request went away
+                self._tok_blocks("dropped", ld.src[:len(ld.block_ids)], ld.accepted)
             if request.request_id in self._waiting:
                 # vLLM keeps the blocks of a WAITING_FOR_REMOTE_KVS request until the workers
                 # report it received: tell them to report it without copying

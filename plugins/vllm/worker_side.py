@@ -98,6 +98,7 @@ class WorkerSide:
         self._slab_src: Any = None
         self._suspended = False     # between unregister_kv_caches and restore_kv_caches (sleep)
         self._load_errors: set[int] = set()
+        self._failed_loads: list[int] = []   # load jobs whose copy failed (reported with loads)
         self._copies: dict[int, _Copy] = {}           # copy-engine job -> what it is for
         self._req_pending: Counter[str] = Counter()   # save copies in flight per request
         self._release_wanted: set[str] = set()        # requests whose blocks wait for saves
@@ -247,7 +248,10 @@ class WorkerSide:
             self._failed_from[spec.req_id] = pos if prev is None else min(prev, pos)
         self.counters["load_jobs"] += 1
         if cj is None:
-            self._done_loads.extend(self._my_jobs(spec.job_ids))
+            mine = self._my_jobs(spec.job_ids)
+            if spec.n_ok and not ids:   # staged blocks that were not copied (a copy error)
+                self._failed_loads.extend(mine)
+            self._done_loads.extend(mine)
             if spec.is_async:
                 self._recv_done.add(spec.req_id)
             return
@@ -319,6 +323,8 @@ class WorkerSide:
             self.xfer[f"{c.kind}_copies"] += 1
         if c.kind == "load":
             self._done_loads.extend(c.jobs)
+            if not ok:
+                self._failed_loads.extend(c.jobs)
             if ok:
                 self.counters["loaded_blocks"] += c.n
             if c.is_async:
@@ -359,8 +365,9 @@ class WorkerSide:
     def build_connector_worker_meta(self) -> TierStoreWorkerMeta | None:
         if not self._done_saves and not self._done_loads:
             return None
-        wm = TierStoreWorkerMeta(saves=self._done_saves, loads=self._done_loads)
-        self._done_saves, self._done_loads = {}, []
+        wm = TierStoreWorkerMeta(saves=self._done_saves, loads=self._done_loads,
+                                 load_failed=self._failed_loads)
+        self._done_saves, self._done_loads, self._failed_loads = {}, [], []
         return wm
 
     def _drain(self) -> None:
