@@ -10,6 +10,10 @@ flush`` first makes sure every block has its NVMe copy.
 session (owner ``session:<NAME>``, default session ``default``), not to this short-lived
 connection, so they outlive the command; ``--ttl`` is required, so a forgotten pin still goes.
 
+Store calls, whatever the number of keys: one ``resolve`` when any key is a prefix (none when
+all are whole), then one call for the verb (``block``, ``evict``, ``evict(dry_run=True)``,
+``pin``, ``unpin_each``); ``evict --all`` lists the blocks first (``blocks``).
+
 Exit codes (tierstore_admin.output): 1 when any named block was not done: ``show`` of a block
 that is not there, ``evict`` of a block that is missing, pinned, not in ``--tier`` or only
 there, ``pin`` of a block not resident, ``unpin`` of a block the session did not pin.
@@ -22,7 +26,7 @@ from typing import List, Optional
 
 import typer
 
-from tierstore.errors import PinError
+from tierstore.errors import KeyPrefixError, PinError
 from tierstore.types import Tier
 from tierstore.units import parse_duration
 from tierstore_admin.datadir import data_dir_option, open_client, socket_option
@@ -45,10 +49,13 @@ def _tier(text: Optional[str]) -> Optional[Tier]:
 
 
 def _resolve(client, texts: List[str]) -> list[bytes]:
-    """Hex keys or unique prefixes -> keys. A bad or ambiguous key is a usage error; a prefix
-    that matches nothing is kept out (reported as missing by the caller)."""
-    out: list[bytes] = []
-    listing = None
+    """Hex keys or unique prefixes -> keys, with one store call (``resolve``) for all the
+    prefixes, none when every key is whole. A bad or ambiguous key is a usage error (the first
+    one in the order given, as when the keys were resolved one by one); a prefix that matches
+    nothing is kept out (reported as missing by the caller)."""
+    out: list = []            # a whole key, or the index of a prefix in ``prefixes``
+    prefixes: list[str] = []
+    problem = None
     for t in texts:
         t = t.strip().lower()
         try:
@@ -56,19 +63,32 @@ def _resolve(client, texts: List[str]) -> list[bytes]:
         except ValueError:
             raw = None
         if raw is None and not all(c in "0123456789abcdef" for c in t):
-            fail(f"not a hex key: {t!r}")
+            problem = f"not a hex key: {t!r}"
+            break
         if len(t) == 64:
             out.append(raw)
             continue
         if len(t) < MIN_PREFIX:
-            fail(f"key prefix {t!r} too short (give at least {MIN_PREFIX} hex digits)")
-        if listing is None:
-            listing = [b["key"] for b in client.blocks()]
-        hits = [k for k in listing if k.startswith(t)]
-        if len(hits) > 1:
-            fail(f"key prefix {t!r} is ambiguous ({len(hits)} blocks)")
-        out.append(bytes.fromhex(hits[0]) if hits else bytes.fromhex(t.ljust(64, "0")))
-    return out
+            problem = f"key prefix {t!r} too short (give at least {MIN_PREFIX} hex digits)"
+            break
+        out.append(len(prefixes))
+        prefixes.append(t)
+    found = _resolve_prefixes(client, prefixes) if prefixes else []   # an earlier ambiguity first
+    if problem is not None:
+        fail(problem)
+    return [k if isinstance(k, bytes) else found[k] or bytes.fromhex(prefixes[k].ljust(64, "0"))
+            for k in out]
+
+
+def _resolve_prefixes(client, prefixes: List[str]) -> list[Optional[bytes]]:
+    """``client.resolve`` of the prefixes that are pure hex digits (one call); None for the rest
+    (``bytes.fromhex`` lets blanks through: such a prefix never matched a key)."""
+    hexes = [p for p in prefixes if all(c in "0123456789abcdef" for c in p)]
+    try:
+        keys = iter(client.resolve(hexes, unknown_ok=True) if hexes else [])
+    except KeyPrefixError as e:   # ambiguous: "key prefix '…' is ambiguous (N blocks)"
+        fail(str(e))
+    return [next(keys) if all(c in "0123456789abcdef" for c in p) else None for p in prefixes]
 
 
 @app.command("ls")
@@ -123,9 +143,9 @@ def evict(keys: List[str] = typer.Argument(None, help="Block keys (hex, or uniqu
         if dry_run:
             result = {"dry_run": True, "tier": tier, "would_evict": 0, "pinned": 0, "missing": 0,
                       "not_in_tier": 0, "only_copy": 0, "keys": []}
-            for k in targets:
-                info = client.block(k)
-                state = _would(info, t)
+            outcomes = client.evict(targets, tier=t, dry_run=True)["outcomes"]
+            for k, outcome in zip(targets, outcomes):
+                state = "would_evict" if outcome == "evicted" else outcome
                 result[state] += 1
                 result["keys"].append({"key": k.hex(), "state": state})
         else:
@@ -143,21 +163,6 @@ def evict(keys: List[str] = typer.Argument(None, help="Block keys (hex, or uniqu
                       "only_copy": counts.get("only_copy", 0)}
     left = sum(result[k] for k in ("pinned", "missing", "not_in_tier", "only_copy"))
     emit(result, as_json=as_json, human=_human_evict, code=EXIT_FAILED if left else EXIT_OK)
-
-
-def _would(info: Optional[dict], t: Optional[Tier]) -> str:
-    """What ``evict`` would answer for one block (``info``: ``client.block``)."""
-    if info is None:
-        return "missing"
-    if info["pins"]:
-        return "pinned"
-    if t is not None:
-        tiers = info["tiers"]
-        if t.label not in tiers:
-            return "not_in_tier"
-        if len(tiers) < 2:
-            return "only_copy"
-    return "would_evict"
 
 
 def _session_option() -> str:
@@ -207,14 +212,14 @@ def unpin(keys: List[str] = typer.Argument(..., help="Block keys (hex, or unique
           as_json: bool = typer.Option(False, "--json", help=JSON_HELP)) -> None:
     """Release one pin of the session on each block (daemon only)."""
     _daemon_only(socket, "unpinning", data_dir)
-    out = []
     with open_client(None, socket) as client, user_errors():
-        for k in _resolve(client, keys):
-            try:
-                client.unpin([k], session=session)
-                out.append({"key": k.hex(), "state": "unpinned"})
-            except PinError:
-                out.append({"key": k.hex(), "state": "not_pinned"})
+        targets = _resolve(client, keys)
+        try:
+            done = client.unpin_each(targets, session=session)
+        except PinError:   # a bad session name: as before, no key held a pin of it
+            done = [False] * len(targets)
+    out = [{"key": k.hex(), "state": "unpinned" if ok else "not_pinned"}
+           for k, ok in zip(targets, done)]
     bad = sum(1 for x in out if x["state"] != "unpinned")
     emit({"session": session, "unpinned": len(out) - bad, "not_pinned": bad, "keys": out},
          as_json=as_json, human=_human_unpin, code=EXIT_FAILED if bad else EXIT_OK)

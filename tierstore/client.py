@@ -170,6 +170,13 @@ class Client:
             return self.store.unpin(keys, owner=self._owner(request))
         return self.store.unpin(keys, owner=session_name(session))
 
+    def unpin_each(self, keys, session: str | None = None,
+                   request: str | None = None) -> list[bool]:
+        """``Store.unpin_each`` for the owner ``unpin`` would use: one bool per key."""
+        check_pin_owner(session, request)
+        owner = self._owner(request) if session is None else session_name(session)
+        return self.store.unpin_each(keys, owner=owner)
+
     def retain(self, keys, *, session: str, tenant: str = "", ttl_s: float,
                priority: int = 0) -> dict:
         """A retention hint: ``Store.retain`` (tierstore/retention.py)."""
@@ -180,10 +187,16 @@ class Client:
         """Release every pin ``request`` holds (as :meth:`RemoteClient.release`)."""
         return self.store.release_owner(request_owner(self.owner, request))["pins_released"]
 
-    def evict(self, keys, tier=None) -> dict:
-        """``Store.evict``; ``tier`` (a Tier or its name) drops only that tier's copies."""
+    def evict(self, keys, tier=None, dry_run: bool = False) -> dict:
+        """``Store.evict``; ``tier`` (a Tier or its name) drops only that tier's copies;
+        ``dry_run`` changes nothing and adds ``outcomes``."""
         from tierstore.types import Tier
-        return self.store.evict(keys, tier=Tier.parse(tier) if isinstance(tier, str) else tier)
+        return self.store.evict(keys, tier=Tier.parse(tier) if isinstance(tier, str) else tier,
+                                dry_run=dry_run)
+
+    def resolve(self, prefixes: Sequence[str], unknown_ok: bool = False) -> list[BlockKey | None]:
+        """``Store.resolve``: hex key prefixes -> full keys."""
+        return self.store.resolve(prefixes, unknown_ok=unknown_ok)
 
     def blocks(self, limit: int | None = None, tier=None) -> list[dict]:
         return self.store.blocks(limit=limit, tier=tier)

@@ -11,7 +11,8 @@ Rules every method follows (the daemon keeps them across its socket):
 - **Errors by class.** A refusal raises a :mod:`tierstore.errors` class, the same one from both
   backends: JobError (unknown or completed job), PinError (unpin without a pin, a session pin
   without a TTL), RejectedError (block larger than a slot, ...), ConfigError (no such tier),
-  RetryLater (transient; ``after_s`` is the server's hint and arrives unchanged over the wire).
+  RetryLater (transient; ``after_s`` is the server's hint and arrives unchanged over the wire),
+  KeyPrefixError (``resolve``: a key prefix that is ambiguous or unknown).
   The daemon backend adds DaemonUnreachable (connection lost: its pins and unfinished jobs were
   released).
 - **Two-phase writes.** ``prepare_store`` reserves slots (invisible to lookups); the caller
@@ -21,7 +22,7 @@ Rules every method follows (the daemon keeps them across its socket):
   error.
 - **Pins.** A pin keeps a block resident. ``lookup(pin=True)`` and ``pin`` pin for this client
   (gone with it), for one ``request`` of it, or (``pin(session=, ttl_s=)``) for a named session
-  that outlives it. ``unpin`` is all or nothing.
+  that outlives it. ``unpin`` is all or nothing; ``unpin_each`` answers per key.
 - **Loads.** ``prepare_load``/``prepare_loads`` pin the hit prefix and stage it into DRAM slots;
   a job that is not ``ready`` is finished by ``poll_loads`` or ``wait_load``; ``complete_load``
   releases it. ``get`` is the convenience over the three.
@@ -72,6 +73,13 @@ class StoreClient(Protocol):
               request: str | None = None) -> int:
         """Release one pin per key of the owner; PinError (and nothing released) when the owner
         holds no pin on one of them."""
+
+    def unpin_each(self, keys: Sequence[BlockKey], session: str | None = None,
+                   request: str | None = None) -> list[bool]:
+        """The batched, per-key unpin (one call for any number of keys): release one pin of the
+        owner (as for ``unpin``) on each key that holds one; one bool per key, in order, False
+        where the owner held none (never a PinError for that; ``session`` and ``request``
+        together still are)."""
 
     def release(self, request: str) -> int:
         """Release every pin ``request`` still holds; returns how many."""
@@ -135,8 +143,18 @@ class StoreClient(Protocol):
         """``(buffer, num_slots, slot_bytes)`` of the DRAM slab."""
 
     # ------------------------------------------------------------------ admin
-    def evict(self, keys: Sequence[BlockKey], tier: Tier | str | None = None) -> dict:
-        """Drop unpinned ``keys`` (or only ``tier``'s copies); returns counts by outcome."""
+    def evict(self, keys: Sequence[BlockKey], tier: Tier | str | None = None,
+              dry_run: bool = False) -> dict:
+        """Drop unpinned ``keys`` (or only ``tier``'s copies); returns counts by outcome
+        (``evicted``, ``pinned``, ``missing``, ``not_in_tier``, ``only_copy``; absent when 0).
+        ``dry_run``: nothing changes, the counts are what an evict would answer now and
+        ``outcomes`` names one of them per key, in order (one call for any number of keys)."""
+
+    def resolve(self, prefixes: Sequence[str], unknown_ok: bool = False) -> list[BlockKey | None]:
+        """Full keys of resident blocks for hex key ``prefixes`` (1-64 digits), one per prefix,
+        in one call; ``unknown_ok``: None for a prefix no resident block has. ConfigError for a
+        prefix that is not hex; KeyPrefixError (a ConfigError) for an ambiguous prefix, or an
+        unknown one without ``unknown_ok``."""
 
     def blocks(self, limit: int | None = None, tier: Tier | str | None = None) -> list[dict]:
         """One dict per resident block (``limit`` at most, ``tier`` only)."""

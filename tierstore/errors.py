@@ -4,6 +4,7 @@ Callers tell outcomes apart by class, never by message text::
 
     TierStoreError
     ├── ConfigError            bad configuration or user input (capacity strings, TOML, ...)
+    │   └── KeyPrefixError     a hex key prefix naming no resident block, or more than one
     ├── FormatError            on-disk data of another format version, or not ours at all
     ├── PinError               unpin without a matching pin, pin of a non-resident block
     ├── RejectedError          the store refused an operation (tier full, block too large, ...)
@@ -26,6 +27,11 @@ class TierStoreError(Exception):
 
 class ConfigError(TierStoreError, ValueError):
     """Invalid configuration or user input; the message is one line meant for a person."""
+
+
+class KeyPrefixError(ConfigError):
+    """A hex key prefix given to ``resolve`` names more than one resident block (ambiguous) or
+    none (unknown); the message says which and quotes the prefix."""
 
 
 class FormatError(TierStoreError):

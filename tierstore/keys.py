@@ -446,3 +446,51 @@ def _check_secret(raw: bytes) -> bytes:
     if len(raw) < 16:
         raise ConfigError("cluster secret must be at least 16 bytes")
     return raw
+
+
+# ------------------------------------------------------------------------------ hex prefixes
+_HEX = frozenset("0123456789abcdef")
+
+
+def resolve_prefixes(prefixes: Sequence[str], keys: Iterable[BlockKey], *,
+                     unknown_ok: bool = False) -> list[BlockKey | None]:
+    """Full keys for hex key prefixes (what :meth:`tierstore.store.Store.resolve` answers).
+
+    ``prefixes``: hex strings of 1 or more digits (case and surrounding blanks ignored; an odd
+    number of digits matches on the last half byte; the 64 digits of a whole key match that key
+    alone). ``keys``: the keys to search, iterated once. Returns one key per prefix, in order:
+    the one key that starts with it; with ``unknown_ok``, None for a prefix no key starts with.
+
+    Raises ConfigError for a prefix that is not hex, and KeyPrefixError for the first prefix (in
+    the order given) that more than one key starts with (``"key prefix '…' is ambiguous (N
+    blocks)"``) or, without ``unknown_ok``, that none does (``"no resident block has key prefix
+    '…'"``). Cost: one dict probe per key (keys are bucketed on the shortest prefix's whole
+    bytes), plus a comparison per prefix sharing that bucket.
+    """
+    from tierstore.errors import KeyPrefixError
+
+    parsed: list[tuple[str, bytes, int | None]] = []
+    for p in prefixes:
+        t = p.strip().lower() if isinstance(p, str) else None
+        if not t or not set(t) <= _HEX:
+            raise ConfigError(f"not a hex key: {p!r}")
+        whole = len(t) // 2 * 2
+        parsed.append((t, bytes.fromhex(t[:whole]), int(t[-1], 16) if len(t) % 2 else None))
+    head = min((len(b) for _, b, _ in parsed), default=0)
+    buckets: dict[bytes, list[int]] = {}
+    for i, (_, b, _) in enumerate(parsed):
+        buckets.setdefault(b[:head], []).append(i)
+    count = [0] * len(parsed)
+    found: list[BlockKey | None] = [None] * len(parsed)
+    for k in (keys if parsed else ()):
+        for i in buckets.get(k[:head], ()):
+            _, b, nibble = parsed[i]
+            if k.startswith(b) and (nibble is None or (len(k) > len(b) and k[len(b)] >> 4 == nibble)):
+                count[i] += 1
+                found[i] = k
+    for (t, _, _), n in zip(parsed, count):
+        if n > 1:
+            raise KeyPrefixError(f"key prefix {t!r} is ambiguous ({n} blocks)")
+        if n == 0 and not unknown_ok:
+            raise KeyPrefixError(f"no resident block has key prefix {t!r}")
+    return found

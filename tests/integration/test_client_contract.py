@@ -16,8 +16,8 @@ from daemon_support import DaemonProc, config_toml  # noqa: E402
 
 from tierstore.config import DramConfig, NvmeConfig, StoreConfig  # noqa: E402
 from tierstore.contract import StoreClient  # noqa: E402
-from tierstore.errors import (ConfigError, JobError, PinError, RejectedError,  # noqa: E402
-                              RetryLater, TierStoreError, TransferFailed)
+from tierstore.errors import (ConfigError, JobError, KeyPrefixError, PinError,  # noqa: E402
+                              RejectedError, RetryLater, TierStoreError, TransferFailed)
 from tierstore.keys import Namespace  # noqa: E402
 from tierstore.types import BlockStatus, Tier  # noqa: E402
 
@@ -206,6 +206,78 @@ def test_evict_and_inspection_answer_alike(client, ns):
     assert client.evict(keys[:1], tier="dram")["only_copy"] == 1
     assert client.check() == []
     assert client.usage() == client.stats()["tiers"]
+
+
+def test_resolve_answers_prefixes_in_one_call(client, ns):
+    """Hex key prefixes (any case, odd lengths, whole keys) resolve to the resident key, one per
+    prefix in order; an unknown prefix is a KeyPrefixError, or None with ``unknown_ok``; an
+    ambiguous one is a KeyPrefixError naming how many blocks share it; not hex: ConfigError."""
+    keys = _chain(client, ns, 17)
+    client.put(keys, ns, _blocks(17))
+    h = [k.hex() for k in keys]
+    assert client.resolve([h[0][:10], h[1].upper()[:11], h[2], f" {h[3][:9]} "]) == keys[:4]
+    assert client.resolve([]) == []
+    unknown = "00" * 32
+    assert client.resolve([h[0][:12], unknown, "0" * 15], unknown_ok=True) == [keys[0], None, None]
+    with pytest.raises(KeyPrefixError, match="no resident block has key prefix '0000"):
+        client.resolve([h[0][:12], unknown])
+    # 17 resident blocks of this test and 16 hex digits: some first digit is shared
+    resident = [b["key"] for b in client.blocks()]
+    digit = next(d for d in "0123456789abcdef" if sum(x.startswith(d) for x in h) > 1)
+    n = sum(x.startswith(digit) for x in resident)
+    with pytest.raises(KeyPrefixError, match=rf"key prefix '{digit}' is ambiguous \({n} blocks\)"):
+        client.resolve([h[0], digit])
+    with pytest.raises(ConfigError, match="not a hex key"):
+        client.resolve(["xyz12345"])
+    assert issubclass(KeyPrefixError, ConfigError)
+
+
+def test_evict_dry_run_answers_per_key_and_changes_nothing(client, ns):
+    """``evict(dry_run=True)`` gives the counts a real evict would give now plus one outcome per
+    key, in one call, and leaves every block, tier and pin as it was."""
+    keys = _chain(client, ns, 4)
+    client.put(keys, ns, _blocks(4))
+    assert client.flush(30)
+    client.evict(keys[3:], tier="dram")                      # keys[3]: on NVMe only
+    client.pin(keys[:1])
+    missing = b"\0" * 32
+    before = [client.block(k) for k in keys]
+    dry = client.evict(keys + [missing, keys[1]], dry_run=True)
+    assert dry["outcomes"] == ["pinned", "evicted", "evicted", "evicted", "missing", "evicted"]
+    assert (dry["evicted"], dry["pinned"], dry["missing"]) == (4, 1, 1)
+    dry = client.evict(keys + [missing], tier=Tier.DRAM, dry_run=True)
+    assert dry["outcomes"] == ["pinned", "evicted", "evicted", "not_in_tier", "missing"]
+    dry = client.evict(keys[3:], tier="nvme", dry_run=True)
+    assert dry == {"only_copy": 1, "outcomes": ["only_copy"]}
+    assert [client.block(k)["tiers"] for k in keys] == [b["tiers"] for b in before]
+    assert [client.block(k)["pins"] for k in keys] == [1, 0, 0, 0]
+    real = client.evict(keys + [missing], tier=Tier.DRAM)
+    assert "outcomes" not in real
+    assert (real["evicted"], real["pinned"], real["not_in_tier"], real["missing"]) == (2, 1, 1, 1)
+    client.unpin(keys[:1])
+
+
+def test_unpin_each_answers_per_key_in_one_call(client, ns):
+    """The batched unpin: one pin of the owner released on each key that holds one, False where
+    none is held (no PinError, unlike the all-or-nothing ``unpin``); a key listed twice releases
+    two; session and request owners as for ``unpin``."""
+    keys = _chain(client, ns, 3)
+    client.put(keys, ns, _blocks(3))
+    assert client.flush(30)
+    assert client.pin(keys[:2], ttl_s=60, session="each") == 2
+    assert client.pin(keys[:1], ttl_s=60, session="each") == 1
+    assert client.unpin_each(keys + [b"\0" * 32], session="each") == [True, True, False, False]
+    assert client.block(keys[0])["pins"] == 1
+    assert client.unpin_each([keys[0], keys[0]], session="each") == [True, False]
+    assert client.unpin_each(keys, session="other") == [False] * 3
+    assert client.pin(keys, request="r") == 3
+    assert client.unpin_each(keys[1:]) == [False, False]     # the client's own: none held
+    assert client.unpin_each(keys[1:], request="r") == [True, True]
+    assert client.release("r") == 1
+    assert client.unpin_each([]) == []
+    with pytest.raises(PinError):
+        client.unpin_each(keys, session="s", request="r")
+    assert client.stats()["pins"] == 0
 
 
 def test_error_replies_are_read_by_one_rule():

@@ -480,6 +480,19 @@ class RemoteClient:
             body["request"] = request
         return int(self._call(MsgType.UNPIN, body)["n"])
 
+    def unpin_each(self, keys: Sequence[BlockKey], session: str | None = None,
+                   request: str | None = None) -> list[bool]:
+        """Release one pin of the owner (as :meth:`unpin` picks it) on each key that holds
+        one, in one round trip; one bool per key, False where the owner held none. A daemon
+        older than this request answers ProtocolError (unknown message type)."""
+        check_pin_owner(session, request)
+        body = {"keys": pack_keys(keys)}
+        if session is not None:
+            body["session"] = session
+        if request is not None:
+            body["request"] = request
+        return [bool(x) for x in self._call(MsgType.UNPIN_EACH, body)["unpinned"]]
+
     def retain(self, keys: Sequence[BlockKey], *, session: str, tenant: str = "",
                ttl_s: float, priority: int = 0) -> dict:
         """A retention hint (``Store.retain``, tierstore/retention.py): pin the resident
@@ -496,12 +509,25 @@ class RemoteClient:
         Pins whose lease ran out are simply gone: no error."""
         return int(self._call(MsgType.RELEASE, {"request": request})["n"])
 
-    def evict(self, keys: Sequence[BlockKey], tier: Tier | str | None = None) -> dict:
-        """``Store.evict``; ``tier`` drops only that tier's copies of blocks held elsewhere too."""
+    def evict(self, keys: Sequence[BlockKey], tier: Tier | str | None = None,
+              dry_run: bool = False) -> dict:
+        """``Store.evict``; ``tier`` drops only that tier's copies of blocks held elsewhere too.
+        ``dry_run`` is its own request (EVICT_DRY_RUN: a daemon that predates it refuses it
+        instead of evicting) and changes nothing."""
         body: dict = {"keys": pack_keys(keys)}
         if tier is not None:
             body["tier"] = tier.label if isinstance(tier, Tier) else str(tier)
+        if dry_run:
+            return self._call(MsgType.EVICT_DRY_RUN, body, idempotent=True)
         return self._call(MsgType.EVICT, body)
+
+    def resolve(self, prefixes: Sequence[str], unknown_ok: bool = False) -> list[BlockKey | None]:
+        """``Store.resolve`` in one round trip: hex key prefixes -> full keys (None for an
+        unknown prefix with ``unknown_ok``); ConfigError for a prefix that is not hex,
+        KeyPrefixError for an ambiguous (or unknown) one."""
+        body = {"prefixes": [str(p) for p in prefixes], "unknown_ok": bool(unknown_ok)}
+        return [None if k is None else bytes(k)
+                for k in self._call(MsgType.RESOLVE, body, idempotent=True)["keys"]]
 
     def blocks(self, limit: int | None = None, tier: Tier | str | None = None) -> list[dict]:
         t = tier.label if isinstance(tier, Tier) else tier

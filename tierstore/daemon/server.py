@@ -108,8 +108,19 @@ Requests (body fields; ``keys`` per tierstore.protocol.codec.pack_keys; ``ns`` =
                                                        connection; bounded by ``[retention]``
     EVICT          {keys, tier}                     -> {evicted, pinned, missing[, not_in_tier,
                                                        only_copy]}; tier: only that tier's copies
+    EVICT_DRY_RUN  {keys, tier}                     -> EVICT's counts + {outcomes [str] per key};
+                                                       nothing changes
+    RESOLVE        {prefixes [str], unknown_ok}     -> {keys [bin | nil] per prefix}; ambiguous
+                                                       (or unknown, without unknown_ok) ->
+                                                       KeyPrefixError
+    UNPIN_EACH     {keys[, session | request]}      -> {unpinned [bool] per key}: one pin of the
+                                                       owner released where it holds one
     STATS          {}                               -> Store.stats() + {"daemon": {...}, "events":
-                                                       {...} (the publisher: epoch, seq, ...)}
+                                                       {...} (the publisher: epoch, seq, ...)};
+                                                       daemon.requests: {op: requests received
+                                                       since start} (every allowed request of a
+                                                       known type, answered or refused by the
+                                                       store; this one included)
     BLOCKS         {limit, tier}                    -> {blocks [...]}
     BLOCK          {key}                            -> {block | nil}
     CHECK          {fix}                            -> {problems [str]}
@@ -307,6 +318,8 @@ class DaemonServer:
         self._uid = os.geteuid()
         self._refused = {"uid": 0}   # requests refused, by reason (stats -> daemon.refused)
         self._refused_lock = threading.Lock()
+        self._requests: dict[str, int] = {}   # requests by op (stats -> daemon.requests)
+        self._requests_lock = threading.Lock()
         self._hello: dict = {}
         self._handlers: dict[int, Callable[[_Conn, dict], dict]] = {
             MsgType.HELLO: self._h_hello, MsgType.LOOKUP: self._h_lookup,
@@ -322,6 +335,8 @@ class DaemonServer:
             MsgType.PREPARE_STORES: self._h_prepare_stores,
             MsgType.COMPLETE_STORES: self._h_complete_stores, MsgType.FLUSH: self._h_flush,
             MsgType.RELEASE: self._h_release, MsgType.RETAIN: self._h_retain,
+            MsgType.RESOLVE: self._h_resolve, MsgType.EVICT_DRY_RUN: self._h_evict_dry_run,
+            MsgType.UNPIN_EACH: self._h_unpin_each,
         }
 
     # ------------------------------------------------------------------ lifecycle
@@ -593,6 +608,9 @@ class DaemonServer:
                 self.metrics.protocol_errors.inc()
                 raise ProtocolError(f"unknown message type {mtype}" if handler is None
                                     else "a client must not send reply frames")
+            op = _op_name(mtype)
+            with self._requests_lock:
+                self._requests[op] = self._requests.get(op, 0) + 1
             body = handler(conn, decode_body(raw))
         except TierStoreError as e:
             if isinstance(e, ProtocolError):
@@ -835,6 +853,11 @@ class DaemonServer:
         owner = _owner(conn, body) if session is None else session_name(session)
         return {"n": self.store.unpin(unpack_keys(body["keys"]), owner=owner)}
 
+    def _h_unpin_each(self, conn: _Conn, body: dict) -> dict:
+        session = body.get("session")
+        owner = _owner(conn, body) if session is None else session_name(session)
+        return {"unpinned": self.store.unpin_each(unpack_keys(body["keys"]), owner=owner)}
+
     def _h_retain(self, conn: _Conn, body: dict) -> dict:
         self._refuse_when_draining()
         tenant = body.get("tenant") or ""
@@ -850,10 +873,20 @@ class DaemonServer:
             raise ProtocolError("release needs a request")
         return {"n": self.store.release_owner(owner)["pins_released"]}
 
-    def _h_evict(self, conn: _Conn, body: dict) -> dict:
+    def _h_evict(self, conn: _Conn, body: dict, dry_run: bool = False) -> dict:
         tier = body.get("tier")
         return self.store.evict(unpack_keys(body["keys"]),
-                                tier=None if tier is None else Tier.parse(str(tier)))
+                                tier=None if tier is None else Tier.parse(str(tier)),
+                                dry_run=dry_run)
+
+    def _h_evict_dry_run(self, conn: _Conn, body: dict) -> dict:
+        return self._h_evict(conn, body, dry_run=True)
+
+    def _h_resolve(self, conn: _Conn, body: dict) -> dict:
+        prefixes = body["prefixes"]
+        if not isinstance(prefixes, list) or not all(isinstance(p, str) for p in prefixes):
+            raise ProtocolError("prefixes must be a list of strings")
+        return {"keys": self.store.resolve(prefixes, unknown_ok=bool(body.get("unknown_ok")))}
 
     def _h_stats(self, conn: _Conn, body: dict) -> dict:
         st = self.store.stats()
@@ -864,10 +897,15 @@ class DaemonServer:
                         "uptime_s": round(time.time() - self._started_at, 3),
                         "connections": n_conns, "stopping": self._draining,
                         "uid": self._uid, "refused": dict(self._refused),
+                        "requests": self._request_counts(),
                         "metrics": (f"http://{self.metrics.address[0]}:{self.metrics.address[1]}/metrics"
                                     if self.metrics.address else None)}
         st["events"] = self.events.stats() if self.events is not None else {"enabled": False}
         return st
+
+    def _request_counts(self) -> dict[str, int]:
+        with self._requests_lock:
+            return dict(sorted(self._requests.items()))
 
     def _h_blocks(self, conn: _Conn, body: dict) -> dict:
         limit = _uint(body, "limit")

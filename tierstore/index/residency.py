@@ -79,6 +79,10 @@ class Residency:
     def handles(self) -> Iterator[tuple[BlockKey, int]]:
         return iter(list(self._handle.items()))
 
+    def keys(self) -> list[BlockKey]:
+        """A copy of every resident key (one list, no per-block objects)."""
+        return list(self._handle)
+
     def slot(self, h: int, tier: Tier) -> int:
         return self.slots[tier][h]
 

@@ -21,6 +21,15 @@ is ``{"error": <exception class name>, "message": <one line>}`` (a RetryLater ad
 <seconds>``; readers ignore fields they do not know), and the client raises the class of that name
 from :mod:`tierstore.errors` (``TierStoreError`` for names it does not know): :func:`error_from_body`.
 
+Compatibility within a version: new requests are new types appended to :class:`MsgType` (a
+number is never reused or renumbered); a daemon that predates one answers it with an error reply
+(ProtocolError "unknown message type N") and keeps the connection, so a newer client gets a clear
+error, never a wrong answer. A new optional body field is allowed only where a reader that
+ignores it still does what the sender meant; where ignoring it would change the outcome (a dry
+run that an older daemon would carry out) the request is a new type instead (EVICT_DRY_RUN, not
+an EVICT field). PROTOCOL_VERSION changes only when an existing frame or message changes
+meaning.
+
 Keys travel as one bin field ``keys``: the concatenation of 32-byte keys (the common case), or a
 msgpack array of bin when a caller uses keys of another length. :func:`pack_keys` /
 :func:`unpack_keys` are the pair that encode and verify that field.
@@ -87,6 +96,9 @@ class MsgType(enum.IntEnum):
     WAIT_LOAD = 25      # block until one load job is staged (bounded)
     RELEASE = 26        # release every pin one request of this connection holds
     RETAIN = 27         # a retention hint: session pins bounded per tenant (tierstore/retention.py)
+    RESOLVE = 28        # hex key prefixes -> full keys (the CLI's `blocks` verbs)
+    EVICT_DRY_RUN = 29  # what EVICT would answer, per key; changes nothing
+    UNPIN_EACH = 30     # one pin released per key that has one; an answer per key
 
 
 _TYPES = {int(t) for t in MsgType}
