@@ -100,10 +100,15 @@ def _until(pred, timeout_s: float = 10.0) -> None:
 
 def _reading(hooks, transport):
     """True once the read is in flight: A has started sending a block (TCP), or B's reads sit
-    posted on a QP of the paused fake fabric (RDMA)."""
+    posted on a QP of the paused fabric (RDMA: the fake fabric's send queues; on real verbs,
+    conftest's gate, whose QPs hold the posted reads while paused)."""
     if transport == "rdma":
         from tierstore.transfer.fakeverbs import FABRIC
-        return lambda: any(qp.sq for qp in list(FABRIC.qps.values()))
+
+        def posted() -> bool:
+            qps = FABRIC.qps.values() if isinstance(FABRIC.qps, dict) else FABRIC.qps
+            return any(getattr(qp, "sq", None) or getattr(qp, "held", None) for qp in list(qps))
+        return posted
     return lambda: hooks.sent > 0
 
 
