@@ -277,6 +277,11 @@ class MiniVLLM:
                 r.output.append(token_kv(r.num_computed_tokens, 7) % 500)
                 if len(r.output) >= r.max_tokens:
                     self._finish(r)
+        self._deliver(wm, sending, recving, invalid)
+        return len(sched)
+
+    def _deliver(self, wm, sending, recving, invalid) -> None:
+        """The step's connector output to the scheduler half, then free what it released."""
         self.sched.update_connector_output(ConnOut(wm, sending, recving, invalid))
         for rid in sending or ():
             self._free(self.reqs[rid])
@@ -286,7 +291,6 @@ class MiniVLLM:
                 self._free(r)
             else:
                 self.finished_recving.add(rid)
-        return len(sched)
 
     # ---------------------------------------------------------------- async scheduling
     def _budget(self, r: Req) -> int:
@@ -378,15 +382,7 @@ class MiniVLLM:
                 r.output.append(token_kv(lo + n, 7) % 500)
                 if len(r.output) >= r.max_tokens:
                     self._finish(r)
-        self.sched.update_connector_output(ConnOut(wm, sending, recving, invalid))
-        for rid in sending or ():
-            self._free(self.reqs[rid])
-        for rid in recving or ():
-            r = self.reqs.get(rid)
-            if r is not None and r.status == "finished":
-                self._free(r)
-            else:
-                self.finished_recving.add(rid)
+        self._deliver(wm, sending, recving, invalid)
 
     def _step_async(self) -> int:
         """Schedule step N+1, then run step N and process its output (vLLM's async
@@ -478,3 +474,20 @@ class MiniKV:
                 digest_size=4).digest(), "little")
             kv[:, p] = kv_values(token_kv(tokens[p], prev))
         return kv[:, i * self.bs:(i + 1) * self.bs].permute(0, 2, 1, 3).contiguous()
+
+
+def prompt(seed: int, n: int) -> list[int]:
+    """``n`` token ids of a test prompt (distinct per ``seed``, all in the model's vocabulary)."""
+    return [(seed * 131 + 7 * i) % 500 + 1 for i in range(n)]
+
+
+def stored_blocks_right(e: MiniVLLM, tokens: list[int]) -> int:
+    """How many of ``tokens``' full blocks the store holds, each checked byte for byte against
+    the KV computed from scratch (raises on a block holding anything else)."""
+    keys = e.sched.keyers[0].chain(tokens)
+    got = e.client.get(keys)
+    ref = MiniKV(e.bs)
+    for i, b in enumerate(got):
+        want = ref.block(tokens, i).view(torch.uint8).reshape(-1).numpy().tobytes()
+        assert b[:len(want)] == want, f"block {i} holds KV that was not computed from its prefix"
+    return len(got)

@@ -15,27 +15,11 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("tierstore.tiers.nvme")
 
 sys.path.insert(0, os.path.dirname(__file__))
-from minivllm import MiniKV, MiniVLLM  # noqa: E402
+from minivllm import MiniVLLM, prompt, stored_blocks_right  # noqa: E402
 
 from tierstore.errors import TransferFailed  # noqa: E402
 
 BS = 16
-
-
-def prompt(seed: int, n: int) -> list[int]:
-    return [(seed * 131 + 7 * i) % 500 + 1 for i in range(n)]
-
-
-def stored_right(e: MiniVLLM, tokens: list[int]) -> int:
-    """Full blocks of ``tokens`` the store holds, each checked byte for byte against the KV
-    computed from scratch (raises on a block that holds anything else)."""
-    keys = e.sched.keyers[0].chain(tokens)
-    got = e.client.get(keys)
-    ref = MiniKV(e.bs)
-    for i, b in enumerate(got):
-        want = ref.block(tokens, i).view(torch.uint8).reshape(-1).numpy().tobytes()
-        assert b[:len(want)] == want, f"block {i} holds KV that was not computed from its prefix"
-    return len(got)
 
 
 class PlanSpy:
@@ -116,7 +100,7 @@ def test_abt32a_abort_with_block_hashes_but_no_blocks(engine):
     toks = prompt(1, 100)
     e.add("warm", toks)
     drain(e)
-    assert stored_right(e, toks) == 6
+    assert stored_blocks_right(e, toks) == 6
     e.add("hog", prompt(2, 160))             # takes 10 of the 11 blocks
     e.step()
     r = e.add("late", toks + prompt(3, 20))  # 6 hit blocks + 2: no room, stays waiting
@@ -162,7 +146,7 @@ def test_abt32b_abort_mid_chunked_prefill(engine, async_sched):
     e.abort("a")
     drain(e)
     assert e.frees["a"] == 1
-    n = stored_right(e, toks)
+    n = stored_blocks_right(e, toks)
     assert n >= 3                       # the 3 blocks computed before the abort were saved
     if spy is not None:
         assert spy.bad == []
@@ -191,7 +175,7 @@ def test_abt32c_abort_after_request_finished_store_completes(engine, async_sched
     drain(e)
     assert e.frees["c"] == 1
     assert e.sched.counters["delayed_frees"] == 1
-    assert stored_right(e, toks) == 6
+    assert stored_blocks_right(e, toks) == 6
     assert_baseline(e)
 
 
@@ -209,7 +193,7 @@ def test_abt32c_store_in_flight_fails_and_is_cancelled(engine, monkeypatch):
     e.abort("c")
     drain(e)
     assert e.frees["c"] == 1
-    assert stored_right(e, toks) == 0
+    assert stored_blocks_right(e, toks) == 0
     assert e.sched.counters["save_blocks_not_copied"] == 6
     assert_baseline(e)
 
@@ -226,7 +210,7 @@ def test_abt32c_shutdown_with_store_in_flight_cancels_it(engine):
     st = e.client.store.stats()
     assert (st["pins"], st["pending_stores"], st["pending_loads"]) == (0, 0, 0)
     assert e.client.store.check() == []
-    assert stored_right(e, toks) in (0, 6)
+    assert stored_blocks_right(e, toks) in (0, 6)
 
 
 def _soak(e: MiniVLLM, rng: random.Random, aborts: int, max_steps: int) -> dict:
@@ -269,7 +253,7 @@ def test_abt32d_a_thousand_random_aborts_under_continuous_preemption(engine):
     assert done["aborts"] >= 1000 and done["preemptions"] > 100
     assert all(n == 1 for n in e.frees.values())
     for i in range(4):
-        assert stored_right(e, prompt(50 + i, 80)) >= 0
+        assert stored_blocks_right(e, prompt(50 + i, 80)) >= 0
     assert_baseline(e)
 
 
@@ -294,7 +278,7 @@ def test_abt32d_random_aborts_property(tmp_path_factory, seed, steps, async_sche
             e.preempt = lambda rid: False
         _soak(e, random.Random(seed), 60, 2_000)
         for i in range(4):
-            stored_right(e, prompt(50 + i, 80))
+            stored_blocks_right(e, prompt(50 + i, 80))
         assert all(n == 1 for n in e.frees.values())
         assert_baseline(e)
     finally:
@@ -330,7 +314,7 @@ def test_chk34_chunked_prefill_stores_every_full_block_once(engine, bs, steps, a
     n_full = 1000 // bs
     e.add("cold", toks)
     drain(e)
-    assert stored_right(e, toks) == n_full
+    assert stored_blocks_right(e, toks) == n_full
     store = e.client.store
     assert store.counters["stored_blocks"] == n_full
     assert e.sched.counters["saved_blocks"] == n_full
@@ -360,7 +344,7 @@ def test_abt32d_preempted_request_loads_again_when_resumed(engine):
     drain(e)
     assert e.sched.counters["loads"] == 2 and e.sched.counters["preempted"] == 1
     assert e.outputs["warm"]["loaded_tokens"] == 6 * BS
-    assert stored_right(e, toks + prompt(13, 30)) == 8
+    assert stored_blocks_right(e, toks + prompt(13, 30)) == 8
     assert_baseline(e)
 
 

@@ -13,28 +13,12 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("tierstore.tiers.nvme")
 
 sys.path.insert(0, os.path.dirname(__file__))
-from minivllm import MiniKV, MiniVLLM, Req  # noqa: E402
+from minivllm import MiniVLLM, Req, prompt, stored_blocks_right  # noqa: E402
 
 from tierstore.errors import TransferFailed  # noqa: E402
 from tierstore.types import Tier  # noqa: E402
 
 BS = 16
-
-
-def prompt(seed: int, n: int) -> list[int]:
-    return [(seed * 131 + 7 * i) % 500 + 1 for i in range(n)]
-
-
-def stored_blocks_right(e: MiniVLLM, tokens: list[int]) -> int:
-    """How many of ``tokens``' full blocks the store holds, checking every byte against the
-    blocks computed from scratch (raises on a wrong block)."""
-    keys = e.sched.keyers[0].chain(tokens)
-    got = e.client.get(keys)
-    ref = MiniKV(BS)
-    for i, b in enumerate(got):
-        want = ref.block(tokens, i).view(torch.uint8).reshape(-1).numpy().tobytes()
-        assert b[:len(want)] == want, f"block {i} holds KV that was not computed from its prefix"
-    return len(got)
 
 
 @pytest.fixture
