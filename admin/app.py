@@ -4,7 +4,7 @@ A thin shell: each command parses its flags, makes one client call and one outpu
 (:mod:`tierstore_admin.output`). ``main`` is the console script; it turns click's usage errors
 into one error line and exit code 2, and Ctrl-C into exit code 130.
 
-    tierstore replay [TRACE]        the main job: a trace through the real store (tierstore/replay.py)
+    tierstore replay [TRACE]        the main job: a trace through the real store (tierstore/sim/replay.py)
     tierstore tiers ls|usage        the tiers of a store: their settings, their use
     tierstore blocks ls|show|evict|pin|unpin   resident blocks
     tierstore flush                 wait until every stored block has its NVMe copy

@@ -3,10 +3,10 @@
 The main job. With no arguments it shows the product: the built-in workload through a real DRAM
 slab over a real NVMe tier (in a temporary directory), every loaded block verified, hits and
 bytes per tier, and the default eviction policy beside LRU on the same trace
-(:func:`tierstore.replay.replay` with a ``baseline``). Several policies or capacities
-(``--policy a,b --capacity 1M,3M``), or ``--plot``, call :func:`tierstore.sweep.sweep` instead
+(:func:`tierstore.sim.replay.replay` with a ``baseline``). Several policies or capacities
+(``--policy a,b --capacity 1M,3M``), or ``--plot``, call :func:`tierstore.sim.sweep.sweep` instead
 (payload none): one result with a ``results`` list and the Belady / infinite ``references``.
-``--nodes N`` calls :func:`tierstore.routing.cluster_replay`: N simulated nodes behind a router
+``--nodes N`` calls :func:`tierstore.sim.cluster_replay.cluster_replay`: N simulated nodes behind a router
 that routes by their KV events (``--route``), beside one pooled cache of N x ``--capacity``.
 The engines define every result field.
 """
@@ -22,8 +22,8 @@ from typing import Optional
 import typer
 from rich.console import Group
 
-from tierstore import replay as engine
-from tierstore import sweep as sweep_engine
+from tierstore.sim import replay as engine
+from tierstore.sim import sweep as sweep_engine
 from tierstore.policy import DEFAULT_EVICTION
 from tierstore.units import format_bytes
 from tierstore_admin.output import (JSON_HELP, emit, fail, kv_table, message, stderr_console, table,
@@ -143,7 +143,7 @@ def _cluster(opts, nodes: int, route: str, capacities: list, policies: list, plo
              as_json: bool) -> None:
     from dataclasses import replace
 
-    from tierstore import routing
+    from tierstore.sim import cluster_replay as routing
 
     with user_errors():
         if len(capacities) > 1 or len(policies) > 1:

@@ -77,7 +77,7 @@ def zero(dst) -> None:
 def worker(args) -> None:
     """One tier case in this process; prints one JSON line."""
     sys.path.insert(0, str(Path(args.src).resolve()))
-    from tierstore.tiers.base import DiskRead, DiskWrite
+    from tierstore.tiers.slot_tier import DiskRead, DiskWrite
     from tierstore.tiers.nvme import NvmeTier
 
     n, d = args.blocks, Path(args.dir)

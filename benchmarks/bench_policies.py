@@ -8,7 +8,7 @@ Two numbers per eviction policy, at one capacity (default 3M tokens):
   the policy and that loop alone is timed, so harness bookkeeping is not counted. Policies are
   deterministic, so the replayed victims are the recorded ones.
 - ``replay_wall_s``: ``tierstore replay TRACE --payload none --policy P --capacity C`` through
-  the real store (tierstore.replay), wall time of the request loop (setup excluded).
+  the real store (tierstore.sim.replay), wall time of the request loop (setup excluded).
 
 Usage::
 
@@ -30,7 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from policy_sim import BLOCK_TOKENS, DEFAULT_TRACE, load_trace, parse_tokens, simulate  # noqa: E402
 
 from tierstore.policy import EVICTION, make_eviction  # noqa: E402
-from tierstore.replay import ReplayOptions, replay  # noqa: E402
+from tierstore.sim.replay import ReplayOptions, replay  # noqa: E402
 
 
 class Recorder:

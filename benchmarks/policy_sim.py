@@ -160,18 +160,18 @@ def _simulate_interleaved(reqs: list[list], policy, capacity_blocks: int) -> dic
 
 
 def _as_requests(reqs: list[list]):
-    from tierstore.replay import BLOCK_TOKENS, TraceRequest
+    from tierstore.sim.replay import BLOCK_TOKENS, TraceRequest
     return [TraceRequest(0, len(h) * BLOCK_TOKENS, 0, tuple(h)) for h in reqs]
 
 
 def belady(reqs: list[list], capacity_blocks: int) -> float:
-    """Offline optimum: the one implementation in tierstore/sweep.py (the replay's reference row)."""
-    from tierstore.sweep import belady as _belady
+    """Offline optimum: the one implementation in tierstore/sim/sweep.py (the replay's reference row)."""
+    from tierstore.sim.sweep import belady as _belady
     return _belady(_as_requests(reqs), capacity_blocks)["block_hit_ratio"]
 
 
 def infinite(reqs: list[list]) -> float:
-    from tierstore.sweep import infinite as _infinite
+    from tierstore.sim.sweep import infinite as _infinite
     return _infinite(_as_requests(reqs))["block_hit_ratio"]
 
 
@@ -214,7 +214,7 @@ def main(argv=None) -> int:
     src = ap.add_mutually_exclusive_group()
     src.add_argument("--trace", default=None, help="Mooncake-format JSONL (default: the conversation trace)")
     src.add_argument("--synthetic", type=int, default=None, metavar="N",
-                     help="use tierstore.workload.generate_trace(N, seed) instead of a file")
+                     help="use tierstore.sim.workload.generate_trace(N, seed) instead of a file")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--policies", default=",".join(EVICTION))
     ap.add_argument("--capacity", default="1M,3M,10M,30M")
@@ -224,7 +224,7 @@ def main(argv=None) -> int:
     ap.add_argument("--format", choices=["table", "json"], default="table")
     a = ap.parse_args(argv)
     if a.synthetic is not None:
-        from tierstore.workload import generate_trace
+        from tierstore.sim.workload import generate_trace
         reqs = [r["hash_ids"] for r in generate_trace(a.synthetic, seed=a.seed)]
     else:
         reqs = load_trace(a.trace or DEFAULT_TRACE)

@@ -39,7 +39,7 @@ def test_the_library_imports_without_its_extras():
     import subprocess
     import sys
 
-    code = ("import sys, tierstore, tierstore.client, tierstore.daemon.remote, tierstore.store\n"
+    code = ("import sys, tierstore, tierstore.client, tierstore.client.remote, tierstore.store\n"
             "print(sorted(m for m in ('typer', 'rich', 'prometheus_client', 'aiofiles')"
             " if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,

@@ -42,7 +42,7 @@ from contextlib import contextmanager, nullcontext
 from typing import Sequence
 
 from tierstore.errors import JobError
-from tierstore.tiers.base import DiskRead, DiskWrite
+from tierstore.tiers.slot_tier import DiskRead, DiskWrite
 from tierstore.types import BlockKey, BlockStatus, Tier
 
 

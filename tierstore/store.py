@@ -53,9 +53,9 @@ from tierstore.index.residency import NOWHERE, REQUEST_SEP, TIER_BY_VALUE, PinBo
 from tierstore.keys import Namespace, resolve_prefixes
 from tierstore.moves import TierMoves
 from tierstore.policy import make_admission, make_eviction
-from tierstore.policy.base import AdmissionPolicy, EvictionPolicy
+from tierstore.policy.interface import AdmissionPolicy, EvictionPolicy
 from tierstore.retention import Retention, RetentionConfig
-from tierstore.tiers.base import DiskTier, MemoryTier, NullTier
+from tierstore.tiers.slot_tier import DiskTier, MemoryTier, NullTier
 from tierstore.types import (BlockKey, BlockStatus, LoadJob, LookupResult, StoreJob, Tier,
                              check_keys)
 from tierstore.writebehind import WriteBehind

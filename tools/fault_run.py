@@ -157,7 +157,7 @@ class Daemon:
         return out
 
     def start(self) -> None:
-        from tierstore.daemon.remote import RemoteClient
+        from tierstore.client.remote import RemoteClient
         from tierstore.errors import DaemonUnreachable
 
         self.meta.mkdir(parents=True, exist_ok=True)

@@ -38,7 +38,7 @@ def lru_prefix_hit_ratio(trace: list[dict], capacity_blocks: int) -> float:
 def test_replay_json_on_generated_default_is_sane(cli):
     """No TRACE: the embedded generated workload through DRAM over NVMe (payload bytes, a temp
     dir), every load verified, the LRU baseline beside; --json prints one object."""
-    pytest.importorskip("tierstore.workload")
+    pytest.importorskip("tierstore.sim.workload")
     r = cli("replay", "--requests", "200", "--json", "-q")
     assert r.code == 0, r.stderr
     d = r.json()
@@ -58,7 +58,7 @@ def test_replay_json_on_generated_default_is_sane(cli):
 def test_save_trace_writes_what_replays_the_same(cli, tmp_path, trace_file):
     """--save-trace writes the generated workload (or TRACE cut by --limit) as JSONL; replaying
     that file gives the same result, request for request."""
-    pytest.importorskip("tierstore.workload")
+    pytest.importorskip("tierstore.sim.workload")
     gen = tmp_path / "gen.jsonl"
     a = cli("replay", "--requests", "300", "--capacity", "3M", "--save-trace", gen, "--json", "-q")
     assert a.code == 0, a.stderr
@@ -228,7 +228,7 @@ def test_model_presets_set_block_bytes(cli, trace_file, model, per_token):
 
 
 def test_progress_callback_reaches_total(trace_file):
-    from tierstore.replay import ReplayOptions, replay
+    from tierstore.sim.replay import ReplayOptions, replay
 
     seen = []
     replay(ReplayOptions(trace=str(trace_file), limit=50), progress=lambda d, t: seen.append((d, t)))

@@ -10,8 +10,8 @@ import pytest
 
 from tierstore.errors import ConfigError
 from tierstore.kv_events import encode_batch
-from tierstore.replay import ReplayOptions
-from tierstore.routing import Router, cluster_replay
+from tierstore.sim.replay import ReplayOptions
+from tierstore.sim.cluster_replay import Router, cluster_replay
 
 
 def conversations(path, n_conv=24, turns=6, seed=1) -> str:

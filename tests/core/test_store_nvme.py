@@ -13,7 +13,7 @@ from tierstore.client import Client  # noqa: E402
 from tierstore.config import DramConfig, NvmeConfig, StoreConfig  # noqa: E402
 from tierstore.keys import ExtraKeys, Keyer, Namespace  # noqa: E402
 from tierstore.store import Store  # noqa: E402
-from tierstore.tiers.base import DiskResult  # noqa: E402
+from tierstore.tiers.slot_tier import DiskResult  # noqa: E402
 from tierstore.types import BlockStatus, Tier  # noqa: E402
 
 B = 16
@@ -181,7 +181,7 @@ def test_a_block_repaired_away_while_pinned_goes_with_its_last_pin(tmp_path):
 def test_two_records_of_one_key_do_not_stop_the_store_from_opening(tmp_path):
     """Recovery keeps the first record of a key and deletes a second one (counted), instead of
     failing to open the data directory."""
-    from tierstore.tiers.base import DiskWrite
+    from tierstore.tiers.slot_tier import DiskWrite
 
     s = Store.open(cfg(tmp_path, dram=4))
     P = Keyer(NS, SECRET).chain(list(range(16)))

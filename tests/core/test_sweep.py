@@ -1,12 +1,12 @@
-"""tierstore.sweep: Belady and infinite references on hand-checked traces; sweep progress."""
+"""tierstore.sim.sweep: Belady and infinite references on hand-checked traces; sweep progress."""
 
 from __future__ import annotations
 
 import pytest
 
 from tierstore.errors import ConfigError
-from tierstore.replay import ReplayOptions, TraceRequest
-from tierstore.sweep import belady, infinite, sweep
+from tierstore.sim.replay import ReplayOptions, TraceRequest
+from tierstore.sim.sweep import belady, infinite, sweep
 
 
 def reqs(*ids_lists):
@@ -36,7 +36,7 @@ def test_token_hit_ratio_caps_the_last_block_at_the_input_length():
 
 
 def test_sweep_progress_is_monotone_and_ends_at_the_total():
-    pytest.importorskip("tierstore.workload")
+    pytest.importorskip("tierstore.sim.workload")
     seen = []
     d = sweep(ReplayOptions(num_requests=150), ["lru", "s3fifo"], ["100blocks", "400blocks"],
               progress=lambda done, total: seen.append((done, total)))

@@ -58,7 +58,7 @@ class DaemonProc:
         self.proc: subprocess.Popen | None = None
 
     def start(self, timeout_s: float = 20.0) -> "DaemonProc":
-        from tierstore.daemon.remote import RemoteClient
+        from tierstore.client.remote import RemoteClient
         from tierstore.errors import DaemonUnreachable
 
         logf = open(self.log, "ab")

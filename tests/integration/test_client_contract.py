@@ -1,7 +1,7 @@
 """One contract suite over both clients (issue 16 item 1): ``Client.embedded`` (a Store in this
 process) and ``RemoteClient`` (a real daemon this module starts, as the other integration tests
 do). Every test runs against both and asserts the same outcome: the rules of
-:mod:`tierstore.contract`."""
+:mod:`tierstore.client.contract`."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from daemon_support import DaemonProc, config_toml  # noqa: E402
 
 from tierstore.config import DramConfig, NvmeConfig, StoreConfig  # noqa: E402
-from tierstore.contract import StoreClient  # noqa: E402
+from tierstore.client.contract import StoreClient  # noqa: E402
 from tierstore.errors import (ConfigError, JobError, KeyPrefixError, PinError,  # noqa: E402
                               RejectedError, RetryLater, TierStoreError, TransferFailed)
 from tierstore.keys import Namespace  # noqa: E402
@@ -285,9 +285,9 @@ def test_error_replies_are_read_by_one_rule():
     names (tierstore.errors, plus the transfer's own), RetryLater with the sender's after_s
     (carried on the wire since this change; absent from an older sender: 0.0), any other name a
     TierStoreError that says which."""
-    from tierstore.daemon.remote import _raise_remote
+    from tierstore.client.remote import _raise_remote
     from tierstore.protocol.codec import error_body
-    from tierstore.transfer.base import AuthFailed, raise_remote
+    from tierstore.transfer.transport import AuthFailed, raise_remote
 
     def both(body):
         got = []

@@ -43,7 +43,7 @@ class FaultyDaemon(DaemonProc):
     """A daemon started through tools/fault_inject.py; ``plan(...)`` changes what fails."""
 
     def start(self, timeout_s: float = 20.0) -> "FaultyDaemon":
-        from tierstore.daemon.remote import RemoteClient
+        from tierstore.client.remote import RemoteClient
         from tierstore.errors import DaemonUnreachable
 
         self.plan_file = self.data_dir.parent / "plan.json"
@@ -387,7 +387,7 @@ def test_a_daemon_that_drops_the_connection_during_the_hello_is_unreachable(tmp_
     import struct
     import threading
 
-    from tierstore.daemon.remote import RemoteClient
+    from tierstore.client.remote import RemoteClient
     from tierstore.errors import DaemonUnreachable
 
     path = str(tmp_path / "s.sock")

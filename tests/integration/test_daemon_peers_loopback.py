@@ -12,7 +12,7 @@ import time
 import pytest
 from typer.testing import CliRunner
 
-from tierstore.daemon.remote import RemoteClient
+from tierstore.client.remote import RemoteClient
 from tierstore.daemon.server import DaemonServer
 from tierstore.keys import Namespace
 from tierstore.settings import load_settings
@@ -207,7 +207,7 @@ def test_issue13_item2_a_fetch_failing_at_block_5_keeps_blocks_0_to_4(pair):
     (``failed``, ``n`` 5 of ``promised`` 8) and pins the 5 for the caller. ``peers ls`` shows
     the failure and the kept blocks."""
     from tierstore.errors import TransferFailed
-    from tierstore.transfer.server import ServeHooks
+    from tierstore.transfer.peer_server import ServeHooks
 
     a, b, ca, cb = pair
     keys = ca.keyer(NS).chain(list(range(7000, 7000 + 16 * 8)))

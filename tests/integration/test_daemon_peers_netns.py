@@ -51,7 +51,7 @@ TIMEOUT_S = 2.0
 
 CLIENT = textwrap.dedent(r'''
     import json, sys, time
-    from tierstore.daemon.remote import RemoteClient
+    from tierstore.client.remote import RemoteClient
     from tierstore.keys import Namespace
 
     args = json.loads(sys.argv[1])

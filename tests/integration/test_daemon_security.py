@@ -28,7 +28,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 import daemon_support  # noqa: E402
 from daemon_support import ENV, ROOT, DaemonProc  # noqa: E402
 
-from tierstore.daemon.remote import RemoteClient  # noqa: E402
+from tierstore.client.remote import RemoteClient  # noqa: E402
 from tierstore.keys import Namespace  # noqa: E402
 
 pytestmark = pytest.mark.timeout(120)

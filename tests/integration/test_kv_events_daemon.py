@@ -23,7 +23,7 @@ from daemon_support import DaemonProc  # noqa: E402
 from kv_events_support import Subscriber, settle  # noqa: E402
 
 from tierstore.daemon.publisher import EPOCH_SHIFT  # noqa: E402
-from tierstore.daemon.remote import RemoteClient  # noqa: E402
+from tierstore.client.remote import RemoteClient  # noqa: E402
 from tierstore.events import engine_block  # noqa: E402
 from tierstore.keys import Namespace  # noqa: E402
 from tierstore.kv_events import media_of_blocks  # noqa: E402

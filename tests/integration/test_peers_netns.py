@@ -38,7 +38,7 @@ NODE = textwrap.dedent(r'''
     from tierstore.keys import Keyer, Namespace, load_secret
     from tierstore.store import Store
     from tierstore.transfer import PeerClient, PeerServer, PeerSettings
-    from tierstore.transfer.server import ServeHooks
+    from tierstore.transfer.peer_server import ServeHooks
 
     args = json.loads(sys.argv[1])
     NS = Namespace(model="m", block_size=16)

@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_vllm_e2e import BS, connector, make_prompts, run_engine  # noqa: E402
 
 from tierstore.daemon.publisher import EPOCH_SHIFT  # noqa: E402
-from tierstore.daemon.remote import RemoteClient  # noqa: E402
+from tierstore.client.remote import RemoteClient  # noqa: E402
 from tierstore.kv_events import media_of_blocks  # noqa: E402
 
 

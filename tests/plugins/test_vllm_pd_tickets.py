@@ -203,7 +203,7 @@ for h, p in (("169.254.169.254", 80), ("127.0.0.1", 2379), ("127.0.0.1", 7470)):
 import test_vllm_pd_tickets as T
 from tierstore.daemon.server import DaemonServer
 from tierstore.settings import load_settings
-from tierstore.daemon.remote import RemoteClient
+from tierstore.client.remote import RemoteClient
 from tierstore_plugins.vllm.metadata import PluginSettings
 from tierstore_plugins.vllm.scheduler_side import SchedulerSide
 

@@ -3,9 +3,9 @@
 What it owns (built from ``[peers]`` in tierstore/settings.py; nothing exists when disabled)::
 
     PeerServer     listens on [peers] host:port; serves lookups, leases and reads of this
-                   node's Store to authenticated peers (tierstore/transfer/server.py)
+                   node's Store to authenticated peers (tierstore/transfer/peer_server.py)
     PeerClient     one authenticated control session (+ data link) per peer, opened on first
-                   use; pulls blocks into this node's DRAM slab (tierstore/transfer/client.py)
+                   use; pulls blocks into this node's DRAM slab (tierstore/transfer/fetcher.py)
     membership     the static list of ``[peers] peers``, or etcd (this node registered under a
                    lease; the live members polled) — tierstore/cluster/membership.py
     _PeerState     per peer: state, last error, RPC latency, cumulative bytes / blocks /
@@ -48,7 +48,7 @@ and lookups ask every live peer, which is one RPC per peer and fine for tens of 
 
 Local fetch jobs are owned by ``peer-fetch`` (not by the asking connection): a client that
 disconnects mid-fetch must not free slots the transport is still writing; the Fetch settles
-them itself (tierstore/transfer/client.py, case XFER-12).
+them itself (tierstore/transfer/fetcher.py, case XFER-12).
 
 Threads: the PeerServer's accept/connection threads, the etcd keeper thread (EtcdMembership),
 and a small lookup pool (``peers-lookup-N``) — all owned by :class:`DaemonPeers` and stopped by
@@ -71,81 +71,6 @@ from tierstore.types import Tier
 log = logging.getLogger("tierstore.daemon.peers")
 
 FETCH_OWNER = "peer-fetch"
-
-
-# ----------------------------------------------------------------------------- results
-@dataclass(frozen=True)
-class Location:
-    """Where one hit block lives: ``tier`` on this node (``peer`` None) or on peer ``peer``."""
-
-    tier: Tier
-    peer: str | None = None
-
-    @property
-    def local(self) -> bool:
-        return self.peer is None
-
-    @property
-    def label(self) -> str:
-        return self.tier.label if self.peer is None else f"peer:{self.peer}/{self.tier.label}"
-
-
-@dataclass(frozen=True)
-class ClusterLookup:
-    """Answer of a lookup across nodes. A superset of :class:`tierstore.types.LookupResult`:
-    ``keys`` is the hit prefix (local blocks first, then blocks only peers hold), ``tiers`` the
-    nearest tier with :attr:`Tier.PEER` for remote blocks, ``locations`` the exact place.
-    Only the local blocks are pinned (``pinned``); remote ones are leased at fetch time."""
-
-    keys: tuple
-    locations: tuple[Location, ...]
-    block_size: int
-    local_blocks: int
-    pinned: bool = False
-    owner: str = ""
-
-    @property
-    def num_blocks(self) -> int:
-        return len(self.keys)
-
-    @property
-    def remote_blocks(self) -> int:
-        return len(self.keys) - self.local_blocks
-
-    @property
-    def hit_tokens(self) -> int:
-        return len(self.keys) * self.block_size
-
-    @property
-    def tiers(self) -> tuple[Tier, ...]:
-        return tuple(loc.tier if loc.local else Tier.PEER for loc in self.locations)
-
-    def by_peer(self) -> dict[str, int]:
-        out: dict[str, int] = {}
-        for loc in self.locations:
-            if loc.peer is not None:
-                out[loc.peer] = out.get(loc.peer, 0) + 1
-        return out
-
-
-def decode_locations(reply: dict) -> tuple[int, list[Location]]:
-    """(local blocks, locations) from a LOOKUP reply (``tiers`` bin + ``remote`` runs)."""
-    n = int(reply["n"])
-    local = int(reply.get("local", n))
-    tiers = bytes(reply["tiers"])
-    if len(tiers) != n or not 0 <= local <= n:
-        raise TierStoreError("lookup reply: tiers and counts disagree")
-    locs = [Location(Tier(tiers[i])) for i in range(local)]
-    i = local
-    for name, count in reply.get("remote", []):
-        for _ in range(int(count)):
-            if i >= n:
-                raise TierStoreError("lookup reply: remote runs longer than the hit")
-            locs.append(Location(Tier(tiers[i]), str(name)))
-            i += 1
-    if i != n:
-        raise TierStoreError("lookup reply: remote runs shorter than the hit")
-    return local, locs
 
 
 # ----------------------------------------------------------------------------- per peer

@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 
 from tierstore.errors import ConfigError
-from tierstore.policy.base import AdmissionPolicy, EvictionPolicy
+from tierstore.policy.interface import AdmissionPolicy, EvictionPolicy
 
 EVICTION: dict[str, str] = {
     "lru": "tierstore.policy.lru:LRU",
@@ -21,7 +21,7 @@ EVICTION: dict[str, str] = {
     "prefix-lhd": "tierstore.policy.lhd:PrefixLHD",
 }
 ADMISSION: dict[str, str] = {
-    "all": "tierstore.policy.base:AdmitAll",
+    "all": "tierstore.policy.interface:AdmitAll",
     "seen-twice": "tierstore.policy.admission:SeenTwice",
     "write-budget": "tierstore.policy.admission:WriteBudget",
 }

@@ -18,7 +18,7 @@ import time
 from collections import OrderedDict
 from typing import Callable, Sequence
 
-from tierstore.policy.base import ADMIT, REJECT, Admission, AdmissionPolicy, Key, throttled
+from tierstore.policy.interface import ADMIT, REJECT, Admission, AdmissionPolicy, Key, throttled
 
 # Keys remembered by SeenTwice: 2**20 keys of 32 bytes is ~100 MiB of Python objects at most,
 # and covers a million 512-token blocks, well past the reuse distance of a multi-terabyte tier.

@@ -14,7 +14,7 @@ from __future__ import annotations
 import heapq
 from typing import Callable, Optional
 
-from tierstore.policy.base import EvictionPolicy, Key
+from tierstore.policy.interface import EvictionPolicy, Key
 
 UNIT_BYTES = 1 << 20  # size unit of the frequency term; any constant gives the same order
 

@@ -60,7 +60,7 @@ import heapq
 from collections import OrderedDict
 from typing import Callable, Optional
 
-from tierstore.policy.base import EvictionPolicy, Key
+from tierstore.policy.interface import EvictionPolicy, Key
 
 REF_CLASSES = 7
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from typing import Callable, Optional
 
-from tierstore.policy.base import EvictionPolicy, Key
+from tierstore.policy.interface import EvictionPolicy, Key
 
 
 class LRU(EvictionPolicy):

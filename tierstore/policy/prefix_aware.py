@@ -31,7 +31,7 @@ import heapq
 from collections import OrderedDict
 from typing import Callable, Optional
 
-from tierstore.policy.base import EvictionPolicy, Key
+from tierstore.policy.interface import EvictionPolicy, Key
 
 _ORPHAN = float("-inf")  # priority of a block whose parent is not resident: it cannot be hit
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from typing import Callable, Optional
 
-from tierstore.policy.base import EvictionPolicy, Key
+from tierstore.policy.interface import EvictionPolicy, Key
 
 SMALL_FRACTION = 0.1  # the paper's small-queue size: 10% of the cache
 MAX_FREQ = 3  # the paper's 2-bit counter

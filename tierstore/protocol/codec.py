@@ -178,7 +178,7 @@ def error_body(exc: BaseException) -> dict:
 
 def error_from_body(body: dict, extra: Mapping[str, type] | None = None) -> TierStoreError:
     """The exception an error reply names: the one rule for every reader of error replies (the
-    daemon's clients, tierstore/daemon/remote.py, and the peer sessions, tierstore/transfer/).
+    daemon's clients, tierstore/client/remote.py, and the peer sessions, tierstore/transfer/).
     The class of that name from :mod:`tierstore.errors` or ``extra`` (a reader's own
     TierStoreError subclasses); any other name (a bug's ValueError, a newer release's class) is
     a TierStoreError whose message names it. A RetryLater keeps the ``after_s`` it was raised

@@ -20,7 +20,7 @@ import errno
 import mmap
 import os
 
-from tierstore.tiers.base import MemoryTier
+from tierstore.tiers.slot_tier import MemoryTier
 from tierstore.types import Tier
 
 PAGE = 4096

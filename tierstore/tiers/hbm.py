@@ -25,7 +25,7 @@ import torch
 
 from tierstore.errors import ConfigError
 from tierstore.io.copy import CopyEngine, PagedKV, slab_tensor
-from tierstore.tiers.base import MemoryTier, SlotTier
+from tierstore.tiers.slot_tier import MemoryTier, SlotTier
 from tierstore.types import Tier
 
 

@@ -92,7 +92,7 @@ import xxhash
 from tierstore.errors import ConfigError, FormatError
 from tierstore.io import disk
 from tierstore.io.disk import ALIGN, IoPool, aligned_buffer, round_up
-from tierstore.tiers.base import (
+from tierstore.tiers.slot_tier import (
     DiskEntry,
     DiskRead,
     DiskResult,

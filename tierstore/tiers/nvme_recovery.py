@@ -24,7 +24,7 @@ import shutil
 from tierstore.errors import FormatError
 from tierstore.io import disk
 from tierstore.io.disk import round_up
-from tierstore.tiers.base import DiskEntry
+from tierstore.tiers.slot_tier import DiskEntry
 from tierstore.tiers.record import HEADER_BYTES, is_header_like, verify_header
 
 log = logging.getLogger("tierstore.tiers.nvme")

@@ -31,7 +31,7 @@ import lmdb
 
 from tierstore.io import disk
 from tierstore.io.disk import aligned_buffer
-from tierstore.tiers.base import DiskWrite
+from tierstore.tiers.slot_tier import DiskWrite
 from tierstore.tiers.health import error_name
 from tierstore.tiers.record import KEY_BYTES, NS_BYTES
 

@@ -1,12 +1,12 @@
 """Peer transfer: sessions (auth + negotiation), transports (tcp, rdma, loopback), peer server
-and client. See base.py for the job contract, protocol.py for the frames, server.py and
-client.py for the seams the daemon and the vLLM connector use. Nothing here imports pyverbs at
+and fetcher. See transport.py for the job contract, peer_frames.py for the frames,
+peer_server.py and fetcher.py for the seams the daemon and the vLLM connector use. Nothing here imports pyverbs at
 import time (only transfer/verbs.py does, lazily)."""
 
-from tierstore.transfer.base import (AuthFailed, JobState, OutOfRange, ReadJob, Slab, Transport,
+from tierstore.transfer.transport import (AuthFailed, JobState, OutOfRange, ReadJob, Slab, Transport,
                                      TransportUnavailable)
-from tierstore.transfer.client import Fetch, PeerClient
-from tierstore.transfer.server import PeerServer, StoreProvider
+from tierstore.transfer.fetcher import Fetch, PeerClient
+from tierstore.transfer.peer_server import PeerServer, StoreProvider
 from tierstore.transfer.session import PeerSettings, PeerStats
 
 __all__ = ["AuthFailed", "Fetch", "JobState", "OutOfRange", "PeerClient", "PeerServer",

@@ -17,7 +17,7 @@ from typing import Any
 import xxhash
 
 from tierstore.errors import ChecksumFailed, TransferFailed
-from tierstore.transfer.base import Link, ReadJob, Slab, Transport
+from tierstore.transfer.transport import Link, ReadJob, Slab, Transport
 
 _servers: dict[tuple[str, int], Any] = {}
 _lock = threading.Lock()

@@ -41,8 +41,8 @@ import xxhash
 
 from tierstore.errors import ChecksumFailed, TransferFailed
 from tierstore.tiers.pinning import plan_chunks
-from tierstore.transfer.base import Link, ReadJob, Slab, Transport
-from tierstore.transfer.protocol import PeerMsg
+from tierstore.transfer.transport import Link, ReadJob, Slab, Transport
+from tierstore.transfer.peer_frames import PeerMsg
 from tierstore.transfer.verbs import (ACCESS_LOCAL_WRITE, ACCESS_REMOTE_READ, MTU_1024,
                                       WC_NAMES, WC_SUCCESS, VerbsUnavailable)
 

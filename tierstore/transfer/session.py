@@ -42,9 +42,9 @@ from typing import Any, Sequence
 
 from tierstore.errors import ProtocolError, TransferFailed
 from tierstore.protocol import codec
-from tierstore.transfer.base import (TRANSPORT_PREFERENCE, AuthFailed, TransportUnavailable,
+from tierstore.transfer.transport import (TRANSPORT_PREFERENCE, AuthFailed, TransportUnavailable,
                                      raise_remote)
-from tierstore.transfer.protocol import (MAX_FRAME_BYTES, NONCE_BYTES, PEER_VERSION,
+from tierstore.transfer.peer_frames import (MAX_FRAME_BYTES, NONCE_BYTES, PEER_VERSION,
                                          PRE_AUTH_MAX_FRAME_BYTES, SESSION_BYTES, PeerMsg,
                                          bin_field, field, pack_u32, unpack_u32, unpack_u64)
 

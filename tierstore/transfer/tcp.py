@@ -36,8 +36,8 @@ from typing import Sequence
 import xxhash
 
 from tierstore.errors import ChecksumFailed, TransferFailed
-from tierstore.transfer.base import JobState, Link, ReadJob, Slab, Transport
-from tierstore.transfer.protocol import PeerMsg, pack_u32
+from tierstore.transfer.transport import JobState, Link, ReadJob, Slab, Transport
+from tierstore.transfer.peer_frames import PeerMsg, pack_u32
 from tierstore.transfer.session import Conn, ControlSession, open_data_conn
 
 

@@ -27,7 +27,7 @@ from __future__ import annotations
 import os
 import sys
 
-from tierstore.transfer.base import TransportUnavailable
+from tierstore.transfer.transport import TransportUnavailable
 
 ACCESS_LOCAL_WRITE = 1
 ACCESS_REMOTE_WRITE = 2

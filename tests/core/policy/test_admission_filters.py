@@ -7,7 +7,7 @@ import pytest
 from tierstore.errors import ConfigError
 from tierstore.policy import make_admission, make_eviction
 from tierstore.policy.admission import Chain, SeenTwice, WriteBudget
-from tierstore.policy.base import ADMIT, REJECT, Verdict
+from tierstore.policy.interface import ADMIT, REJECT, Verdict
 
 
 class FakeClock:

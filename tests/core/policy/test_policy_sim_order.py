@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from tierstore.policy import make_eviction
-from tierstore.replay import ReplayOptions, replay
-from tierstore.workload import generate_trace
+from tierstore.sim.replay import ReplayOptions, replay
+from tierstore.sim.workload import generate_trace
 
 SIM = Path(__file__).resolve().parents[3] / "benchmarks" / "policy_sim.py"
 

@@ -1,6 +1,6 @@
 """The synthetic workload is deterministic, Mooncake-shaped and shares prefixes."""
 
-from tierstore.workload import generate_trace
+from tierstore.sim.workload import generate_trace
 
 
 def test_generate_trace_is_deterministic_and_well_formed():

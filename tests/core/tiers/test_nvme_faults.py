@@ -15,7 +15,7 @@ import lmdb
 import pytest
 
 from tierstore.io import disk
-from tierstore.tiers.base import DiskWrite
+from tierstore.tiers.slot_tier import DiskWrite
 from tierstore.tiers.health import WINDOW
 
 sys.path.insert(0, os.path.dirname(__file__))

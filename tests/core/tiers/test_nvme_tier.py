@@ -23,7 +23,7 @@ import pytest
 from tierstore.errors import ConfigError, FormatError
 from tierstore.io import disk
 from tierstore.tiers import record
-from tierstore.tiers.base import DiskRead, DiskWrite
+from tierstore.tiers.slot_tier import DiskRead, DiskWrite
 from tierstore.tiers.nvme import NvmeTier
 
 SLOT = 64 << 10

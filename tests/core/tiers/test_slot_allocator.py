@@ -4,7 +4,7 @@ import random
 
 import pytest
 
-from tierstore.tiers.base import SlotAllocator
+from tierstore.tiers.slot_tier import SlotAllocator
 
 
 def test_fresh_allocator_hands_out_slots_in_order():

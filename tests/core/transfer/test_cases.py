@@ -14,9 +14,9 @@ from transfer_support import NS, SLOT, SECRET, SlowHooks, chain, payload  # noqa
 from tierstore.config import DramConfig, NvmeConfig, StoreConfig
 from tierstore.errors import TransferFailed
 from tierstore.store import Store
-from tierstore.tiers.base import DiskResult
+from tierstore.tiers.slot_tier import DiskResult
 from tierstore.transfer import JobState, PeerClient, PeerServer, PeerSettings, TransportUnavailable
-from tierstore.transfer.server import ServeHooks
+from tierstore.transfer.peer_server import ServeHooks
 from tierstore.types import BlockStatus, Tier
 
 
@@ -37,7 +37,7 @@ class _HangingTransport:
         return getattr(self.real, k)
 
     def read_blocks(self, link, remote_slots, local_slots, sizes, checksums=None):
-        from tierstore.transfer.base import ReadJob
+        from tierstore.transfer.transport import ReadJob
         job = ReadJob("P", remote_slots, local_slots, sizes, num_parts=1)
         self.jobs.append(job)
         return job

@@ -1,5 +1,5 @@
 """Contract suite: every transport (loopback, TCP on 127.0.0.1, RDMA over fakeverbs) keeps the
-job contract of tierstore/transfer/base.py."""
+job contract of tierstore/transfer/transport.py."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from transfer_support import NS, SLOT, SlowHooks, chain, payload  # noqa: E402
 
 from tierstore.errors import ChecksumFailed, TransferFailed
 from tierstore.transfer import JobState, OutOfRange
-from tierstore.transfer.server import ServeHooks
+from tierstore.transfer.peer_server import ServeHooks
 
 
 def _store(p, keys):

@@ -14,7 +14,7 @@ from transfer_support import NS, SECRET, chain, payload  # noqa: E402
 
 from tierstore.protocol import codec
 from tierstore.transfer import AuthFailed, OutOfRange, TransportUnavailable
-from tierstore.transfer.protocol import PeerMsg, pack_u32
+from tierstore.transfer.peer_frames import PeerMsg, pack_u32
 from tierstore.transfer.session import choose_transport, open_data_conn
 
 
@@ -152,7 +152,7 @@ def test_handshake_has_one_deadline_not_one_per_recv(pair_factory):
     import time as _time
 
     from tierstore.protocol import codec
-    from tierstore.transfer.protocol import PeerMsg
+    from tierstore.transfer.peer_frames import PeerMsg
 
     p = pair_factory("tcp", timeout_s=0.5)
     host, port = p.addr
@@ -185,7 +185,7 @@ def test_unauthenticated_connections_are_capped(pair_factory):
     the idle ones are gone."""
     import socket as _socket
 
-    from tierstore.transfer.server import MAX_PREAUTH_CONNS
+    from tierstore.transfer.peer_server import MAX_PREAUTH_CONNS
 
     p = pair_factory("tcp", timeout_s=3.0)
     host, port = p.addr

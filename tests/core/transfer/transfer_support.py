@@ -9,7 +9,7 @@ from tierstore.config import DramConfig, StoreConfig
 from tierstore.keys import Keyer, Namespace
 from tierstore.store import Store
 from tierstore.transfer import PeerClient, PeerServer, PeerSettings, Slab
-from tierstore.transfer.server import ServeHooks
+from tierstore.transfer.peer_server import ServeHooks
 
 NS = Namespace(model="m", block_size=16)
 SECRET = b"s" * 32

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import pytest
 
-from tierstore.daemon.remote import RemoteClient
+from tierstore.client.remote import RemoteClient
 from tierstore.errors import TierStoreError, TransferFailed
 from tierstore.keys import Namespace
 

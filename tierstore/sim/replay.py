@@ -250,9 +250,9 @@ def write_trace(path: str | os.PathLike, requests: Sequence[TraceRequest]) -> in
 
 
 def generated_trace(num_requests: int) -> list[TraceRequest]:
-    """The embedded default workload (``tierstore.workload``, seed 0)."""
+    """The embedded default workload (``tierstore.sim.workload``, seed 0)."""
     try:
-        from tierstore.workload import generate_trace
+        from tierstore.sim.workload import generate_trace
     except ImportError as e:
         raise ConfigError(f"no TRACE given and the built-in workload generator is unavailable ({e})") from None
     return [parse_request(r, f"generated request {i}")
@@ -517,7 +517,7 @@ def load_requests(opts: ReplayOptions) -> tuple[list[TraceRequest], str]:
     if n < 1:
         raise ConfigError("nothing to replay: the generated workload needs at least one request "
                           f"(--requests {opts.num_requests}, --limit {opts.limit})")
-    return generated_trace(n), f"generated (tierstore.workload, {n} requests, seed 0)"
+    return generated_trace(n), f"generated (tierstore.sim.workload, {n} requests, seed 0)"
 
 
 class _Stopped(Exception):

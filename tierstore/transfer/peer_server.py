@@ -3,7 +3,7 @@
 The seam for the daemon: ``PeerServer(provider, secret, settings=..., node=..., host=..., port=...)``
 with ``start()`` / ``stop()``; ``provider`` is a :class:`StoreProvider` (wraps a
 :class:`tierstore.store.Store`) or anything with the same five members (``slab``, ``lookup``,
-``lease``, ``release``, ``release_owner``). Protocol: transfer/protocol.py; authentication and
+``lease``, ``release``, ``release_owner``). Protocol: transfer/peer_frames.py; authentication and
 negotiation: transfer/session.py.
 
 Leases (what keeps a remote read honest)::
@@ -40,8 +40,8 @@ import xxhash
 
 from tierstore.errors import ProtocolError, TierStoreError
 from tierstore.protocol import codec
-from tierstore.transfer.base import AuthFailed, OutOfRange, Slab, TransportUnavailable
-from tierstore.transfer.protocol import (MAX_FRAME_BYTES, NONCE_BYTES, PEER_VERSION,
+from tierstore.transfer.transport import AuthFailed, OutOfRange, Slab, TransportUnavailable
+from tierstore.transfer.peer_frames import (MAX_FRAME_BYTES, NONCE_BYTES, PEER_VERSION,
                                          PRE_AUTH_MAX_FRAME_BYTES, SESSION_BYTES, PeerMsg,
                                          bin_field, field as get_field, pack_u32, pack_u64,
                                          unpack_u32)

@@ -2,7 +2,7 @@
 
 A peer pair talks over two channels (DESIGN §7)::
 
-    control channel (one TCP connection per peer session, transfer/session.py + protocol.py)
+    control channel (one TCP connection per peer session, transfer/session.py + peer_frames.py)
         HELLO/AUTH  ->  LOOKUP (batched, optionally leasing = pinning on the server)  ->  RELEASE
     data channel (per transport)
         tcp:      several TCP connections; READ frame, then raw block bytes  -> recv_into our slots

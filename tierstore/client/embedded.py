@@ -14,9 +14,8 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from tierstore.config import StoreConfig
-from tierstore.contract import StoreClient, check_pin_owner
-from tierstore.datadir import (STORE_FILE, DataDirBusy, config_from_json,  # noqa: F401 (re-exported)
-                               config_to_json, open_data_dir)
+from tierstore.client.contract import StoreClient, check_pin_owner
+from tierstore.datadir import DataDirBusy, open_data_dir
 from tierstore.index.residency import request_owner, session_name, session_owner
 from tierstore.keys import ExtraKeys, Keyer, Namespace, NO_EXTRAS
 from tierstore.store import LOCAL, PUT_WAIT_S, Store
@@ -24,7 +23,7 @@ from tierstore.types import BlockKey, BlockStatus, LoadJob, LookupResult, StoreJ
 
 class Client:
     """One API over an in-process Store (this class) or the daemon (``tierstore.daemon``): both
-    implement :class:`tierstore.contract.StoreClient`."""
+    implement :class:`tierstore.client.contract.StoreClient`."""
 
     def __init__(self, store: Store, *, secret: bytes, data_dir: Path | None = None,
                  lock_fd: int | None = None, owner: str = LOCAL) -> None:
@@ -63,9 +62,9 @@ class Client:
     def connect(cls, socket_path: str | os.PathLike, *, timeout_s: float = 5.0,
                 secret: bytes | str | None = None):
         """A client of the daemon listening on ``socket_path`` (a
-        :class:`tierstore.daemon.remote.RemoteClient`: the same methods, bytes through the
+        :class:`tierstore.client.remote.RemoteClient`: the same methods, bytes through the
         daemon's shared-memory slab). Raises DaemonUnreachable when nothing answers."""
-        from tierstore.daemon.remote import RemoteClient
+        from tierstore.client.remote import RemoteClient
 
         return RemoteClient.connect(socket_path, timeout_s=timeout_s, secret=secret)
 

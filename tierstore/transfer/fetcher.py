@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 from tierstore.errors import TierStoreError, TransferFailed
-from tierstore.transfer.base import JobState, Link, ReadJob, Slab, Transport, TransportUnavailable
+from tierstore.transfer.transport import JobState, Link, ReadJob, Slab, Transport, TransportUnavailable
 from tierstore.transfer.session import ControlSession, PeerSettings
 from tierstore.types import BlockStatus
 

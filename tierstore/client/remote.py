@@ -37,7 +37,7 @@ import threading
 import time
 from typing import Any, Sequence
 
-from tierstore.contract import check_pin_owner
+from tierstore.client.contract import check_pin_owner
 from tierstore.errors import ConfigError, DaemonUnreachable, ProtocolError
 from tierstore.keys import Keyer, Namespace, load_secret
 from tierstore.protocol.codec import (FLAG_ERROR, PROTOCOL_VERSION, FrameError, MsgType, decode_body,
@@ -57,7 +57,7 @@ def _raise_remote(body: dict) -> None:
     (``error_from_body``; the peer transfer's own classes included, as a fetch may end in one);
     a RetryLater keeps the daemon's ``after_s``. Imported here, on the error path: the package
     tierstore.transfer is heavy and a daemon client never needs it otherwise."""
-    from tierstore.transfer.base import ERROR_CLASSES
+    from tierstore.transfer.transport import ERROR_CLASSES
 
     raise error_from_body(body, ERROR_CLASSES)
 
@@ -272,7 +272,7 @@ class RemoteClient:
                request: str | None = None) -> LookupResult:
         """Longest cached prefix of ``keys``. With ``peers=True`` the daemon also asks its peers
         (one batched RPC each) and the answer is a
-        :class:`tierstore.daemon.peers.ClusterLookup`: the same fields plus ``locations``
+        :class:`tierstore.cluster.lookup.ClusterLookup`: the same fields plus ``locations``
         (``Location(tier, peer)`` per hit block), ``local_blocks`` and ``by_peer()``; ``pin``
         pins only the local part. ``request`` (e.g. the engine's request id): the pins belong to
         that request of this connection, so releasing it (``unpin(..., request=)``,
@@ -282,7 +282,7 @@ class RemoteClient:
         if request is not None:
             body["request"] = request
         if peers:
-            from tierstore.daemon.peers import ClusterLookup, decode_locations
+            from tierstore.cluster.lookup import ClusterLookup, decode_locations
 
             body["peers"] = True
             r = self._call(MsgType.LOOKUP, body, idempotent=not pin)

@@ -1,7 +1,7 @@
 """The client contract: what every backend of the client API promises, written once.
 
 Two classes implement it: :class:`tierstore.client.Client` (``Client.embedded``: a Store in this
-process) and :class:`tierstore.daemon.remote.RemoteClient` (``Client.connect``: the per-node
+process) and :class:`tierstore.client.remote.RemoteClient` (``Client.connect``: the per-node
 daemon over its Unix socket, bytes through its shared-memory slab). admin/ and plugins/ code
 against :class:`StoreClient`, never against one of them; ``open_client`` returns either.
 tests/integration/test_client_contract.py runs one suite over both.

@@ -29,7 +29,7 @@ Routes:
   round-robin.
 
 The pooled reference is the same code with one node of N x ``capacity``. Per route the result
-reports ``block_hit_ratio`` and ``token_hit_ratio`` (definitions of tierstore/replay.py) over
+reports ``block_hit_ratio`` and ``token_hit_ratio`` (definitions of tierstore/sim/replay.py) over
 the whole cluster, the requests each node got (``load_imbalance`` = max / mean), and
 ``router_exact``: whether, at the end, each router index equals its node's residency
 (``media_of_blocks(store.blocks())``).
@@ -48,7 +48,7 @@ from tierstore.errors import ConfigError
 from tierstore.events import EventLog, engine_block
 from tierstore.keys import Keyer
 from tierstore.kv_events import KVEventIndex, Translator, decode_batch, encode_batch, media_of_blocks
-from tierstore.replay import BLOCK_TOKENS, ReplayOptions, TraceRequest, load_requests, plan
+from tierstore.sim.replay import BLOCK_TOKENS, ReplayOptions, TraceRequest, load_requests, plan
 
 ROUTES = ("round-robin", "prefix-aware")
 LOAD_BOUND = 1.25

@@ -1,7 +1,7 @@
 """Policy x capacity sweep of the trace replay, with the offline optimum and the infinite cache.
 
 ``tierstore replay --policy a,b --capacity 1M,3M`` calls :func:`sweep`; this module reads the
-trace once, runs one real store replay (:func:`tierstore.replay.replay_requests`, payload none)
+trace once, runs one real store replay (:func:`tierstore.sim.replay.replay_requests`, payload none)
 per policy and capacity, and adds two reference rows computed here without a store::
 
     belady    offline optimum (Belady's MIN): on a miss, evict the block whose next use lies
@@ -18,7 +18,7 @@ Reference semantics (the same prefix semantics as the replay and the reference s
 - Blocks are named by their trace ``hash_ids`` (in Mooncake traces an id already stands for its
   whole prefix, so this equals the store's chain keys).
 
-``block_hit_ratio`` and ``token_hit_ratio`` are defined as in :mod:`tierstore.replay`. The
+``block_hit_ratio`` and ``token_hit_ratio`` are defined as in :mod:`tierstore.sim.replay`. The
 result of :func:`sweep` is one plain dict::
 
     {"trace", "requests", "referenced_blocks", "input_tokens", "payload": "none", "model",
@@ -41,7 +41,7 @@ from dataclasses import replace
 from typing import Callable, Sequence
 
 from tierstore.errors import ConfigError
-from tierstore.replay import (BLOCK_TOKENS, ReplayOptions, TraceRequest, get_model,
+from tierstore.sim.replay import (BLOCK_TOKENS, ReplayOptions, TraceRequest, get_model,
                               load_requests, plan, replay_requests)
 from tierstore.units import parse_capacity
 
