@@ -42,19 +42,32 @@ import logging
 import threading
 import time
 from collections import deque
-from typing import TYPE_CHECKING, Iterable
+from typing import Any, Iterable, Protocol
 
 from tierstore.errors import PinError
 from tierstore.types import BlockKey, Tier
-
-if TYPE_CHECKING:  # pragma: no cover
-    from tierstore.store import Store
 
 log = logging.getLogger(__name__)
 
 FLUSH_OWNER = "move:flush"
 """Internal pin owner of queued blocks (no client owner has this form: the daemon names owners
 ``conn:``/``session:``/``job:``)."""
+
+
+class FlushHost(Protocol):
+    """What the flusher reads of its store (:class:`tierstore.store.Store` is the one host): the
+    store's lock (every call but the thread's loop runs under it), its residency index ``res``,
+    its pin books ``pins``, its ``counters`` and ``tiers``, and ``_flush_batch(keys) -> int``
+    (tierstore/moves.py: writes the batch to NVMe, returns the blocks written). Declared here so
+    that this module sits below the store instead of importing it."""
+
+    _lock: Any
+    res: Any
+    pins: Any
+    counters: Any
+    tiers: Any
+
+    def _flush_batch(self, keys: list[BlockKey]) -> int: ...
 
 
 class _Failed:
@@ -107,7 +120,7 @@ class WriteBehind:
     "peer_bench acceptance").
     """
 
-    def __init__(self, store: "Store", *, max_queue_bytes: int, batch_blocks: int = 128,
+    def __init__(self, store: FlushHost, *, max_queue_bytes: int, batch_blocks: int = 128,
                  batch_bytes: int = 256 << 20) -> None:
         self._s = store
         self.max_queue_bytes = max(1, int(max_queue_bytes))
