@@ -287,8 +287,8 @@ class RemoteClient:
             body["peers"] = True
             r = self._call(MsgType.LOOKUP, body, idempotent=not pin)
             local, locs = decode_locations(r)
-            return ClusterLookup(tuple(keys[:len(locs)]), tuple(locs), namespace.block_size,
-                                 local, pinned=pin, owner=self._pin_owner(request))
+            return ClusterLookup.of(keys[:len(locs)], locs, namespace.block_size, local,
+                                    pinned=pin, owner=self._pin_owner(request))
         r = self._call(MsgType.LOOKUP, body, idempotent=not pin)
         n = int(r["n"])
         tb = r["tiers"]

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from tierstore.errors import TierStoreError
-from tierstore.types import Tier
+from tierstore.types import LookupResult, Tier
 
 @dataclass(frozen=True)
 class Location:
@@ -30,34 +30,26 @@ class Location:
 
 
 @dataclass(frozen=True)
-class ClusterLookup:
-    """Answer of a lookup across nodes. A superset of :class:`tierstore.types.LookupResult`:
-    ``keys`` is the hit prefix (local blocks first, then blocks only peers hold), ``tiers`` the
-    nearest tier with :attr:`Tier.PEER` for remote blocks, ``locations`` the exact place.
-    Only the local blocks are pinned (``pinned``); remote ones are leased at fetch time."""
+class ClusterLookup(LookupResult):
+    """Answer of a lookup across nodes: a :class:`tierstore.types.LookupResult` whose ``keys`` are
+    the hit prefix (local blocks first, then blocks only peers hold) and whose ``tiers`` name
+    :attr:`Tier.PEER` for remote blocks, plus ``locations`` (the exact place of each block) and
+    ``local_blocks``. Only the local blocks are pinned (``pinned``); remote ones are leased at
+    fetch time. Build it with :meth:`of`."""
 
-    keys: tuple
-    locations: tuple[Location, ...]
-    block_size: int
-    local_blocks: int
-    pinned: bool = False
-    owner: str = ""
+    locations: tuple[Location, ...] = ()
+    local_blocks: int = 0
 
-    @property
-    def num_blocks(self) -> int:
-        return len(self.keys)
+    @classmethod
+    def of(cls, keys, locations, block_size: int, local_blocks: int, *, pinned: bool = False,
+           owner: str = "") -> "ClusterLookup":
+        locations = tuple(locations)
+        tiers = tuple(loc.tier if loc.local else Tier.PEER for loc in locations)
+        return cls(tuple(keys), tiers, block_size, pinned, owner, locations, local_blocks)
 
     @property
     def remote_blocks(self) -> int:
         return len(self.keys) - self.local_blocks
-
-    @property
-    def hit_tokens(self) -> int:
-        return len(self.keys) * self.block_size
-
-    @property
-    def tiers(self) -> tuple[Tier, ...]:
-        return tuple(loc.tier if loc.local else Tier.PEER for loc in self.locations)
 
     def by_peer(self) -> dict[str, int]:
         out: dict[str, int] = {}
