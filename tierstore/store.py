@@ -43,6 +43,7 @@ import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from operator import itemgetter
 from typing import Callable, Iterable, Sequence
 
 from tierstore.config import StoreConfig
@@ -184,6 +185,11 @@ class Store(TierMoves):
         self._closing = False
         self._recovery_reported = False
         self._loader: ThreadPoolExecutor | None = None   # stages asynchronous loads (NVMe reads)
+        if nvme is not None or Tier.HBM in self.tiers:
+            # started now, not on the first asynchronous load: starting a thread costs 2-3 ms,
+            # which the first engine step that loads from NVMe would pay
+            self._loader = ThreadPoolExecutor(1, thread_name_prefix="tierstore-load")
+            self._loader.submit(int)
         self._wb: WriteBehind | None = None
         if nvme is not None and getattr(dram, "holds_bytes", True):
             # NVMe holds a clean copy of every DRAM block; what waits for it (pinned) is bounded,
@@ -613,8 +619,9 @@ class Store(TierMoves):
             self._loader.submit(self._stage_async, jid, pl, list(keys), into)
             self.counters["loads_async"] += 1
             near = self.res.near
+            sources = bytes(itemgetter(*hs)(near)) if len(hs) > 1 else bytes(near[h] for h in hs)
             return LoadJob(jid, list(keys), [], [BlockStatus.MISSING] * len(keys), [], into,
-                           ready=False, expected=len(hs), sources=bytes(near[h] for h in hs))
+                           ready=False, expected=len(hs), sources=sources)
 
     def _loadable_prefix(self, keys: Sequence[BlockKey]) -> list[int]:
         hs = longest_prefix(self.res, keys)

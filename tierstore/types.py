@@ -15,11 +15,17 @@ BlockKey = bytes
 BLOCK_KEY_BYTES = 32
 
 
+_BYTES = {bytes}
+_KEY_LEN = {BLOCK_KEY_BYTES}
+
+
 def check_keys(keys, what: str = "key") -> None:
     """Raise :class:`~tierstore.errors.RejectedError` unless every key is ``bytes`` of
     :data:`BLOCK_KEY_BYTES` (a shorter or longer key would be stored and then never written to
     NVMe, or collide: refused at the API, issue 13 item 9)."""
-    if all(type(k) is bytes and len(k) == BLOCK_KEY_BYTES for k in keys):
+    if not isinstance(keys, (list, tuple)):
+        keys = list(keys)
+    if set(map(type, keys)) <= _BYTES and set(map(len, keys)) <= _KEY_LEN:   # C loops: ~4x faster
         return
     for k in keys:
         if type(k) is not bytes or len(k) != BLOCK_KEY_BYTES:
