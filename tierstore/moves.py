@@ -14,8 +14,9 @@ making room once if needed. ``_promote`` reads NVMe-only blocks into DRAM, verif
 (a corrupt record is a miss plus a counter and is deleted).
 
 Threading: every method here is called with the store's lock held and uses the store's state
-(``res``, ``pins``, ``tiers``, ``policies``, ``admission``, ``counters``, ``config``); none is
-public. Every call into the NVMe tier holds ``_nvme_lock`` (the tier is single-threaded); lock
+(``res``, ``pins``, ``tiers``, ``policies``, ``admission``, ``counters``, ``placement``); none is
+public. Where a victim goes and which copies a move keeps is asked of the store's
+:class:`~tierstore.policy.placement.Placement`. Every call into the NVMe tier holds ``_nvme_lock`` (the tier is single-threaded); lock
 order: store lock, then NVMe lock, never the reverse.
 
 NVMe I/O outside the store lock (``unlocked_io=True``): the store lock is released around
@@ -101,12 +102,13 @@ class TierMoves:
         if not victims:
             return 0
         slots = [self.res.slot(self.res.get(v), tier) for v in victims]
-        if tier is not Tier.HBM:
+        below = self.placement.demote_to(tier)
+        if below is None:   # dropped (DRAM: a clean copy on NVMe) or deleted (NVMe)
             return self._drop_victims(tier, victims, slots)
         self._move_hbm(victims, down=True)
         freed = self._drop_victims(tier, victims, slots)
-        if self._wb is not None:   # new in DRAM: their NVMe copies follow (pins them: after the drop)
-            self._wb.accept(victims)
+        if self._wb is not None and self.placement.copies_to_nvme(below):
+            self._wb.accept(victims)   # new in DRAM: NVMe copies follow (pins them: after the drop)
         return freed
 
     def _drop_victims(self, tier: Tier, victims: list[BlockKey], slots: list[int]) -> int:

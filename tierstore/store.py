@@ -12,7 +12,9 @@ store keeps these invariants:
 3. NVMe holds a clean copy of every DRAM block it admitted: ``complete_store`` queues new DRAM
    blocks for the flusher and returns; a load that reads a block from NVMe keeps its record; so
    a DRAM victim is dropped without a write. Between HBM and DRAM tiers are exclusive
-   (``StoreConfig.exclusive``): HBM victims move down, a load into HBM moves blocks up.
+   (``StoreConfig.exclusive``): HBM victims move down, a load into HBM moves blocks up. These
+   placement rules live in one pure object, :class:`~tierstore.policy.placement.Placement`
+   (``self.placement``), that the store and tierstore/moves.py ask.
 4. A load returns an exact prefix: it stops at the first block that is missing or fails its
    checksum (a miss plus a counter, never wrong bytes).
 5. Nothing a serving engine calls waits for the disk: ``prepare_store`` never writes (victims are
@@ -54,6 +56,7 @@ from tierstore.keys import Namespace, resolve_prefixes
 from tierstore.moves import TierMoves
 from tierstore.policy import make_admission, make_eviction
 from tierstore.policy.base import AdmissionPolicy, EvictionPolicy
+from tierstore.policy.placement import Placement
 from tierstore.retention import Retention, RetentionConfig
 from tierstore.tiers.base import DiskTier, MemoryTier, NullTier
 from tierstore.types import (BlockKey, BlockStatus, LoadJob, LookupResult, StoreJob, Tier,
@@ -170,6 +173,7 @@ class Store(TierMoves):
             self.tiers[Tier.HBM] = hbm
             self.policies[Tier.HBM] = make_eviction(config.hbm.policy if config.hbm else
                                                     config.dram.policy, hbm.num_slots)
+        self.placement = Placement.of(self.tiers, exclusive=config.exclusive)
         self.counters: Counter[str] = Counter()
         # retention hints: session pins bounded per tenant (tierstore/retention.py)
         self.retention = Retention(self.pins, self.res, dram.num_slots, self.counters)
@@ -436,7 +440,7 @@ class Store(TierMoves):
             status: list[BlockStatus] = []
             target = self.tiers[tier]
             need = sum(1 for k in keys if k not in self.res and k not in self._pending_keys)
-            wb = self._wb if tier is Tier.DRAM else None
+            wb = self._wb if self.placement.copies_to_nvme(tier) else None
             force = False
             if wb is not None and wait_s > 0 and need:
                 # a bulk writer: wait for room (the lock is released meanwhile), then take the
@@ -696,11 +700,12 @@ class Store(TierMoves):
                         status[i] = BlockStatus.FAILED
                         n_ok = min(n_ok, i)
                         break
-                for i, ok in zip(move, moved):
-                    if ok and self.config.exclusive and i < n_ok:
-                        self._release_slot(keys[i], hs[i], src,
-                                           own_pins=self.pins.held(pin_owner).get(keys[i], 0))
-                if into is Tier.DRAM and self._wb is not None:   # new in DRAM: NVMe copy follows
+                if not self.placement.keeps_source(src, into):   # exclusive: the source goes
+                    for i, ok in zip(move, moved):
+                        if ok and i < n_ok:
+                            self._release_slot(keys[i], hs[i], src,
+                                               own_pins=self.pins.held(pin_owner).get(keys[i], 0))
+                if self._wb is not None and self.placement.copies_to_nvme(into):   # NVMe copy follows
                     self._wb.accept(keys[i] for i, ok in zip(move, moved) if ok)
         hs_ok = hs[:n_ok]
         slots_into, size = self.res.slots[into], self.res.size
