@@ -53,7 +53,7 @@ from tierstore.events import STORED, EventLog, check_engine_blobs, decode_engine
 from tierstore.index.prefix import longest_prefix, longest_prefix_tiers
 from tierstore.index.residency import NOWHERE, REQUEST_SEP, TIER_BY_VALUE, PinBook, Residency
 from tierstore.keys import Namespace, resolve_prefixes
-from tierstore.moves import TierMoves
+from tierstore.moves import TierMover
 from tierstore.policy import make_admission, make_eviction
 from tierstore.policy.base import AdmissionPolicy, EvictionPolicy
 from tierstore.policy.placement import Placement
@@ -140,7 +140,7 @@ class _PendingLoad:
     started_s: float = 0.0           # the store's clock at prepare (check reports stale jobs)
 
 
-class Store(TierMoves):
+class Store:
     """A node's KV block pool over DRAM (+ optional NVMe, + later HBM) with one prefix index.
 
     Construct with :meth:`open` from a :class:`StoreConfig`, or pass ready tiers (tests).
@@ -157,7 +157,6 @@ class Store(TierMoves):
         self._promoting: set[BlockKey] = set()    # NVMe-only blocks being read into DRAM
         self._moved = threading.Condition(self._lock)   # notified when promotions finish
         self._reserved: Counter[Tier] = Counter()   # slots allocated, not in the index yet
-        self._nvme_touched: list[BlockKey] = []       # hits NVMe's policy has not seen yet
         self.res = Residency()
         self.pins = PinBook(self.res, clock=clock)
         self._clock = clock
@@ -195,6 +194,13 @@ class Store(TierMoves):
             queue_bytes = min(config.nvme.write_queue_bytes if config.nvme else 1 << 30,
                               max(config.slot_bytes, dram.num_slots * config.slot_bytes // 2))
             self._wb = WriteBehind(self, max_queue_bytes=queue_bytes)
+        # eviction and tier-to-tier moves (tierstore/moves.py), over the state above
+        self.mover = TierMover(res=self.res, pins=self.pins, tiers=self.tiers,
+                               policies=self.policies, counters=self.counters,
+                               placement=self.placement, lock=self._lock,
+                               nvme_lock=self._nvme_lock, reserved=self._reserved,
+                               ns_digest=self._ns_digest, is_closed=lambda: self._closed,
+                               wb=self._wb)
         if nvme is not None:
             self._recover_nvme(nvme)
 
@@ -450,7 +456,7 @@ class Store(TierMoves):
                 need = sum(1 for k in keys if k not in self.res and k not in self._pending_keys)
             short = need - target.slots.free_count
             if short > 0:   # one eviction pass for the whole job; no disk write
-                self._make_room(tier, short)
+                self.mover.make_room(tier, short)
             seen: set[BlockKey] = set()
             for k in keys:
                 if k in self.res or k in self._pending_keys or k in seen:
@@ -462,7 +468,7 @@ class Store(TierMoves):
                     status.append(BlockStatus.SKIPPED)
                     self.counters["store_skipped_write_queue"] += 1
                     continue
-                s = self._alloc(tier)
+                s = self.mover.alloc(tier)
                 if s is None:
                     if wb is not None:
                         wb.release(size_bytes)
@@ -552,21 +558,7 @@ class Store(TierMoves):
         if t is not None:
             self.policies[t].access(key)
         if t is not Tier.NVME and self.res.slot(h, Tier.NVME) >= 0:
-            self._touch_nvme((key,))
-
-    def _touch_nvme(self, keys: Sequence[BlockKey]) -> None:
-        """Hits on blocks NVMe also holds: its policy sees them in order, applied in one pass
-        before it next picks a victim (the flusher's thread, off the callers' path)."""
-        self._nvme_touched.extend(keys)
-        if len(self._nvme_touched) > 65536:
-            self._apply_nvme_touches()
-
-    def _apply_nvme_touches(self) -> None:
-        touched, self._nvme_touched = self._nvme_touched, []
-        pol = self.policies.get(Tier.NVME)
-        if pol is not None:
-            for k in touched:
-                pol.access(k)
+            self.mover.touch_nvme((key,))
 
     def flush(self, timeout_s: float | None = None, owner: str = LOCAL) -> bool:
         """Wait until every block stored before this call has its NVMe copy written (record,
@@ -685,7 +677,7 @@ class Store(TierMoves):
             promoting = [keys[i] for i in need]
             self._promoting.update(promoting)
             try:
-                n_ok = self._promote(keys, hs, need, status, unlocked_io=unlocked_io)
+                n_ok = self.mover.promote(keys, hs, need, status, unlocked_io=unlocked_io)
             finally:
                 self._promoting.difference_update(promoting)
                 self._moved.notify_all()
@@ -694,7 +686,7 @@ class Store(TierMoves):
             src = Tier.HBM if into is Tier.DRAM else Tier.DRAM
             move = [i for i in range(n_ok) if slot(hs[i], into) < 0]
             if move:
-                moved = self._move_hbm([keys[i] for i in move], down=into is Tier.DRAM)
+                moved = self.mover.move_hbm([keys[i] for i in move], down=into is Tier.DRAM)
                 for i, ok in zip(move, moved):
                     if not ok:
                         status[i] = BlockStatus.FAILED
@@ -703,7 +695,7 @@ class Store(TierMoves):
                 if not self.placement.keeps_source(src, into):   # exclusive: the source goes
                     for i, ok in zip(move, moved):
                         if ok and i < n_ok:
-                            self._release_slot(keys[i], hs[i], src,
+                            self.mover.release_slot(keys[i], hs[i], src,
                                                own_pins=self.pins.held(pin_owner).get(keys[i], 0))
                 if self._wb is not None and self.placement.copies_to_nvme(into):   # NVMe copy follows
                     self._wb.accept(keys[i] for i, ok in zip(move, moved) if ok)
@@ -718,7 +710,7 @@ class Store(TierMoves):
                 pol.access(keys[i])
         if Tier.NVME in self.tiers:   # NVMe's order follows every hit (applied when it evicts)
             nv = self.res.slots[Tier.NVME]
-            self._touch_nvme([keys[i] for i in range(n_ok)
+            self.mover.touch_nvme([keys[i] for i in range(n_ok)
                               if came_from[i] is not Tier.NVME and nv[hs[i]] >= 0])
         for t, c in Counter(came_from[:n_ok]).items():
             self.counters[_HIT_COUNTER[t]] += c
@@ -917,7 +909,7 @@ class Store(TierMoves):
                 else:
                     what = "evicted"
                     if not dry_run:
-                        self._release_slot(k, h, tier)
+                        self.mover.release_slot(k, h, tier)
                 out[what] += 1
                 if dry_run:
                     outcomes.append(what)
@@ -962,7 +954,7 @@ class Store(TierMoves):
         for t in list(self.res.tiers_of(h)):
             s = self.res.clear_slot(h, t)
             self.policies[t].remove(key)
-            self._free(t, s)   # NVMe: deletes the record
+            self.mover.free(t, s)   # NVMe: deletes the record
         self.res.remove(h)
 
     def blocks(self, limit: int | None = None, tier: Tier | None = None) -> list[dict]:
@@ -1198,7 +1190,7 @@ class Store(TierMoves):
                     pinning.unpin()
             for t, tier in self.tiers.items():
                 if t is not Tier.HBM:
-                    with self._tier_lock(t):   # waits for NVMe I/O in flight
+                    with self.mover.tier_lock(t):   # waits for NVMe I/O in flight
                         tier.close()
             self._closed = True
             self._moved.notify_all()

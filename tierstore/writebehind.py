@@ -33,7 +33,7 @@ Threading: one thread, ``tierstore-flush``, started by the first :meth:`accept` 
 lock held; the thread takes the store lock to pick a batch and to commit it, and releases it
 for the I/O (the NVMe tier is called under the store's ``_nvme_lock``, as every NVMe call).
 The store object is shared state: this class reads and changes ``res``, ``pins``, ``counters``
-and calls the store's NVMe helper in tierstore/moves.py (``_flush_batch``).
+and calls the store's mover in tierstore/moves.py (``mover.flush_batch``).
 """
 
 from __future__ import annotations
@@ -294,7 +294,7 @@ class WriteBehind:
                     return   # stopping, and nothing left
                 batch = self._next_batch()
                 try:
-                    written = s._flush_batch(batch)
+                    written = s.mover.flush_batch(batch)
                     s.counters["nvme_flushed_blocks"] += written
                     s.counters["nvme_flush_batches"] += 1
                 except Exception as e:   # never let the thread die: the blocks stay in DRAM
