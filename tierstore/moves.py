@@ -123,7 +123,22 @@ class TierMover:
         h = self.res.get(key)
         return h >= 0 and self.res.pins[h] == 0
 
+    def _can_evict(self, tier: Tier, n: int) -> bool:
+        """Whether ``tier`` holds at least ``n`` evictable (unpinned) blocks; changes nothing.
+        A policy's ``victim`` answers None only when none of its keys is evictable, so ``n``
+        evictable blocks mean ``n`` victims. Cheap when the tier holds more unpinned blocks than
+        pinned ones could take (O(owners)); else one pass over the index's columns."""
+        if n <= 1:   # one victim: asking the policy for it is the check
+            return True
+        if len(self.policies[tier]) - self.pins.pinned_blocks_bound() >= n:
+            return True
+        return sum(1 for s, p in zip(self.res.slots[tier], self.res.pins) if s >= 0 and not p) >= n
+
     def _pick_victims(self, tier: Tier, n: int) -> list[BlockKey]:
+        """``n`` victims of ``tier``, out of its policy, or none at all (nothing changed: the
+        policy, the index, the counters are as before)."""
+        if not self._can_evict(tier, n):
+            return []
         if tier is Tier.NVME and self._nvme_touched:
             self.apply_nvme_touches()
         pol = self.policies[tier]
@@ -137,10 +152,15 @@ class TierMover:
         return victims
 
     def make_room(self, tier: Tier, n: int) -> int:
-        """Evict up to ``n`` unpinned blocks from ``tier``; returns how many slots were freed.
-        DRAM victims are dropped (NVMe holds their clean copy, or they were never going to
-        reach it: not admitted, or still in the flusher's backlog — counted); HBM victims are
-        copied down to DRAM; NVMe victims are deleted. No disk write happens here."""
+        """Evict ``n`` unpinned blocks from ``tier``, atomically in vLLM's sense: all ``n``
+        victims are chosen before anything moves, and when ``tier`` holds fewer than ``n``
+        evictable blocks nothing is evicted and nothing changes (the caller then makes room
+        one slot at a time through :meth:`alloc`, or answers SKIPPED). Returns how many slots
+        were freed: ``n`` or 0. DRAM victims are dropped (NVMe holds their clean copy, or they
+        were never going to reach it: not admitted, or still in the flusher's backlog —
+        counted); HBM victims are copied down to DRAM (one that finds no DRAM slot is dropped
+        all the same: counted ``dram_staging_failed``); NVMe victims are deleted. No disk write
+        happens here."""
         victims = self._pick_victims(tier, n)
         if not victims:
             return 0
