@@ -50,7 +50,7 @@ from typing import TYPE_CHECKING, Callable, Sequence
 from tierstore.errors import JobError
 from tierstore.index.residency import PinBook, Residency
 from tierstore.policy.placement import Placement
-from tierstore.tiers.base import DiskRead, DiskWrite
+from tierstore.tiers.base import DiskError, DiskRead, DiskWrite
 from tierstore.types import BlockKey, BlockStatus, Tier
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -321,7 +321,7 @@ class TierMover:
                 continue
             self.free(Tier.NVME, s)
             self.counters[f"nvme_write_{r.error or 'error'}"] += 1
-            if r.error == "enospc" and retry and self.make_room(Tier.NVME, 1):
+            if r.error is DiskError.ENOSPC and retry and self.make_room(Tier.NVME, 1):
                 with self._nvme_lock:
                     s2 = nvme.alloc()
                 if s2 is not None:
@@ -382,10 +382,11 @@ class TierMover:
             h = hs[i]
             if r is not None and not r.ok:
                 dram.free(s)
-                status[i] = BlockStatus.CORRUPT if r.error == "corrupt" else BlockStatus.FAILED
-                self.counters["checksum_failures" if r.error == "corrupt" else "nvme_read_errors"] += 1
+                corrupt = r.error is DiskError.CORRUPT
+                status[i] = BlockStatus.CORRUPT if corrupt else BlockStatus.FAILED
+                self.counters["checksum_failures" if corrupt else "nvme_read_errors"] += 1
                 first_bad = min(first_bad, i)
-                if r.error == "corrupt":
+                if corrupt:
                     drop.append(i)
                 continue
             self.res.set_slot(h, Tier.DRAM, s)

@@ -173,6 +173,26 @@ class DiskTier(SlotTier):
 
 
 from dataclasses import dataclass  # noqa: E402  (kept next to the types it serves)
+from enum import StrEnum  # noqa: E402
+
+
+class DiskError(StrEnum):
+    """Why one item of a disk batch failed (:attr:`DiskResult.error`). A ``str``: its value is
+    the label the counters (``nvme_write_<error>``) and the tier's health
+    (tiers/health.py: ``tier_io_failures_total{error}``) show."""
+
+    EIO = "eio"                # an I/O error (EIO)
+    ENOSPC = "enospc"          # no space (ENOSPC, EDQUOT): the store retries after evicting
+    EINVAL = "einval"          # EINVAL (e.g. O_DIRECT alignment refused)
+    OSERROR = "oserror"        # any other OSError
+    COMPRESS = "compress"      # the codec failed (that item only)
+    META = "meta"              # the LMDB commit failed (a full or failing metadata filesystem)
+    CORRUPT = "corrupt"        # a read whose header or checksum does not verify
+    MISSING = "missing"        # a read of a slot that holds no record
+    BADSLOT = "badslot"        # the caller's mistakes: a slot not allocated or not backed,
+    TOO_LARGE = "too_large"    # a payload past ``slot_bytes``,
+    BADKEY = "badkey"          # a key or namespace digest of the wrong length,
+    BADBUF = "badbuf"          # a read buffer shorter than the record
 
 
 @dataclass(frozen=True)
@@ -208,4 +228,8 @@ class DiskRead:
 class DiskResult:
     ok: bool
     checksum: int = 0
-    error: str | None = None  # "enospc", "eio", "corrupt", "compress", ...
+    error: DiskError | None = None   # why it failed (None when ok); a str is taken as its value
+
+    def __post_init__(self) -> None:
+        if self.error is not None and not isinstance(self.error, DiskError):
+            self.error = DiskError(self.error)

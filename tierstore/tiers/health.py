@@ -33,21 +33,23 @@ import threading
 import time
 from collections import Counter, deque
 
+from tierstore.tiers.base import DiskError
+
 WINDOW = 32
 """Recent I/O outcomes that decide the state."""
 
 
-def error_name(e: BaseException) -> str:
+def error_name(e: BaseException) -> DiskError:
     """The error label of an OSError: ``enospc`` (also EDQUOT), ``eio``, ``einval``, else
     ``oserror``."""
     no = getattr(e, "errno", None)
     if no in (errno.ENOSPC, errno.EDQUOT):
-        return "enospc"
+        return DiskError.ENOSPC
     if no == errno.EIO:
-        return "eio"
+        return DiskError.EIO
     if no == errno.EINVAL:
-        return "einval"
-    return "oserror"
+        return DiskError.EINVAL
+    return DiskError.OSERROR
 
 
 class TierHealth:

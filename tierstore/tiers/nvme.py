@@ -48,7 +48,7 @@ adds the full payload checksum of every entry. Both live in tiers/nvme_recovery.
 
 Failures (issue 13 items 10-11): no I/O or LMDB failure escapes ``write_batch``, ``delete_batch``
 or ``put_namespace``. A failed record write, ``fdatasync`` or metadata commit fails that item
-(``DiskResult.error``: ``eio``, ``enospc``, ``einval``, ``meta``, ...) and zeroes the header of a
+(``DiskResult.error``, a :class:`~tierstore.tiers.base.DiskError`: ``eio``, ``enospc``, ``einval``, ``meta``, ...) and zeroes the header of a
 record it wrote, so nothing of it is visible now or after a restart. A metadata commit that cannot
 be made for a delete or a namespace is *owed*: the in-memory state moves on (the slot is freed,
 its header zeroed) and the LMDB part rides along with the next commit that succeeds
@@ -94,6 +94,7 @@ from tierstore.io import disk
 from tierstore.io.disk import ALIGN, IoPool, aligned_buffer, round_up
 from tierstore.tiers.base import (
     DiskEntry,
+    DiskError,
     DiskRead,
     DiskResult,
     DiskTier,
@@ -637,7 +638,7 @@ class NvmeTier(NvmeRecovery, NvmeUpkeep, DiskTier):
                 packed = self._compress(src)
             except Exception as e:  # noqa: BLE001 - any codec failure fails this item only
                 log.warning("nvme tier: compression of slot %d failed: %s", w.slot, e)
-                return DiskResult(False, checksum, "compress"), 0, 0
+                return DiskResult(False, checksum, DiskError.COMPRESS), 0, 0
             if len(packed) < size:
                 flags, stored = FLAG_ZSTD, len(packed)
                 b = st.bounce
@@ -677,11 +678,11 @@ class NvmeTier(NvmeRecovery, NvmeUpkeep, DiskTier):
         for i, w in enumerate(items):
             if not (0 <= w.slot < self.num_slots and self.slots.is_used(w.slot)
                     and self._is_ready(w.slot)):
-                results[i] = DiskResult(False, w.checksum, "badslot")
+                results[i] = DiskResult(False, w.checksum, DiskError.BADSLOT)
             elif memoryview(w.src).nbytes > self.slot_bytes:
-                results[i] = DiskResult(False, w.checksum, "too_large")
+                results[i] = DiskResult(False, w.checksum, DiskError.TOO_LARGE)
             elif len(w.key) != KEY_BYTES or len(w.ns_digest) != NS_BYTES:
-                results[i] = DiskResult(False, w.checksum, "badkey")
+                results[i] = DiskResult(False, w.checksum, DiskError.BADKEY)
             else:
                 todo.append(i)
         done = self._pool.map(lambda i: self._write_one(items[i]), todo)
@@ -696,10 +697,10 @@ class NvmeTier(NvmeRecovery, NvmeUpkeep, DiskTier):
                     self._written[items[i].slot] = 1
                 continue
             self.health.fail("write", res.error)
-            if res.error == "compress":
+            if res.error is DiskError.COMPRESS:
                 self.counters["compress_errors"] += 1
                 continue
-            if res.error == "enospc":
+            if res.error is DiskError.ENOSPC:
                 self.counters["enospc"] += 1
             else:
                 self.counters["io_errors"] += 1
@@ -742,9 +743,9 @@ class NvmeTier(NvmeRecovery, NvmeUpkeep, DiskTier):
             except lmdb.Error as e:
                 log.warning("nvme tier: metadata commit failed: %s", e)
                 self.counters["meta_errors"] += 1
-                self.health.fail("meta", "meta", str(e), n=len(meta))
+                self.health.fail("meta", DiskError.META, str(e), n=len(meta))
                 for i in meta:
-                    results[i] = DiskResult(False, results[i].checksum, "meta")
+                    results[i] = DiskResult(False, results[i].checksum, DiskError.META)
                 self._zero_headers([items[i].slot for i in meta])
                 return results  # type: ignore[return-value]
             self._paid(backlog | {items[i].slot for i in meta}, ns_backlog)
@@ -826,7 +827,7 @@ class NvmeTier(NvmeRecovery, NvmeUpkeep, DiskTier):
         try:
             dst = memoryview(r.dst).cast("B")
             if dst.nbytes < r.size:
-                return DiskResult(False, 0, "badbuf"), ""
+                return DiskResult(False, 0, DiskError.BADBUF), ""
             h, _ = self._read_record(st, r.slot, dst, bytes(r.key), r.size,
                                      self._stored[r.slot], self._flags[r.slot])
         except OSError as e:
@@ -834,12 +835,12 @@ class NvmeTier(NvmeRecovery, NvmeUpkeep, DiskTier):
             return DiskResult(False, 0, error_name(e)), "io_errors"
         except FormatError as e:
             log.warning("nvme tier: %s", e)
-            return DiskResult(False, 0, "corrupt"), "header_failures"
+            return DiskResult(False, 0, DiskError.CORRUPT), "header_failures"
         except ValueError as e:
             log.warning("nvme tier: %s", e)
-            return DiskResult(False, 0, "corrupt"), "checksum_failures"
+            return DiskResult(False, 0, DiskError.CORRUPT), "checksum_failures"
         if r.checksum and h.checksum != r.checksum:
-            return DiskResult(False, h.checksum, "corrupt"), "checksum_failures"
+            return DiskResult(False, h.checksum, DiskError.CORRUPT), "checksum_failures"
         return DiskResult(True, h.checksum), ""
 
     def read_batch(self, items: list[DiskRead]) -> list[DiskResult]:
@@ -848,7 +849,7 @@ class NvmeTier(NvmeRecovery, NvmeUpkeep, DiskTier):
         todo = []
         for i, r in enumerate(items):
             if not 0 <= r.slot < self.num_slots or self._stored[r.slot] < 0:
-                results[i] = DiskResult(False, 0, "missing")
+                results[i] = DiskResult(False, 0, DiskError.MISSING)
             else:
                 todo.append(i)
         done = self._pool.map(lambda i: self._read_one(items[i]), todo)
@@ -857,7 +858,7 @@ class NvmeTier(NvmeRecovery, NvmeUpkeep, DiskTier):
             if counter:
                 self.counters[counter] += 1
             if counter == "io_errors":
-                self.health.fail("read", res.error or "eio")
+                self.health.fail("read", res.error or DiskError.EIO)
             elif res.ok:
                 self.health.ok()
         self.counters["reads"] += sum(1 for r in results if r.ok)  # type: ignore[union-attr]

@@ -31,7 +31,7 @@ import lmdb
 
 from tierstore.io import disk
 from tierstore.io.disk import aligned_buffer
-from tierstore.tiers.base import DiskWrite
+from tierstore.tiers.base import DiskError, DiskWrite
 from tierstore.tiers.health import error_name
 from tierstore.tiers.record import KEY_BYTES, NS_BYTES
 
@@ -67,7 +67,7 @@ class NvmeUpkeep:
         except lmdb.Error as e:
             log.warning("nvme tier: namespace descriptor not committed (kept, retried): %s", e)
             self.counters["meta_errors"] += 1
-            self.health.fail("meta", "meta", str(e))
+            self.health.fail("meta", DiskError.META, str(e))
             self._owe(namespaces={bytes(digest): value})
             return
         self._paid(backlog, ns_backlog)
@@ -102,7 +102,7 @@ class NvmeUpkeep:
                 self._write_txn(lambda t: [t.put(k, value) for k in PROBE_META_KEYS])
             except lmdb.Error as e:
                 self.counters["meta_errors"] += 1
-                self.health.fail("meta", "meta", f"probe: {e}")
+                self.health.fail("meta", DiskError.META, f"probe: {e}")
                 return False
             self.health.ok()
             self._owe(probe=True)
@@ -159,7 +159,7 @@ class NvmeUpkeep:
         except lmdb.Error as e:
             log.warning("nvme tier: metadata still cannot be committed: %s", e)
             self.counters["meta_errors"] += 1
-            self.health.fail("meta", "meta", str(e))
+            self.health.fail("meta", DiskError.META, str(e))
             return False
         self._paid(backlog, ns_backlog)
         self.health.ok()
@@ -180,7 +180,7 @@ class NvmeUpkeep:
             log.warning("nvme tier: metadata delete of %d entries not committed (retried "
                         "later): %s", len(slots), e)
             self.counters["meta_errors"] += 1
-            self.health.fail("meta", "meta", str(e))
+            self.health.fail("meta", DiskError.META, str(e))
             self._owe(slots)
             return False
         self._paid(backlog, ns_backlog)
