@@ -47,6 +47,7 @@ from collections import Counter
 from contextlib import contextmanager, nullcontext
 from typing import TYPE_CHECKING, Callable, Sequence
 
+from tierstore import counter_names as cn
 from tierstore.errors import JobError
 from tierstore.index.residency import PinBook, Residency
 from tierstore.policy.placement import Placement
@@ -185,10 +186,10 @@ class TierMover:
                 continue
             if self.res.pins[h]:
                 self.policies[tier].insert(v, self.res.size[h], None)
-                self.counters[f"evictions_{tier.label}_kept_pinned"] += 1
+                self.counters[cn.EVICTIONS_KEPT_PINNED_OF[tier]] += 1
                 continue
             freed.append(self.res.clear_slot(h, tier))
-            self.counters[f"evictions_{tier.label}"] += 1
+            self.counters[cn.EVICTIONS_OF[tier]] += 1
             if self.res.nearest(h) is None:
                 self.res.remove(h)
         if tier is Tier.NVME:
@@ -225,7 +226,7 @@ class TierMover:
                 continue
             d = self.alloc(dst_tier)
             if d is None:
-                self.counters[f"{dst_tier.label}_staging_failed"] += 1
+                self.counters[cn.STAGING_FAILED_OF[dst_tier]] += 1
                 continue
             pairs.append((i, self.res.slot(h, src_tier), d))
         if pairs:
@@ -239,7 +240,7 @@ class TierMover:
                 self.res.set_slot(h, dst_tier, d)
                 self.policies[dst_tier].insert(k, self.res.size[h], None)
                 moved[i] = True
-            self.counters["demotions_hbm" if down else "promotions_hbm"] += len(pairs)
+            self.counters[cn.DEMOTIONS_HBM if down else cn.PROMOTIONS_HBM] += len(pairs)
         return moved
 
     def flush_batch(self, keys: list[BlockKey]) -> int:
@@ -287,7 +288,7 @@ class TierMover:
         for k in keys:
             s = self.alloc(Tier.NVME)
             if s is None:
-                self.counters["nvme_store_skipped"] += 1
+                self.counters[cn.NVME_STORE_SKIPPED] += 1
                 continue
             items.append((k, s, self._disk_write(k, s)))
         self._reserved[Tier.NVME] += len(items)
@@ -316,18 +317,18 @@ class TierMover:
                 self.res.set_slot(h, Tier.NVME, s)
                 self.res.checksum[h] = r.checksum
                 self.policies[Tier.NVME].insert(k, self.res.size[h], None)
-                self.counters["nvme_bytes_written"] += self.res.size[h]
+                self.counters[cn.NVME_BYTES_WRITTEN] += self.res.size[h]
                 written += 1
                 continue
             self.free(Tier.NVME, s)
-            self.counters[f"nvme_write_{r.error or 'error'}"] += 1
+            self.counters[cn.nvme_write_error(r.error)] += 1
             if r.error is DiskError.ENOSPC and retry and self.make_room(Tier.NVME, 1):
                 with self._nvme_lock:
                     s2 = nvme.alloc()
                 if s2 is not None:
                     again.append((k, s2, self._disk_write(k, s2)))
                     continue
-            self.counters["nvme_store_skipped"] += 1
+            self.counters[cn.NVME_STORE_SKIPPED] += 1
         self._reserved[Tier.NVME] += len(again)
         return again, written
 
@@ -355,12 +356,12 @@ class TierMover:
         for i in need:
             if self.res.slot(hs[i], Tier.NVME) < 0:   # its record went while the lock was free
                 status[i] = BlockStatus.FAILED
-                self.counters["nvme_read_errors"] += 1
+                self.counters[cn.NVME_READ_ERRORS] += 1
                 break
             s = self.alloc(Tier.DRAM)
             if s is None:   # no room to stage it: dropped (not an I/O failure; MET-38)
                 status[i] = BlockStatus.SKIPPED
-                self.counters["load_staging_failed"] += 1
+                self.counters[cn.LOAD_STAGING_FAILED] += 1
                 break
             staged.append((i, s))
         if not getattr(dram, "holds_bytes", True):
@@ -384,15 +385,15 @@ class TierMover:
                 dram.free(s)
                 corrupt = r.error is DiskError.CORRUPT
                 status[i] = BlockStatus.CORRUPT if corrupt else BlockStatus.FAILED
-                self.counters["checksum_failures" if corrupt else "nvme_read_errors"] += 1
+                self.counters[cn.CHECKSUM_FAILURES if corrupt else cn.NVME_READ_ERRORS] += 1
                 first_bad = min(first_bad, i)
                 if corrupt:
                     drop.append(i)
                 continue
             self.res.set_slot(h, Tier.DRAM, s)
             self.policies[Tier.DRAM].insert(keys[i], self.res.size[h], keys[i - 1] if i else None)
-            self.counters["promotions"] += 1
-            self.counters["nvme_bytes_read"] += self.res.size[h]
+            self.counters[cn.PROMOTIONS] += 1
+            self.counters[cn.NVME_BYTES_READ] += self.res.size[h]
             self.touch_nvme((keys[i],))   # the NVMe record stays: a clean copy
         for i in drop:   # a corrupt record is dropped from the index and the disk
             h = hs[i]

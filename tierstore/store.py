@@ -47,6 +47,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Sequence
 
+from tierstore import counter_names as cn
 from tierstore.config import StoreConfig
 from tierstore.errors import ConfigError, JobError, PinError, RejectedError
 from tierstore.events import STORED, EventLog, check_engine_blobs, decode_engine_block
@@ -66,18 +67,16 @@ from tierstore.writebehind import WriteBehind
 log = logging.getLogger(__name__)
 
 LOCAL = "local"
-_HIT_COUNTER = {t: f"load_hits_{t.label}" for t in Tier}
-# engine token accounting (account_tokens, case MET-38): promised = delivered + failed + dropped
-# per load vLLM accepted; declined = offered, vLLM took none of it
-TOKEN_OUTCOMES = ("promised", "delivered", "failed", "dropped", "declined")
-TOKEN_TIERS = tuple(dict.fromkeys([t.label for t in Tier] + ["peer", "unknown"]))
+# engine token accounting (account_tokens, case MET-38): the outcomes and tiers an engine reports
+TOKEN_OUTCOMES = cn.TOKEN_OUTCOMES
+TOKEN_TIERS = cn.TOKEN_TIERS
 
 
 def token_hit_ratio(counters: dict) -> float:
     """Delivered tokens / looked-up tokens (0.0 before any lookup): what engines got, not what
     lookups found or what was promised (case MET-38)."""
-    looked = counters.get("lookup_tokens", 0)
-    got = sum(v for k, v in counters.items() if k.startswith("tokens_delivered_"))
+    looked = counters.get(cn.LOOKUP_TOKENS, 0)
+    got = sum(v for k, v in counters.items() if k.startswith(cn.TOKENS_DELIVERED_PREFIX))
     return round(got / looked, 6) if looked else 0.0
 _NEAR = {**TIER_BY_VALUE, NOWHERE: None}   # Residency.near code -> nearest tier
 STALE_JOB_S = 600.0
@@ -260,12 +259,12 @@ class Store:
             h = self.res.add(e.key, ns_id, e.size, e.checksum, meta=e.meta)
             self.res.set_slot(h, Tier.NVME, e.slot)
             pol.insert(e.key, e.size, None)
-            self.counters["nvme_recovered"] += 1
+            self.counters[cn.NVME_RECOVERED] += 1
         if duplicates:
             log.warning("nvme: %d records repeat a key already recovered; deleted",
                         len(duplicates))
             nvme.delete_batch(duplicates)
-            self.counters["nvme_recovery_duplicates"] += len(duplicates)
+            self.counters[cn.NVME_RECOVERY_DUPLICATES] += len(duplicates)
 
     # ---------------------------------------------------------------- namespaces
     def _add_ns(self, digest: bytes, ns: Namespace | dict) -> int:
@@ -311,9 +310,9 @@ class Store:
             if pin:
                 for k in hit:
                     self.pins.pin(owner, k, ttl_s)
-            self.counters["lookups"] += 1
-            self.counters["lookup_hit_blocks"] += len(hs)
-            self.counters["lookup_miss_blocks"] += len(keys) - len(hs)
+            self.counters[cn.LOOKUPS] += 1
+            self.counters[cn.LOOKUP_HIT_BLOCKS] += len(hs)
+            self.counters[cn.LOOKUP_MISS_BLOCKS] += len(keys) - len(hs)
             return LookupResult(hit, tiers, namespace.block_size, pinned=pin, owner=owner)
 
     def pin(self, keys: Iterable[BlockKey], owner: str = LOCAL, ttl_s: float | None = None) -> int:
@@ -378,7 +377,7 @@ class Store:
     def _expire(self) -> None:
         n = self.pins.expire()
         if n:
-            self.counters["pins_expired"] += n
+            self.counters[cn.PINS_EXPIRED] += n
 
     def retain(self, keys: Iterable[BlockKey], *, session: str, tenant: str = "",
                ttl_s: float, priority: int = 0) -> dict:
@@ -466,7 +465,7 @@ class Store:
                 if wb is not None and not wb.reserve(size_bytes, force=force):
                     slots.append(None)   # the NVMe write-behind queue is full: no waiting
                     status.append(BlockStatus.SKIPPED)
-                    self.counters["store_skipped_write_queue"] += 1
+                    self.counters[cn.STORE_SKIPPED_WRITE_QUEUE] += 1
                     continue
                 s = self.mover.alloc(tier)
                 if s is None:
@@ -474,7 +473,7 @@ class Store:
                         wb.release(size_bytes)
                     slots.append(None)
                     status.append(BlockStatus.SKIPPED)
-                    self.counters["store_skipped"] += 1
+                    self.counters[cn.STORE_SKIPPED] += 1
                     continue
                 seen.add(k)
                 slots.append(s)
@@ -535,19 +534,19 @@ class Store:
                         self.res.set_meta(self.res.get(k), job.engine[i])
                 prev = k
             if new:
-                self.counters["stored_blocks"] += len(new)
-                self.counters[f"{job.tier.label}_bytes_written"] += len(new) * job.size
+                self.counters[cn.STORED_BLOCKS] += len(new)
+                self.counters[cn.BYTES_WRITTEN_OF[job.tier]] += len(new) * job.size
                 if job.budget and self._wb is not None:
                     admitted = [k for k in new
                                 if self.admission[Tier.NVME].admit(k, job.size).admitted]
                     if len(admitted) < len(new):
-                        self.counters["nvme_admission_rejects"] += len(new) - len(admitted)
+                        self.counters[cn.NVME_ADMISSION_REJECTS] += len(new) - len(admitted)
                         self._wb.release(job.budget * (len(new) - len(admitted)))
                     self._wb.accept(admitted, reserved=True, owner=job.owner)
             if failed and not any(oks):
-                self.counters["stores_aborted"] += 1
+                self.counters[cn.STORES_ABORTED] += 1
             elif failed:
-                self.counters["store_blocks_failed"] += failed
+                self.counters[cn.STORE_BLOCKS_FAILED] += failed
             return list(job.status)
 
     def _touch(self, key: BlockKey) -> None:
@@ -607,7 +606,7 @@ class Store:
             if self._loader is None:
                 self._loader = ThreadPoolExecutor(1, thread_name_prefix="tierstore-load")
             self._loader.submit(self._stage_async, jid, pl, list(keys), into)
-            self.counters["loads_async"] += 1
+            self.counters[cn.LOADS_ASYNC] += 1
             near = self.res.near
             return LoadJob(jid, list(keys), [], [BlockStatus.MISSING] * len(keys), [], into,
                            ready=False, expected=len(hs), sources=bytes(near[h] for h in hs))
@@ -638,7 +637,7 @@ class Store:
             except Exception as e:   # the job ends with nothing ready; its pins go
                 if not isinstance(e, JobError):
                     log.exception("loader: staging load job %d failed", jid)
-                self.counters["loads_failed"] += 1
+                self.counters[cn.LOADS_FAILED] += 1
                 self.pins.release_owner(pl.pin_owner)
                 pl.keys = []
                 pl.result = LoadJob(jid, keys, [], [BlockStatus.FAILED] * len(keys), [], into)
@@ -713,16 +712,16 @@ class Store:
             self.mover.touch_nvme([keys[i] for i in range(n_ok)
                               if came_from[i] is not Tier.NVME and nv[hs[i]] >= 0])
         for t, c in Counter(came_from[:n_ok]).items():
-            self.counters[_HIT_COUNTER[t]] += c
+            self.counters[cn.LOAD_HITS_OF[t]] += c
         held = self.pins.held(pin_owner)
         for k in pl.keys[n_ok:]:
             if held.get(k):
                 self.pins.unpin(pin_owner, k)
                 held[k] -= 1
-        self.counters["loaded_blocks"] += n_ok
-        self.counters["load_bytes"] += sum(sizes)
+        self.counters[cn.LOADED_BLOCKS] += n_ok
+        self.counters[cn.LOAD_BYTES] += sum(sizes)
         if n_ok < len(pl.keys):
-            self.counters["load_short_blocks"] += len(pl.keys) - n_ok
+            self.counters[cn.LOAD_SHORT_BLOCKS] += len(pl.keys) - n_ok
         pl.keys, pl.sizes = list(keys[:n_ok]), sizes
         pl.result = LoadJob(jid, list(keys), slots, status, sizes, into,
                             expected=len(hs), sources=bytes(near[h] for h in hs))
@@ -771,7 +770,7 @@ class Store:
             if job is None:
                 raise JobError(f"unknown load job {job_id}")
             if not ok:
-                self.counters["loads_failed"] += 1
+                self.counters[cn.LOADS_FAILED] += 1
             if job.result is None:
                 job.cancelled = True
                 return
@@ -809,12 +808,12 @@ class Store:
             if not isinstance(v, int) or isinstance(v, bool) or v < 0:
                 raise RejectedError(f"token count {k!r} must be a non-negative int")
             if k == "lookup":
-                add.append(("lookup_tokens", v))
+                add.append((cn.LOOKUP_TOKENS, v))
                 continue
             outcome, _, tier = str(k).partition(".")
             if outcome not in TOKEN_OUTCOMES or tier not in TOKEN_TIERS:
                 raise RejectedError(f"unknown token counter {k!r}")
-            add.append((f"tokens_{outcome}_{tier}", v))
+            add.append((cn.tokens(outcome, tier), v))
         with self._lock:
             for name, v in add:
                 self.counters[name] += v
@@ -1041,7 +1040,7 @@ class Store:
             c = dict(self.counters)
             for t, tier in self.tiers.items():   # a copy: NVMe I/O may run beside this
                 for name, v in dict(getattr(tier, "counters", {})).items():
-                    c[f"{t.label}_{name}"] = v
+                    c[cn.tier_counter(t.label, name)] = v
             return {
                 "health": self._health(),
                 "blocks": len(self.res),
@@ -1181,7 +1180,7 @@ class Store:
             for jid in list(self._loads):
                 pl = self._loads.pop(jid)
                 self.pins.release_owner(pl.pin_owner)
-                self.counters["loads_failed"] += 1
+                self.counters[cn.LOADS_FAILED] += 1
             hbm = self.tiers.get(Tier.HBM)
             if hbm is not None:   # its copy engine holds views of the DRAM slab: close it first
                 hbm.close()

@@ -44,6 +44,7 @@ import time
 from collections import deque
 from typing import TYPE_CHECKING, Iterable
 
+from tierstore import counter_names as cn
 from tierstore.errors import PinError
 from tierstore.types import BlockKey, Tier
 
@@ -295,11 +296,11 @@ class WriteBehind:
                 batch = self._next_batch()
                 try:
                     written = s.mover.flush_batch(batch)
-                    s.counters["nvme_flushed_blocks"] += written
-                    s.counters["nvme_flush_batches"] += 1
+                    s.counters[cn.NVME_FLUSHED_BLOCKS] += written
+                    s.counters[cn.NVME_FLUSH_BATCHES] += 1
                 except Exception as e:   # never let the thread die: the blocks stay in DRAM
                     log.exception("write-behind: a batch of %d blocks failed", len(batch))
-                    s.counters["nvme_flush_errors"] += 1
+                    s.counters[cn.NVME_FLUSH_ERRORS] += 1
                     health = getattr(s.tiers.get(Tier.NVME), "health", None)
                     if health is not None:   # a failing tier shows, whatever raised
                         health.fail("write", "internal", f"{type(e).__name__}: {e}")

@@ -89,6 +89,7 @@ from pathlib import Path
 import lmdb
 import xxhash
 
+from tierstore import counter_names as cn
 from tierstore.errors import ConfigError, FormatError
 from tierstore.io import disk
 from tierstore.io.disk import ALIGN, IoPool, aligned_buffer, round_up
@@ -205,10 +206,7 @@ class NvmeTier(NvmeRecovery, NvmeUpkeep, DiskTier):
         self.zstd_level = zstd_level
         self.fsync = fsync
         self.direct = disk.resolve_direct_io(direct_io, str(self.slab_dir))
-        self.counters = {"writes": 0, "reads": 0, "deletes": 0, "checksum_failures": 0,
-                         "header_failures": 0, "io_errors": 0, "compress_errors": 0,
-                         "enospc": 0, "stored_raw_incompressible": 0, "meta_errors": 0,
-                         "prepared_bytes": 0}
+        self.counters = dict.fromkeys(cn.TIER_COUNTERS, 0)   # the names: counter_names.py
         self.last_recovery: dict = {}
         self.dropped_slots: list[int] = []   # slots freed by the last check(fix=True)
         self.health = TierHealth("nvme")
@@ -277,7 +275,7 @@ class NvmeTier(NvmeRecovery, NvmeUpkeep, DiskTier):
                 if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
                     self._undo_grow(f, ready, created)   # EIO and the like: nothing half-grown
                     raise
-                self.counters["enospc"] += 1
+                self.counters[cn.T_ENOSPC] += 1
                 os.ftruncate(fd, ready * self.record_bytes)   # drop any partial allocation
                 if ready + add == need:
                     break
@@ -464,7 +462,7 @@ class NvmeTier(NvmeRecovery, NvmeUpkeep, DiskTier):
                 grown = self._grow(f, i + 1)
             except OSError as e:
                 log.warning("nvme tier: growing %s failed: %s", self._file_path(f), e)
-                self.counters["io_errors"] += 1
+                self.counters[cn.T_IO_ERRORS] += 1
                 self.health.fail("grow", error_name(e), e.strerror or str(e))
                 self.slots.free(s)
                 return None
@@ -532,12 +530,12 @@ class NvmeTier(NvmeRecovery, NvmeUpkeep, DiskTier):
         for run, err in zip(runs, self._pool.map(self._zero_slots, runs)):
             if err is not None:
                 log.warning("nvme tier: preparing slots %d-%d failed: %s", run[0], run[-1], err)
-                self.counters["io_errors"] += 1
+                self.counters[cn.T_IO_ERRORS] += 1
                 continue
             for slot in run:
                 self._written[slot] = 1
             done += len(run) * self.record_bytes
-        self.counters["prepared_bytes"] += done
+        self.counters[cn.T_PREPARED_BYTES] += done
         return done
 
     def _unprepared(self, limit: int) -> list[int]:
@@ -698,12 +696,12 @@ class NvmeTier(NvmeRecovery, NvmeUpkeep, DiskTier):
                 continue
             self.health.fail("write", res.error)
             if res.error is DiskError.COMPRESS:
-                self.counters["compress_errors"] += 1
+                self.counters[cn.T_COMPRESS_ERRORS] += 1
                 continue
             if res.error is DiskError.ENOSPC:
-                self.counters["enospc"] += 1
+                self.counters[cn.T_ENOSPC] += 1
             else:
-                self.counters["io_errors"] += 1
+                self.counters[cn.T_IO_ERRORS] += 1
             torn.append(items[i].slot)
         self._zero_headers(torn)   # a failed pwritev may have written part of a header
         if self.fsync and meta:
@@ -714,7 +712,7 @@ class NvmeTier(NvmeRecovery, NvmeUpkeep, DiskTier):
                     os.fdatasync(self._fds[f])
                 except OSError as e:
                     log.warning("nvme tier: fdatasync of %s failed: %s", self._file_path(f), e)
-                    self.counters["io_errors"] += 1
+                    self.counters[cn.T_IO_ERRORS] += 1
                     bad[f] = error_name(e)
                     self.health.fail("fsync", bad[f], e.strerror or str(e))
             lost = [i for i in meta if items[i].slot // self.file_slots in bad]
@@ -742,7 +740,7 @@ class NvmeTier(NvmeRecovery, NvmeUpkeep, DiskTier):
                 self._write_txn(publish)
             except lmdb.Error as e:
                 log.warning("nvme tier: metadata commit failed: %s", e)
-                self.counters["meta_errors"] += 1
+                self.counters[cn.T_META_ERRORS] += 1
                 self.health.fail("meta", DiskError.META, str(e), n=len(meta))
                 for i in meta:
                     results[i] = DiskResult(False, results[i].checksum, DiskError.META)
@@ -758,8 +756,8 @@ class NvmeTier(NvmeRecovery, NvmeUpkeep, DiskTier):
                 self._stored[s], self._flags[s], self._sizes[s] = stored, flags, size
                 self._account(s, stored, size, +1)
                 if flags == 0 and self.compression == "zstd" and stored:
-                    self.counters["stored_raw_incompressible"] += 1
-            self.counters["writes"] += len(meta)
+                    self.counters[cn.T_STORED_RAW_INCOMPRESSIBLE] += 1
+            self.counters[cn.T_WRITES] += len(meta)
         return results  # type: ignore[return-value]
 
     # ------------------------------------------------------------------ read
@@ -832,15 +830,15 @@ class NvmeTier(NvmeRecovery, NvmeUpkeep, DiskTier):
                                      self._stored[r.slot], self._flags[r.slot])
         except OSError as e:
             log.warning("nvme tier: read of slot %d failed: %s", r.slot, e)
-            return DiskResult(False, 0, error_name(e)), "io_errors"
+            return DiskResult(False, 0, error_name(e)), cn.T_IO_ERRORS
         except FormatError as e:
             log.warning("nvme tier: %s", e)
-            return DiskResult(False, 0, DiskError.CORRUPT), "header_failures"
+            return DiskResult(False, 0, DiskError.CORRUPT), cn.T_HEADER_FAILURES
         except ValueError as e:
             log.warning("nvme tier: %s", e)
-            return DiskResult(False, 0, DiskError.CORRUPT), "checksum_failures"
+            return DiskResult(False, 0, DiskError.CORRUPT), cn.T_CHECKSUM_FAILURES
         if r.checksum and h.checksum != r.checksum:
-            return DiskResult(False, h.checksum, DiskError.CORRUPT), "checksum_failures"
+            return DiskResult(False, h.checksum, DiskError.CORRUPT), cn.T_CHECKSUM_FAILURES
         return DiskResult(True, h.checksum), ""
 
     def read_batch(self, items: list[DiskRead]) -> list[DiskResult]:
@@ -857,11 +855,11 @@ class NvmeTier(NvmeRecovery, NvmeUpkeep, DiskTier):
             results[i] = res
             if counter:
                 self.counters[counter] += 1
-            if counter == "io_errors":
+            if counter == cn.T_IO_ERRORS:
                 self.health.fail("read", res.error or DiskError.EIO)
             elif res.ok:
                 self.health.ok()
-        self.counters["reads"] += sum(1 for r in results if r.ok)  # type: ignore[union-attr]
+        self.counters[cn.T_READS] += sum(1 for r in results if r.ok)  # type: ignore[union-attr]
         return results  # type: ignore[return-value]
 
     # ------------------------------------------------------------------ delete
@@ -879,7 +877,7 @@ class NvmeTier(NvmeRecovery, NvmeUpkeep, DiskTier):
             if live:
                 self._delete_entries(live)
                 self._zero_headers(live)
-                self.counters["deletes"] += len(live)
+                self.counters[cn.T_DELETES] += len(live)
         finally:
             for s in live:
                 self._account(s, self._stored[s], self._sizes[s], -1)

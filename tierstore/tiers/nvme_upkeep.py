@@ -29,6 +29,7 @@ import struct
 
 import lmdb
 
+from tierstore import counter_names as cn
 from tierstore.io import disk
 from tierstore.io.disk import aligned_buffer
 from tierstore.tiers.base import DiskError, DiskWrite
@@ -66,7 +67,7 @@ class NvmeUpkeep:
             self._write_txn(lambda t: self._owed(t, backlog, ns_backlog))
         except lmdb.Error as e:
             log.warning("nvme tier: namespace descriptor not committed (kept, retried): %s", e)
-            self.counters["meta_errors"] += 1
+            self.counters[cn.T_META_ERRORS] += 1
             self.health.fail("meta", DiskError.META, str(e))
             self._owe(namespaces={bytes(digest): value})
             return
@@ -87,21 +88,21 @@ class NvmeUpkeep:
             res, _, _ = self._write_one(DiskWrite(s, PROBE_KEY, bytes(NS_BYTES),
                                                   aligned_buffer(self.slot_bytes)))
             if not res.ok:
-                self.counters["io_errors"] += 1
+                self.counters[cn.T_IO_ERRORS] += 1
                 self.health.fail("write", res.error, "probe")
                 return False
             if self.fsync:
                 try:
                     os.fdatasync(self._fds[s // self.file_slots])
                 except OSError as e:
-                    self.counters["io_errors"] += 1
+                    self.counters[cn.T_IO_ERRORS] += 1
                     self.health.fail("fsync", error_name(e), "probe")
                     return False
             value = bytes(VALUE.size)
             try:   # as many new entries as a flusher batch commits (the metadata must grow)
                 self._write_txn(lambda t: [t.put(k, value) for k in PROBE_META_KEYS])
             except lmdb.Error as e:
-                self.counters["meta_errors"] += 1
+                self.counters[cn.T_META_ERRORS] += 1
                 self.health.fail("meta", DiskError.META, f"probe: {e}")
                 return False
             self.health.ok()
@@ -158,7 +159,7 @@ class NvmeUpkeep:
             self._write_txn(lambda t: self._owed(t, backlog, ns_backlog))
         except lmdb.Error as e:
             log.warning("nvme tier: metadata still cannot be committed: %s", e)
-            self.counters["meta_errors"] += 1
+            self.counters[cn.T_META_ERRORS] += 1
             self.health.fail("meta", DiskError.META, str(e))
             return False
         self._paid(backlog, ns_backlog)
@@ -179,7 +180,7 @@ class NvmeUpkeep:
         except lmdb.Error as e:
             log.warning("nvme tier: metadata delete of %d entries not committed (retried "
                         "later): %s", len(slots), e)
-            self.counters["meta_errors"] += 1
+            self.counters[cn.T_META_ERRORS] += 1
             self.health.fail("meta", DiskError.META, str(e))
             self._owe(slots)
             return False
@@ -209,7 +210,7 @@ class NvmeUpkeep:
         self._unzeroed.difference_update(slots)
         for s, err in zip(slots, errors):
             if err is not None:
-                self.counters["io_errors"] += 1
+                self.counters[cn.T_IO_ERRORS] += 1
                 self.health.fail("zero", err, f"header of slot {s}")
                 self._unzeroed.add(s)
         self.health.set_pending("header_zeroings", len(self._unzeroed))
