@@ -364,7 +364,7 @@ class TierMover:
                 self.counters[cn.LOAD_STAGING_FAILED] += 1
                 break
             staged.append((i, s))
-        if not getattr(dram, "holds_bytes", True):
+        if not dram.holds_bytes:
             results = [None] * len(staged)
         else:
             reads = [DiskRead(self.res.slot(hs[i], Tier.NVME), keys[i], dram.view(s),

@@ -187,7 +187,7 @@ class Store:
         self._recovery_reported = False
         self._loader: ThreadPoolExecutor | None = None   # stages asynchronous loads (NVMe reads)
         self._wb: WriteBehind | None = None
-        if nvme is not None and getattr(dram, "holds_bytes", True):
+        if nvme is not None and dram.holds_bytes:
             # NVMe holds a clean copy of every DRAM block; what waits for it (pinned) is bounded,
             # at most half of DRAM, so loads always find slots to stage NVMe blocks in
             queue_bytes = min(config.nvme.write_queue_bytes if config.nvme else 1 << 30,
@@ -981,7 +981,7 @@ class Store:
             for k in keys:
                 h = self.res.get(k)
                 c = self.res.checksum[h] if h >= 0 else 0
-                if not c and compute and h >= 0 and getattr(dram, "holds_bytes", True) \
+                if not c and compute and h >= 0 and dram.holds_bytes \
                         and self.res.slot(h, Tier.DRAM) >= 0:
                     import xxhash
                     c = xxhash.xxh3_64_intdigest(dram.view(self.res.slot(h, Tier.DRAM))[: self.res.size[h]])
@@ -1039,7 +1039,7 @@ class Store:
                 tiers.append(u)
             c = dict(self.counters)
             for t, tier in self.tiers.items():   # a copy: NVMe I/O may run beside this
-                for name, v in dict(getattr(tier, "counters", {})).items():
+                for name, v in dict(tier.counters).items():
                     c[cn.tier_counter(t.label, name)] = v
             return {
                 "health": self._health(),
@@ -1062,7 +1062,7 @@ class Store:
         Tiers without I/O of their own (dram, hbm) are always ok."""
         tiers = {}
         for t, tier in self.tiers.items():
-            h = getattr(tier, "health", None)
+            h = tier.health
             tiers[t.label] = h.snapshot() if h is not None else {"status": "ok", "reason": ""}
         bad = any(v["status"] != "ok" for v in tiers.values())
         return {"status": "degraded" if bad else "ok", "tiers": tiers}
@@ -1106,7 +1106,7 @@ class Store:
                 if fix and disk:
                     self._resync_nvme()
             for t, tier in self.tiers.items():   # after nvme.check settled and probed
-                h = getattr(tier, "health", None)
+                h = tier.health
                 if h is not None and h.failing:
                     problems.append(f"{t.label}: failing: {h.snapshot()['reason']}")
         return problems
@@ -1140,7 +1140,7 @@ class Store:
         if self._recovery_reported:
             return []
         self._recovery_reported = True
-        rec = getattr(nvme, "last_recovery", None) or {}
+        rec = nvme.last_recovery
         out = []
         if rec.get("dropped"):
             out.append(f"nvme: recovery at open dropped {rec['dropped']} entries whose record failed its check")
@@ -1184,7 +1184,7 @@ class Store:
             hbm = self.tiers.get(Tier.HBM)
             if hbm is not None:   # its copy engine holds views of the DRAM slab: close it first
                 hbm.close()
-                pinning = getattr(hbm, "host_pinning", None)
+                pinning = hbm.host_pinning
                 if pinning is not None:
                     pinning.unpin()
             for t, tier in self.tiers.items():

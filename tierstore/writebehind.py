@@ -301,7 +301,7 @@ class WriteBehind:
                 except Exception as e:   # never let the thread die: the blocks stay in DRAM
                     log.exception("write-behind: a batch of %d blocks failed", len(batch))
                     s.counters[cn.NVME_FLUSH_ERRORS] += 1
-                    health = getattr(s.tiers.get(Tier.NVME), "health", None)
+                    health = s.tiers[Tier.NVME].health
                     if health is not None:   # a failing tier shows, whatever raised
                         health.fail("write", "internal", f"{type(e).__name__}: {e}")
                 finally:
