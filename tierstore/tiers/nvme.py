@@ -44,7 +44,8 @@ commits the LMDB delete first, then zeroes the header magic (a lost zeroing is a
 So after ``kill -9`` at any moment, every surviving entry points at a record whose header verifies.
 ``recover()`` also removes unknown files from slabs/, drops the entries of a vanished or truncated
 slab file (the next ``alloc()`` that needs it recreates it) and recomputes used bytes; ``check()``
-adds the full payload checksum of every entry. Both live in tiers/nvme_recovery.py.
+adds the full payload checksum of every entry. Both live in tiers/nvme_recovery.py, a part the
+tier holds (``_recovery``) and delegates to.
 
 Failures (issue 13 items 10-11): no I/O or LMDB failure escapes ``write_batch``, ``delete_batch``
 or ``put_namespace``. A failed record write, ``fdatasync`` or metadata commit fails that item
@@ -179,7 +180,7 @@ class _ThreadState:
         return self._bounce
 
 
-class NvmeTier(NvmeRecovery, NvmeUpkeep, DiskTier):
+class NvmeTier(NvmeUpkeep, DiskTier):
     """Records of at most ``slot_bytes`` payload bytes in ``num_slots`` slots under ``path``."""
 
     def __init__(self, path: str | os.PathLike, num_slots: int, slot_bytes: int, *,
@@ -235,6 +236,7 @@ class NvmeTier(NvmeRecovery, NvmeUpkeep, DiskTier):
         self._max_readers = max_readers
         self._env_obj: lmdb.Environment | None = None
         self._env_pid = -1
+        self._recovery = NvmeRecovery(self)   # recover() and check(): tiers/nvme_recovery.py
         self._env()   # validates the format now: a foreign env fails at open, not at first write
 
     # ------------------------------------------------------------------ geometry, files
@@ -412,6 +414,16 @@ class NvmeTier(NvmeRecovery, NvmeUpkeep, DiskTier):
                         break
                     out[_SLOT_KEY.unpack(k)[1]] = bytes(v)
         return out
+
+    def recover(self) -> list[DiskEntry]:
+        """Start-up recovery (see DiskTier and tiers/nvme_recovery.py); runs fully once, later
+        calls list current entries."""
+        return self._recovery.recover()
+
+    def check(self, fix: bool = False) -> list[str]:
+        """Verify every entry (header and payload checksum) and look for orphan records; with
+        ``fix`` repair (tiers/nvme_recovery.py)."""
+        return self._recovery.check(fix)
 
     def entries(self) -> list[DiskEntry]:
         """Every entry LMDB holds now (one read txn for the entries, one for their metadata)."""
