@@ -1,9 +1,11 @@
 """Store: the one lock, the invariants, the two-phase API (DESIGN §3, §8).
 
-The store owns the index (:mod:`tierstore.index`), one eviction policy per tier, the tiers, the
-flusher that writes NVMe copies behind the callers (:mod:`tierstore.writebehind`) and the loader
-thread that stages asynchronous loads. Policies decide which block leaves; tiers move bytes; the
-store keeps these invariants:
+The store owns the index (:mod:`tierstore.index`), one eviction policy per tier, the placement
+policy (:mod:`tierstore.policy.placement`), the tiers, the mover that evicts and moves blocks
+between them over that state (:mod:`tierstore.moves`, handed it at construction), the flusher
+that writes NVMe copies behind the callers (:mod:`tierstore.writebehind`) and the loader thread
+that stages asynchronous loads. Policies decide which block leaves and where it goes; tiers move
+bytes; the store keeps these invariants:
 
 1. A block is visible to ``lookup`` only after ``complete_store(ok=True)`` (or its own entry of
    a per-block ``ok``); a failed or aborted store publishes nothing and frees its slots.
