@@ -8,7 +8,8 @@ Two sources feed one registry (a private ``CollectorRegistry``, never the global
 - histograms and counters the server updates per request (latency per message type, lookup hits
   per tier, protocol errors, connections).
 
-Names (all prefixed ``tierstore_``)::
+Names (all prefixed ``tierstore_``; the store counters each one reads are named in
+tierstore/counter_names.py, the one table of counter names)::
 
     tier_capacity_bytes{tier}          gauge    configured capacity
     tier_used_bytes{tier}              gauge    bytes of used slots
@@ -68,13 +69,16 @@ from typing import Callable
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+from tierstore import counter_names as cn
+from tierstore.types import Tier
+
 log = logging.getLogger(__name__)
 
 PREFIX = "tierstore_"
 LATENCY_BUCKETS_S = (25e-6, 50e-6, 100e-6, 250e-6, 500e-6, 1e-3, 2.5e-3, 5e-3, 10e-3, 25e-3,
                      50e-3, 100e-3, 250e-3, 1.0, 5.0)
-_BYTES_MOVED = {"dram_bytes_written": "client_to_dram", "load_bytes": "dram_to_client",
-                "nvme_bytes_written": "dram_to_nvme", "nvme_bytes_read": "nvme_to_dram"}
+_BYTES_MOVED = {cn.BYTES_WRITTEN_OF[Tier.DRAM]: "client_to_dram", cn.LOAD_BYTES: "dram_to_client",
+                cn.NVME_BYTES_WRITTEN: "dram_to_nvme", cn.NVME_BYTES_READ: "nvme_to_dram"}
 
 
 class _StoreCollector:
@@ -101,8 +105,8 @@ class _StoreCollector:
             cap.add_metric([name], t.get("capacity_bytes", 0))
             used.add_metric([name], t.get("used_bytes", 0))
             blocks.add_metric([name], t.get("blocks", 0))
-            evict.add_metric([name], c.get(f"evictions_{name}", 0))
-            loads.add_metric([name], c.get(f"load_hits_{name}", 0))
+            evict.add_metric([name], c.get(cn.EVICTIONS.format(tier=name), 0))
+            loads.add_metric([name], c.get(cn.LOAD_HITS.format(tier=name), 0))
         yield from (cap, used, blocks, evict, loads)
         yield GaugeMetricFamily(PREFIX + "blocks", "Blocks in the index", value=s.get("blocks", 0))
         yield GaugeMetricFamily(PREFIX + "pins", "Pin references", value=s.get("pins", 0))
@@ -113,15 +117,15 @@ class _StoreCollector:
         pend.add_metric(["load"], s.get("pending_loads", 0))
         yield pend
         yield CounterMetricFamily(PREFIX + "lookup_miss_blocks", "Blocks a lookup did not find",
-                                  value=c.get("lookup_miss_blocks", 0))
+                                  value=c.get(cn.LOOKUP_MISS_BLOCKS, 0))
         moved = CounterMetricFamily(PREFIX + "bytes_moved", "Bytes moved by path", labels=["path"])
         for counter, path in _BYTES_MOVED.items():
             moved.add_metric([path], c.get(counter, 0))
         yield moved
         yield CounterMetricFamily(PREFIX + "checksum_failures", "Records failing verification",
-                                  value=c.get("checksum_failures", 0))
+                                  value=c.get(cn.CHECKSUM_FAILURES, 0))
         yield CounterMetricFamily(PREFIX + "stores_aborted", "Store jobs aborted",
-                                  value=c.get("stores_aborted", 0))
+                                  value=c.get(cn.STORES_ABORTED, 0))
         yield from _failure_families(s, c)
         yield from _token_families(s, c)
         yield from _retention_families(s)
@@ -131,18 +135,16 @@ def _token_families(s: dict, c: dict):
     """Engine token accounting (case MET-38), from the counters engines report with their
     ``complete_loads`` (``Store.account_tokens``): every ``tokens_<outcome>_<tier>`` counter is
     one series, so ``tierstore stats --json`` and this output hold the same numbers."""
-    from tierstore.store import TOKEN_OUTCOMES
-
     fam = CounterMetricFamily(PREFIX + "tokens", "Engine tokens by outcome (promised, delivered, "
                               "failed, dropped, declined) and tier", labels=["outcome", "tier"])
     for name, v in sorted(c.items()):
-        if name.startswith("tokens_"):
-            outcome, _, tier = name[len("tokens_"):].partition("_")
-            if outcome in TOKEN_OUTCOMES and tier:
+        if name.startswith(cn.TOKENS_PREFIX):
+            outcome, _, tier = name[len(cn.TOKENS_PREFIX):].partition("_")
+            if outcome in cn.TOKEN_OUTCOMES and tier:
                 fam.add_metric([outcome, tier], v)
     yield fam
     yield CounterMetricFamily(PREFIX + "lookup_tokens", "Prompt tokens engines looked up past "
-                              "their own prefix", value=c.get("lookup_tokens", 0))
+                              "their own prefix", value=c.get(cn.LOOKUP_TOKENS, 0))
     yield GaugeMetricFamily(PREFIX + "token_hit_ratio", "Delivered tokens / looked-up tokens "
                             "since start", value=s.get("token_hit_ratio", 0.0))
 
@@ -183,13 +185,13 @@ def _failure_families(s: dict, c: dict):
     yield degraded
     yield fails
     yield CounterMetricFamily(PREFIX + "nvme_metadata_errors", "LMDB commits that failed",
-                              value=c.get("nvme_meta_errors", 0))
+                              value=c.get(cn.NVME_META_ERRORS, 0))
     yield CounterMetricFamily(PREFIX + "nvme_copies_skipped", "Blocks left without an NVMe copy",
-                              value=c.get("nvme_store_skipped", 0))
+                              value=c.get(cn.NVME_STORE_SKIPPED, 0))
     skipped = CounterMetricFamily(PREFIX + "store_skipped_blocks", "Blocks a store answered "
                                   "SKIPPED, by reason", labels=["reason"])
-    skipped.add_metric(["no_slot"], c.get("store_skipped", 0))
-    skipped.add_metric(["write_queue"], c.get("store_skipped_write_queue", 0))
+    skipped.add_metric(["no_slot"], c.get(cn.STORE_SKIPPED, 0))
+    skipped.add_metric(["write_queue"], c.get(cn.STORE_SKIPPED_WRITE_QUEUE, 0))
     yield skipped
     wb = s.get("write_behind") or {}
     yield GaugeMetricFamily(PREFIX + "write_behind_unwritten_bytes",

@@ -1,4 +1,4 @@
-"""Moving blocks between tiers: eviction, promotion, the NVMe writes (mixed into :class:`Store`).
+"""Moving blocks between tiers: eviction, promotion, the NVMe writes (the store's :class:`TierMover`).
 
 The policy of each tier picks victims; these methods move the bytes and keep the index in step:
 
@@ -8,15 +8,20 @@ The policy of each tier picks victims; these methods move the bytes and keep the
 NVMe holds a *clean copy* of every DRAM block it admitted: ``complete_store`` hands new DRAM
 blocks to the flusher (tierstore/writebehind.py), a block promoted from NVMe keeps its NVMe
 record, and so DRAM victims are simply dropped — evicting from DRAM never writes. A block whose
-NVMe copy is not written yet is queued, and pinned until it is: never a victim. ``_make_room(tier, n)`` evicts up to ``n`` unpinned blocks from a
-tier (HBM victims are copied down to DRAM; NVMe victims are deleted). ``_alloc(tier)`` is a slot,
-making room once if needed. ``_promote`` reads NVMe-only blocks into DRAM, verifying checksums
+NVMe copy is not written yet is queued, and pinned until it is: never a victim. ``make_room(tier, n)`` evicts up to ``n`` unpinned blocks from a
+tier (HBM victims are copied down to DRAM; NVMe victims are deleted). ``alloc(tier)`` is a slot,
+making room once if needed. ``promote`` reads NVMe-only blocks into DRAM, verifying checksums
 (a corrupt record is a miss plus a counter and is deleted).
 
-Threading: every method here is called with the store's lock held and uses the store's state
-(``res``, ``pins``, ``tiers``, ``policies``, ``admission``, ``counters``, ``config``); none is
-public. Every call into the NVMe tier holds ``_nvme_lock`` (the tier is single-threaded); lock
-order: store lock, then NVMe lock, never the reverse.
+Ownership: the store builds one :class:`TierMover` over its own state, handed over explicitly
+(``res``, ``pins``, ``tiers``, ``policies``, ``counters``, ``placement``, its two locks, the
+``reserved`` counts, the flusher); the mover owns nothing else but the NVMe hits its policy has
+not seen yet (``touch_nvme``). Where a victim goes and which copies a move keeps is asked of
+the store's :class:`~tierstore.policy.placement.Placement`.
+
+Threading: every method is called with the store's lock held (the store's public methods, the
+flusher's thread). Every call into the NVMe tier holds the NVMe lock (the tier is
+single-threaded); lock order: store lock, then NVMe lock, never the reverse.
 
 NVMe I/O outside the store lock (``unlocked_io=True``): the store lock is released around
 ``write_batch`` (the flusher's thread) and ``read_batch`` (a load), so lookups, pins and DRAM hits
@@ -24,7 +29,7 @@ of other threads go on while the disk works. NVMe slot allocation and deletes st
 store lock (so no slot is freed or reused while a record on it is still live). What keeps that
 safe while the lock is released:
 
-- blocks whose DRAM bytes are being written to NVMe are pinned (``FLUSH_OWNER``: never evicted, re-stored or moved: ``_release_slot`` keeps a pinned block's
+- blocks whose DRAM bytes are being written to NVMe are pinned (``FLUSH_OWNER``: never evicted, re-stored or moved: ``release_slot`` keeps a pinned block's
   slot), and the NVMe slots they go to are reserved (allocated, not yet in the index);
 - blocks being promoted are pinned by their load job and listed in ``_promoting`` (a second
   load of the same block waits for the first, see ``Store._stage_load``); the DRAM slots they
@@ -32,31 +37,71 @@ safe while the lock is released:
 - after the lock is taken back, every step re-reads the index (handles of pinned keys are
   stable).
 
-``_reserved`` counts slots allocated but not in the index yet (changes only under the store
+``reserved`` counts slots allocated but not in the index yet (changes only under the store
 lock), so ``check()`` balances while I/O is in flight.
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from contextlib import contextmanager, nullcontext
-from typing import Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
+from tierstore import counter_names as cn
 from tierstore.errors import JobError
-from tierstore.tiers.slot_tier import DiskRead, DiskWrite
+from tierstore.index.residency import PinBook, Residency
+from tierstore.policy.placement import Placement
+from tierstore.tiers.slot_tier import DiskError, DiskRead, DiskWrite
 from tierstore.types import BlockKey, BlockStatus, Tier
 
+if TYPE_CHECKING:  # pragma: no cover
+    from tierstore.writebehind import WriteBehind
 
+class TierMover:
+    """Eviction and tier-to-tier moves of one :class:`tierstore.store.Store` (see the module
+    docstring). Holds references to the store's index, pins, tiers, policies, counters and
+    locks, handed over at construction; owns the NVMe hits its policy has not seen yet."""
 
-class TierMoves:
-    """Eviction and tier-to-tier moves of :class:`tierstore.store.Store` (see module docstring)."""
+    def __init__(self, *, res: Residency, pins: PinBook, tiers: dict, policies: dict,
+                 counters: Counter, placement: Placement, lock, nvme_lock, reserved: Counter,
+                 ns_digest: Callable[[int], bytes], is_closed: Callable[[], bool],
+                 wb: "WriteBehind | None" = None) -> None:
+        self.res = res
+        self.pins = pins
+        self.tiers = tiers
+        self.policies = policies
+        self.counters = counters
+        self.placement = placement
+        self.wb = wb                      # the flusher (writebehind.py), None without NVMe
+        self._lock = lock                 # the store's lock (released around NVMe I/O)
+        self._nvme_lock = nvme_lock       # every call into the NVMe tier
+        self._reserved = reserved         # slots allocated, not in the index yet (per tier)
+        self._ns_digest = ns_digest
+        self._is_closed = is_closed
+        self._nvme_touched: list[BlockKey] = []   # hits NVMe's policy has not seen yet
+
+    # ---------------------------------------------------------------- NVMe hits
+    def touch_nvme(self, keys: Sequence[BlockKey]) -> None:
+        """Hits on blocks NVMe also holds: its policy sees them in order, applied in one pass
+        before it next picks a victim (the flusher's thread, off the callers' path)."""
+        self._nvme_touched.extend(keys)
+        if len(self._nvme_touched) > 65536:
+            self.apply_nvme_touches()
+
+    def apply_nvme_touches(self) -> None:
+        touched, self._nvme_touched = self._nvme_touched, []
+        pol = self.policies.get(Tier.NVME)
+        if pol is not None:
+            for k in touched:
+                pol.access(k)
 
     # ---------------------------------------------------------------- locks
-    def _tier_lock(self, tier: Tier):
+    def tier_lock(self, tier: Tier):
         """The lock that serialises calls into ``tier`` (NVMe) beyond the store lock."""
         return self._nvme_lock if tier is Tier.NVME else nullcontext()
 
     @contextmanager
-    def _unlocked(self, release: bool = True):
+    def unlocked(self, release: bool = True):
         """Release the store lock (held once by a public method) around NVMe I/O. Held twice (a
         re-entrant caller), it stays held: the I/O then runs under it, as it always did."""
         if not release:
@@ -67,11 +112,11 @@ class TierMoves:
             yield
         finally:
             self._lock.acquire()
-            if self._closed:
+            if self._is_closed():
                 raise JobError("the store was closed while this operation waited for NVMe I/O")
 
-    def _free(self, tier: Tier, slot: int) -> None:
-        with self._tier_lock(tier):
+    def free(self, tier: Tier, slot: int) -> None:
+        with self.tier_lock(tier):
             self.tiers[tier].free(slot)
 
     # ---------------------------------------------------------------- eviction
@@ -79,9 +124,24 @@ class TierMoves:
         h = self.res.get(key)
         return h >= 0 and self.res.pins[h] == 0
 
+    def _can_evict(self, tier: Tier, n: int) -> bool:
+        """Whether ``tier`` holds at least ``n`` evictable (unpinned) blocks; changes nothing.
+        A policy's ``victim`` answers None only when none of its keys is evictable, so ``n``
+        evictable blocks mean ``n`` victims. Cheap when the tier holds more unpinned blocks than
+        pinned ones could take (O(owners)); else one pass over the index's columns."""
+        if n <= 1:   # one victim: asking the policy for it is the check
+            return True
+        if len(self.policies[tier]) - self.pins.pinned_blocks_bound() >= n:
+            return True
+        return sum(1 for s, p in zip(self.res.slots[tier], self.res.pins) if s >= 0 and not p) >= n
+
     def _pick_victims(self, tier: Tier, n: int) -> list[BlockKey]:
+        """``n`` victims of ``tier``, out of its policy, or none at all (nothing changed: the
+        policy, the index, the counters are as before)."""
+        if not self._can_evict(tier, n):
+            return []
         if tier is Tier.NVME and self._nvme_touched:
-            self._apply_nvme_touches()
+            self.apply_nvme_touches()
         pol = self.policies[tier]
         victims: list[BlockKey] = []
         for _ in range(n):
@@ -92,21 +152,27 @@ class TierMoves:
             victims.append(v)
         return victims
 
-    def _make_room(self, tier: Tier, n: int) -> int:
-        """Evict up to ``n`` unpinned blocks from ``tier``; returns how many slots were freed.
-        DRAM victims are dropped (NVMe holds their clean copy, or they were never going to
-        reach it: not admitted, or still in the flusher's backlog — counted); HBM victims are
-        copied down to DRAM; NVMe victims are deleted. No disk write happens here."""
+    def make_room(self, tier: Tier, n: int) -> int:
+        """Evict ``n`` unpinned blocks from ``tier``, atomically in vLLM's sense: all ``n``
+        victims are chosen before anything moves, and when ``tier`` holds fewer than ``n``
+        evictable blocks nothing is evicted and nothing changes (the caller then makes room
+        one slot at a time through :meth:`alloc`, or answers SKIPPED). Returns how many slots
+        were freed: ``n`` or 0. DRAM victims are dropped (NVMe holds their clean copy, or they
+        were never going to reach it: not admitted, or still in the flusher's backlog —
+        counted); HBM victims are copied down to DRAM (one that finds no DRAM slot is dropped
+        all the same: counted ``dram_staging_failed``); NVMe victims are deleted. No disk write
+        happens here."""
         victims = self._pick_victims(tier, n)
         if not victims:
             return 0
         slots = [self.res.slot(self.res.get(v), tier) for v in victims]
-        if tier is not Tier.HBM:
+        below = self.placement.demote_to(tier)
+        if below is None:   # dropped (DRAM: a clean copy on NVMe) or deleted (NVMe)
             return self._drop_victims(tier, victims, slots)
-        self._move_hbm(victims, down=True)
+        self.move_hbm(victims, down=True)
         freed = self._drop_victims(tier, victims, slots)
-        if self._wb is not None:   # new in DRAM: their NVMe copies follow (pins them: after the drop)
-            self._wb.accept(victims)
+        if self.wb is not None and self.placement.copies_to_nvme(below):
+            self.wb.accept(victims)   # new in DRAM: NVMe copies follow (pins them: after the drop)
         return freed
 
     def _drop_victims(self, tier: Tier, victims: list[BlockKey], slots: list[int]) -> int:
@@ -120,10 +186,10 @@ class TierMoves:
                 continue
             if self.res.pins[h]:
                 self.policies[tier].insert(v, self.res.size[h], None)
-                self.counters[f"evictions_{tier.label}_kept_pinned"] += 1
+                self.counters[cn.EVICTIONS_KEPT_PINNED_OF[tier]] += 1
                 continue
             freed.append(self.res.clear_slot(h, tier))
-            self.counters[f"evictions_{tier.label}"] += 1
+            self.counters[cn.EVICTIONS_OF[tier]] += 1
             if self.res.nearest(h) is None:
                 self.res.remove(h)
         if tier is Tier.NVME:
@@ -134,16 +200,16 @@ class TierMoves:
                 self.tiers[tier].free(s)
         return len(freed)
 
-    def _alloc(self, tier: Tier) -> int | None:
+    def alloc(self, tier: Tier) -> int | None:
         t = self.tiers[tier]
-        with self._tier_lock(tier):
+        with self.tier_lock(tier):
             s = t.alloc()
-        if s is None and self._make_room(tier, 1):
-            with self._tier_lock(tier):
+        if s is None and self.make_room(tier, 1):
+            with self.tier_lock(tier):
                 s = t.alloc()
         return s
 
-    def _move_hbm(self, keys: list[BlockKey], down: bool) -> list[bool]:
+    def move_hbm(self, keys: list[BlockKey], down: bool) -> list[bool]:
         """Copy blocks HBM -> DRAM (``down``) or DRAM -> HBM, one batched copy job, and record the
         new slots; the source slot is left to the caller, and so is handing blocks new in DRAM
         to the flusher (its pin must not keep the source slot). A block whose destination slot cannot
@@ -158,9 +224,9 @@ class TierMoves:
             if self.res.slot(h, dst_tier) >= 0:
                 moved[i] = True                      # already there (e.g. write-through copy)
                 continue
-            d = self._alloc(dst_tier)
+            d = self.alloc(dst_tier)
             if d is None:
-                self.counters[f"{dst_tier.label}_staging_failed"] += 1
+                self.counters[cn.STAGING_FAILED_OF[dst_tier]] += 1
                 continue
             pairs.append((i, self.res.slot(h, src_tier), d))
         if pairs:
@@ -174,10 +240,10 @@ class TierMoves:
                 self.res.set_slot(h, dst_tier, d)
                 self.policies[dst_tier].insert(k, self.res.size[h], None)
                 moved[i] = True
-            self.counters["demotions_hbm" if down else "promotions_hbm"] += len(pairs)
+            self.counters[cn.DEMOTIONS_HBM if down else cn.PROMOTIONS_HBM] += len(pairs)
         return moved
 
-    def _flush_batch(self, keys: list[BlockKey]) -> int:
+    def flush_batch(self, keys: list[BlockKey]) -> int:
         """The flusher's batch (writebehind.py): write the DRAM bytes of ``keys`` (pinned by
         ``FLUSH_OWNER``) to NVMe with the store lock released for the I/O. Keys that lost their
         DRAM copy or gained an NVMe one meanwhile are skipped. Returns blocks written."""
@@ -186,9 +252,9 @@ class TierMoves:
             h = self.res.get(k)
             if h >= 0 and self.res.slot(h, Tier.DRAM) >= 0 and self.res.slot(h, Tier.NVME) < 0:
                 todo.append(k)
-        return self._write_nvme(todo, unlocked_io=True) if todo else 0
+        return self.write_nvme(todo, unlocked_io=True) if todo else 0
 
-    def _write_nvme(self, keys: list[BlockKey], *, unlocked_io: bool = False) -> int:
+    def write_nvme(self, keys: list[BlockKey], *, unlocked_io: bool = False) -> int:
         """Write resident DRAM blocks to NVMe in one batch; a block that hits ENOSPC gets one
         retry after evicting an NVMe victim, then is reported skipped. Returns blocks written.
         The caller keeps ``keys`` pinned throughout (the flusher: ``FLUSH_OWNER``); with
@@ -199,13 +265,13 @@ class TierMoves:
             if not items:
                 break
             try:
-                with self._unlocked(unlocked_io):
+                with self.unlocked(unlocked_io):
                     with self._nvme_lock:
                         results = self.tiers[Tier.NVME].write_batch([w for _, _, w in items])
             except BaseException:
                 self._reserved[Tier.NVME] -= len(items)
                 for _, s, _ in items:
-                    self._free(Tier.NVME, s)
+                    self.free(Tier.NVME, s)
                 raise
             items, n = self._commit_nvme_writes(items, results, retry=attempt == 0)
             written += n
@@ -217,12 +283,12 @@ class TierMoves:
         nvme = self.tiers[Tier.NVME]
         short = len(keys) - nvme.slots.free_count
         if short > 0:
-            self._make_room(Tier.NVME, short)
+            self.make_room(Tier.NVME, short)
         items = []
         for k in keys:
-            s = self._alloc(Tier.NVME)
+            s = self.alloc(Tier.NVME)
             if s is None:
-                self.counters["nvme_store_skipped"] += 1
+                self.counters[cn.NVME_STORE_SKIPPED] += 1
                 continue
             items.append((k, s, self._disk_write(k, s)))
         self._reserved[Tier.NVME] += len(items)
@@ -245,28 +311,28 @@ class TierMoves:
         for (k, s, _w), r in zip(items, results):
             h = self.res.get(k)
             if h < 0:   # gone (cannot happen while FLUSH_OWNER pins it): never index it
-                self._free(Tier.NVME, s)
+                self.free(Tier.NVME, s)
                 continue
             if r.ok:
                 self.res.set_slot(h, Tier.NVME, s)
                 self.res.checksum[h] = r.checksum
                 self.policies[Tier.NVME].insert(k, self.res.size[h], None)
-                self.counters["nvme_bytes_written"] += self.res.size[h]
+                self.counters[cn.NVME_BYTES_WRITTEN] += self.res.size[h]
                 written += 1
                 continue
-            self._free(Tier.NVME, s)
-            self.counters[f"nvme_write_{r.error or 'error'}"] += 1
-            if r.error == "enospc" and retry and self._make_room(Tier.NVME, 1):
+            self.free(Tier.NVME, s)
+            self.counters[cn.nvme_write_error(r.error)] += 1
+            if r.error is DiskError.ENOSPC and retry and self.make_room(Tier.NVME, 1):
                 with self._nvme_lock:
                     s2 = nvme.alloc()
                 if s2 is not None:
                     again.append((k, s2, self._disk_write(k, s2)))
                     continue
-            self.counters["nvme_store_skipped"] += 1
+            self.counters[cn.NVME_STORE_SKIPPED] += 1
         self._reserved[Tier.NVME] += len(again)
         return again, written
 
-    def _release_slot(self, key: BlockKey, h: int, tier: Tier, own_pins: int = 0) -> None:
+    def release_slot(self, key: BlockKey, h: int, tier: Tier, own_pins: int = 0) -> None:
         """Drop ``key``'s copy in ``tier`` (it lives on elsewhere), unless someone besides the
         caller (``own_pins`` of its pins) pins the block: another load job may be reading that
         slot, or its bytes are being written to NVMe. Then both copies stay."""
@@ -274,9 +340,9 @@ class TierMoves:
             return
         s = self.res.clear_slot(h, tier)
         self.policies[tier].remove(key)
-        self._free(tier, s)
+        self.free(tier, s)
 
-    def _promote(self, keys: Sequence[BlockKey], hs: list[int], need: list[int],
+    def promote(self, keys: Sequence[BlockKey], hs: list[int], need: list[int],
                  status: list[BlockStatus], *, unlocked_io: bool = False) -> int:
         """Read NVMe-only blocks ``need`` (indices into ``hs``; pinned by the caller's job and
         listed in ``_promoting``) into fresh DRAM slots; returns the length of the prefix that
@@ -285,27 +351,27 @@ class TierMoves:
         nvme = self.tiers[Tier.NVME]
         short = len(need) - dram.slots.free_count
         if short > 0:   # one eviction pass, not one per block
-            self._make_room(Tier.DRAM, short)
+            self.make_room(Tier.DRAM, short)
         staged: list[tuple[int, int]] = []   # (index, dram slot)
         for i in need:
             if self.res.slot(hs[i], Tier.NVME) < 0:   # its record went while the lock was free
                 status[i] = BlockStatus.FAILED
-                self.counters["nvme_read_errors"] += 1
+                self.counters[cn.NVME_READ_ERRORS] += 1
                 break
-            s = self._alloc(Tier.DRAM)
+            s = self.alloc(Tier.DRAM)
             if s is None:   # no room to stage it: dropped (not an I/O failure; MET-38)
                 status[i] = BlockStatus.SKIPPED
-                self.counters["load_staging_failed"] += 1
+                self.counters[cn.LOAD_STAGING_FAILED] += 1
                 break
             staged.append((i, s))
-        if not getattr(dram, "holds_bytes", True):
+        if not dram.holds_bytes:
             results = [None] * len(staged)
         else:
             reads = [DiskRead(self.res.slot(hs[i], Tier.NVME), keys[i], dram.view(s),
                               self.res.size[hs[i]], self.res.checksum[hs[i]]) for i, s in staged]
             self._reserved[Tier.DRAM] += len(staged)
             try:
-                with self._unlocked(unlocked_io):
+                with self.unlocked(unlocked_io):
                     with self._nvme_lock:
                         results = nvme.read_batch(reads)
             finally:
@@ -317,17 +383,18 @@ class TierMoves:
             h = hs[i]
             if r is not None and not r.ok:
                 dram.free(s)
-                status[i] = BlockStatus.CORRUPT if r.error == "corrupt" else BlockStatus.FAILED
-                self.counters["checksum_failures" if r.error == "corrupt" else "nvme_read_errors"] += 1
+                corrupt = r.error is DiskError.CORRUPT
+                status[i] = BlockStatus.CORRUPT if corrupt else BlockStatus.FAILED
+                self.counters[cn.CHECKSUM_FAILURES if corrupt else cn.NVME_READ_ERRORS] += 1
                 first_bad = min(first_bad, i)
-                if r.error == "corrupt":
+                if corrupt:
                     drop.append(i)
                 continue
             self.res.set_slot(h, Tier.DRAM, s)
             self.policies[Tier.DRAM].insert(keys[i], self.res.size[h], keys[i - 1] if i else None)
-            self.counters["promotions"] += 1
-            self.counters["nvme_bytes_read"] += self.res.size[h]
-            self._touch_nvme((keys[i],))   # the NVMe record stays: a clean copy
+            self.counters[cn.PROMOTIONS] += 1
+            self.counters[cn.NVME_BYTES_READ] += self.res.size[h]
+            self.touch_nvme((keys[i],))   # the NVMe record stays: a clean copy
         for i in drop:   # a corrupt record is dropped from the index and the disk
             h = hs[i]
             if self.res.slot(h, Tier.NVME) >= 0:

@@ -50,6 +50,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Iterable, Mapping
 
+from tierstore import counter_names as cn
 from tierstore.errors import ConfigError, PinError
 from tierstore.index.residency import MAX_PIN_TTL_S, PinBook, Residency
 from tierstore.types import BlockKey
@@ -243,7 +244,7 @@ class Retention:
                 self._forget(s)
                 n += 1
         if n:
-            self.counters["retention_sessions_expired"] += n
+            self.counters[cn.RETENTION_SESSIONS_EXPIRED] += n
         return n
 
     # ---------------------------------------------------------------- hints
@@ -264,7 +265,7 @@ class Retention:
             ttl = float("inf")
         if ttl > self.config.max_ttl_s:
             ttl = float(self.config.max_ttl_s)
-            self.counters["retention_ttl_clamped"] += 1
+            self.counters[cn.RETENTION_TTL_CLAMPED] += 1
         self.expire()
         label = tenant_label(tenant)
         owner = f"{OWNER_PREFIX}{label}/{session}"
@@ -272,7 +273,7 @@ class Retention:
         if label not in self._tstats and len(self._tstats) >= MAX_TENANT_STATS:
             self._prune_tstats()
         ts = self._tstats.setdefault(label, Counter())
-        self.counters["retention_hints"] += 1
+        self.counters[cn.RETENTION_HINTS] += 1
         ts["hints"] += 1
         s = self._sessions.get(owner)
         out = {"pinned": 0, "refused": 0, "held": 0, "displaced": 0, "ttl_s": ttl, "cap": cap,
@@ -280,7 +281,7 @@ class Retention:
         if ttl == 0:   # the session ends now
             if s is not None:
                 self._release(s)
-                self.counters["retention_sessions_ended"] += 1
+                self.counters[cn.RETENTION_SESSIONS_ENDED] += 1
             return out
         now = self._pins.now()
         if s is not None:   # refresh: every pin of the session takes the new deadline
@@ -314,7 +315,7 @@ class Retention:
         if s is None and want and len(self._by_tenant.get(label, ())) >= max(MIN_SESSIONS, cap):
             # a new session beyond the tenant's session bound: refused (sessions that share
             # blocks cost no cap, so the cap alone would not bound them)
-            self.counters["retention_sessions_refused"] += 1
+            self.counters[cn.RETENTION_SESSIONS_REFUSED] += 1
             ts["sessions_refused"] += 1
             want = []
         budget = max(0, room())
@@ -345,13 +346,13 @@ class Retention:
                 heapq.heapify(self._expiry)
         elif s is not None and owner in self._sessions:
             self._forget(s)
-        self.counters["retention_blocks_pinned"] += pinned
+        self.counters[cn.RETENTION_BLOCKS_PINNED] += pinned
         if displaced:
-            self.counters["retention_sessions_displaced"] += displaced
+            self.counters[cn.RETENTION_SESSIONS_DISPLACED] += displaced
             ts["sessions_displaced"] += displaced
         if refused:
-            self.counters["retention_hints_refused"] += 1
-            self.counters["retention_blocks_refused"] += refused
+            self.counters[cn.RETENTION_HINTS_REFUSED] += 1
+            self.counters[cn.RETENTION_BLOCKS_REFUSED] += refused
             ts["hints_refused"] += 1
             ts["blocks_refused"] += refused
         out.update(pinned=pinned, refused=refused, displaced=displaced,

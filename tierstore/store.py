@@ -1,9 +1,11 @@
 """Store: the one lock, the invariants, the two-phase API (DESIGN §3, §8).
 
-The store owns the index (:mod:`tierstore.index`), one eviction policy per tier, the tiers, the
-flusher that writes NVMe copies behind the callers (:mod:`tierstore.writebehind`) and the loader
-thread that stages asynchronous loads. Policies decide which block leaves; tiers move bytes; the
-store keeps these invariants:
+The store owns the index (:mod:`tierstore.index`), one eviction policy per tier, the placement
+policy (:mod:`tierstore.policy.placement`), the tiers, the mover that evicts and moves blocks
+between them over that state (:mod:`tierstore.moves`, handed it at construction), the flusher
+that writes NVMe copies behind the callers (:mod:`tierstore.writebehind`) and the loader thread
+that stages asynchronous loads. Policies decide which block leaves and where it goes; tiers move
+bytes; the store keeps these invariants:
 
 1. A block is visible to ``lookup`` only after ``complete_store(ok=True)`` (or its own entry of
    a per-block ``ok``); a failed or aborted store publishes nothing and frees its slots.
@@ -12,7 +14,9 @@ store keeps these invariants:
 3. NVMe holds a clean copy of every DRAM block it admitted: ``complete_store`` queues new DRAM
    blocks for the flusher and returns; a load that reads a block from NVMe keeps its record; so
    a DRAM victim is dropped without a write. Between HBM and DRAM tiers are exclusive
-   (``StoreConfig.exclusive``): HBM victims move down, a load into HBM moves blocks up.
+   (``StoreConfig.exclusive``): HBM victims move down, a load into HBM moves blocks up. These
+   placement rules live in one pure object, :class:`~tierstore.policy.placement.Placement`
+   (``self.placement``), that the store and tierstore/moves.py ask.
 4. A load returns an exact prefix: it stops at the first block that is missing or fails its
    checksum (a miss plus a counter, never wrong bytes).
 5. Nothing a serving engine calls waits for the disk: ``prepare_store`` never writes (victims are
@@ -46,15 +50,17 @@ from dataclasses import dataclass, field
 from operator import itemgetter
 from typing import Callable, Iterable, Sequence
 
+from tierstore import counter_names as cn
 from tierstore.config import StoreConfig
 from tierstore.errors import ConfigError, JobError, PinError, RejectedError
 from tierstore.events import STORED, EventLog, check_engine_blobs, decode_engine_block
 from tierstore.index.prefix import longest_prefix, longest_prefix_tiers
 from tierstore.index.residency import NOWHERE, REQUEST_SEP, TIER_BY_VALUE, PinBook, Residency
 from tierstore.keys import Namespace, resolve_prefixes
-from tierstore.moves import TierMoves
+from tierstore.moves import TierMover
 from tierstore.policy import make_admission, make_eviction
 from tierstore.policy.interface import AdmissionPolicy, EvictionPolicy
+from tierstore.policy.placement import Placement
 from tierstore.retention import Retention, RetentionConfig
 from tierstore.tiers.slot_tier import DiskTier, MemoryTier, NullTier
 from tierstore.types import (BlockKey, BlockStatus, LoadJob, LookupResult, StoreJob, Tier,
@@ -64,18 +70,16 @@ from tierstore.writebehind import WriteBehind
 log = logging.getLogger(__name__)
 
 LOCAL = "local"
-_HIT_COUNTER = {t: f"load_hits_{t.label}" for t in Tier}
-# engine token accounting (account_tokens, case MET-38): promised = delivered + failed + dropped
-# per load vLLM accepted; declined = offered, vLLM took none of it
-TOKEN_OUTCOMES = ("promised", "delivered", "failed", "dropped", "declined")
-TOKEN_TIERS = tuple(dict.fromkeys([t.label for t in Tier] + ["peer", "unknown"]))
+# engine token accounting (account_tokens, case MET-38): the outcomes and tiers an engine reports
+TOKEN_OUTCOMES = cn.TOKEN_OUTCOMES
+TOKEN_TIERS = cn.TOKEN_TIERS
 
 
 def token_hit_ratio(counters: dict) -> float:
     """Delivered tokens / looked-up tokens (0.0 before any lookup): what engines got, not what
     lookups found or what was promised (case MET-38)."""
-    looked = counters.get("lookup_tokens", 0)
-    got = sum(v for k, v in counters.items() if k.startswith("tokens_delivered_"))
+    looked = counters.get(cn.LOOKUP_TOKENS, 0)
+    got = sum(v for k, v in counters.items() if k.startswith(cn.TOKENS_DELIVERED_PREFIX))
     return round(got / looked, 6) if looked else 0.0
 _NEAR = {**TIER_BY_VALUE, NOWHERE: None}   # Residency.near code -> nearest tier
 STALE_JOB_S = 600.0
@@ -138,7 +142,7 @@ class _PendingLoad:
     started_s: float = 0.0           # the store's clock at prepare (check reports stale jobs)
 
 
-class Store(TierMoves):
+class Store:
     """A node's KV block pool over DRAM (+ optional NVMe, + later HBM) with one prefix index.
 
     Construct with :meth:`open` from a :class:`StoreConfig`, or pass ready tiers (tests).
@@ -155,7 +159,6 @@ class Store(TierMoves):
         self._promoting: set[BlockKey] = set()    # NVMe-only blocks being read into DRAM
         self._moved = threading.Condition(self._lock)   # notified when promotions finish
         self._reserved: Counter[Tier] = Counter()   # slots allocated, not in the index yet
-        self._nvme_touched: list[BlockKey] = []       # hits NVMe's policy has not seen yet
         self.res = Residency()
         self.pins = PinBook(self.res, clock=clock)
         self._clock = clock
@@ -171,6 +174,7 @@ class Store(TierMoves):
             self.tiers[Tier.HBM] = hbm
             self.policies[Tier.HBM] = make_eviction(config.hbm.policy if config.hbm else
                                                     config.dram.policy, hbm.num_slots)
+        self.placement = Placement.of(self.tiers, exclusive=config.exclusive)
         self.counters: Counter[str] = Counter()
         # retention hints: session pins bounded per tenant (tierstore/retention.py)
         self.retention = Retention(self.pins, self.res, dram.num_slots, self.counters)
@@ -191,12 +195,19 @@ class Store(TierMoves):
             self._loader = ThreadPoolExecutor(1, thread_name_prefix="tierstore-load")
             self._loader.submit(int)
         self._wb: WriteBehind | None = None
-        if nvme is not None and getattr(dram, "holds_bytes", True):
+        if nvme is not None and dram.holds_bytes:
             # NVMe holds a clean copy of every DRAM block; what waits for it (pinned) is bounded,
             # at most half of DRAM, so loads always find slots to stage NVMe blocks in
             queue_bytes = min(config.nvme.write_queue_bytes if config.nvme else 1 << 30,
                               max(config.slot_bytes, dram.num_slots * config.slot_bytes // 2))
             self._wb = WriteBehind(self, max_queue_bytes=queue_bytes)
+        # eviction and tier-to-tier moves (tierstore/moves.py), over the state above
+        self.mover = TierMover(res=self.res, pins=self.pins, tiers=self.tiers,
+                               policies=self.policies, counters=self.counters,
+                               placement=self.placement, lock=self._lock,
+                               nvme_lock=self._nvme_lock, reserved=self._reserved,
+                               ns_digest=self._ns_digest, is_closed=lambda: self._closed,
+                               wb=self._wb)
         if nvme is not None:
             self._recover_nvme(nvme)
 
@@ -256,12 +267,12 @@ class Store(TierMoves):
             h = self.res.add(e.key, ns_id, e.size, e.checksum, meta=e.meta)
             self.res.set_slot(h, Tier.NVME, e.slot)
             pol.insert(e.key, e.size, None)
-            self.counters["nvme_recovered"] += 1
+            self.counters[cn.NVME_RECOVERED] += 1
         if duplicates:
             log.warning("nvme: %d records repeat a key already recovered; deleted",
                         len(duplicates))
             nvme.delete_batch(duplicates)
-            self.counters["nvme_recovery_duplicates"] += len(duplicates)
+            self.counters[cn.NVME_RECOVERY_DUPLICATES] += len(duplicates)
 
     # ---------------------------------------------------------------- namespaces
     def _add_ns(self, digest: bytes, ns: Namespace | dict) -> int:
@@ -307,9 +318,9 @@ class Store(TierMoves):
             if pin:
                 for k in hit:
                     self.pins.pin(owner, k, ttl_s)
-            self.counters["lookups"] += 1
-            self.counters["lookup_hit_blocks"] += len(hs)
-            self.counters["lookup_miss_blocks"] += len(keys) - len(hs)
+            self.counters[cn.LOOKUPS] += 1
+            self.counters[cn.LOOKUP_HIT_BLOCKS] += len(hs)
+            self.counters[cn.LOOKUP_MISS_BLOCKS] += len(keys) - len(hs)
             return LookupResult(hit, tiers, namespace.block_size, pinned=pin, owner=owner)
 
     def pin(self, keys: Iterable[BlockKey], owner: str = LOCAL, ttl_s: float | None = None) -> int:
@@ -374,7 +385,7 @@ class Store(TierMoves):
     def _expire(self) -> None:
         n = self.pins.expire()
         if n:
-            self.counters["pins_expired"] += n
+            self.counters[cn.PINS_EXPIRED] += n
 
     def retain(self, keys: Iterable[BlockKey], *, session: str, tenant: str = "",
                ttl_s: float, priority: int = 0) -> dict:
@@ -442,7 +453,7 @@ class Store(TierMoves):
             status: list[BlockStatus] = []
             target = self.tiers[tier]
             need = sum(1 for k in keys if k not in self.res and k not in self._pending_keys)
-            wb = self._wb if tier is Tier.DRAM else None
+            wb = self._wb if self.placement.copies_to_nvme(tier) else None
             force = False
             if wb is not None and wait_s > 0 and need:
                 # a bulk writer: wait for room (the lock is released meanwhile), then take the
@@ -452,7 +463,7 @@ class Store(TierMoves):
                 need = sum(1 for k in keys if k not in self.res and k not in self._pending_keys)
             short = need - target.slots.free_count
             if short > 0:   # one eviction pass for the whole job; no disk write
-                self._make_room(tier, short)
+                self.mover.make_room(tier, short)
             seen: set[BlockKey] = set()
             for k in keys:
                 if k in self.res or k in self._pending_keys or k in seen:
@@ -462,15 +473,15 @@ class Store(TierMoves):
                 if wb is not None and not wb.reserve(size_bytes, force=force):
                     slots.append(None)   # the NVMe write-behind queue is full: no waiting
                     status.append(BlockStatus.SKIPPED)
-                    self.counters["store_skipped_write_queue"] += 1
+                    self.counters[cn.STORE_SKIPPED_WRITE_QUEUE] += 1
                     continue
-                s = self._alloc(tier)
+                s = self.mover.alloc(tier)
                 if s is None:
                     if wb is not None:
                         wb.release(size_bytes)
                     slots.append(None)
                     status.append(BlockStatus.SKIPPED)
-                    self.counters["store_skipped"] += 1
+                    self.counters[cn.STORE_SKIPPED] += 1
                     continue
                 seen.add(k)
                 slots.append(s)
@@ -531,19 +542,19 @@ class Store(TierMoves):
                         self.res.set_meta(self.res.get(k), job.engine[i])
                 prev = k
             if new:
-                self.counters["stored_blocks"] += len(new)
-                self.counters[f"{job.tier.label}_bytes_written"] += len(new) * job.size
+                self.counters[cn.STORED_BLOCKS] += len(new)
+                self.counters[cn.BYTES_WRITTEN_OF[job.tier]] += len(new) * job.size
                 if job.budget and self._wb is not None:
                     admitted = [k for k in new
                                 if self.admission[Tier.NVME].admit(k, job.size).admitted]
                     if len(admitted) < len(new):
-                        self.counters["nvme_admission_rejects"] += len(new) - len(admitted)
+                        self.counters[cn.NVME_ADMISSION_REJECTS] += len(new) - len(admitted)
                         self._wb.release(job.budget * (len(new) - len(admitted)))
                     self._wb.accept(admitted, reserved=True, owner=job.owner)
             if failed and not any(oks):
-                self.counters["stores_aborted"] += 1
+                self.counters[cn.STORES_ABORTED] += 1
             elif failed:
-                self.counters["store_blocks_failed"] += failed
+                self.counters[cn.STORE_BLOCKS_FAILED] += failed
             return list(job.status)
 
     def _touch(self, key: BlockKey) -> None:
@@ -554,21 +565,7 @@ class Store(TierMoves):
         if t is not None:
             self.policies[t].access(key)
         if t is not Tier.NVME and self.res.slot(h, Tier.NVME) >= 0:
-            self._touch_nvme((key,))
-
-    def _touch_nvme(self, keys: Sequence[BlockKey]) -> None:
-        """Hits on blocks NVMe also holds: its policy sees them in order, applied in one pass
-        before it next picks a victim (the flusher's thread, off the callers' path)."""
-        self._nvme_touched.extend(keys)
-        if len(self._nvme_touched) > 65536:
-            self._apply_nvme_touches()
-
-    def _apply_nvme_touches(self) -> None:
-        touched, self._nvme_touched = self._nvme_touched, []
-        pol = self.policies.get(Tier.NVME)
-        if pol is not None:
-            for k in touched:
-                pol.access(k)
+            self.mover.touch_nvme((key,))
 
     def flush(self, timeout_s: float | None = None, owner: str = LOCAL) -> bool:
         """Wait until every block stored before this call has its NVMe copy written (record,
@@ -617,7 +614,7 @@ class Store(TierMoves):
             if self._loader is None:
                 self._loader = ThreadPoolExecutor(1, thread_name_prefix="tierstore-load")
             self._loader.submit(self._stage_async, jid, pl, list(keys), into)
-            self.counters["loads_async"] += 1
+            self.counters[cn.LOADS_ASYNC] += 1
             near = self.res.near
             sources = bytes(itemgetter(*hs)(near)) if len(hs) > 1 else bytes(near[h] for h in hs)
             return LoadJob(jid, list(keys), [], [BlockStatus.MISSING] * len(keys), [], into,
@@ -649,7 +646,7 @@ class Store(TierMoves):
             except Exception as e:   # the job ends with nothing ready; its pins go
                 if not isinstance(e, JobError):
                     log.exception("loader: staging load job %d failed", jid)
-                self.counters["loads_failed"] += 1
+                self.counters[cn.LOADS_FAILED] += 1
                 self.pins.release_owner(pl.pin_owner)
                 pl.keys = []
                 pl.result = LoadJob(jid, keys, [], [BlockStatus.FAILED] * len(keys), [], into)
@@ -688,7 +685,7 @@ class Store(TierMoves):
             promoting = [keys[i] for i in need]
             self._promoting.update(promoting)
             try:
-                n_ok = self._promote(keys, hs, need, status, unlocked_io=unlocked_io)
+                n_ok = self.mover.promote(keys, hs, need, status, unlocked_io=unlocked_io)
             finally:
                 self._promoting.difference_update(promoting)
                 self._moved.notify_all()
@@ -697,17 +694,18 @@ class Store(TierMoves):
             src = Tier.HBM if into is Tier.DRAM else Tier.DRAM
             move = [i for i in range(n_ok) if slot(hs[i], into) < 0]
             if move:
-                moved = self._move_hbm([keys[i] for i in move], down=into is Tier.DRAM)
+                moved = self.mover.move_hbm([keys[i] for i in move], down=into is Tier.DRAM)
                 for i, ok in zip(move, moved):
                     if not ok:
                         status[i] = BlockStatus.FAILED
                         n_ok = min(n_ok, i)
                         break
-                for i, ok in zip(move, moved):
-                    if ok and self.config.exclusive and i < n_ok:
-                        self._release_slot(keys[i], hs[i], src,
-                                           own_pins=self.pins.held(pin_owner).get(keys[i], 0))
-                if into is Tier.DRAM and self._wb is not None:   # new in DRAM: NVMe copy follows
+                if not self.placement.keeps_source(src, into):   # exclusive: the source goes
+                    for i, ok in zip(move, moved):
+                        if ok and i < n_ok:
+                            self.mover.release_slot(keys[i], hs[i], src,
+                                               own_pins=self.pins.held(pin_owner).get(keys[i], 0))
+                if self._wb is not None and self.placement.copies_to_nvme(into):   # NVMe copy follows
                     self._wb.accept(keys[i] for i, ok in zip(move, moved) if ok)
         hs_ok = hs[:n_ok]
         slots_into, size = self.res.slots[into], self.res.size
@@ -720,19 +718,19 @@ class Store(TierMoves):
                 pol.access(keys[i])
         if Tier.NVME in self.tiers:   # NVMe's order follows every hit (applied when it evicts)
             nv = self.res.slots[Tier.NVME]
-            self._touch_nvme([keys[i] for i in range(n_ok)
+            self.mover.touch_nvme([keys[i] for i in range(n_ok)
                               if came_from[i] is not Tier.NVME and nv[hs[i]] >= 0])
         for t, c in Counter(came_from[:n_ok]).items():
-            self.counters[_HIT_COUNTER[t]] += c
+            self.counters[cn.LOAD_HITS_OF[t]] += c
         held = self.pins.held(pin_owner)
         for k in pl.keys[n_ok:]:
             if held.get(k):
                 self.pins.unpin(pin_owner, k)
                 held[k] -= 1
-        self.counters["loaded_blocks"] += n_ok
-        self.counters["load_bytes"] += sum(sizes)
+        self.counters[cn.LOADED_BLOCKS] += n_ok
+        self.counters[cn.LOAD_BYTES] += sum(sizes)
         if n_ok < len(pl.keys):
-            self.counters["load_short_blocks"] += len(pl.keys) - n_ok
+            self.counters[cn.LOAD_SHORT_BLOCKS] += len(pl.keys) - n_ok
         pl.keys, pl.sizes = list(keys[:n_ok]), sizes
         pl.result = LoadJob(jid, list(keys), slots, status, sizes, into,
                             expected=len(hs), sources=bytes(near[h] for h in hs))
@@ -781,7 +779,7 @@ class Store(TierMoves):
             if job is None:
                 raise JobError(f"unknown load job {job_id}")
             if not ok:
-                self.counters["loads_failed"] += 1
+                self.counters[cn.LOADS_FAILED] += 1
             if job.result is None:
                 job.cancelled = True
                 return
@@ -819,12 +817,12 @@ class Store(TierMoves):
             if not isinstance(v, int) or isinstance(v, bool) or v < 0:
                 raise RejectedError(f"token count {k!r} must be a non-negative int")
             if k == "lookup":
-                add.append(("lookup_tokens", v))
+                add.append((cn.LOOKUP_TOKENS, v))
                 continue
             outcome, _, tier = str(k).partition(".")
             if outcome not in TOKEN_OUTCOMES or tier not in TOKEN_TIERS:
                 raise RejectedError(f"unknown token counter {k!r}")
-            add.append((f"tokens_{outcome}_{tier}", v))
+            add.append((cn.tokens(outcome, tier), v))
         with self._lock:
             for name, v in add:
                 self.counters[name] += v
@@ -919,7 +917,7 @@ class Store(TierMoves):
                 else:
                     what = "evicted"
                     if not dry_run:
-                        self._release_slot(k, h, tier)
+                        self.mover.release_slot(k, h, tier)
                 out[what] += 1
                 if dry_run:
                     outcomes.append(what)
@@ -964,7 +962,7 @@ class Store(TierMoves):
         for t in list(self.res.tiers_of(h)):
             s = self.res.clear_slot(h, t)
             self.policies[t].remove(key)
-            self._free(t, s)   # NVMe: deletes the record
+            self.mover.free(t, s)   # NVMe: deletes the record
         self.res.remove(h)
 
     def blocks(self, limit: int | None = None, tier: Tier | None = None) -> list[dict]:
@@ -992,7 +990,7 @@ class Store(TierMoves):
             for k in keys:
                 h = self.res.get(k)
                 c = self.res.checksum[h] if h >= 0 else 0
-                if not c and compute and h >= 0 and getattr(dram, "holds_bytes", True) \
+                if not c and compute and h >= 0 and dram.holds_bytes \
                         and self.res.slot(h, Tier.DRAM) >= 0:
                     import xxhash
                     c = xxhash.xxh3_64_intdigest(dram.view(self.res.slot(h, Tier.DRAM))[: self.res.size[h]])
@@ -1050,8 +1048,8 @@ class Store(TierMoves):
                 tiers.append(u)
             c = dict(self.counters)
             for t, tier in self.tiers.items():   # a copy: NVMe I/O may run beside this
-                for name, v in dict(getattr(tier, "counters", {})).items():
-                    c[f"{t.label}_{name}"] = v
+                for name, v in dict(tier.counters).items():
+                    c[cn.tier_counter(t.label, name)] = v
             return {
                 "health": self._health(),
                 "blocks": len(self.res),
@@ -1073,7 +1071,7 @@ class Store(TierMoves):
         Tiers without I/O of their own (dram, hbm) are always ok."""
         tiers = {}
         for t, tier in self.tiers.items():
-            h = getattr(tier, "health", None)
+            h = tier.health
             tiers[t.label] = h.snapshot() if h is not None else {"status": "ok", "reason": ""}
         bad = any(v["status"] != "ok" for v in tiers.values())
         return {"status": "degraded" if bad else "ok", "tiers": tiers}
@@ -1117,7 +1115,7 @@ class Store(TierMoves):
                 if fix and disk:
                     self._resync_nvme()
             for t, tier in self.tiers.items():   # after nvme.check settled and probed
-                h = getattr(tier, "health", None)
+                h = tier.health
                 if h is not None and h.failing:
                     problems.append(f"{t.label}: failing: {h.snapshot()['reason']}")
         return problems
@@ -1151,7 +1149,7 @@ class Store(TierMoves):
         if self._recovery_reported:
             return []
         self._recovery_reported = True
-        rec = getattr(nvme, "last_recovery", None) or {}
+        rec = nvme.last_recovery
         out = []
         if rec.get("dropped"):
             out.append(f"nvme: recovery at open dropped {rec['dropped']} entries whose record failed its check")
@@ -1191,16 +1189,16 @@ class Store(TierMoves):
             for jid in list(self._loads):
                 pl = self._loads.pop(jid)
                 self.pins.release_owner(pl.pin_owner)
-                self.counters["loads_failed"] += 1
+                self.counters[cn.LOADS_FAILED] += 1
             hbm = self.tiers.get(Tier.HBM)
             if hbm is not None:   # its copy engine holds views of the DRAM slab: close it first
                 hbm.close()
-                pinning = getattr(hbm, "host_pinning", None)
+                pinning = hbm.host_pinning
                 if pinning is not None:
                     pinning.unpin()
             for t, tier in self.tiers.items():
                 if t is not Tier.HBM:
-                    with self._tier_lock(t):   # waits for NVMe I/O in flight
+                    with self.mover.tier_lock(t):   # waits for NVMe I/O in flight
                         tier.close()
             self._closed = True
             self._moved.notify_all()

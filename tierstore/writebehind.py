@@ -33,7 +33,7 @@ Threading: one thread, ``tierstore-flush``, started by the first :meth:`accept` 
 lock held; the thread takes the store lock to pick a batch and to commit it, and releases it
 for the I/O (the NVMe tier is called under the store's ``_nvme_lock``, as every NVMe call).
 The store object is shared state: this class reads and changes ``res``, ``pins``, ``counters``
-and calls the store's NVMe helper in tierstore/moves.py (``_flush_batch``).
+and calls the store's mover in tierstore/moves.py (``mover.flush_batch``).
 """
 
 from __future__ import annotations
@@ -44,6 +44,7 @@ import time
 from collections import deque
 from typing import Any, Iterable, Protocol
 
+from tierstore import counter_names as cn
 from tierstore.errors import PinError
 from tierstore.types import BlockKey, Tier
 
@@ -57,17 +58,17 @@ FLUSH_OWNER = "move:flush"
 class FlushHost(Protocol):
     """What the flusher reads of its store (:class:`tierstore.store.Store` is the one host): the
     store's lock (every call but the thread's loop runs under it), its residency index ``res``,
-    its pin books ``pins``, its ``counters`` and ``tiers``, and ``_flush_batch(keys) -> int``
-    (tierstore/moves.py: writes the batch to NVMe, returns the blocks written). Declared here so
-    that this module sits below the store instead of importing it."""
+    its pin books ``pins``, its ``counters`` and ``tiers``, and its ``mover``
+    (:class:`tierstore.moves.TierMover`, whose ``flush_batch(keys) -> int`` writes a batch to
+    NVMe and returns the blocks written). Declared here so that this module sits below the store
+    instead of importing it."""
 
     _lock: Any
     res: Any
     pins: Any
     counters: Any
     tiers: Any
-
-    def _flush_batch(self, keys: list[BlockKey]) -> int: ...
+    mover: Any
 
 
 class _Failed:
@@ -307,13 +308,13 @@ class WriteBehind:
                     return   # stopping, and nothing left
                 batch = self._next_batch()
                 try:
-                    written = s._flush_batch(batch)
-                    s.counters["nvme_flushed_blocks"] += written
-                    s.counters["nvme_flush_batches"] += 1
+                    written = s.mover.flush_batch(batch)
+                    s.counters[cn.NVME_FLUSHED_BLOCKS] += written
+                    s.counters[cn.NVME_FLUSH_BATCHES] += 1
                 except Exception as e:   # never let the thread die: the blocks stay in DRAM
                     log.exception("write-behind: a batch of %d blocks failed", len(batch))
-                    s.counters["nvme_flush_errors"] += 1
-                    health = getattr(s.tiers.get(Tier.NVME), "health", None)
+                    s.counters[cn.NVME_FLUSH_ERRORS] += 1
+                    health = s.tiers[Tier.NVME].health
                     if health is not None:   # a failing tier shows, whatever raised
                         health.fail("write", "internal", f"{type(e).__name__}: {e}")
                 finally:

@@ -402,3 +402,9 @@ class PinBook:
 
     def total(self) -> int:
         return sum(sum(d.values()) for d in self._by_owner.values())
+
+    def pinned_blocks_bound(self) -> int:
+        """An upper bound of the number of pinned blocks, O(owners): keys summed over owners
+        (a block two owners pin counts twice). The store's eviction asks it before counting
+        exactly."""
+        return sum(map(len, self._by_owner.values()))

@@ -40,6 +40,7 @@ class HbmTier(SlotTier):
     """``num_slots`` slots of ``slot_bytes`` bytes in one device tensor."""
 
     holds_bytes = True
+    host_pinning = None   # a tiers.pinning.HostPinning of the DRAM slab (Store.open, CUDA only)
 
     def __init__(self, num_slots: int, slot_bytes: int, *, device: str | torch.device | None = None
                  ) -> None:

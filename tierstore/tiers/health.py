@@ -32,22 +32,42 @@ import errno
 import threading
 import time
 from collections import Counter, deque
+from enum import StrEnum
+
+class DiskError(StrEnum):
+    """Why one item of a disk batch failed (``DiskResult.error`` of tiers/slot_tier.py). A ``str``: its value is
+    the label the counters (``nvme_write_<error>``) and the tier's health
+    (tiers/health.py: ``tier_io_failures_total{error}``) show."""
+
+    EIO = "eio"                # an I/O error (EIO)
+    ENOSPC = "enospc"          # no space (ENOSPC, EDQUOT): the store retries after evicting
+    EINVAL = "einval"          # EINVAL (e.g. O_DIRECT alignment refused)
+    OSERROR = "oserror"        # any other OSError
+    COMPRESS = "compress"      # the codec failed (that item only)
+    META = "meta"              # the LMDB commit failed (a full or failing metadata filesystem)
+    CORRUPT = "corrupt"        # a read whose header or checksum does not verify
+    MISSING = "missing"        # a read of a slot that holds no record
+    BADSLOT = "badslot"        # the caller's mistakes: a slot not allocated or not backed,
+    TOO_LARGE = "too_large"    # a payload past ``slot_bytes``,
+    BADKEY = "badkey"          # a key or namespace digest of the wrong length,
+    BADBUF = "badbuf"          # a read buffer shorter than the record
+
 
 WINDOW = 32
 """Recent I/O outcomes that decide the state."""
 
 
-def error_name(e: BaseException) -> str:
+def error_name(e: BaseException) -> DiskError:
     """The error label of an OSError: ``enospc`` (also EDQUOT), ``eio``, ``einval``, else
     ``oserror``."""
     no = getattr(e, "errno", None)
     if no in (errno.ENOSPC, errno.EDQUOT):
-        return "enospc"
+        return DiskError.ENOSPC
     if no == errno.EIO:
-        return "eio"
+        return DiskError.EIO
     if no == errno.EINVAL:
-        return "einval"
-    return "oserror"
+        return DiskError.EINVAL
+    return DiskError.OSERROR
 
 
 class TierHealth:

@@ -44,11 +44,12 @@ commits the LMDB delete first, then zeroes the header magic (a lost zeroing is a
 So after ``kill -9`` at any moment, every surviving entry points at a record whose header verifies.
 ``recover()`` also removes unknown files from slabs/, drops the entries of a vanished or truncated
 slab file (the next ``alloc()`` that needs it recreates it) and recomputes used bytes; ``check()``
-adds the full payload checksum of every entry. Both live in tiers/nvme_recovery.py.
+adds the full payload checksum of every entry. Both live in tiers/nvme_recovery.py, a part the
+tier holds (``_recovery``) and delegates to.
 
 Failures (issue 13 items 10-11): no I/O or LMDB failure escapes ``write_batch``, ``delete_batch``
 or ``put_namespace``. A failed record write, ``fdatasync`` or metadata commit fails that item
-(``DiskResult.error``: ``eio``, ``enospc``, ``einval``, ``meta``, ...) and zeroes the header of a
+(``DiskResult.error``, a :class:`~tierstore.tiers.slot_tier.DiskError`: ``eio``, ``enospc``, ``einval``, ``meta``, ...) and zeroes the header of a
 record it wrote, so nothing of it is visible now or after a restart. A metadata commit that cannot
 be made for a delete or a namespace is *owed*: the in-memory state moves on (the slot is freed,
 its header zeroed) and the LMDB part rides along with the next commit that succeeds
@@ -89,11 +90,13 @@ from pathlib import Path
 import lmdb
 import xxhash
 
+from tierstore import counter_names as cn
 from tierstore.errors import ConfigError, FormatError
 from tierstore.io import disk
 from tierstore.io.disk import ALIGN, IoPool, aligned_buffer, round_up
 from tierstore.tiers.slot_tier import (
     DiskEntry,
+    DiskError,
     DiskRead,
     DiskResult,
     DiskTier,
@@ -177,7 +180,7 @@ class _ThreadState:
         return self._bounce
 
 
-class NvmeTier(NvmeRecovery, NvmeUpkeep, DiskTier):
+class NvmeTier(NvmeUpkeep, DiskTier):
     """Records of at most ``slot_bytes`` payload bytes in ``num_slots`` slots under ``path``."""
 
     def __init__(self, path: str | os.PathLike, num_slots: int, slot_bytes: int, *,
@@ -204,10 +207,7 @@ class NvmeTier(NvmeRecovery, NvmeUpkeep, DiskTier):
         self.zstd_level = zstd_level
         self.fsync = fsync
         self.direct = disk.resolve_direct_io(direct_io, str(self.slab_dir))
-        self.counters = {"writes": 0, "reads": 0, "deletes": 0, "checksum_failures": 0,
-                         "header_failures": 0, "io_errors": 0, "compress_errors": 0,
-                         "enospc": 0, "stored_raw_incompressible": 0, "meta_errors": 0,
-                         "prepared_bytes": 0}
+        self.counters = dict.fromkeys(cn.TIER_COUNTERS, 0)   # the names: counter_names.py
         self.last_recovery: dict = {}
         self.dropped_slots: list[int] = []   # slots freed by the last check(fix=True)
         self.health = TierHealth("nvme")
@@ -236,6 +236,7 @@ class NvmeTier(NvmeRecovery, NvmeUpkeep, DiskTier):
         self._max_readers = max_readers
         self._env_obj: lmdb.Environment | None = None
         self._env_pid = -1
+        self._recovery = NvmeRecovery(self)   # recover() and check(): tiers/nvme_recovery.py
         self._env()   # validates the format now: a foreign env fails at open, not at first write
 
     # ------------------------------------------------------------------ geometry, files
@@ -276,7 +277,7 @@ class NvmeTier(NvmeRecovery, NvmeUpkeep, DiskTier):
                 if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
                     self._undo_grow(f, ready, created)   # EIO and the like: nothing half-grown
                     raise
-                self.counters["enospc"] += 1
+                self.counters[cn.T_ENOSPC] += 1
                 os.ftruncate(fd, ready * self.record_bytes)   # drop any partial allocation
                 if ready + add == need:
                     break
@@ -414,6 +415,16 @@ class NvmeTier(NvmeRecovery, NvmeUpkeep, DiskTier):
                     out[_SLOT_KEY.unpack(k)[1]] = bytes(v)
         return out
 
+    def recover(self) -> list[DiskEntry]:
+        """Start-up recovery (see DiskTier and tiers/nvme_recovery.py); runs fully once, later
+        calls list current entries."""
+        return self._recovery.recover()
+
+    def check(self, fix: bool = False) -> list[str]:
+        """Verify every entry (header and payload checksum) and look for orphan records; with
+        ``fix`` repair (tiers/nvme_recovery.py)."""
+        return self._recovery.check(fix)
+
     def entries(self) -> list[DiskEntry]:
         """Every entry LMDB holds now (one read txn for the entries, one for their metadata)."""
         metas = self._read_metas()
@@ -463,7 +474,7 @@ class NvmeTier(NvmeRecovery, NvmeUpkeep, DiskTier):
                 grown = self._grow(f, i + 1)
             except OSError as e:
                 log.warning("nvme tier: growing %s failed: %s", self._file_path(f), e)
-                self.counters["io_errors"] += 1
+                self.counters[cn.T_IO_ERRORS] += 1
                 self.health.fail("grow", error_name(e), e.strerror or str(e))
                 self.slots.free(s)
                 return None
@@ -531,12 +542,12 @@ class NvmeTier(NvmeRecovery, NvmeUpkeep, DiskTier):
         for run, err in zip(runs, self._pool.map(self._zero_slots, runs)):
             if err is not None:
                 log.warning("nvme tier: preparing slots %d-%d failed: %s", run[0], run[-1], err)
-                self.counters["io_errors"] += 1
+                self.counters[cn.T_IO_ERRORS] += 1
                 continue
             for slot in run:
                 self._written[slot] = 1
             done += len(run) * self.record_bytes
-        self.counters["prepared_bytes"] += done
+        self.counters[cn.T_PREPARED_BYTES] += done
         return done
 
     def _unprepared(self, limit: int) -> list[int]:
@@ -637,7 +648,7 @@ class NvmeTier(NvmeRecovery, NvmeUpkeep, DiskTier):
                 packed = self._compress(src)
             except Exception as e:  # noqa: BLE001 - any codec failure fails this item only
                 log.warning("nvme tier: compression of slot %d failed: %s", w.slot, e)
-                return DiskResult(False, checksum, "compress"), 0, 0
+                return DiskResult(False, checksum, DiskError.COMPRESS), 0, 0
             if len(packed) < size:
                 flags, stored = FLAG_ZSTD, len(packed)
                 b = st.bounce
@@ -677,11 +688,11 @@ class NvmeTier(NvmeRecovery, NvmeUpkeep, DiskTier):
         for i, w in enumerate(items):
             if not (0 <= w.slot < self.num_slots and self.slots.is_used(w.slot)
                     and self._is_ready(w.slot)):
-                results[i] = DiskResult(False, w.checksum, "badslot")
+                results[i] = DiskResult(False, w.checksum, DiskError.BADSLOT)
             elif memoryview(w.src).nbytes > self.slot_bytes:
-                results[i] = DiskResult(False, w.checksum, "too_large")
+                results[i] = DiskResult(False, w.checksum, DiskError.TOO_LARGE)
             elif len(w.key) != KEY_BYTES or len(w.ns_digest) != NS_BYTES:
-                results[i] = DiskResult(False, w.checksum, "badkey")
+                results[i] = DiskResult(False, w.checksum, DiskError.BADKEY)
             else:
                 todo.append(i)
         done = self._pool.map(lambda i: self._write_one(items[i]), todo)
@@ -696,13 +707,13 @@ class NvmeTier(NvmeRecovery, NvmeUpkeep, DiskTier):
                     self._written[items[i].slot] = 1
                 continue
             self.health.fail("write", res.error)
-            if res.error == "compress":
-                self.counters["compress_errors"] += 1
+            if res.error is DiskError.COMPRESS:
+                self.counters[cn.T_COMPRESS_ERRORS] += 1
                 continue
-            if res.error == "enospc":
-                self.counters["enospc"] += 1
+            if res.error is DiskError.ENOSPC:
+                self.counters[cn.T_ENOSPC] += 1
             else:
-                self.counters["io_errors"] += 1
+                self.counters[cn.T_IO_ERRORS] += 1
             torn.append(items[i].slot)
         self._zero_headers(torn)   # a failed pwritev may have written part of a header
         if self.fsync and meta:
@@ -713,7 +724,7 @@ class NvmeTier(NvmeRecovery, NvmeUpkeep, DiskTier):
                     os.fdatasync(self._fds[f])
                 except OSError as e:
                     log.warning("nvme tier: fdatasync of %s failed: %s", self._file_path(f), e)
-                    self.counters["io_errors"] += 1
+                    self.counters[cn.T_IO_ERRORS] += 1
                     bad[f] = error_name(e)
                     self.health.fail("fsync", bad[f], e.strerror or str(e))
             lost = [i for i in meta if items[i].slot // self.file_slots in bad]
@@ -741,10 +752,10 @@ class NvmeTier(NvmeRecovery, NvmeUpkeep, DiskTier):
                 self._write_txn(publish)
             except lmdb.Error as e:
                 log.warning("nvme tier: metadata commit failed: %s", e)
-                self.counters["meta_errors"] += 1
-                self.health.fail("meta", "meta", str(e), n=len(meta))
+                self.counters[cn.T_META_ERRORS] += 1
+                self.health.fail("meta", DiskError.META, str(e), n=len(meta))
                 for i in meta:
-                    results[i] = DiskResult(False, results[i].checksum, "meta")
+                    results[i] = DiskResult(False, results[i].checksum, DiskError.META)
                 self._zero_headers([items[i].slot for i in meta])
                 return results  # type: ignore[return-value]
             self._paid(backlog | {items[i].slot for i in meta}, ns_backlog)
@@ -757,8 +768,8 @@ class NvmeTier(NvmeRecovery, NvmeUpkeep, DiskTier):
                 self._stored[s], self._flags[s], self._sizes[s] = stored, flags, size
                 self._account(s, stored, size, +1)
                 if flags == 0 and self.compression == "zstd" and stored:
-                    self.counters["stored_raw_incompressible"] += 1
-            self.counters["writes"] += len(meta)
+                    self.counters[cn.T_STORED_RAW_INCOMPRESSIBLE] += 1
+            self.counters[cn.T_WRITES] += len(meta)
         return results  # type: ignore[return-value]
 
     # ------------------------------------------------------------------ read
@@ -826,20 +837,20 @@ class NvmeTier(NvmeRecovery, NvmeUpkeep, DiskTier):
         try:
             dst = memoryview(r.dst).cast("B")
             if dst.nbytes < r.size:
-                return DiskResult(False, 0, "badbuf"), ""
+                return DiskResult(False, 0, DiskError.BADBUF), ""
             h, _ = self._read_record(st, r.slot, dst, bytes(r.key), r.size,
                                      self._stored[r.slot], self._flags[r.slot])
         except OSError as e:
             log.warning("nvme tier: read of slot %d failed: %s", r.slot, e)
-            return DiskResult(False, 0, error_name(e)), "io_errors"
+            return DiskResult(False, 0, error_name(e)), cn.T_IO_ERRORS
         except FormatError as e:
             log.warning("nvme tier: %s", e)
-            return DiskResult(False, 0, "corrupt"), "header_failures"
+            return DiskResult(False, 0, DiskError.CORRUPT), cn.T_HEADER_FAILURES
         except ValueError as e:
             log.warning("nvme tier: %s", e)
-            return DiskResult(False, 0, "corrupt"), "checksum_failures"
+            return DiskResult(False, 0, DiskError.CORRUPT), cn.T_CHECKSUM_FAILURES
         if r.checksum and h.checksum != r.checksum:
-            return DiskResult(False, h.checksum, "corrupt"), "checksum_failures"
+            return DiskResult(False, h.checksum, DiskError.CORRUPT), cn.T_CHECKSUM_FAILURES
         return DiskResult(True, h.checksum), ""
 
     def read_batch(self, items: list[DiskRead]) -> list[DiskResult]:
@@ -848,7 +859,7 @@ class NvmeTier(NvmeRecovery, NvmeUpkeep, DiskTier):
         todo = []
         for i, r in enumerate(items):
             if not 0 <= r.slot < self.num_slots or self._stored[r.slot] < 0:
-                results[i] = DiskResult(False, 0, "missing")
+                results[i] = DiskResult(False, 0, DiskError.MISSING)
             else:
                 todo.append(i)
         done = self._pool.map(lambda i: self._read_one(items[i]), todo)
@@ -856,11 +867,11 @@ class NvmeTier(NvmeRecovery, NvmeUpkeep, DiskTier):
             results[i] = res
             if counter:
                 self.counters[counter] += 1
-            if counter == "io_errors":
-                self.health.fail("read", res.error or "eio")
+            if counter == cn.T_IO_ERRORS:
+                self.health.fail("read", res.error or DiskError.EIO)
             elif res.ok:
                 self.health.ok()
-        self.counters["reads"] += sum(1 for r in results if r.ok)  # type: ignore[union-attr]
+        self.counters[cn.T_READS] += sum(1 for r in results if r.ok)  # type: ignore[union-attr]
         return results  # type: ignore[return-value]
 
     # ------------------------------------------------------------------ delete
@@ -878,7 +889,7 @@ class NvmeTier(NvmeRecovery, NvmeUpkeep, DiskTier):
             if live:
                 self._delete_entries(live)
                 self._zero_headers(live)
-                self.counters["deletes"] += len(live)
+                self.counters[cn.T_DELETES] += len(live)
         finally:
             for s in live:
                 self._account(s, self._stored[s], self._sizes[s], -1)

@@ -29,9 +29,10 @@ import struct
 
 import lmdb
 
+from tierstore import counter_names as cn
 from tierstore.io import disk
 from tierstore.io.disk import aligned_buffer
-from tierstore.tiers.slot_tier import DiskWrite
+from tierstore.tiers.slot_tier import DiskError, DiskWrite
 from tierstore.tiers.health import error_name
 from tierstore.tiers.record import KEY_BYTES, NS_BYTES
 
@@ -66,8 +67,8 @@ class NvmeUpkeep:
             self._write_txn(lambda t: self._owed(t, backlog, ns_backlog))
         except lmdb.Error as e:
             log.warning("nvme tier: namespace descriptor not committed (kept, retried): %s", e)
-            self.counters["meta_errors"] += 1
-            self.health.fail("meta", "meta", str(e))
+            self.counters[cn.T_META_ERRORS] += 1
+            self.health.fail("meta", DiskError.META, str(e))
             self._owe(namespaces={bytes(digest): value})
             return
         self._paid(backlog, ns_backlog)
@@ -87,22 +88,22 @@ class NvmeUpkeep:
             res, _, _ = self._write_one(DiskWrite(s, PROBE_KEY, bytes(NS_BYTES),
                                                   aligned_buffer(self.slot_bytes)))
             if not res.ok:
-                self.counters["io_errors"] += 1
+                self.counters[cn.T_IO_ERRORS] += 1
                 self.health.fail("write", res.error, "probe")
                 return False
             if self.fsync:
                 try:
                     os.fdatasync(self._fds[s // self.file_slots])
                 except OSError as e:
-                    self.counters["io_errors"] += 1
+                    self.counters[cn.T_IO_ERRORS] += 1
                     self.health.fail("fsync", error_name(e), "probe")
                     return False
             value = bytes(VALUE.size)
             try:   # as many new entries as a flusher batch commits (the metadata must grow)
                 self._write_txn(lambda t: [t.put(k, value) for k in PROBE_META_KEYS])
             except lmdb.Error as e:
-                self.counters["meta_errors"] += 1
-                self.health.fail("meta", "meta", f"probe: {e}")
+                self.counters[cn.T_META_ERRORS] += 1
+                self.health.fail("meta", DiskError.META, f"probe: {e}")
                 return False
             self.health.ok()
             self._owe(probe=True)
@@ -158,8 +159,8 @@ class NvmeUpkeep:
             self._write_txn(lambda t: self._owed(t, backlog, ns_backlog))
         except lmdb.Error as e:
             log.warning("nvme tier: metadata still cannot be committed: %s", e)
-            self.counters["meta_errors"] += 1
-            self.health.fail("meta", "meta", str(e))
+            self.counters[cn.T_META_ERRORS] += 1
+            self.health.fail("meta", DiskError.META, str(e))
             return False
         self._paid(backlog, ns_backlog)
         self.health.ok()
@@ -179,8 +180,8 @@ class NvmeUpkeep:
         except lmdb.Error as e:
             log.warning("nvme tier: metadata delete of %d entries not committed (retried "
                         "later): %s", len(slots), e)
-            self.counters["meta_errors"] += 1
-            self.health.fail("meta", "meta", str(e))
+            self.counters[cn.T_META_ERRORS] += 1
+            self.health.fail("meta", DiskError.META, str(e))
             self._owe(slots)
             return False
         self._paid(backlog, ns_backlog)
@@ -209,7 +210,7 @@ class NvmeUpkeep:
         self._unzeroed.difference_update(slots)
         for s, err in zip(slots, errors):
             if err is not None:
-                self.counters["io_errors"] += 1
+                self.counters[cn.T_IO_ERRORS] += 1
                 self.health.fail("zero", err, f"header of slot {s}")
                 self._unzeroed.add(s)
         self.health.set_pending("header_zeroings", len(self._unzeroed))

@@ -12,6 +12,12 @@ bytes. Two shapes exist:
 ``NullTier`` keeps slot accounting but no bytes: trace replay with ``--payload none`` runs the real
 store, index and policies on it.
 
+What the store reads of every tier is declared here (never probed with ``getattr``):
+``holds_bytes`` (False: slot accounting only), ``counters`` (the tier's own, named in
+tierstore/counter_names.py; empty for tiers without I/O of their own), ``health`` (a
+:class:`~tierstore.tiers.health.TierHealth`, None for tiers without I/O of their own) and, for a
+disk tier, ``last_recovery`` (what start-up recovery dropped).
+
 Tiers are single-threaded; the store calls them under its lock.
 """
 
@@ -19,7 +25,10 @@ from __future__ import annotations
 
 import heapq
 from abc import ABC, abstractmethod
+from types import MappingProxyType
+from typing import Mapping
 
+from tierstore.tiers.health import DiskError, TierHealth  # noqa: F401 (DiskError: re-exported)
 from tierstore.types import Tier
 
 
@@ -72,15 +81,19 @@ class SlotAllocator:
 
 
 class SlotTier(ABC):
-    """Common accounting of every tier."""
+    """Common accounting of every tier, and what the store reads of each (module docstring)."""
 
     tier: Tier
     slot_bytes: int
+    holds_bytes: bool = True                 # False: slots are accounted, no bytes kept
+    health: "TierHealth | None" = None       # tiers with I/O of their own (nvme) set one
+    counters: dict[str, int]                 # the tier's own counters (names: counter_names.py)
 
     def __init__(self, tier: Tier, num_slots: int, slot_bytes: int) -> None:
         self.tier = tier
         self.slot_bytes = slot_bytes
         self.slots = SlotAllocator(num_slots)
+        self.counters = {}
 
     @property
     def num_slots(self) -> int:
@@ -144,9 +157,12 @@ class DiskTier(SlotTier):
       result is not ok has undefined ``dst`` bytes and must be treated as a miss.
     - ``delete_batch(slots)`` removes the metadata in one transaction and frees the slots.
     - ``alloc()`` returns None when the configured capacity or the filesystem is full.
+    - ``last_recovery`` says what ``recover()`` found: ``{entries, dropped, orphans,
+      unknown_files, missing_files}`` (empty before it ran); the store's first ``check`` reports it.
     """
 
     holds_bytes = True
+    last_recovery: Mapping = MappingProxyType({})
 
     @abstractmethod
     def recover(self) -> list["DiskEntry"]: ...
@@ -208,4 +224,8 @@ class DiskRead:
 class DiskResult:
     ok: bool
     checksum: int = 0
-    error: str | None = None  # "enospc", "eio", "corrupt", "compress", ...
+    error: DiskError | None = None   # why it failed (None when ok); a str is taken as its value
+
+    def __post_init__(self) -> None:
+        if self.error is not None and not isinstance(self.error, DiskError):
+            self.error = DiskError(self.error)
