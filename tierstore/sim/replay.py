@@ -72,6 +72,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Sequence
 
+from tierstore import counter_names as cn
 from tierstore.config import DramConfig, NvmeConfig, StoreConfig
 from tierstore.errors import ConfigError
 from tierstore.keys import Namespace
@@ -639,14 +640,15 @@ def _run(client: "Client", reqs: list[TraceRequest], p: _Plan, verify: bool,
     tiers = {}
     for t in labels:
         if t == "dram":   # loads and the NVMe copies read DRAM; stores and promotions write it
-            tiers[t] = {"read_bytes": g("load_bytes", 0) + g("nvme_bytes_written", 0),
-                        "written_bytes": g("dram_bytes_written", 0) + g("nvme_bytes_read", 0)}
+            tiers[t] = {"read_bytes": g(cn.LOAD_BYTES, 0) + g(cn.NVME_BYTES_WRITTEN, 0),
+                        "written_bytes": g(cn.BYTES_WRITTEN.format(tier=t), 0)
+                        + g(cn.NVME_BYTES_READ, 0)}
         elif t == "nvme":
-            tiers[t] = {"read_bytes": g("nvme_bytes_read", 0),
-                        "written_bytes": g("nvme_bytes_written", 0)}
-        else:
+            tiers[t] = {"read_bytes": g(cn.NVME_BYTES_READ, 0),
+                        "written_bytes": g(cn.NVME_BYTES_WRITTEN, 0)}
+        else:   # no tier but dram and nvme counts bytes today: zeros
             tiers[t] = {"read_bytes": g(f"{t}_bytes_read", 0),
-                        "written_bytes": g(f"{t}_bytes_written", 0)}
+                        "written_bytes": g(cn.BYTES_WRITTEN.format(tier=t), 0)}
     return {
         "block_hit_ratio": round(hit_blocks / referenced, 6) if referenced else 0.0,
         "token_hit_ratio": round(hit_tokens / input_tokens, 6) if input_tokens else 0.0,
