@@ -41,19 +41,9 @@ class Client:
                  shm_name: str | None = None,
                  reconcile: Callable[[StoreConfig], tuple[StoreConfig, list[str]]] | None = None
                  ) -> "Client":
-        """Open (or create) a store in this process.
-
-        With ``data_dir``: the directory's ``store.json`` wins over ``config`` when it exists
-        (a directory is reopened as it was created), unless ``reconcile`` (given the stored
-        config, returns the config to use and one line per change, or raises ConfigError) changes
-        it; otherwise ``config`` is used. ``store.json`` is written only once the store opened
-        with that config, so a config the store refuses never reaches the disk. The
-        NVMe path defaults to ``<data_dir>/nvme``; a relative NVMe path is stored and resolved
-        relative to the data dir (never to the working directory), so a data dir opens the same
-        from anywhere and a copied data dir never shares its original's NVMe tier. Raises DataDirBusy if another process holds
-        the directory, ConfigError if it does not exist and ``create`` is false. ``shm_name``
-        (the daemon) puts the DRAM slab in POSIX shared memory under that name for this run
-        only; it is never written to ``store.json``.
+        """Open (or create) a store in this process: :func:`tierstore.datadir.open_data_dir`
+        with these arguments, whose docstring is the contract (``store.json`` against
+        ``config``, ``reconcile``, the NVMe path, DataDirBusy / ConfigError, ``shm_name``).
         """
         dd = open_data_dir(data_dir, config, secret=secret, create=create, shm_name=shm_name,
                            reconcile=reconcile)
