@@ -459,12 +459,7 @@ class RemoteClient:
         :meth:`lookup`); with ``session`` they belong to ``session:<session>``, outlive the
         connection and need ``ttl_s`` (PinError without); ``session`` and ``request`` together
         are a PinError."""
-        check_pin_owner(session, request)
-        body = {"keys": pack_keys(keys), "ttl_s": ttl_s}
-        if session is not None:
-            body["session"] = session
-        if request is not None:
-            body["request"] = request
+        body = _owned(keys, session, request, ttl_s=ttl_s)
         return int(self._call(MsgType.PIN, body)["n"])
 
     def unpin(self, keys: Sequence[BlockKey], session: str | None = None,
@@ -472,12 +467,7 @@ class RemoteClient:
         """Release one pin per key of this connection, of one ``request`` of it, or of
         ``session``. All or nothing: PinError when the owner holds no pin on one of the keys
         (a lease ran out), and then nothing is released."""
-        check_pin_owner(session, request)
-        body = {"keys": pack_keys(keys)}
-        if session is not None:
-            body["session"] = session
-        if request is not None:
-            body["request"] = request
+        body = _owned(keys, session, request)
         return int(self._call(MsgType.UNPIN, body)["n"])
 
     def unpin_each(self, keys: Sequence[BlockKey], session: str | None = None,
@@ -485,12 +475,7 @@ class RemoteClient:
         """Release one pin of the owner (as :meth:`unpin` picks it) on each key that holds
         one, in one round trip; one bool per key, False where the owner held none. A daemon
         older than this request answers ProtocolError (unknown message type)."""
-        check_pin_owner(session, request)
-        body = {"keys": pack_keys(keys)}
-        if session is not None:
-            body["session"] = session
-        if request is not None:
-            body["request"] = request
+        body = _owned(keys, session, request)
         return [bool(x) for x in self._call(MsgType.UNPIN_EACH, body)["unpinned"]]
 
     def retain(self, keys: Sequence[BlockKey], *, session: str, tenant: str = "",
@@ -589,3 +574,16 @@ class RemoteClient:
         finally:
             with self._lock:
                 self._drop()
+
+
+def _owned(keys: Sequence[BlockKey], session: str | None, request: str | None, **extra) -> dict:
+    """A PIN / UNPIN / UNPIN_EACH body: ``keys``, ``extra``, and whose pins (``session`` or
+    ``request``; neither: this connection's). Both at once is a PinError, before anything is
+    encoded or sent."""
+    check_pin_owner(session, request)
+    body = {"keys": pack_keys(keys), **extra}
+    if session is not None:
+        body["session"] = session
+    if request is not None:
+        body["request"] = request
+    return body

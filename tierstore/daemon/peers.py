@@ -9,7 +9,9 @@ What it owns (built from ``[peers]`` in tierstore/settings.py; nothing exists wh
     membership     the static list of ``[peers] peers``, or etcd (this node registered under a
                    lease; the live members polled) — tierstore/cluster/membership.py
     _PeerState     per peer: state, last error, RPC latency, cumulative bytes / blocks /
-                   failures (they outlive sessions: what ``peers ls`` and the metrics show)
+                   failures (they outlive sessions: what ``peers ls`` and the metrics show);
+                   the facts a session counts too are kept and counted by the base class
+                   they share (tierstore/transfer/session.py, PeerCounters)
 
 Nearest-tier lookup (``LOOKUP {…, peers: true}``)::
 
@@ -66,6 +68,7 @@ from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 from tierstore.errors import ConfigError, TierStoreError, TransferFailed
+from tierstore.transfer.session import PeerCounters
 from tierstore.types import Tier
 
 log = logging.getLogger("tierstore.daemon.peers")
@@ -75,31 +78,25 @@ FETCH_OWNER = "peer-fetch"
 
 # ----------------------------------------------------------------------------- per peer
 @dataclass
-class _PeerState:
+class _PeerState(PeerCounters):
+    """This daemon's record of one member: the counters every reader of a peer keeps
+    (:class:`tierstore.transfer.session.PeerCounters`: transport, RPCs and latency, bytes and
+    blocks read, last error), kept across sessions, plus what only the daemon knows."""
+
+    RPC_MEAN_WINDOW = 100             # running mean of the first 100 RPCs, then an EWMA
+
     name: str
     address: tuple[str, int]
     state: str = "idle"               # idle (never dialled), up, down
     node: str = ""                    # the name the peer proved in its handshake
-    transport: str = ""
-    last_error: str = ""
     down_until: float = 0.0
-    rpcs: int = 0
-    last_rpc_ms: float = 0.0
-    avg_rpc_ms: float = 0.0
     lookups: int = 0
     lookup_hit_blocks: int = 0
     fetches: int = 0
-    bytes_read: int = 0
-    blocks_read: int = 0
     failures: int = 0
     blocks_kept_after_failure: int = 0   # whole blocks a failed fetch kept (issue 13 item 2)
     connects: int = 0
     extra: dict = field(default_factory=dict)
-
-    def rpc_done(self, ms: float) -> None:
-        self.rpcs += 1
-        self.last_rpc_ms = ms
-        self.avg_rpc_ms += (ms - self.avg_rpc_ms) / min(self.rpcs, 100)   # running mean, then EWMA
 
     def as_dict(self) -> dict:
         return {"name": self.name, "address": f"{self.address[0]}:{self.address[1]}",
@@ -252,7 +249,7 @@ class DaemonPeers:
                 return
             s.state = "down"
             s.failures += 1
-            s.last_error = f"{type(e).__name__}: {e}"
+            s.error(e)
             s.down_until = time.monotonic() + self.ps.retry_s
         log.info("peers: %s (%s:%d) failed: %s", s.name, *s.address, s.last_error)
 
@@ -412,14 +409,12 @@ class DaemonPeers:
             errors.append(f"{s.name}: {type(e).__name__}: {e}")
             if f is not None and f.kept:   # whole blocks that arrived before the failure
                 with self._lock:
-                    s.blocks_read += f.kept
-                    s.bytes_read += f.kept * (f.job.sizes[0] if f.job.sizes else 0)
+                    s.read_done(f.kept, f.kept * (f.job.sizes[0] if f.job.sizes else 0))
                     s.blocks_kept_after_failure += f.kept
             return 0
         with self._lock:
             s.fetches += 1
-            s.bytes_read += f.job.bytes_moved
-            s.blocks_read += n
+            s.read_done(n, f.job.bytes_moved)
         return n
 
     # ------------------------------------------------------------------ admin

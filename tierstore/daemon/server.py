@@ -18,7 +18,8 @@ Threading (every thread is owned by :class:`DaemonServer`)::
     main thread      accept loop (listener with a 0.2 s timeout, so a stop request is seen
                      promptly); SIGTERM/SIGINT only set the stop event
     conn-N threads   one per client connection: read frame -> handle -> write reply, strictly
-                     request/reply in order; every Store call takes the store's own lock
+                     request/reply in order (the loop: tierstore/protocol/serve.py, shared with
+                     the peer server); every Store call takes the store's own lock
     metrics thread   prometheus-client's HTTP server, when [metrics] enabled
     peer threads     when [peers] enabled: the peer server's accept/connection threads, the etcd
                      keeper and the lookup pool, all owned by tierstore/daemon/peers.py
@@ -170,9 +171,9 @@ from tierstore.errors import (AccessDenied, ConfigError, JobError, PinError, Pro
 from tierstore.index.residency import request_owner, session_name, session_owner
 from tierstore.keys import SECRET_ENV, SECRET_FILE_ENV, Namespace, secret_id
 from tierstore.metrics import DaemonMetrics
-from tierstore.protocol.codec import (FLAG_ERROR, FLAG_REPLY, PROTOCOL_VERSION, FrameError,
-                                      MsgType, decode_body, encode_frame, error_body, read_frame,
-                                      tune_socket, unpack_keys)
+from tierstore.protocol.codec import (FLAG_REPLY, PROTOCOL_VERSION, FrameError, MsgType,
+                                      encode_frame, tune_socket, unpack_keys)
+from tierstore.protocol.serve import call_handler, serve_frames, write_error
 from tierstore.settings import DaemonSettings, reconcile_store
 from tierstore.types import Tier
 
@@ -576,42 +577,39 @@ class DaemonServer:
         conn.thread.start()
 
     def _serve_conn(self, conn: _Conn) -> None:
-        sock = conn.sock
+        """Request after request until EOF, a bad frame (one error reply, then closed: the
+        loop and that rule are tierstore/protocol/serve.py's) or a reply that ends it."""
+
+        def bad_frame(e: FrameError) -> None:
+            self.metrics.protocol_errors.inc()
+            log.info("%s: closing after a bad frame: %s", conn.owner, e)
+
         try:
-            while True:
-                try:
-                    frame = read_frame(sock, self.settings.max_frame_bytes)
-                except FrameError as e:
-                    self.metrics.protocol_errors.inc()
-                    if e.header is not None:
-                        self._reply_error(sock, e.header.type, e.header.request_id, e)
-                    log.info("%s: closing after a bad frame: %s", conn.owner, e)
-                    return
-                except (OSError, ConnectionError):
-                    return
-                if frame is None:
-                    return
-                hdr, raw = frame
-                if not self._answer(conn, hdr.type, hdr.request_id, hdr.flags, raw):
-                    return
+            serve_frames(conn.sock,
+                         lambda hdr, raw: self._answer(conn, hdr.type, hdr.request_id, hdr.flags,
+                                                       raw),
+                         max_frame_bytes=self.settings.max_frame_bytes, on_bad_frame=bad_frame)
+        except (OSError, ConnectionError):
+            pass
         finally:
             self._drop(conn)
 
     def _answer(self, conn: _Conn, mtype: int, rid: int, flags: int, raw: bytes) -> bool:
         """Handle one request and send its reply; False when the connection must close."""
-        handler = self._handlers.get(mtype)
         t0 = time.perf_counter()
         try:
             if not conn.allowed and mtype != MsgType.PING:
                 self._refuse(conn, mtype)
-            if flags & FLAG_REPLY or handler is None:
+            if flags & FLAG_REPLY or mtype not in self._handlers:
                 self.metrics.protocol_errors.inc()
-                raise ProtocolError(f"unknown message type {mtype}" if handler is None
-                                    else "a client must not send reply frames")
-            op = _op_name(mtype)
-            with self._requests_lock:
-                self._requests[op] = self._requests.get(op, 0) + 1
-            body = handler(conn, decode_body(raw))
+                if mtype in self._handlers:
+                    raise ProtocolError("a client must not send reply frames")
+            else:
+                op = _op_name(mtype)
+                with self._requests_lock:
+                    self._requests[op] = self._requests.get(op, 0) + 1
+            # a type without a handler: ProtocolError "unknown message type N"
+            body = call_handler(self._handlers, mtype, conn, raw)
         except TierStoreError as e:
             if isinstance(e, ProtocolError):
                 self.metrics.protocol_errors.inc()
@@ -644,7 +642,7 @@ class DaemonServer:
         if t0 is not None and mtype in _TIMED_OPS:
             self.metrics.observe(_op_name(mtype), time.perf_counter() - t0, error=True)
         try:
-            sock.sendall(encode_frame(mtype & 0xFF, rid, error_body(exc), FLAG_REPLY | FLAG_ERROR))
+            write_error(sock, mtype, rid, exc)
             return True
         except OSError:
             return False

@@ -167,12 +167,11 @@ class Fetch:
             c = self.client
             s = self.peer.session.stats
             s.read_jobs += 1
-            s.bytes_read += sum(self.job.sizes[j] for j in kept)
-            s.blocks_read += len(kept)
+            s.read_done(len(kept), sum(self.job.sizes[j] for j in kept))
             if not ok:
                 s.read_failures += 1
                 if self.job.error is not None:
-                    s.last_error = f"{type(self.job.error).__name__}: {self.job.error}"
+                    s.error(self.job.error)
                 c.counters["fetch_blocks_kept"] += self.kept
             c.counters["fetch_ok" if ok else "fetch_failed"] += 1
         try:

@@ -4,7 +4,8 @@ The seam for the daemon: ``PeerServer(provider, secret, settings=..., node=..., 
 with ``start()`` / ``stop()``; ``provider`` is a :class:`StoreProvider` (wraps a
 :class:`tierstore.store.Store`) or anything with the same five members (``slab``, ``lookup``,
 ``lease``, ``release``, ``release_owner``). Protocol: transfer/peer_frames.py; authentication and
-negotiation: transfer/session.py.
+negotiation: transfer/session.py; the frame-serving loop after authentication:
+tierstore/protocol/serve.py (shared with the daemon's).
 
 Leases (what keeps a remote read honest)::
 
@@ -34,12 +35,13 @@ import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import xxhash
 
 from tierstore.errors import ProtocolError, TierStoreError
 from tierstore.protocol import codec
+from tierstore.protocol.serve import call_handler, serve_frames, write_error, write_reply
 from tierstore.transfer.transport import AuthFailed, OutOfRange, Slab, TransportUnavailable
 from tierstore.transfer.peer_frames import (MAX_FRAME_BYTES, NONCE_BYTES, PEER_VERSION,
                                          PRE_AUTH_MAX_FRAME_BYTES, SESSION_BYTES, PeerMsg,
@@ -274,36 +276,46 @@ class PeerServer:
                     with sess.cond:
                         sess.data_socks.discard(sock)
 
-    def _reply_error(self, sock, hdr_type: int, rid: int, exc: BaseException) -> None:
-        codec.write_frame(sock, hdr_type, rid, codec.error_body(exc),
-                          codec.FLAG_REPLY | codec.FLAG_ERROR)
-
-    def _handshake(self, sock: socket.socket) -> tuple[ServerSession, str] | None:
+    def _handshake_step(self, sock: socket.socket, parse: Callable[[codec.FrameHeader, Any], Any]
+                        ) -> tuple[Any, Any] | None:
+        """One handshake request (a frame of at most PRE_AUTH_MAX_FRAME_BYTES): (its header,
+        ``parse(header, body)``), or None after a clean EOF or a refusal (``parse`` raised:
+        counted, answered with an error reply; the caller closes)."""
         got = codec.read_frame(sock, PRE_AUTH_MAX_FRAME_BYTES)
         if got is None:
             return None
         hdr, raw = got
         try:
-            if hdr.type != PeerMsg.HELLO:
-                raise AuthFailed("authenticate first (HELLO)")
-            b = codec.decode_body(raw)
-            if get_field(b, "v", int) != PEER_VERSION:
-                raise ProtocolError(f"peer protocol version {b.get('v')} not supported")
-            node_c = get_field(b, "node", str)
-            nonce_c = bin_field(b, "nonce", NONCE_BYTES)
-            role = get_field(b, "role", str)
-            tr_c = get_field(b, "transports", list)
-            if role not in ("control", "data") or not all(isinstance(t, str) for t in tr_c):
-                raise ProtocolError("bad role or transports")
-            sid = bin_field(b, "session", SESSION_BYTES) if role == "data" else b""
-            peer_req = bool(b.get("require_rdma"))
-            if role == "control" and self.settings.require_rdma and "rdma" not in tr_c:
-                raise TransportUnavailable(
-                    f"require_rdma is set on {self.node}; peer {node_c} offers {tr_c}")
+            return hdr, parse(hdr, raw)
         except Exception as e:
             self.counters["auth_refused"] += 1
-            self._reply_error(sock, hdr.type, hdr.request_id, e)
+            write_error(sock, hdr.type, hdr.request_id, e)
             return None
+
+    def _hello(self, hdr: Any, raw: Any) -> tuple:
+        if hdr.type != PeerMsg.HELLO:
+            raise AuthFailed("authenticate first (HELLO)")
+        b = codec.decode_body(raw)
+        if get_field(b, "v", int) != PEER_VERSION:
+            raise ProtocolError(f"peer protocol version {b.get('v')} not supported")
+        node_c = get_field(b, "node", str)
+        nonce_c = bin_field(b, "nonce", NONCE_BYTES)
+        role = get_field(b, "role", str)
+        tr_c = get_field(b, "transports", list)
+        if role not in ("control", "data") or not all(isinstance(t, str) for t in tr_c):
+            raise ProtocolError("bad role or transports")
+        sid = bin_field(b, "session", SESSION_BYTES) if role == "data" else b""
+        peer_req = bool(b.get("require_rdma"))
+        if role == "control" and self.settings.require_rdma and "rdma" not in tr_c:
+            raise TransportUnavailable(
+                f"require_rdma is set on {self.node}; peer {node_c} offers {tr_c}")
+        return node_c, nonce_c, role, tr_c, sid, peer_req
+
+    def _handshake(self, sock: socket.socket) -> tuple[ServerSession, str] | None:
+        got = self._handshake_step(sock, self._hello)
+        if got is None:
+            return None
+        hdr, (node_c, nonce_c, role, tr_c, sid, peer_req) = got
         nonce_s = os.urandom(NONCE_BYTES)
         tx = transcript(role, node_c, self.node, nonce_c, nonce_s, tr_c, self.transports, sid)
         codec.write_frame(sock, PeerMsg.HELLO, hdr.request_id,
@@ -311,11 +323,8 @@ class PeerServer:
                            "proof": proof(self._key, b"server", tx),
                            "transports": self.transports,
                            "require_rdma": self.settings.require_rdma}, codec.FLAG_REPLY)
-        got = codec.read_frame(sock, PRE_AUTH_MAX_FRAME_BYTES)
-        if got is None:
-            return None
-        hdr, raw = got
-        try:
+
+        def auth(hdr: Any, raw: Any) -> ServerSession:
             if hdr.type != PeerMsg.AUTH:
                 raise AuthFailed("expected AUTH")
             b = codec.decode_body(raw)
@@ -331,45 +340,49 @@ class PeerServer:
                 if chosen != sess.transport:
                     raise TransportUnavailable(f"session uses {sess.transport}, not {chosen}")
             else:
-                sid = os.urandom(SESSION_BYTES)
-                sess = ServerSession(sid, node_c, chosen, f"peer:{node_c}:{sid.hex()[:12]}")
+                new_sid = os.urandom(SESSION_BYTES)
+                sess = ServerSession(new_sid, node_c, chosen,
+                                     f"peer:{node_c}:{new_sid.hex()[:12]}")
                 with self._lock:
-                    self.sessions[sid] = sess
-        except Exception as e:
-            self.counters["auth_refused"] += 1
-            self._reply_error(sock, hdr.type, hdr.request_id, e)
+                    self.sessions[new_sid] = sess
+            return sess
+
+        got = self._handshake_step(sock, auth)
+        if got is None:
             return None
+        hdr, sess = got
         codec.write_frame(sock, PeerMsg.AUTH, hdr.request_id,
                           {"session": sess.sid, "transport": sess.transport}, codec.FLAG_REPLY)
         self.counters["sessions" if role == "control" else "data_conns"] += 1
         return sess, role
 
     def _loop(self, sock: socket.socket, sess: ServerSession, role: str) -> None:
+        """Requests after authentication (frames of at most MAX_FRAME_BYTES) until EOF, stop or
+        the session's end; the loop is tierstore/protocol/serve.py's. A bad header is raised
+        (no reply; _serve_conn counts it and closes); a refused request gets an error reply and
+        the connection goes on; anything else a handler raises ends the connection."""
         handlers = {PeerMsg.LOOKUP: self._on_lookup, PeerMsg.RELEASE: self._on_release,
                     PeerMsg.PING: self._on_ping, PeerMsg.RDMA_CONNECT: self._on_rdma_connect}
-        while not self._stopping and not sess.closed:
-            got = codec.read_frame(sock, MAX_FRAME_BYTES)
-            if got is None:
-                return
-            hdr, raw = got
-            if role == "data":
-                if hdr.type != PeerMsg.READ:
-                    self._reply_error(sock, hdr.type, hdr.request_id,
-                                      ProtocolError("data connections carry READ only"))
-                    continue
-                if not self._on_read(sock, sess, hdr.request_id, raw):
-                    return
-                continue
-            h = handlers.get(hdr.type)
+
+        def data(hdr: Any, raw: Any) -> bool:
+            if hdr.type != PeerMsg.READ:
+                write_error(sock, hdr.type, hdr.request_id,
+                            ProtocolError("data connections carry READ only"))
+                return True
+            return self._on_read(sock, sess, hdr.request_id, raw)
+
+        def control(hdr: Any, raw: Any) -> bool:
             try:
-                if h is None:
-                    raise ProtocolError(f"unknown peer message type {hdr.type}")
-                body = h(sess, codec.decode_body(raw))
+                body = call_handler(handlers, hdr.type, sess, raw, what="peer message")
             except TierStoreError as e:
                 self.counters["request_errors"] += 1
-                self._reply_error(sock, hdr.type, hdr.request_id, e)
-                continue
-            codec.write_frame(sock, hdr.type, hdr.request_id, body, codec.FLAG_REPLY)
+                write_error(sock, hdr.type, hdr.request_id, e)
+                return True
+            write_reply(sock, hdr.type, hdr.request_id, body)
+            return True
+
+        serve_frames(sock, data if role == "data" else control, max_frame_bytes=MAX_FRAME_BYTES,
+                     running=lambda: not self._stopping and not sess.closed)
 
     # ------------------------------------------------------------------ control handlers
     def _on_ping(self, sess: ServerSession, b: dict) -> dict:
@@ -460,7 +473,7 @@ class PeerServer:
             self.begin_read(sess, slots, sizes)
         except TierStoreError as e:
             self.counters["read_refused"] += 1
-            self._reply_error(sock, PeerMsg.READ, rid, e)
+            write_error(sock, PeerMsg.READ, rid, e)
             return True
         sent = 0
         try:

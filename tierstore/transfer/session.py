@@ -1,4 +1,4 @@
-"""Peer sessions: authentication, transport negotiation, the control RPCs, per-peer stats.
+"""Peer sessions: authentication, transport negotiation, the control RPCs, per-peer counters.
 
 Authentication (mutual HMAC challenge-response; the secret never travels)::
 
@@ -25,6 +25,11 @@ Negotiation: each end offers the transports it can use now (rdma only with a ver
 at connect time — the server refuses the HELLO and the client refuses to go on — never a silent
 downgrade (case XFER-15). The chosen transport is in :class:`PeerStats` (CLI ``peers ls``, metrics).
 
+Per-peer counters: :class:`PeerCounters` owns the facts both readers of a peer count (transport,
+RPC count and latency, bytes and blocks read, last error) and the rule for each;
+:class:`PeerStats` (this session's view) and the daemon's per-peer record
+(tierstore/daemon/peers.py, which outlives sessions) derive from it.
+
 Threading: :class:`ControlSession` serialises its RPCs with one lock (one request in flight per
 control connection); stats are updated under the same lock.
 """
@@ -38,7 +43,7 @@ import socket
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, ClassVar, Sequence
 
 from tierstore.errors import ProtocolError, TransferFailed
 from tierstore.protocol import codec
@@ -94,25 +99,61 @@ def choose_transport(mine: Sequence[str], theirs: Sequence[str], *, require_rdma
     return common[0]
 
 
-@dataclass
-class PeerStats:
-    """What ``tierstore peers ls`` and the metrics show per peer."""
+@dataclass(kw_only=True)
+class PeerCounters:
+    """The facts about one peer that every reader of peers counts, and how each is counted:
+    the transport in use, the control RPCs and their latency, the bytes and whole blocks
+    pulled, the last error. Kept once here; :class:`PeerStats` (one control session) and the
+    daemon's per-peer record (tierstore/daemon/peers.py, which outlives sessions) derive from
+    it and add what only they know. Not thread-safe: the owner updates it under its own lock.
 
-    peer: str
-    address: str
+    ``avg_rpc_ms`` is the running mean of the RPC latencies, or, when ``RPC_MEAN_WINDOW`` is
+    set, the running mean of the first that many and an EWMA of weight 1/window after."""
+
+    RPC_MEAN_WINDOW: ClassVar[int | None] = None
+
     transport: str = ""
-    connected: bool = False
     rpcs: int = 0
     last_rpc_ms: float = 0.0
     avg_rpc_ms: float = 0.0
     bytes_read: int = 0
     blocks_read: int = 0
-    read_jobs: int = 0
-    read_failures: int = 0
     last_error: str = ""
 
+    def rpc_done(self, ms: float) -> None:
+        """One control RPC answered after ``ms`` milliseconds."""
+        self.rpcs += 1
+        self.last_rpc_ms = ms
+        w = self.RPC_MEAN_WINDOW
+        self.avg_rpc_ms += (ms - self.avg_rpc_ms) / (self.rpcs if w is None else min(self.rpcs, w))
+
+    def read_done(self, blocks: int, nbytes: int) -> None:
+        """``blocks`` whole blocks of ``nbytes`` in all arrived from the peer."""
+        self.blocks_read += blocks
+        self.bytes_read += nbytes
+
+    def error(self, e: BaseException) -> None:
+        """Remember ``e`` as the peer's last error (``"<class>: <message>"``)."""
+        self.last_error = f"{type(e).__name__}: {e}"
+
+
+@dataclass
+class PeerStats(PeerCounters):
+    """What one control session knows of its peer (``PeerClient.stats()``): the counters, plus
+    whether the session is connected and its read jobs (all, and those that failed)."""
+
+    peer: str
+    address: str
+    connected: bool = False
+    read_jobs: int = 0
+    read_failures: int = 0
+
     def as_dict(self) -> dict:
-        return dict(self.__dict__)
+        return {"peer": self.peer, "address": self.address, "transport": self.transport,
+                "connected": self.connected, "rpcs": self.rpcs, "last_rpc_ms": self.last_rpc_ms,
+                "avg_rpc_ms": self.avg_rpc_ms, "bytes_read": self.bytes_read,
+                "blocks_read": self.blocks_read, "read_jobs": self.read_jobs,
+                "read_failures": self.read_failures, "last_error": self.last_error}
 
 
 class Conn:
@@ -205,7 +246,8 @@ class ControlSession:
             sock.close()
             raise
         self.secret, self.node, self.offered = secret, node, list(transports)
-        self.stats = PeerStats(self.peer_node, self.label, self.transport, True)
+        self.stats = PeerStats(self.peer_node, self.label, transport=self.transport,
+                               connected=True)
         self.closed = False
 
     def rpc(self, mtype: int, body: dict | None = None) -> dict:
@@ -222,17 +264,13 @@ class ControlSession:
                 if isinstance(e, codec.FrameError):
                     self._mark_dead(e)
                 raise
-            ms = (time.perf_counter() - t0) * 1e3
-            s = self.stats
-            s.rpcs += 1
-            s.last_rpc_ms = ms
-            s.avg_rpc_ms += (ms - s.avg_rpc_ms) / s.rpcs
+            self.stats.rpc_done((time.perf_counter() - t0) * 1e3)
             return r
 
     def _mark_dead(self, e: BaseException) -> None:
         self.closed = True
         self.stats.connected = False
-        self.stats.last_error = f"{type(e).__name__}: {e}"
+        self.stats.error(e)
         try:
             self.conn.close()
         except OSError:
@@ -284,5 +322,5 @@ def open_data_conn(session: ControlSession, transport: str) -> Conn:
     return conn
 
 
-__all__ = ["ControlSession", "Conn", "PeerSettings", "PeerStats", "choose_transport",
+__all__ = ["ControlSession", "Conn", "PeerCounters", "PeerSettings", "PeerStats", "choose_transport",
            "client_handshake", "open_data_conn", "pack_u32"]
