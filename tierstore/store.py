@@ -116,6 +116,22 @@ def _parents_first(items: list[tuple[int, bytes]]) -> list[tuple[int, bytes]]:
     return out
 
 
+def fill_store_job(backend, job: StoreJob, blocks: Sequence[bytes | memoryview],
+                   size: int) -> list[BlockStatus]:
+    """The copy half of ``put`` on either client backend (this store, or the daemon's
+    RemoteClient): copy ``blocks[i]`` (``size`` bytes each) into ``backend.slot_view`` of each
+    reserved slot of ``job``, then ``complete_store``. A copy that raises aborts the job
+    (``complete_store(ok=False)``: nothing is published) and re-raises."""
+    try:
+        for s, b in zip(job.slots, blocks):
+            if s is not None:
+                backend.slot_view(s)[:size] = b
+    except BaseException:
+        backend.complete_store(job.job_id, ok=False)
+        raise
+    return backend.complete_store(job.job_id, ok=True)
+
+
 @dataclass
 class _PendingStore:
     owner: str
@@ -864,14 +880,7 @@ class Store:
         job (nothing is published) and re-raises."""
         size = len(blocks[0]) if blocks else 0
         job = self.prepare_store(keys, namespace, size, owner=owner, parent=parent, wait_s=wait_s)
-        try:
-            for s, b in zip(job.slots, blocks):
-                if s is not None:
-                    self.slot_view(s)[:size] = b
-        except BaseException:
-            self.complete_store(job.job_id, ok=False)
-            raise
-        return self.complete_store(job.job_id, ok=True)
+        return fill_store_job(self, job, blocks, size)
 
     def get(self, keys: Sequence[BlockKey], *, owner: str = LOCAL) -> list[bytes]:
         """Convenience: bytes of the longest loadable prefix of ``keys`` (copies)."""

@@ -43,6 +43,7 @@ from tierstore.keys import Keyer, Namespace, load_secret
 from tierstore.protocol.codec import (FLAG_ERROR, PROTOCOL_VERSION, FrameError, MsgType, decode_body,
                                       encode_frame, error_from_body, pack_keys, read_frame,
                                       tune_socket)
+from tierstore.store import fill_store_job
 from tierstore.types import BlockKey, BlockStatus, LoadJob, LookupResult, StoreJob, Tier
 
 REPLY_MAX_BYTES = 256 << 20
@@ -436,14 +437,7 @@ class RemoteClient:
         daemon's NVMe write-behind queue."""
         size = len(blocks[0]) if blocks else 0
         job = self.prepare_store(keys, namespace, size, parent=parent, wait_s=wait_s)
-        try:
-            for s, b in zip(job.slots, blocks):
-                if s is not None:
-                    self.slot_view(s)[:size] = b
-        except BaseException:
-            self.complete_store(job.job_id, ok=False)
-            raise
-        return self.complete_store(job.job_id, ok=True)
+        return fill_store_job(self, job, blocks, size)
 
     def get(self, keys: Sequence[BlockKey]) -> list[bytes]:
         job = self.prepare_load(keys)
