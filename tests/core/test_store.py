@@ -262,3 +262,23 @@ def test_random_operations_keep_invariants(seq):
         assert s.check() == []
         assert all(p >= 0 for p in s.res.pins)
         assert s.tiers[Tier.DRAM].slots.used <= 6
+
+
+@pytest.mark.parametrize("policy", ["prefix-lhd", "prefix-lru", "prefix-gdsf"])
+def test_parents_a_caller_names_in_a_circle_never_hang_the_store(policy):
+    """``parent`` is the caller's word (``prepare_store(..., parent=)``): a client that names
+    two blocks each other's parent, then fills the tier, gets its blocks evicted like any
+    others; the prefix-aware policies must not walk the circle for ever under the store lock
+    (prefix-lhd did, hanging every client of the store)."""
+    store = Store.open(StoreConfig(slot_bytes=SLOT, dram=DramConfig(capacity_blocks=4,
+                                                                     policy=policy)))
+    keyer = Keyer(NS, SECRET)
+    a, b = keyer.chain(list(range(2 * B)))
+    assert store.put([a], NS, [b"a" * SLOT], parent=b) == [BlockStatus.OK]
+    assert store.put([b], NS, [b"b" * SLOT], parent=a) == [BlockStatus.OK]
+    more = keyer.chain(list(range(1000, 1000 + 8 * B)))
+    for k in more:   # 8 more blocks through a 4-block tier: every put finds a victim
+        assert store.put([k], NS, [b"x" * SLOT]) == [BlockStatus.OK]
+    assert store.stats()["tiers"][0]["blocks"] == 4
+    assert store.lookup(more[-1:], NS).num_blocks == 1
+    store.close()

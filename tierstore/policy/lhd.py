@@ -200,8 +200,12 @@ class PrefixLHD(EvictionPolicy):
         if key in self._orphans:
             return                    # still unreachable: the orphan walk finds the subtree
         stack = list(waiting)
+        seen = {key}                  # parent links a caller made circular end the walk
         while stack:                  # the subtree is reachable now: its leaves are leaves
             k = stack.pop()
+            if k in seen:
+                continue
+            seen.add(k)
             if self._kids[k]:
                 stack.extend(self._kids[k])
             else:
@@ -266,8 +270,13 @@ class PrefixLHD(EvictionPolicy):
     def victim(self, evictable: Callable[[Key], bool]) -> Optional[Key]:
         kids = self._kids
         for k in self._orphans:  # unreachable blocks first, deepest first (leaves before parents)
+            seen = {k}
             while kids[k]:
-                k = next(iter(kids[k]))
+                nxt = next(iter(kids[k]))
+                if nxt in seen:      # circular parent links (a caller's keys): stop the descent
+                    break
+                seen.add(nxt)
+                k = nxt
             if evictable(k):
                 return k
         if self._tick // self._width != self._heap_epoch or self._heap_ver != self._dens_ver:

@@ -78,6 +78,34 @@ def test_resident_set_matches_model(name, ops):
         assert (v in model) if model else v is None
 
 
+CIRCLES = [
+    [(1, 2), (2, 1)],                        # two blocks, each the other's parent
+    [(1, 3), (2, 1), (3, 2)],                # a circle of three, stored child first
+    [(2, 1), (1, 2), (3, 2)],                # a circle with a chain hanging off it
+    [(5, None), (1, 2), (2, 1), (3, 1)],     # a real root beside a circle
+    [(1, 1)],                                # a block its own parent
+]
+
+
+@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("links", CIRCLES)
+def test_circular_parent_links_never_hang_a_policy(name, links):
+    """A store's keys form a hash chain, but ``parent`` comes from the caller: a client (or a
+    daemon client) that names parents in a circle must not send a policy into an endless walk
+    under the store's lock (prefix-lhd's adoption and orphan walks did: the whole store hung).
+    Every block stays evictable, one at a time, until none is left."""
+    p = make_eviction(name, 6)
+    for k, parent in links:
+        p.insert(k, SIZE, parent)
+    gone = []
+    while len(p):
+        v = p.victim(EVERYTHING)
+        assert v is not None and v not in gone
+        p.remove(v)
+        gone.append(v)
+    assert sorted(gone) == sorted({k for k, _ in links})
+
+
 def test_s3fifo_one_hit_wonders_leave_from_small_queue():
     p = S3FIFO(10)
     fill(p, range(5))
