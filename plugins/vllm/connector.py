@@ -47,8 +47,9 @@ worker_side.py; case HYB-33). A one-group model keeps exactly its previous path 
 What the connector serves is decided at start by :mod:`.support` (``check_engine`` in
 ``__init__``, for both roles, and ``check_registered`` in ``register_kv_caches``): a model shape
 it cannot store correctly (sliding window on every layer, state-space layers, groups of
-different block sizes, EAGLE-style drafts, ...) makes the engine fail to start with one message that names the
-feature and what to change (issue 17), never a crash or a different output later.
+different block sizes, EAGLE-style drafts, ...) makes the engine fail to start with one
+message that names the feature and what to change (issue 17), never a crash or a different
+output later.
 """
 
 from __future__ import annotations

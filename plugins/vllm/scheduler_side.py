@@ -1303,9 +1303,12 @@ class SchedulerSide:
             gp = self._save_pos.pop(j, None)
             if gp is not None and res is not None:   # hybrid: stored per group (bytes)
                 stored = sum(x is BlockStatus.OK for x in status)
+                nbytes = stored * self.lane_bytes[gp[0] * self.geo.num_ranks]
                 self.group_saved[gp[0]][0] += stored
-                self.group_saved[gp[0]][1] += stored * self.lane_bytes[
-                    gp[0] * self.geo.num_ranks]
+                self.group_saved[gp[0]][1] += nbytes
+                for name, v in ((f"saved_blocks_group{gp[0]}", stored),
+                                (f"saved_bytes_group{gp[0]}", nbytes)):
+                    self.counters[name] = self.counters.get(name, 0) + v
             st = self._reqs.get(req_id)
             if res is not None and st is not None and st.hint is not None \
                     and st.hint["ttl_s"] > 0:

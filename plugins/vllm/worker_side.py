@@ -221,13 +221,12 @@ class WorkerSide:
                 self._close_engines()
             self._pin_slab(buf, slot_bytes)
             self._slab_src = buf
+            # every group's engine now, where this one is built (register_kv_caches: outside
+            # vLLM's inference mode; an engine built inside it holds inference tensors that its
+            # copy thread may not update)
             self.engine = self._new_engine(self.kv)
-        if group == 0:
-            return self.engine
-        eng = self._engines.get(group)
-        if eng is None:
-            eng = self._engines[group] = self._new_engine(self.kvs[group])
-        return eng
+            self._engines = {g: self._new_engine(kv) for g, kv in enumerate(self.kvs) if g}
+        return self.engine if group == 0 else self._engines[group]
 
     def _new_engine(self, kv: PagedKV) -> Copier:
         buf, num_slots, slot_bytes = slab_of(self.client)

@@ -12,7 +12,8 @@ What it models, as vLLM 0.32-0.34 does it (single_type_kv_cache_manager.py, sche
 - a connector's hit is loaded asynchronously (WAITING_FOR_REMOTE_KVS); a request in
   ``failed_recving`` starts again from 0 and vLLM asks the connector again
   (``_update_waiting_for_remote_kv``);
-- the whole prompt is computed in one step, then one output token; prefix caching off.
+- the whole prompt is computed in one step, then one output token; prefix caching off;
+- each step runs in ``torch.inference_mode()``, as vLLM's model runner does.
 
 The "model": a token's KV in a full-attention group depends on its token and on the KV of the
 token before it in that group's cache; in a sliding-window group on its token and on the KV of
@@ -198,6 +199,11 @@ class HybridVLLM:
         return r
 
     def step(self) -> None:
+        # vLLM runs its model runner (and so the worker's hooks) in inference mode
+        with torch.inference_mode():
+            self._step()
+
+    def _step(self) -> None:
         sched: dict[str, int] = {}
         for r in list(self.reqs.values()):
             if r.status == "loading" and r.request_id in self.finished_recving:
