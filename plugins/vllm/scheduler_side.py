@@ -783,8 +783,12 @@ class SchedulerSide:
         st = self._state(request)
         if st.load is not None and st.load.block_ids is None:
             return bool(st.load.answer[1])
-        if self.hybrid:
-            return bool(st.keys[0]) and self._end(st) > 0   # hybrid loads are asynchronous
+        if self.hybrid:   # every hybrid load is asynchronous: whether a full lane holds a block
+            end = self._end(st)
+            lane = self.lane_windows.index(0)
+            res = (self._call("lookup", self.client.lookup, st.keys[lane][:end],
+                              self.namespaces[lane]) if end > 0 else None)
+            return res is not None and res.num_blocks > 0
         end = min(len(st.keys[0]), max(0, (request.num_prompt_tokens - 1) // self.bs))
         if end <= 0:
             return False

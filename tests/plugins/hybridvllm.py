@@ -89,7 +89,7 @@ class _ConnOut:
         self.finished_recving = recving
 
 
-def geometry(groups: list[Group], block_size: int) -> Geometry:
+def geometry(groups: list[Group], block_size: int, tp: int = 1) -> Geometry:
     gg = tuple(GroupGeo(kind="sliding_window" if g.window else "full",
                         window_blocks=-(-(g.window - 1) // block_size) if g.window else 0,
                         num_layers=g.layers, num_kv_heads=HEADS, head_size=HEAD,
@@ -98,7 +98,7 @@ def geometry(groups: list[Group], block_size: int) -> Geometry:
                for i, g in enumerate(groups))
     return Geometry(model="hybrid-mini", revision="", kv_dtype="bfloat16",
                     num_layers=sum(g.layers for g in groups), num_kv_heads=HEADS,
-                    head_size=HEAD, use_mla=False, block_size=block_size, tp_size=1,
+                    head_size=HEAD, use_mla=False, block_size=block_size, tp_size=tp,
                     pp_size=1, groups=gg)
 
 
@@ -106,17 +106,22 @@ class HybridVLLM:
     """One engine (scheduler half + one worker) on an embedded store in ``data_dir``."""
 
     def __init__(self, data_dir, groups: list[Group], *, block_size: int = 16,
-                 num_blocks: int = 256, connector: bool = True, **settings) -> None:
+                 num_blocks: int = 256, connector: bool = True, tp: int = 1,
+                 **settings) -> None:
         self.bs = block_size
         self.groups = groups
-        self.geo = geometry(groups, block_size)
-        self.kv = [torch.zeros(g.layers, num_blocks, HEADS, block_size, 2 * HEAD,
-                               dtype=torch.bfloat16) for g in groups]
+        self.tp = tp
+        self.geo = geometry(groups, block_size, tp)
+        # per TP rank, per group: [layers, blocks, H, N, K|V] (each rank its own heads' KV)
+        self.kv_ranks = [[torch.zeros(g.layers, num_blocks, HEADS, block_size, 2 * HEAD,
+                                      dtype=torch.bfloat16) for g in groups] for _ in range(tp)]
+        self.kv = self.kv_ranks[0]
         self.free = list(range(1, num_blocks))   # block 0: the null block
         self.reqs: dict[str, Req] = {}
         self.null_block_id = 0
         self.connector = connector
         self.sched = self.worker = self.client = None
+        self.workers: list[WorkerSide] = []
         if connector:
             bb = self.geo.max_block_bytes
             settings.setdefault("dram_bytes", 256 * bb)
@@ -126,10 +131,13 @@ class HybridVLLM:
             self.sched = SchedulerSide(self.client, self.geo, self.settings, role="kv_both",
                                        engine_id="hybrid-mini")
             self.sched.bind_kv_cache_manager(self)
-            self.worker = WorkerSide(self.settings, self.geo, tp_rank=0, pp_rank=0)
-            self.worker.register_kv_caches({f"g{i}.l{j}": self.kv[i][j]
-                                            for i, g in enumerate(groups)
-                                            for j in range(g.layers)})
+            for rank in range(tp):
+                w = WorkerSide(self.settings, self.geo, tp_rank=rank, pp_rank=0)
+                w.register_kv_caches({f"g{i}.l{j}": self.kv_ranks[rank][i][j]
+                                      for i, g in enumerate(groups) for j in range(g.layers)})
+                self.workers.append(w)
+            self.worker = self.workers[0]
+        self._seen: dict[str, dict[str, int]] = {"sending": {}, "recving": {}}
         self.failed_recving: set[str] = set()
         self.finished_recving: set[str] = set()
 
@@ -166,31 +174,35 @@ class HybridVLLM:
         r.blocks = []
 
     # ---------------------------------------------------------------- the model
-    def _slot(self, r: Req, g: int, p: int):
+    def _slot(self, r: Req, g: int, p: int, rank: int = 0):
         b = r.blocks[g][p // self.bs]
         assert b != self.null_block_id, f"group {g} reads token {p} from the null block"
-        return self.kv[g][:, b, :, p % self.bs, :]
+        return self.kv_ranks[rank][g][:, b, :, p % self.bs, :]
 
-    def _digest(self, r: Req, g: int, lo: int, hi: int) -> int:
+    def _digest(self, r: Req, g: int, lo: int, hi: int, rank: int = 0) -> int:
         h = hashlib.blake2b(digest_size=8)
         for p in range(lo, hi):
-            h.update(self._slot(r, g, p).contiguous().view(torch.uint8).numpy().tobytes())
+            h.update(self._slot(r, g, p, rank).contiguous().view(torch.uint8).numpy().tobytes())
         return int.from_bytes(h.digest(), "little")
 
     def _compute(self, r: Req, lo: int, hi: int) -> None:
         for p in range(lo, hi):
             tok = r.prompt_token_ids[p]
-            for g, grp in enumerate(self.groups):
-                span = (max(0, p - grp.window + 1) if grp.window else max(0, p - 1), p)
-                prev = self._digest(r, g, *span) if p else 0
-                seed = hashlib.blake2b(f"{g}:{tok}:{prev}".encode(), digest_size=8).digest()
-                base = torch.arange(grp.layers * HEADS * 2 * HEAD, dtype=torch.float32)
-                v = (base * 0.013 + int.from_bytes(seed, "little") % 9973 * 0.1) % 7.0
-                self._slot(r, g, p)[:] = v.to(torch.bfloat16).view(grp.layers, HEADS, 2 * HEAD)
+            for rank in range(self.tp):       # each rank its own heads: other values
+                for g, grp in enumerate(self.groups):
+                    span = (max(0, p - grp.window + 1) if grp.window else max(0, p - 1), p)
+                    prev = self._digest(r, g, *span, rank=rank) if p else 0
+                    seed = hashlib.blake2b(f"{rank}:{g}:{tok}:{prev}".encode(),
+                                           digest_size=8).digest()
+                    base = torch.arange(grp.layers * HEADS * 2 * HEAD, dtype=torch.float32)
+                    v = (base * 0.013 + int.from_bytes(seed, "little") % 9973 * 0.1) % 7.0
+                    self._slot(r, g, p, rank)[:] = v.to(torch.bfloat16).view(
+                        grp.layers, HEADS, 2 * HEAD)
 
     def _output(self, r: Req) -> int:
         n = r.num_prompt_tokens
-        return hash(tuple(self._digest(r, g, n - 1, n) for g in range(len(self.groups)))) % 500
+        return hash(tuple(self._digest(r, g, n - 1, n, rank) for rank in range(self.tp)
+                          for g in range(len(self.groups)))) % 500
 
     # ---------------------------------------------------------------- the engine
     def add(self, req_id: str, tokens: list[int]) -> Req:
@@ -235,23 +247,33 @@ class HybridVLLM:
                 self._alloc(r, r.num_prompt_tokens, r.num_computed_tokens)
                 sched[r.request_id] = r.num_prompt_tokens - r.num_computed_tokens
         meta = self.sched.build_connector_meta(_SchedOut(sched)) if self.connector else None
-        w = self.worker
-        if w is not None:
+        for w in self.workers:
             w.handle_preemptions(meta)
             w.bind(meta)
         for rid, n in sched.items():
             r = self.reqs[rid]
             self._compute(r, r.num_computed_tokens, r.num_computed_tokens + n)
-        if w is None:
+        if not self.workers:
             for rid, n in sched.items():
                 self._done(self.reqs[rid])
             return
-        w.start_load_kv(meta)        # asynchronous loads: after the forward
-        w.wait_for_save(meta)
-        sending, recving = w.get_finished(set())
-        self.failed_recving |= w.take_failed_recving(recving)
-        assert not w.get_block_ids_with_load_errors(), "per-block errors: vLLM would raise"
-        wm = w.build_connector_worker_meta()
+        wm = None
+        done: dict[str, set] = {"sending": set(), "recving": set()}
+        for w in self.workers:
+            w.start_load_kv(meta)        # asynchronous loads: after the forward
+            w.wait_for_save(meta)
+            sending, recving = w.get_finished(set())
+            self.failed_recving |= w.take_failed_recving(recving)
+            assert not w.get_block_ids_with_load_errors(), "per-block errors: vLLM would raise"
+            m = w.build_connector_worker_meta()
+            wm = m if wm is None else wm.aggregate(m)
+            for kind, ids in (("sending", sending), ("recving", recving)):
+                for rid in ids or ():   # vLLM: finished once every worker reported it
+                    n = self._seen[kind][rid] = self._seen[kind].get(rid, 0) + 1
+                    if n == self.tp:
+                        del self._seen[kind][rid]
+                        done[kind].add(rid)
+        sending, recving = done["sending"], done["recving"]
         for rid in sched:
             self._done(self.reqs[rid])
         self.sched.update_connector_output(_ConnOut(wm, sending, recving))
@@ -279,7 +301,8 @@ class HybridVLLM:
         raise AssertionError("the engine did not settle")
 
     def close(self) -> None:
-        if self.worker is not None:
-            self.worker.shutdown()
+        if self.workers:
+            for w in self.workers:
+                w.shutdown()
             self.sched.shutdown()
             release_client(self.settings)

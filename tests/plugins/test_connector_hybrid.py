@@ -275,3 +275,44 @@ def test_one_group_namespace_and_keys_unchanged():
                    head_size=16, use_mla=False, block_size=16, tp_size=2, pp_size=1)
     assert [geo.lane_namespace(i) for i in range(geo.num_lanes)] == \
         [geo.namespace(i) for i in range(2)]
+
+
+def test_may_load_async_answers_for_hybrid_loads(tmp_path):
+    """vLLM 0.34's ``may_load_async``: every hybrid load is asynchronous, so the answer is
+    whether the store holds the first blocks of a full-attention group (one lookup)."""
+    P = prompt(8)
+    store_p(tmp_path, P)
+    e = HybridVLLM(tmp_path / "store", GROUPS)
+    try:
+        assert e.sched.may_load_async(e.add("hit", P))
+        assert not e.sched.may_load_async(e.add("miss", prompt(9)))
+    finally:
+        e.close()
+
+
+def test_hybrid_tp2_each_rank_loads_its_own_lanes(tmp_path):
+    """TP = 2: a lane is (group, rank), lane = group * 2 + rank; each worker copies its own
+    lanes' slots into its own KV (the ranks' KV differ), and the reused prefix gives the output
+    of an engine without tierstore (a crossed lane would load the other rank's KV)."""
+    P = prompt(10)
+    e0 = HybridVLLM(tmp_path / "none", GROUPS, connector=False, tp=2)
+    e0.add("r", P)
+    e0.run()
+    want = e0.reqs["r"].output
+    e = HybridVLLM(tmp_path / "store", GROUPS, tp=2)
+    try:
+        assert e.sched.num_ranks == 6 and len(e.sched.namespaces) == 6
+        assert len({ns.digest() for ns in e.sched.namespaces}) == 6
+        e.add("p", P)
+        e.run()
+        assert e.sched.group_saved[FULL][0] == 2 * 8 and e.sched.group_saved[SWA][0] == 2 * 3
+    finally:
+        e.close()
+    e = HybridVLLM(tmp_path / "store", GROUPS, tp=2)
+    try:
+        e.add("p2", P)
+        e.run()
+        assert e.reqs["p2"].hits == [112] and e.reqs["p2"].output == want
+        assert [w.counters["loaded_blocks"] for w in e.workers] == [7 + 2 + 7] * 2
+    finally:
+        e.close()
