@@ -118,7 +118,8 @@ class WorkerSide:
         self._engines: dict[int, Copier] = {}         # groups > 0 (hybrid): their copy engines
         self._load_pending: Counter[str] = Counter()  # hybrid: load copies in flight per request
         self._recv_failed: set[str] = set()           # hybrid: loads that failed (failed_recving)
-        self.failed_at: dict[str, int] = {}           # hybrid: request block index of a failure
+        self._failed_at: dict[str, int] = {}          # hybrid: request block index of a failure
+        self.last_failure: tuple[str, int] | None = None   # hybrid: (request, block) reported
         self._req_pending: Counter[str] = Counter()   # save copies in flight per request
         self._release_wanted: set[str] = set()        # requests whose blocks wait for saves
         self._recv_done: set[str] = set()             # async loads copied (finished_recving)
@@ -229,10 +230,16 @@ class WorkerSide:
         return self.engine if group == 0 else self._engines[group]
 
     def _new_engine(self, kv: PagedKV) -> Copier:
+        """A copy engine over ``kv`` and the slab, built outside inference mode whoever calls
+        (a rebuild after wake-up runs inside vLLM's forward): tensors made in inference mode
+        cannot be updated by the CPU copy thread, which runs outside it."""
+        import torch
+
         buf, num_slots, slot_bytes = slab_of(self.client)
-        slab = slab_tensor(buf, num_slots, slot_bytes)
-        return Copier(CopyEngine(kv, slab, chunk_blocks=32,
-                                 max_job_blocks=min(kv.num_blocks, 8192), max_inflight=16))
+        with torch.inference_mode(False):
+            slab = slab_tensor(buf, num_slots, slot_bytes)
+            return Copier(CopyEngine(kv, slab, chunk_blocks=32,
+                                     max_job_blocks=min(kv.num_blocks, 8192), max_inflight=16))
 
     def _close_engines(self) -> None:
         for eng in [self.engine, *self._engines.values()]:
@@ -377,8 +384,8 @@ class WorkerSide:
         """A hybrid load failed from request block ``pos``: the range from there is invalid in
         every group; vLLM is told through failed_recving (no per-block ids: see the module
         docstring)."""
-        prev = self.failed_at.get(req_id)
-        self.failed_at[req_id] = pos if prev is None else min(prev, pos)
+        prev = self._failed_at.get(req_id)
+        self._failed_at[req_id] = pos if prev is None else min(prev, pos)
         self._recv_failed.add(req_id)
         self.counters["load_error_blocks"] += n_blocks
         self.xfer["load_error_blocks"] += n_blocks
@@ -539,6 +546,8 @@ class WorkerSide:
         failed receive in both sets); the rest stay until their copies are done."""
         failed = self._recv_failed & set(recving or ())
         self._recv_failed -= failed
+        for req_id in failed:
+            self.last_failure = (req_id, self._failed_at.pop(req_id, -1))
         return failed
 
     def build_connector_worker_meta(self) -> TierStoreWorkerMeta | None:

@@ -106,12 +106,12 @@ def test_pick_hit_is_the_largest_resume_point_every_group_covers():
 
 
 # ---------------------------------------------------------------------------- end to end
-def test_hybrid_prefix_reuse_identical_outputs_and_window_bytes(tmp_path):
-    """Acceptance (issue 15 item 4): a prefix stored by one engine is reused by a new engine
-    (a new scheduler, worker and KV cache on the same data dir) with the output of an engine
-    without tierstore; the sliding-window group stores only the windows its resume points
-    need (HYB-33 (d): bytes reported per group), and a longer prompt that extends P (the next
-    turn) resumes at P's end."""
+def test_hyb33_d_window_bytes_and_prefix_reuse_identical_outputs(tmp_path):
+    """HYB-33 (d) and the acceptance of issue 15 item 4: storing P, the sliding-window group
+    keeps only the windows its resume points need (3 blocks against the full group's 8; bytes
+    reported per group); a new engine (a new scheduler, worker and KV cache on the same data
+    dir) reuses the prefix with the output of an engine without tierstore, and a longer prompt
+    that extends P (the next turn) resumes at P's end."""
     P = prompt(1)
     want = baseline(tmp_path, P)
     saved = store_p(tmp_path, P)
@@ -247,10 +247,10 @@ def test_hyb33_c_a_failed_window_read_fails_the_range_in_every_group(tmp_path):
         e.add("p2", P)
         for _ in range(500):   # lookup (async: NVMe), staging, the LoadSpec with failed_at = 6
             e.step()
-            if e.worker.failed_at:
+            if e.worker.last_failure:
                 break
             time.sleep(0.002)
-        assert e.worker.failed_at == {"p2": 6}
+        assert e.worker.last_failure == ("p2", 6)
         assert all(e.kv[g].equal(before[g]) for g in range(3))   # nothing copied, any group
         e.run()
         r = e.reqs["p2"]

@@ -142,6 +142,18 @@ def test_factory_sees_supports_hma(tiny_model, tmp_path):
         ws = worker.worker_side
         assert len(ws.kvs) == 2 and ws.kvs[0].block_bytes == ws.kvs[1].block_bytes
         assert sched.scheduler_side.num_ranks == 2          # lanes
+        # a hybrid load that failed (HYB-33 (c)) reaches vLLM as a failed receive, never as
+        # per-block errors (which vLLM's scheduler raises on for several groups)
+        from tierstore_plugins.vllm.metadata import LoadSpec
+        spec = LoadSpec("r", [1, 2], [[], []], 0, 0, [], is_async=True, groups=[[1, 2], [2]],
+                        group_first=[0, 1], failed_at=1)
+        worker.bind_connector_metadata(TierStoreMetadata(loads=[spec]))
+        worker.start_load_kv(None)
+        res = worker.get_transfer_results(set())
+        assert res.finished_recving == {"r"} and res.failed_recving == {"r"}
+        assert worker.get_block_ids_with_load_errors() == set()
+        assert not kv.any()                                  # nothing copied
+        worker.clear_connector_metadata()
     finally:
         worker.shutdown()
         sched.shutdown()
