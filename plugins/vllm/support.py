@@ -253,6 +253,12 @@ def check_engine(vllm_config, kv_cache_config) -> KVShape:
                         f" Run it without the tierstore connector")
     elif len(groups) > 1:
         shape = _hybrid_shape(groups, problems, num_draft_layers)
+        pp = int(getattr(pc, "pipeline_parallel_size", 1) or 1)
+        if shape is not None and pp > 1:
+            problems.append(f"a hybrid KV cache ({len(groups)} KV-cache groups) with pipeline "
+                            f"parallelism (pipeline_parallel_size={pp}): not supported yet. Set "
+                            "pipeline_parallel_size=1")
+            shape = None
     elif groups:
         problems.extend(_spec_problems(groups[0]))
         if not problems:

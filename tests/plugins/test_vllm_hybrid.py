@@ -122,6 +122,12 @@ def test_hybrid_shapes_tierstore_cannot_store_are_refused(tiny_model, tmp_path):
                                sliding_window=128)
     msg = refused([KVCacheGroupSpec(["l.0"], swa), KVCacheGroupSpec(["l.1"], swa128)])
     assert "sliding-window groups only" in msg
+    from types import SimpleNamespace as Obj
+
+    pp2 = Obj(model_config=None, cache_config=None, speculative_config=None,
+              parallel_config=Obj(pipeline_parallel_size=2))
+    with pytest.raises(UnsupportedModel, match="pipeline_parallel_size=2"):
+        check_engine(pp2, hybrid_kv_config())
 
 
 def test_factory_sees_supports_hma(tiny_model, tmp_path):
@@ -145,7 +151,7 @@ def test_factory_sees_supports_hma(tiny_model, tmp_path):
         # a hybrid load that failed (HYB-33 (c)) reaches vLLM as a failed receive, never as
         # per-block errors (which vLLM's scheduler raises on for several groups)
         from tierstore_plugins.vllm.metadata import LoadSpec
-        spec = LoadSpec("r", [1, 2], [[], []], 0, 0, [], is_async=True, groups=[[1, 2], [2]],
+        spec = LoadSpec("r", [1, 2], [[], []], 0, 0, [11, 12], is_async=True, groups=[[1, 2], [2]],
                         group_first=[0, 1], failed_at=1)
         worker.bind_connector_metadata(TierStoreMetadata(loads=[spec]))
         worker.start_load_kv(None)
@@ -153,6 +159,7 @@ def test_factory_sees_supports_hma(tiny_model, tmp_path):
         assert res.finished_recving == {"r"} and res.failed_recving == {"r"}
         assert worker.get_block_ids_with_load_errors() == set()
         assert not kv.any()                                  # nothing copied
+        assert worker.build_connector_worker_meta().load_failed == [11, 12]   # jobs released
         worker.clear_connector_metadata()
     finally:
         worker.shutdown()
