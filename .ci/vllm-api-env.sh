@@ -117,5 +117,6 @@ pipq -c "$VENV/vllm-pins.txt" msgpack lmdb xxhash zstandard typer rich numpy aio
 cd "$ROOT"
 export VLLM_ENABLE_V1_MULTIPROCESSING=0
 exec "$VENV/bin/python" -m pytest tests/plugins/test_vllm_connector_unit.py \
-    tests/plugins/test_vllm_support.py tests/plugins/test_vllm_identity.py -q \
+    tests/plugins/test_vllm_support.py tests/plugins/test_vllm_identity.py \
+    tests/plugins/test_vllm_hybrid.py -q \
     -p no:cacheprovider "$@"

@@ -76,7 +76,7 @@ def _field(name: bytes, value: bytes) -> bytes:
     return bytes((len(name),)) + name + struct.pack("<I", len(value)) + value
 
 
-_OPTIONAL_NS_FIELDS = frozenset({"weights", "speculative", "key_source"})
+_OPTIONAL_NS_FIELDS = frozenset({"weights", "speculative", "key_source", "kv_group"})
 """Namespace fields added after blocks were stored: they enter the digest only when set, so a
 namespace that leaves them empty digests exactly as before they existed."""
 
@@ -94,8 +94,11 @@ class Namespace:
     speculative-decoding configuration whose draft KV is stored in the same blocks (a draft
     model's identity and layer count). ``key_source``: how block keys are derived when not from
     token ids by :meth:`Keyer.chain` (``Keyer.chain_from_engine_hashes``: the engine's hash
-    algorithm and seed), so engines keyed differently never meet in one namespace. All three are
-    left out of the digest when empty.
+    algorithm and seed), so engines keyed differently never meet in one namespace. ``kv_group``:
+    the KV-cache group of a hybrid model (vLLM's hybrid KV cache manager keeps one block table
+    per group; each group's block is its own object): its index, kind, sliding window and layer
+    names, so a full-attention block never meets a sliding-window one. All four are left out of
+    the digest when empty (a one-group model keys as before).
     """
 
     model: str
@@ -113,10 +116,11 @@ class Namespace:
     weights: str = ""
     speculative: str = ""
     key_source: str = ""
+    kv_group: str = ""
 
     def __post_init__(self) -> None:
         for name in ("model", "revision", "kv_dtype", "kv_layout", "weights", "speculative",
-                     "key_source"):
+                     "key_source", "kv_group"):
             if not isinstance(getattr(self, name), str):
                 raise ConfigError(f"namespace {name} must be a string, got {getattr(self, name)!r}")
         for name in ("block_size", "num_layers", "num_kv_heads", "head_size", "tp_size", "tp_rank", "pp_rank"):
@@ -162,8 +166,13 @@ class Namespace:
         return self.bytes_per_token * self.block_size
 
     def describe(self) -> dict:
-        """Plain dict for CLI output and LMDB (no secrets, no salts: those never enter here)."""
-        return asdict(self)
+        """Plain dict for CLI output and LMDB (no secrets, no salts: those never enter here).
+        An empty ``kv_group`` is left out, so a one-group namespace reads as before (and a
+        daemon or data dir of the previous release still reads it)."""
+        d = asdict(self)
+        if not d["kv_group"]:
+            del d["kv_group"]
+        return d
 
 
 @dataclass(frozen=True)

@@ -179,6 +179,26 @@ def _dtype_name(dtype: Any, cache_dtype: str | None) -> str:
 
 
 @dataclass(frozen=True)
+class GroupGeo:
+    """One KV-cache group of a hybrid model, as the namespace and the scheduler see it:
+    ``kind`` ``"full"`` or ``"sliding_window"``; ``window_blocks`` blocks before a resume point
+    hold the window (0: full); ``identity`` goes into the namespace's ``kv_group``."""
+
+    kind: str
+    window_blocks: int
+    num_layers: int
+    num_kv_heads: int
+    head_size: int
+    use_mla: bool
+    identity: str
+    layer_names: tuple[str, ...] = ()
+
+    @property
+    def sliding(self) -> bool:
+        return self.kind == "sliding_window"
+
+
+@dataclass(frozen=True)
 class Geometry:
     """What the scheduler knows about the KV of every rank (all ranks share it but the rank)."""
 
@@ -196,6 +216,7 @@ class Geometry:
     speculative: str = ""
     key_source: str = ""     # "" = Keyer.chain over token ids; else "vllm-<algo>:<seed id>"
     kv_layout: str = TAIL_LAYOUT   # + "+cpu-<isa>" where vLLM's CPU attention packs the cache
+    groups: tuple[GroupGeo, ...] = ()   # a hybrid model's KV-cache groups (() for one group)
 
     @property
     def engine_hash_algo(self) -> str | None:
@@ -217,6 +238,43 @@ class Geometry:
 
     def rank_index(self, tp_rank: int, pp_rank: int) -> int:
         return pp_rank * self.tp_size + tp_rank
+
+    # A *lane* is one (KV-cache group, rank) pair: lane = group * num_ranks + rank_index. Every
+    # lane has its own namespace and key chain; a one-group model has one lane per rank, with
+    # exactly the namespaces (and keys) of before.
+    @property
+    def hybrid(self) -> bool:
+        return bool(self.groups)
+
+    @property
+    def num_groups(self) -> int:
+        return max(1, len(self.groups))
+
+    @property
+    def num_lanes(self) -> int:
+        return self.num_ranks * self.num_groups
+
+    def lane(self, group: int, rank_index: int) -> int:
+        return group * self.num_ranks + rank_index
+
+    def lane_namespace(self, lane: int) -> Namespace:
+        """The namespace of ``lane``: the rank's, with the group's layers, heads and identity
+        (``kv_group``) for a hybrid model."""
+        g, r = divmod(lane, self.num_ranks)
+        ns = self.namespace(r)
+        if not self.groups:
+            return ns
+        import dataclasses
+
+        grp = self.groups[g]
+        return dataclasses.replace(ns, num_layers=grp.num_layers, num_kv_heads=grp.num_kv_heads,
+                                   head_size=grp.head_size, use_mla=grp.use_mla,
+                                   kv_group=grp.identity)
+
+    @property
+    def max_block_bytes(self) -> int:
+        """The largest block of any lane (the embedded store's slot size)."""
+        return max(self.lane_namespace(i).block_bytes for i in range(self.num_groups))
 
 
 # ---------------------------------------------------------------------------- weights identity
@@ -352,6 +410,16 @@ def geometry_from_vllm(vllm_config, kv_cache_config, settings: PluginSettings,
         weights = (f"fp={weights};" if weights else "") + f"version={settings.weights_version}"
     elif weights:
         weights = f"fp={weights}"
+    groups: tuple[GroupGeo, ...] = ()
+    if shape is not None and shape.groups:
+        if int(pc.pipeline_parallel_size) > 1:
+            raise ConfigError("TierStoreConnector: a hybrid KV cache (several KV-cache groups) "
+                              "with pipeline parallelism is not supported; use PP = 1")
+        groups = tuple(GroupGeo(kind=g.kind, window_blocks=g.window_blocks,
+                                num_layers=len(g.layer_names), num_kv_heads=int(g.num_kv_heads),
+                                head_size=int(g.head_size), use_mla=bool(g.use_mla),
+                                identity=g.identity(), layer_names=tuple(g.layer_names))
+                       for g in shape.groups)
     return Geometry(model=settings.model_id or model,
                     revision=settings.revision or revision,
                     kv_dtype=_dtype_name(dtype, getattr(cc, "cache_dtype", None)),
@@ -362,7 +430,8 @@ def geometry_from_vllm(vllm_config, kv_cache_config, settings: PluginSettings,
                     key_source=key_source(vllm_config, kv_cache_config, settings,
                                           int(block_size), bool(speculative)),
                     kv_layout=kv_layout(getattr(mc, "dtype", dtype), int(block_size),
-                                        int(head_size), getattr(cc, "cache_dtype", None)))
+                                        int(head_size), getattr(cc, "cache_dtype", None)),
+                    groups=groups)
 
 
 def kv_layout(dtype, block_size: int, head_size: int, cache_dtype: str | None) -> str:

@@ -32,17 +32,24 @@ and refuses ``enable_sleep_mode`` unless ``supports_sleep_mode``): the worker ha
 waits for its copies in flight, closes its copy engine and copies nothing until wake-up. vLLM
 0.32 has none of these hooks and never calls them.
 
-Not ``SupportsHMA``: a tierstore block is one token range of *all* layers (one byte object per
-block and rank). Under the hybrid KV cache manager the layers split into groups with their own
-block tables, and sliding-window groups free old blocks, so no such all-layer block exists; keying
-and storing per group is a later change. Without ``SupportsHMA`` vLLM turns HMA off, so models
-that mix full and sliding-window layers run with full KV on every layer (more memory).
+``SupportsHMA`` (issue 15 item 4): vLLM keeps its hybrid KV cache manager (HMA) on, so a model
+that mixes full-attention and sliding-window layers (gpt-oss, Gemma 3, Llama 4) runs with
+several KV-cache groups, each with its own block table, and its window layers keep only their
+window. Each group's block is its own store object, under a namespace that names the group; a
+hit is the largest resume point that every group a request needs covers (a sliding-window
+group: only its window before that point); a sliding-window group stores only the windows
+before its resume points; a load that fails in one group invalidates the same token range in
+every group, reported to vLLM as a failed receive (hybrid.py, scheduler_side.py,
+worker_side.py; case HYB-33). A one-group model keeps exactly its previous path and keys.
+``request_finished_all_groups`` is vLLM's finish call under HMA (same answer as
+``request_finished``).
 
 What the connector serves is decided at start by :mod:`.support` (``check_engine`` in
 ``__init__``, for both roles, and ``check_registered`` in ``register_kv_caches``): a model shape
-it cannot store correctly (sliding window on every layer, state-space layers, several KV-cache
-groups, EAGLE-style drafts, ...) makes the engine fail to start with one message that names the
-feature and what to change (issue 17), never a crash or a different output later.
+it cannot store correctly (sliding window on every layer, state-space layers, groups of
+different block sizes, EAGLE-style drafts, ...) makes the engine fail to start with one
+message that names the feature and what to change (issue 17), never a crash or a different
+output later.
 """
 
 from __future__ import annotations
@@ -53,7 +60,7 @@ from typing import TYPE_CHECKING, Any
 
 from vllm.distributed.kv_transfer.kv_connector.v1.base import (KVConnectorBase_V1,
                                                                 KVConnectorMetadata,
-                                                                KVConnectorRole)
+                                                                KVConnectorRole, SupportsHMA)
 
 from tierstore_plugins.vllm.backend import acquire_client, geometry_from_vllm, release_client
 from tierstore_plugins.vllm.kv_events import embedded_events
@@ -133,7 +140,7 @@ def _timed(fn):
     return wrapper
 
 
-class TierStoreConnector(KVConnectorBase_V1):
+class TierStoreConnector(KVConnectorBase_V1, SupportsHMA):
     """KV connector that loads prefix hits from tierstore and saves computed blocks to it."""
 
     def __init__(self, vllm_config: "VllmConfig", role: KVConnectorRole,
@@ -152,7 +159,7 @@ class TierStoreConnector(KVConnectorBase_V1):
         self._worker: WorkerSide | None = None
         self._events = None
         if role == KVConnectorRole.SCHEDULER:
-            client = acquire_client(self._settings, geo.namespace(0).block_bytes)
+            client = acquire_client(self._settings, geo.max_block_bytes)
             self._scheduler = SchedulerSide(client, geo, self._settings,
                                             role=kvt.kv_role or "kv_both",
                                             engine_id=str(kvt.engine_id))
@@ -235,6 +242,16 @@ class TierStoreConnector(KVConnectorBase_V1):
             return None, None
         return self._worker.get_finished(finished_req_ids)
 
+    def get_transfer_results(self, finished_req_ids: set[str]) -> Any:
+        """vLLM's completions with ``failed_recving``: a hybrid model's failed loads (vLLM
+        takes no per-block load errors for several KV-cache groups); one group: as the base."""
+        res = super().get_transfer_results(finished_req_ids)
+        if self._worker is not None and getattr(res, "finished_recving", None):
+            failed = self._worker.take_failed_recving(res.finished_recving)
+            if failed:
+                res.failed_recving = set(getattr(res, "failed_recving", None) or ()) | failed
+        return res
+
     @_timed
     def get_block_ids_with_load_errors(self) -> set[int]:
         return self._worker.get_block_ids_with_load_errors() if self._worker else set()
@@ -301,6 +318,13 @@ class TierStoreConnector(KVConnectorBase_V1):
 
     @_timed
     def request_finished(self, request: Any, block_ids: list[int]) -> tuple[bool, dict | None]:
+        return self._scheduler.request_finished(request, block_ids)
+
+    @_timed
+    def request_finished_all_groups(self, request: Any, block_ids: tuple[list[int], ...]
+                                    ) -> tuple[bool, dict | None]:
+        """vLLM with HMA on (``SupportsHMA``): ``block_ids`` per KV-cache group. The answer is
+        :meth:`request_finished`'s: delay every group's free while a save still reads them."""
         return self._scheduler.request_finished(request, block_ids)
 
     def take_events(self):

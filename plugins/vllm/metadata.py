@@ -77,6 +77,14 @@ key                         default     meaning
                                         rank = one slot)
 ``retention_tenants``       {}          embedded store only: ``{cache salt: blocks}`` (``""``:
                                         requests without a salt)
+``swa_resume_every_tokens`` auto        hybrid models: a sliding-window group stores the
+                                        blocks of its window before every multiple of this
+                                        many tokens and before the prompt's last loadable
+                                        block, nothing else; a hit is then one of those
+                                        resume points (scheduler_side: hybrid). A multiple
+                                        of the block size; the block size itself stores
+                                        every block (any boundary resumes); auto: 4 windows
+                                        (rounded up to blocks)
 ``retention_total_blocks``  1/2 DRAM    embedded store only: cap of hinted pins of all
                                         tenants together (more than DRAM is refused; caps
                                         adding up to more are a warning, case TEN-39).
@@ -146,6 +154,7 @@ class PluginSettings:
     retention_tenant_blocks: int | None = None
     retention_tenants: dict | None = None
     retention_total_blocks: int | None = None
+    swa_resume_every_tokens: int | None = None   # None: auto (4 windows)
 
     @classmethod
     def from_extra_config(cls, extra: Mapping[str, Any] | None) -> "PluginSettings":
@@ -190,6 +199,10 @@ class PluginSettings:
             raise ConfigError(f"{', '.join(caps)}: with 'socket' the daemon enforces the caps on "
                               "retention hints for every engine it serves; set them in its "
                               "[retention] section (tenant_blocks, tenants, total_blocks)")
+        v = s.swa_resume_every_tokens
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v <= 0):
+            raise ConfigError(f"swa_resume_every_tokens must be a positive number of tokens (a "
+                              f"multiple of the block size), got {v!r}")
         s.retention_config()   # ConfigError for a bad cap
         return s
 
@@ -224,6 +237,14 @@ class LoadSpec:
 
     ``tail_*``: the partial last prompt block of a P/D hand-off (addressed by request identity),
     loaded into ``tail_block_id`` from ``tail_slots[rank_index]`` when ``tail_ok``.
+
+    Hybrid models (several KV-cache groups): ``groups[g]`` are group ``g``'s vLLM block ids for
+    request blocks ``[group_first[g], first + len(block_ids))`` (a sliding-window group: only
+    its window before that end), and ``slots`` / ``job_ids`` are per *lane* (``lane = g *
+    num_ranks + rank_index``). ``failed_at``: the request block index from which the load is
+    invalid in every group (some group's block could not be staged); the worker copies nothing
+    and reports the request in ``failed_recving``. ``block_ids`` are the first full-attention
+    group's (for the counters).
     """
 
     req_id: str
@@ -237,6 +258,9 @@ class LoadSpec:
     tail_block_id: int | None = None
     tail_slots: list[int] | None = None
     tail_ok: bool = False
+    groups: list[list[int]] | None = None
+    group_first: list[int] | None = None
+    failed_at: int | None = None
 
 
 @dataclass
@@ -249,6 +273,11 @@ class SaveSpec:
     rank's store job, published by the scheduler once the worker reported which copies were made
     (``TierStoreWorkerMeta.saves``). ``first`` is the request's block index of ``block_ids[0]``.
     A tail block (P/D) is the job's last key: ``tail_block_id``, with its slot last in ``slots``.
+
+    Hybrid models: ``groups[g]`` are group ``g``'s vLLM block ids of lane ``g * num_ranks +
+    rank_index``'s keys, ``group_pos[g]`` their request block indices (a sliding-window group
+    saves only blocks of its windows, so they need not be consecutive); ``slots`` and
+    ``job_ids`` are per lane.
     """
 
     req_id: str
@@ -257,6 +286,8 @@ class SaveSpec:
     job_ids: list[int]
     first: int
     tail_block_id: int | None = None
+    groups: list[list[int]] | None = None
+    group_pos: list[list[int]] | None = None
 
 
 @dataclass

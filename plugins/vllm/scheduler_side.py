@@ -57,6 +57,18 @@ landed before the failure; the request loads what is local. With ``load_failure_
 "recompute"`` vLLM computes the rest; with ``"fail"`` the blocks the fetch owed are promised
 anyway and reported as load errors, so vLLM fails the request (``_peer_fetch``).
 
+Hybrid models (several KV-cache groups; issue 15 item 4, case HYB-33; rules in hybrid.py):
+every (group, rank) *lane* has its own namespace and keys, so "per rank" above reads "per
+lane", and a request's jobs are one per lane. ``get_num_new_matched_tokens`` asks, in its one
+``prepare_loads`` call, for every full-attention lane's prefix and for every sliding-window
+lane's window before each resume point, and promises the largest resume point every group
+covers; the load is always asynchronous (vLLM takes a failed load of a model with several
+groups only as ``failed_recving``, which an asynchronous load can report: the whole token
+range from the failed block is then invalid in every group, and vLLM recomputes the request).
+Saves store every full-attention block and a sliding-window group's blocks inside the windows
+before the resume points; ``group_saved`` counts stored blocks and bytes per group. P/D tails
+and peer fetches are not offered for hybrid models (a prefix hit still works across engines).
+
 Threading: every method is called by vLLM's scheduler thread only; not thread-safe. The one
 other thread is :class:`PeerFetcher`'s (owned by this object, stopped in ``shutdown``).
 """
@@ -70,10 +82,11 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
-from tierstore.errors import PinError, TierStoreError
+from tierstore.errors import ConfigError, PinError, TierStoreError
 from tierstore.keys import Keyer
 from tierstore.types import BlockKey, BlockStatus, Tier
 
+from tierstore_plugins.vllm import hybrid as hy
 from tierstore_plugins.vllm.backend import (TAIL_LAYOUT, Geometry, collect_reports, kv_layout,
                                             open_side_client, prompt_tokens, request_keys,
                                             tail_keys, ticket_mac, ticket_problem)
@@ -106,6 +119,9 @@ class _Load:
     tail_block_id: int | None = None
     dispatched: bool = False          # the LoadSpec went to the workers
     accepted: int = 0                 # tokens vLLM accepted (update_state_after_alloc)
+    lane_first: list[int] | None = None   # hybrid: per lane, request block index of its first
+    group_ids: list[list[int]] | None = None   # hybrid: per group, the vLLM block ids to fill
+    broken: int | None = None         # hybrid: vLLM's blocks do not fit the plan from here
 
 
 @dataclass
@@ -129,6 +145,8 @@ class _Req:
     unkeyable: str | None = None               # why it is neither loaded nor saved (support.py)
     hint: dict | None = None                   # retention hint: session, tenant, ttl_s, priority
     hint_sent: bool = False                    # the arrival hint went to the store
+    load_cap: int | None = None                # hybrid: a load failed from this block; later
+                                               # lookups of the request stop before it
 
 
 @dataclass
@@ -329,9 +347,29 @@ class SchedulerSide:
         self.role = role
         self.engine_id = engine_id
         self.bs = geometry.block_size
-        self.namespaces = [geometry.namespace(r) for r in range(geometry.num_ranks)]
-        self.num_ranks = len(self.namespaces)
+        # one namespace per lane (= per rank for a one-group model; hybrid.py)
+        self.namespaces = [geometry.lane_namespace(i) for i in range(geometry.num_lanes)]
+        self.num_ranks = len(self.namespaces)     # lanes
         self.block_bytes = self.namespaces[0].block_bytes
+        self.lane_bytes = [ns.block_bytes for ns in self.namespaces]
+        self.hybrid = geometry.hybrid
+        R0 = geometry.num_ranks
+        self.lane_windows = [geometry.groups[lane // R0].window_blocks if self.hybrid else 0
+                             for lane in range(self.num_ranks)]
+        self.resume_every = 1
+        self.group_saved: list[list[int]] = []    # hybrid: per group [blocks, bytes] stored
+        if self.hybrid:
+            try:
+                self.resume_every = hy.resume_every_blocks(
+                    [g.window_blocks for g in geometry.groups], self.bs,
+                    settings.swa_resume_every_tokens)
+            except ValueError as e:
+                raise ConfigError(f"TierStoreConnector: {e}") from None
+            if settings.fetch_from_peers:
+                raise ConfigError("TierStoreConnector: fetch_from_peers is not supported for a "
+                                  "hybrid KV cache (several KV-cache groups) yet")
+            self.group_saved = [[0, 0] for _ in geometry.groups]
+        self._null_block_id = 0
         self.keyers: list[Keyer] = [client.keyer(ns) for ns in self.namespaces]
         self.ns_digest = self.namespaces[0].digest().hex()
         self._reqs: dict[str, _Req] = {}
@@ -342,6 +380,7 @@ class SchedulerSide:
         self._load_jobs: set[int] = set()         # dispatched load jobs not reported copied yet
         self._acct_of: dict[int, list] = {}        # load job -> its load's pending token account
         self._save_jobs: dict[int, tuple[str, int]] = {}   # job -> (request id, first block)
+        self._save_pos: dict[int, tuple[int, list[int]]] = {}   # hybrid: job -> (group, blocks)
         self._kv_cache_manager = None
         self.counters = {"lookups": 0, "hit_tokens": 0, "loads": 0, "loads_async": 0,
                          "promised_tokens": 0, "delivered_tokens": 0, "failed_tokens": 0,
@@ -368,6 +407,8 @@ class SchedulerSide:
         self._last_call_failed = False
         self.refused_producers: dict[str, str] = {}   # P/D producer engine id -> why refused
         self.load_tail = settings.load_tail
+        if self.hybrid:
+            self.load_tail = False   # no P/D tails for hybrid models (module docstring)
         if self.load_tail is None and self.loads_enabled:   # auto: on unless it would crash
             hazard = tail_load_hazard(geometry)
             self.load_tail = not hazard
@@ -381,6 +422,10 @@ class SchedulerSide:
 
     def bind_kv_cache_manager(self, manager) -> None:
         self._kv_cache_manager = manager
+        null = getattr(getattr(getattr(manager, "block_pool", None), "null_block", None),
+                       "block_id", None)
+        if isinstance(null, int):
+            self._null_block_id = null
 
     # ---------------------------------------------------------------- store calls
     def _call(self, what: str, fn: Callable, *args, **kw):
@@ -616,6 +661,8 @@ class SchedulerSide:
             # its load ran and vLLM asks again: the request was preempted and resumes (the
             # preemption may be reported only in the step being built): plan anew
             st.load = None
+        if self.hybrid:
+            return self._hybrid_lookup(st, request, num_computed_tokens)
         n_prompt = request.num_prompt_tokens
         n_full = len(st.keys[0])
         tail_tokens = n_prompt - n_full * self.bs
@@ -679,6 +726,47 @@ class SchedulerSide:
         self.counters["hit_tokens"] += ext
         return ext, not ready
 
+    def _end(self, st: _Req) -> int:
+        """The last loadable block boundary: full prompt blocks, >= 1 prompt token left."""
+        return min(len(st.keys[0]), max(0, (st.request.num_prompt_tokens - 1) // self.bs))
+
+    def _hybrid_lookup(self, st: _Req, request, num_computed_tokens: int):
+        """get_num_new_matched_tokens of a hybrid model (module docstring, hybrid.py): one
+        prepare_loads for every lane's chains; the chains the hit does not use are released at
+        once (complete_loads), the others when the workers copied them. Always asynchronous."""
+        first = num_computed_tokens // self.bs
+        end = self._end(st)
+        if st.load_cap is not None:   # vLLM asks again after a failed load: up to the failure
+            end = min(end, st.load_cap)
+        if first >= end:
+            return 0, False
+        chains = hy.lookup_chains(self.lane_windows, first, end, self.resume_every)
+        keys = [st.keys[c.lane][c.lo:c.hi] for c in chains]
+        jobs = self._call("prepare_loads", self.client.prepare_loads, keys, wait=False)
+        self.counters["lookups"] += 1
+        self._tok("lookup", "", (end - first) * self.bs)
+        if jobs is None:
+            return 0, False
+        k, chosen = hy.pick_hit(chains, [j.expected for j in jobs], first)
+        keep = set(chosen)
+        self._complete_loads([j.job_id for i, j in enumerate(jobs) if i not in keep])
+        if k <= first:
+            return 0, False
+        used = [jobs[i] for i in chosen]
+        n = k - first
+        ref = next(i for i in chosen if chains[i].k is None)   # a full-attention lane
+        src = [_TIER_LABEL.get(code, "unknown") for code in jobs[ref].sources[:n]]
+        tiers: dict[str, int] = {}
+        for label in src:
+            tiers[label] = tiers.get(label, 0) + 1
+        ext = n * self.bs
+        st.load = _Load(num_computed_tokens, first, n, [j.job_id for j in used], False,
+                        (ext, True), staged={j.job_id: j for j in used if j.ready},
+                        tiers=tiers, src=src, lane_first=[chains[i].lo for i in chosen])
+        st.saved_upto = max(st.saved_upto, k)   # loaded blocks need no save
+        self.counters["hit_tokens"] += ext
+        return ext, True
+
     def may_load_async(self, request) -> bool:
         """vLLM >= 0.34 (with ``--max-num-inflight-kv-loads``): whether
         :meth:`get_num_new_matched_tokens` may answer ``load_async=True`` for ``request``, asked
@@ -695,6 +783,12 @@ class SchedulerSide:
         st = self._state(request)
         if st.load is not None and st.load.block_ids is None:
             return bool(st.load.answer[1])
+        if self.hybrid:   # every hybrid load is asynchronous: whether a full lane holds a block
+            end = self._end(st)
+            lane = self.lane_windows.index(0)
+            res = (self._call("lookup", self.client.lookup, st.keys[lane][:end],
+                              self.namespaces[lane]) if end > 0 else None)
+            return res is not None and res.num_blocks > 0
         end = min(len(st.keys[0]), max(0, (request.num_prompt_tokens - 1) // self.bs))
         if end <= 0:
             return False
@@ -735,6 +829,8 @@ class SchedulerSide:
             self._tok_blocks("declined", ld.src[nblk:], ld.answer[0] - num_external_tokens)
         block_ids = blocks.get_block_ids()[0]
         ld.block_ids = list(block_ids[ld.first:ld.first + nblk])
+        if self.hybrid:
+            self._hybrid_alloc(ld, blocks.get_block_ids(), nblk)
         if nblk < ld.n:   # vLLM took fewer: the rest is not loaded (nor the tail)
             ld.n, ld.tail = nblk, False
         if ld.tail and num_external_tokens > nblk * self.bs:
@@ -750,6 +846,20 @@ class SchedulerSide:
         else:
             self.counters["loads_async"] += 1
             self._waiting[request.request_id] = st
+
+    def _hybrid_alloc(self, ld: _Load, all_ids, nblk: int) -> None:
+        """Each group's block ids of the load (a sliding-window group: its window before the
+        hit's end). vLLM taking fewer blocks than promised moves the end, and the windows with
+        it: the load is then failed from there (vLLM recomputes)."""
+        R0 = self.geo.num_ranks
+        end = ld.first + ld.n
+        ld.group_ids = [list(all_ids[g][ld.lane_first[g * R0]:end])
+                        for g in range(self.geo.num_groups)]
+        ref = next(g for g, grp in enumerate(self.geo.groups) if not grp.sliding)
+        ld.block_ids = list(all_ids[ref][ld.first:ld.first + nblk])
+        if nblk < ld.n:
+            ld.broken = ld.first + nblk
+            ld.block_ids = list(all_ids[ref][ld.first:end])
 
     def _poll_waiting(self) -> None:
         """One store call for every asynchronous load still being staged."""
@@ -769,15 +879,51 @@ class SchedulerSide:
                 del self._waiting[req_id]
                 self._dispatch.append(st)
 
+    def _hybrid_failed_at(self, ld: _Load, staged: list) -> int | None:
+        """The request block index from which a hybrid load is invalid in every group (a
+        lane's block not staged, a null block where a window block belongs), or None."""
+        end = ld.first + ld.n
+        bad = [ld.broken] if ld.broken is not None else []
+        for lane, j in enumerate(staged):
+            need = end - ld.lane_first[lane]
+            got = j.num_ready if j is not None else 0
+            if got < need:
+                bad.append(ld.lane_first[lane] + got)
+        R0 = self.geo.num_ranks
+        for g, ids in enumerate(ld.group_ids or ()):
+            lo = ld.lane_first[g * R0]
+            bad += [lo + i for i, b in enumerate(ids) if b == self._null_block_id]
+        return min(bad) if bad else None
+
     def _load_spec(self, st: _Req) -> LoadSpec:
         ld = st.load
         R = self.num_ranks
         staged = [ld.staged.get(j) for j in ld.jobs]
         nblk = len(ld.block_ids)
-        n_ok = min([nblk] + [(j.num_ready if j is not None else 0) for j in staged[:R]])
-        slots = [list(j.slots[:n_ok]) if j is not None else [] for j in staged[:R]]
+        failed_at = None
+        if self.hybrid:   # all or nothing (worker_side: failed_recving)
+            failed_at = self._hybrid_failed_at(ld, staged)
+            n_ok = nblk if failed_at is None else 0
+            end = ld.first + ld.n
+            slots = [list(j.slots[:end - lf]) if j is not None and failed_at is None else []
+                     for j, lf in zip(staged, ld.lane_first)]
+        else:
+            n_ok = min([nblk] + [(j.num_ready if j is not None else 0) for j in staged[:R]])
+            slots = [list(j.slots[:n_ok]) if j is not None else [] for j in staged[:R]]
         spec = LoadSpec(st.request.request_id, ld.block_ids, slots, n_ok, ld.first, ld.jobs,
                         is_async=not ld.ready)
+        if self.hybrid:
+            R0 = self.geo.num_ranks
+            spec.groups = ld.group_ids
+            spec.group_first = [ld.lane_first[g * R0] for g in range(self.geo.num_groups)]
+            spec.failed_at = failed_at
+            if failed_at is not None:
+                st.load_cap = failed_at
+                self.counters["hybrid_loads_failed"] = \
+                    self.counters.get("hybrid_loads_failed", 0) + 1
+                logger.warning("tierstore: request %s: its load is invalid from block %d (tokens "
+                               "%d on) in every KV-cache group; vLLM recomputes the request",
+                               spec.req_id, failed_at, failed_at * self.bs)
         if ld.tail_block_id is not None:
             tails = staged[R:]
             spec.tail_block_id = ld.tail_block_id
@@ -798,9 +944,11 @@ class SchedulerSide:
         if not spec.job_ids:
             self._account_load(ld, staged, nblk, n_ok, spec)
         if n_ok < nblk:
-            logger.warning("tierstore: request %s: %d of %d blocks could not be staged; vLLM "
-                           "recomputes them", spec.req_id, nblk - n_ok, nblk)
-            st.saved_upto = min(st.saved_upto, ld.first + n_ok)
+            if failed_at is None:
+                logger.warning("tierstore: request %s: %d of %d blocks could not be staged; "
+                               "vLLM recomputes them", spec.req_id, nblk - n_ok, nblk)
+            st.saved_upto = min(st.saved_upto,
+                                ld.first + n_ok if failed_at is None else failed_at)
         return spec
 
     def _account_copies(self, job_ids: Sequence[int], failed: Sequence[int]) -> None:
@@ -814,6 +962,12 @@ class SchedulerSide:
                 continue
             acct[0].discard(j)
             acct[1] = acct[1] or j in bad
+            if j in bad and self.hybrid and acct[2][4].failed_at is None:
+                # a copy failed in a worker: vLLM recomputes; a re-ask loads up to the load's start
+                st = self._reqs.get(acct[2][4].req_id)
+                if st is not None:
+                    first = acct[2][4].first
+                    st.load_cap = first if st.load_cap is None else min(st.load_cap, first)
             if not acct[0]:
                 ld, staged, nblk, n_ok, spec = acct[2]
                 self._account_load(ld, staged, nblk, 0 if acct[1] else n_ok, spec,
@@ -926,6 +1080,8 @@ class SchedulerSide:
 
     # ---------------------------------------------------------------- saves
     def _wants_tail(self, request) -> bool:
+        if self.hybrid:
+            return False   # no P/D tails for hybrid models (module docstring)
         if self.settings.save_tail is not None:
             return bool(self.settings.save_tail)
         if self.role == "kv_producer":
@@ -1008,6 +1164,42 @@ class SchedulerSide:
         lo = min(st.saved_upto, final_blocks)
         return (st, lo, final_blocks, block_ids, want_tail)
 
+    def _all_block_ids(self, req_id: str) -> tuple[list[int], ...]:
+        try:
+            return tuple(list(x) for x in self._kv_cache_manager.get_block_ids(req_id))
+        except (KeyError, IndexError, AttributeError):
+            return ()
+
+    def _hybrid_save_specs(self, st: _Req, lo: int, hi: int):
+        """prepare_stores specs (one per lane) of a hybrid request's blocks ``[lo, hi)``: every
+        block of a full-attention group; of a sliding-window group only those in a window
+        before a resume point (hybrid.swa_save_positions), and never one vLLM already
+        replaced by its null block (freed: out of the window). Returns ``(specs, (block ids
+        per group, block indices per group))``."""
+        all_ids = self._all_block_ids(st.request.request_id)
+        if len(all_ids) != self.geo.num_groups:
+            raise ValueError(f"{len(all_ids)} block lists for {self.geo.num_groups} groups")
+        end = self._end(st)
+        R0 = self.geo.num_ranks
+        specs, gids, gpos = [], [], []
+        for g, grp in enumerate(self.geo.groups):
+            pos = (hy.swa_save_positions(lo, hi, end, len(st.keys[0]), self.resume_every,
+                                         grp.window_blocks)
+                   if grp.sliding else list(range(lo, hi)))
+            ids = all_ids[g]
+            keep = [i for i in pos if i < len(ids) and ids[i] != self._null_block_id]
+            if len(keep) < len(pos):
+                self.counters["save_blocks_freed"] = \
+                    self.counters.get("save_blocks_freed", 0) + len(pos) - len(keep)
+            gids.append([ids[i] for i in keep])
+            gpos.append(keep)
+            for r in range(R0):
+                lane = g * R0 + r
+                keys = [st.keys[lane][i] for i in keep]
+                parent = st.keys[lane][keep[0] - 1] if keep and keep[0] else None
+                specs.append((keys, self.namespaces[lane], self.lane_bytes[lane], parent, None))
+        return specs, (gids, gpos)
+
     def _prepare_saves(self, meta: TierStoreMetadata, scheduler_output) -> None:
         plans = self._plan_saves(scheduler_output)
         if not plans:
@@ -1016,6 +1208,11 @@ class SchedulerSide:
         for plan in plans:
             st, lo, hi, block_ids, want_tail = plan
             try:
+                if self.hybrid:
+                    mine, layout = self._hybrid_save_specs(st, lo, hi)
+                    specs.extend(mine)
+                    kept.append(plan + (layout,))
+                    continue
                 tkeys = None
                 if want_tail:
                     tkeys = self._tail_keys(st, f"{self.engine_id}/{st.request.request_id}")
@@ -1035,7 +1232,7 @@ class SchedulerSide:
             if want_tail:
                 st.transfer_id = f"{self.engine_id}/{st.request.request_id}"
             specs.extend(mine)
-            kept.append(plan)
+            kept.append(plan + (None,))
         plans = kept
         if not plans:
             return
@@ -1043,11 +1240,16 @@ class SchedulerSide:
         if jobs is None:
             return
         R = self.num_ranks
-        for i, (st, lo, hi, block_ids, want_tail) in enumerate(plans):
+        for i, (st, lo, hi, block_ids, want_tail, layout) in enumerate(plans):
             rank_jobs = jobs[i * R:(i + 1) * R]
-            ids = list(block_ids[lo:hi])
+            ids = list(block_ids[lo:hi]) if layout is None else []
             spec = SaveSpec(st.request.request_id, ids, [list(j.slots) for j in rank_jobs],
                             [j.job_id for j in rank_jobs], lo)
+            if layout is not None:
+                spec.groups, spec.group_pos = layout
+                R0 = self.geo.num_ranks
+                for lane, j in enumerate(rank_jobs):
+                    self._save_pos[j.job_id] = (lane // R0, layout[1][lane // R0])
             if want_tail:
                 spec.tail_block_id = block_ids[st.request.num_prompt_tokens // self.bs]
                 st.tail_saved = True
@@ -1102,6 +1304,15 @@ class SchedulerSide:
         retain: dict[str, tuple[int, int]] = {}   # request -> blocks just published, to pin
         for (j, oks), status in zip(answers, res or [[]] * len(answers)):
             req_id, lo = self._save_jobs.pop(j)
+            gp = self._save_pos.pop(j, None)
+            if gp is not None and res is not None:   # hybrid: stored per group (bytes)
+                stored = sum(x is BlockStatus.OK for x in status)
+                nbytes = stored * self.lane_bytes[gp[0] * self.geo.num_ranks]
+                self.group_saved[gp[0]][0] += stored
+                self.group_saved[gp[0]][1] += nbytes
+                for name, v in ((f"saved_blocks_group{gp[0]}", stored),
+                                (f"saved_bytes_group{gp[0]}", nbytes)):
+                    self.counters[name] = self.counters.get(name, 0) + v
             st = self._reqs.get(req_id)
             if res is not None and st is not None and st.hint is not None \
                     and st.hint["ttl_s"] > 0:
@@ -1116,7 +1327,8 @@ class SchedulerSide:
                 continue
             st.pending_saves.discard(j)
             if not_copied:   # save them again once vLLM recomputed them (failed-load rule)
-                st.saved_upto = min(st.saved_upto, lo + not_copied[0])
+                st.saved_upto = min(st.saved_upto, gp[1][not_copied[0]] if gp is not None
+                                    else lo + not_copied[0])
                 st.tail_saved = False if lo + not_copied[0] >= len(st.keys[0]) else st.tail_saved
             if st.finished and not st.pending_saves and req_id not in self._release:
                 pass   # the release already went out; finished_sending removes the state

@@ -1,28 +1,39 @@
 """What the connector supports, decided once, at engine start (issue 17; README "Model shapes").
 
-A tierstore block is the KV of ``block_size`` consecutive tokens of *every* layer this rank
-holds, in one byte object, loaded into and saved from the request's block ids of vLLM's one
-block table. A model fits that when all its KV lives in one KV-cache group of full-attention
-(or MLA) layers of one shape: every layer then keeps the KV of every token in the same block
-ids. Everything else is refused here, with one message that names the model feature and what
+A tierstore block is the KV of ``block_size`` consecutive tokens of *every* layer of one
+KV-cache group this rank holds, in one byte object, loaded into and saved from the request's
+block ids of that group's block table. A one-group model fits that when the group holds
+full-attention (or MLA) layers of one shape: every layer then keeps the KV of every token in
+the same block ids. A hybrid model (several groups, vLLM's hybrid KV cache manager) fits when
+each group is full attention or a sliding window of one shape and all share one block size:
+each group's block is then its own object (keyed under a namespace that names the group),
+and a sliding-window group needs only the blocks of its window (scheduler_side.py). Everything
+else is refused here, with one message that names the model feature and what
 to change, instead of a crash later or, worse, other output than vLLM's own:
 
 ====================================  =========  =============================================
 model shape                           verdict    why
 ====================================  =========  =============================================
 dense full attention                  supported  one group, every token's KV kept
-full + sliding-window layers          supported  vLLM turns its hybrid KV manager off for a
-                                                 connector without ``SupportsHMA``; the window
-                                                 layers then keep full KV (``FullAttentionSpec``
-                                                 with ``sliding_window`` set)
+full + sliding-window layers          supported  vLLM's hybrid KV cache manager (HMA) keeps
+(hybrid: gpt-oss, Gemma 3, ...)                  them in several KV-cache groups: each group's
+                                                 block is its own store object (issue 15 item
+                                                 4; :class:`GroupShape`, scheduler_side.py);
+                                                 with HMA off (``disable_hybrid_kv_cache_
+                                                 manager``) the window layers keep full KV in
+                                                 one group, as before
 MLA                                   supported  one latent per token and layer (H = 1)
 sliding window on every layer         refused    vLLM frees blocks outside the window and puts
                                                  its null block in their place: a load would
                                                  land there (issue 17)
 state-space / hybrid SSM (Mamba)      refused    one recurrent state per request, not per-token
                                                  KV blocks
-several KV-cache groups               refused    one block table per group; a tierstore block
-                                                 spans all layers of one table
+several KV-cache groups               supported  when every group is full attention (or MLA)
+                                                 or a sliding window, all of one block size,
+                                                 with at least one full-attention group;
+                                                 refused otherwise (state space, chunked local
+                                                 attention, differing block sizes, only
+                                                 window groups, a draft model's KV)
 speculative: ``draft_model``          supported  the draft's layers sit in the same group and
                                                  blocks; the draft's identity enters the
                                                  namespace (case SPEC-30)
@@ -97,6 +108,38 @@ class KVShape:
     num_draft_layers: int = 0
     speculative: str = ""
     """Namespace identity of a speculative configuration whose draft KV is stored ("" none)."""
+    groups: tuple["GroupShape", ...] = ()
+    """A hybrid model's KV-cache groups, in vLLM's order (empty for one group: today's path)."""
+
+
+@dataclass(frozen=True)
+class GroupShape:
+    """One KV-cache group of a hybrid model: its layers (vLLM's ``layer_names``), their common
+    per-layer shape, and its kind: ``"full"`` (full attention or MLA: every token's KV kept) or
+    ``"sliding_window"`` (vLLM frees the blocks that fall out of the window). ``window_tokens``
+    is how many tokens before a resume point the group must hold: ``sliding_window - 1 +
+    extra_retained_tokens`` (vLLM's ``get_num_skipped_tokens``), 0 for a full group."""
+
+    index: int
+    kind: str
+    layer_names: tuple[str, ...]
+    block_size: int
+    num_kv_heads: int
+    head_size: int
+    dtype: Any
+    use_mla: bool
+    sliding_window: int = 0
+    window_tokens: int = 0
+
+    @property
+    def window_blocks(self) -> int:
+        """Blocks before a block-aligned resume point that hold the window (0: full group)."""
+        return -(-self.window_tokens // self.block_size) if self.window_tokens else 0
+
+    def identity(self) -> str:
+        """The namespace's ``kv_group``: index, kind, window and layer names."""
+        return (f"{self.index}:{self.kind}:{self.sliding_window}:{self.window_tokens}:"
+                + ",".join(self.layer_names))
 
 
 # --------------------------------------------------------------------------- engine level
@@ -209,13 +252,13 @@ def check_engine(vllm_config, kv_cache_config) -> KVShape:
         problems.append("a model without a KV cache (attention-free): there is nothing to store."
                         f" Run it without the tierstore connector")
     elif len(groups) > 1:
-        described = "; ".join(f"group {i}: {_describe_group(g)}" for i, g in enumerate(groups))
-        refused = [p for g in groups for p in _spec_problems(g)]
-        problems.append(
-            f"a hybrid KV cache of {len(groups)} groups ({described}): each group has its own "
-            "block table, and a tierstore block is the KV of all layers in one table"
-            + (". " + " ".join(refused) if refused else "")
-            + ". Use a model whose layers all keep full-attention KV")
+        shape = _hybrid_shape(groups, problems, num_draft_layers)
+        pp = int(getattr(pc, "pipeline_parallel_size", 1) or 1)
+        if shape is not None and pp > 1:
+            problems.append(f"a hybrid KV cache ({len(groups)} KV-cache groups) with pipeline "
+                            f"parallelism (pipeline_parallel_size={pp}): not supported yet. Set "
+                            "pipeline_parallel_size=1")
+            shape = None
     elif groups:
         problems.extend(_spec_problems(groups[0]))
         if not problems:
@@ -237,7 +280,8 @@ def check_engine(vllm_config, kv_cache_config) -> KVShape:
     return KVShape(layer_names=shape.layer_names, block_size=shape.block_size,
                    num_kv_heads=shape.num_kv_heads, head_size=shape.head_size,
                    dtype=shape.dtype, use_mla=shape.use_mla,
-                   num_draft_layers=num_draft_layers, speculative=speculative)
+                   num_draft_layers=num_draft_layers, speculative=speculative,
+                   groups=shape.groups)
 
 
 def _message(problems: list[str]) -> str:
@@ -248,10 +292,12 @@ def _message(problems: list[str]) -> str:
     return f"{head}:\n{listed}\nFix each of these, {_HOW_TO_RUN_WITHOUT}."
 
 
-def _spec_problems(group) -> list[str]:
-    """Why the layers of ``group`` cannot be stored ([] when they can)."""
+def _spec_problems(group, *, hybrid: bool = False) -> list[str]:
+    """Why the layers of ``group`` cannot be stored ([] when they can); ``hybrid``: one group of
+    several, where a sliding window is stored too."""
     classes = _spec_classes()
-    allowed = tuple(classes[n] for n in ("FullAttentionSpec", "MLAAttentionSpec") if n in classes)
+    names = ("FullAttentionSpec", "MLAAttentionSpec") + (("SlidingWindowSpec",) if hybrid else ())
+    allowed = tuple(classes[n] for n in names if n in classes)
     by_kind: dict[str, list[tuple[str, Any]]] = {}
     for name, spec in _layer_specs(group):
         if type(spec) in allowed:
@@ -262,6 +308,8 @@ def _spec_problems(group) -> list[str]:
         names = _names(n for n, _ in layers)
         if kind in _REFUSED_SPECS:
             what, why, change = _REFUSED_SPECS[kind]
+            if hybrid:
+                what = what.replace(" on every layer", "")
             window = getattr(layers[0][1], "sliding_window", None)
             out.append(f"{what.format(window=window, layers=names)}: {why}. To use tierstore, "
                        f"{change}")
@@ -304,6 +352,56 @@ def _shape_of(group, problems: list[str]) -> KVShape | None:
     return KVShape(layer_names=tuple(n for n, _ in layers), block_size=int(s.block_size),
                    num_kv_heads=int(s.num_kv_heads), head_size=int(s.head_size), dtype=s.dtype,
                    use_mla=use_mla)
+
+
+def _hybrid_shape(groups, problems: list[str], num_draft_layers: int) -> KVShape | None:
+    """The :class:`KVShape` of a hybrid KV cache (several groups), or None with the reasons in
+    ``problems``: every group full attention / MLA or a sliding window (vLLM's
+    ``SlidingWindowSpec``), of one shape within the group; one block size for all groups; at
+    least one full-attention group; no draft model's KV beside them."""
+    described = "; ".join(f"group {i}: {_describe_group(g)}" for i, g in enumerate(groups))
+    head = f"a hybrid KV cache of {len(groups)} groups ({described})"
+    refused = [p for g in groups for p in _spec_problems(g, hybrid=True)]
+    if refused:
+        problems.append(f"{head}: " + " ".join(refused))
+        return None
+    out: list[GroupShape] = []
+    for i, g in enumerate(groups):
+        s = _shape_of(g, problems)
+        if s is None:
+            return None
+        spec = _layer_specs(g)[0][1]
+        windows = {int(getattr(x, "sliding_window", None) or 0) for _, x in _layer_specs(g)}
+        if len(windows) > 1:
+            problems.append(f"{head}: group {i} mixes sliding windows {sorted(windows)}")
+            return None
+        window = int(getattr(spec, "sliding_window", None) or 0)
+        swa = type(spec).__name__ == "SlidingWindowSpec"
+        extra = int(getattr(spec, "extra_retained_tokens", 0) or 0)
+        out.append(GroupShape(index=i, kind="sliding_window" if swa else "full",
+                              layer_names=s.layer_names, block_size=s.block_size,
+                              num_kv_heads=s.num_kv_heads, head_size=s.head_size, dtype=s.dtype,
+                              use_mla=s.use_mla, sliding_window=window if swa else 0,
+                              window_tokens=max(0, window - 1 + extra) if swa else 0))
+    sizes = sorted({g.block_size for g in out})
+    if len(sizes) > 1:
+        problems.append(f"{head}: groups with different block sizes ({sizes}): tierstore keys "
+                        "every group's blocks by one token chain of one block size. Start vLLM "
+                        "with one --block-size for every group")
+        return None
+    if all(g.kind == "sliding_window" for g in out):
+        problems.append(f"{head}: sliding-window groups only: a resume point must be a full-"
+                        "attention prefix. Start vLLM with disable_sliding_window=True")
+        return None
+    if num_draft_layers:
+        problems.append(f"{head} beside a draft model's KV: a draft's layers in a hybrid KV cache "
+                        "are not stored yet. Use speculative method 'ngram' or no speculation")
+        return None
+    first = out[0]
+    return KVShape(layer_names=tuple(n for g in out for n in g.layer_names),
+                   block_size=first.block_size, num_kv_heads=first.num_kv_heads,
+                   head_size=first.head_size, dtype=first.dtype, use_mla=first.use_mla,
+                   groups=tuple(out))
 
 
 def _check_speculative(vllm_config) -> tuple[str | None, str | None, int, str]:

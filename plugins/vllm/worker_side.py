@@ -31,6 +31,17 @@ waits for a copy on the step, except for a synchronous load on the CPU device (t
 it next), in ``handle_preemptions`` (a preempted request's blocks are about to be reused) and at
 shutdown.
 
+Hybrid models (several KV-cache groups, vLLM's hybrid KV cache manager; issue 15 item 4):
+each group has its own block table, its own :class:`PagedKV` over its own layers and its own
+copy engine; a spec carries per group the block ids and, per lane (group x rank), the slots.
+A hybrid load is always asynchronous and all or nothing: when any group's blocks could not be
+staged (``LoadSpec.failed_at``) or any group's copy fails, nothing more is copied and the
+request is reported in ``failed_recving`` (:meth:`get_transfer_results`), because vLLM refuses
+per-block load errors (``invalid_block_ids``) for more than one group and recomputes such a
+request itself. Saves of a sliding-window group's blocks run ``now`` (CUDA: the next forward's
+stream waits for them; CPU: on this thread): vLLM frees a block once it falls out of the window
+and may hand it to another request in the next step, so the copy must be done before then.
+
 Threading: vLLM's worker thread only.
 """
 
@@ -67,6 +78,9 @@ class _Copy:
     copied: list[int] = field(default_factory=list)  # save: keys this copy writes
     block_ids: list[int] | None = None
     t0: float = 0.0                  # perf_counter when it was submitted
+    hybrid: bool = False             # a hybrid load: a failure goes to failed_recving
+    block_bytes: int = 0             # bytes of one block of this copy's group (0: the rank's)
+    pos: int = 0                     # hybrid load: request block index of its first block
 
 
 def _unique_layers(kv_caches: dict[str, Any]) -> list[Any]:
@@ -99,7 +113,13 @@ class WorkerSide:
         self._suspended = False     # between unregister_kv_caches and restore_kv_caches (sleep)
         self._load_errors: set[int] = set()
         self._failed_loads: list[int] = []   # load jobs whose copy failed (reported with loads)
-        self._copies: dict[int, _Copy] = {}           # copy-engine job -> what it is for
+        self._copies: dict[Any, _Copy] = {}           # copy job (group > 0: (g, job)) -> why
+        self.kvs: list[PagedKV] = []                  # per KV-cache group (hybrid; else [kv])
+        self._engines: dict[int, Copier] = {}         # groups > 0 (hybrid): their copy engines
+        self._load_pending: Counter[str] = Counter()  # hybrid: load copies in flight per request
+        self._recv_failed: set[str] = set()           # hybrid: loads that failed (failed_recving)
+        self._failed_at: dict[str, int] = {}          # hybrid: request block index of a failure
+        self.last_failure: tuple[str, int] | None = None   # hybrid: (request, block) reported
         self._req_pending: Counter[str] = Counter()   # save copies in flight per request
         self._release_wanted: set[str] = set()        # requests whose blocks wait for saves
         self._recv_done: set[str] = set()             # async loads copied (finished_recving)
@@ -116,7 +136,11 @@ class WorkerSide:
 
     # ---------------------------------------------------------------- setup
     def register_kv_caches(self, kv_caches: dict[str, Any]) -> None:
+        if self.geo.hybrid:
+            self._register_groups(kv_caches)
+            return
         self.kv = PagedKV.from_layer_views(_unique_layers(kv_caches))
+        self.kvs = [self.kv]
         expected = self.namespace.block_bytes
         if self.kv.block_bytes != expected:
             raise ConfigError(
@@ -130,6 +154,32 @@ class WorkerSide:
         logger.info("tierstore: registered %d KV layers, %d blocks of %d bytes",
                     self.kv.shape[0], self.kv.num_blocks, self.kv.block_bytes)
 
+    def _register_groups(self, kv_caches: dict[str, Any]) -> None:
+        """Hybrid: one PagedKV per KV-cache group over that group's layers (layers of
+        different groups may share one tensor: vLLM gives each group its own block ids in it)."""
+        self.kvs = []
+        for g, grp in enumerate(self.geo.groups):
+            missing = [n for n in grp.layer_names if n not in kv_caches]
+            if missing:
+                raise ConfigError(f"TierStoreConnector: vLLM registered no KV cache for layers "
+                                  f"{missing[:4]} of KV-cache group {g}")
+            kv = PagedKV.from_layer_views(_unique_layers({n: kv_caches[n]
+                                                          for n in grp.layer_names}))
+            expected = self.geo.lane_namespace(self.geo.lane(g, self.rank)).block_bytes
+            if kv.block_bytes != expected:
+                raise ConfigError(
+                    f"TierStoreConnector: KV-cache group {g} holds {kv.block_bytes} bytes per "
+                    f"block, the scheduler's geometry {expected}; the connector refuses to start "
+                    "rather than store blocks it would key wrongly")
+            self.kvs.append(kv)
+        self.kv = self.kvs[0]
+        self.client = acquire_client(self.settings, max(kv.block_bytes for kv in self.kvs))
+        add_reporter(self.settings, self.final_report)
+        self._ensure_engine()
+        logger.info("tierstore: registered %d KV-cache groups (%s), %d blocks",
+                    len(self.kvs), ", ".join(f"{kv.shape[0]} layers of {kv.block_bytes} B"
+                                             for kv in self.kvs), self.kv.num_blocks)
+
     def unregister_kv_caches(self) -> None:
         """vLLM >= 0.33 sleep mode: the KV cache's memory is about to be released (vLLM has
         drained transfers; ours are synchronous anyway). Close the copy engine, which holds
@@ -138,8 +188,7 @@ class WorkerSide:
         again). Until :meth:`restore_kv_caches` no copy touches the KV cache. Idempotent."""
         if self.engine is not None:
             self._drain()
-            self.engine.close()
-            self.engine = None
+            self._close_engines()
             self._slab_src = None
         self._suspended = self.kv is not None
 
@@ -164,19 +213,53 @@ class WorkerSide:
         if not r.pinned:
             logger.warning("tierstore: DRAM slab not pinned (%s); copies run unpinned", r.error)
 
-    def _ensure_engine(self) -> Copier:
+    def _ensure_engine(self, group: int = 0) -> Copier:
+        """The copy engine of KV-cache group ``group`` (0 for a one-group model)."""
         buf, num_slots, slot_bytes = slab_of(self.client)
         if self.engine is None or buf is not self._slab_src:   # first use, or daemon restarted
             if self.engine is not None:
                 self._drain()
-                self.engine.close()
+                self._close_engines()
             self._pin_slab(buf, slot_bytes)
-            slab = slab_tensor(buf, num_slots, slot_bytes)
-            self.engine = Copier(CopyEngine(self.kv, slab, chunk_blocks=32,
-                                            max_job_blocks=min(self.kv.num_blocks, 8192),
-                                            max_inflight=16))
             self._slab_src = buf
-        return self.engine
+            # every group's engine now, where this one is built (register_kv_caches: outside
+            # vLLM's inference mode; an engine built inside it holds inference tensors that its
+            # copy thread may not update)
+            self.engine = self._new_engine(self.kv)
+            self._engines = {g: self._new_engine(kv) for g, kv in enumerate(self.kvs) if g}
+        return self.engine if group == 0 else self._engines[group]
+
+    def _new_engine(self, kv: PagedKV) -> Copier:
+        """A copy engine over ``kv`` and the slab, built outside inference mode whoever calls
+        (a rebuild after wake-up runs inside vLLM's forward): tensors made in inference mode
+        cannot be updated by the CPU copy thread, which runs outside it."""
+        import torch
+
+        buf, num_slots, slot_bytes = slab_of(self.client)
+        with torch.inference_mode(False):
+            slab = slab_tensor(buf, num_slots, slot_bytes)
+            return Copier(CopyEngine(kv, slab, chunk_blocks=32,
+                                     max_job_blocks=min(kv.num_blocks, 8192), max_inflight=16))
+
+    def _close_engines(self) -> None:
+        for eng in [self.engine, *self._engines.values()]:
+            if eng is not None:
+                eng.close()
+        self.engine = None
+        self._engines = {}
+
+    def _engine_of(self, key) -> Copier:
+        """The engine that ran copy ``key`` (an int: group 0's; ``(g, job)``: group g's)."""
+        return self.engine if isinstance(key, int) else self._engines[key[0]]
+
+    @staticmethod
+    def _job_of(key) -> int:
+        return key if isinstance(key, int) else key[1]
+
+    def _start(self, group: int, kind: str, slots, block_ids, *, now: bool = False):
+        """Start a copy on group ``group``'s engine; returns its key in ``_copies``."""
+        cj = self._ensure_engine(group).start(kind, slots, block_ids, now=now)
+        return cj if group == 0 else (group, cj)
 
     # ---------------------------------------------------------------- the step
     def handle_preemptions(self, meta: TierStoreMetadata | None) -> None:
@@ -188,7 +271,7 @@ class WorkerSide:
         for cj, c in list(self._copies.items()):
             if c.req_id in gone:
                 try:
-                    self.engine.wait(cj)
+                    self._engine_of(cj).wait(self._job_of(cj))
                     self._copy_done(cj, ok=True)
                 except TierStoreError:
                     self._copy_done(cj, ok=False)
@@ -213,6 +296,9 @@ class WorkerSide:
     def _load(self, spec: LoadSpec) -> None:
         if spec.cancelled:          # the request went away while its load was staged
             self._recv_done.add(spec.req_id)
+            return
+        if spec.groups is not None:
+            self._load_hybrid(spec)
             return
         ids = list(spec.block_ids[:spec.n_ok])
         slots = list(spec.slots[self.rank][:spec.n_ok])
@@ -258,6 +344,52 @@ class WorkerSide:
         self._copies[cj] = _Copy("load", spec.req_id, self._my_jobs(spec.job_ids),
                                  is_async=spec.is_async, n=len(ids), block_ids=ids, t0=t0)
 
+    def _load_hybrid(self, spec: LoadSpec) -> None:
+        """A hybrid load (module docstring): per group, one copy of its blocks from its lane's
+        slots; all or nothing, reported in finished_recving (and failed_recving on failure)."""
+        mine = [spec.job_ids[self.geo.lane(g, self.rank)] for g in range(len(spec.groups))]
+        self.counters["load_jobs"] += 1
+        if spec.failed_at is not None or self._suspended:
+            self._fail_hybrid(spec.req_id, spec.failed_at if spec.failed_at is not None
+                              else spec.first, sum(len(ids) for ids in spec.groups))
+            self._failed_loads.extend(mine)
+            self._done_loads.extend(mine)
+            self._recv_done.add(spec.req_id)
+            return
+        t0 = time.perf_counter()
+        for g, ids in enumerate(spec.groups):
+            lane = self.geo.lane(g, self.rank)
+            slots = list(spec.slots[lane])
+            if not ids:
+                self._done_loads.append(mine[g])
+                continue
+            try:
+                cj = self._start(g, "onload", slots, list(ids))
+            except TierStoreError:
+                logger.warning("tierstore: load copy failed for %s (group %d)", spec.req_id, g,
+                               exc_info=True)
+                self._fail_hybrid(spec.req_id, spec.group_first[g], len(ids))
+                self._failed_loads.append(mine[g])
+                self._done_loads.append(mine[g])
+                continue
+            self._copies[cj] = _Copy("load", spec.req_id, [mine[g]], is_async=True, n=len(ids),
+                                     block_ids=list(ids), t0=t0, hybrid=True,
+                                     block_bytes=self.kvs[g].block_bytes,
+                                     pos=spec.group_first[g])
+            self._load_pending[spec.req_id] += 1
+        if not self._load_pending.get(spec.req_id):
+            self._recv_done.add(spec.req_id)
+
+    def _fail_hybrid(self, req_id: str, pos: int, n_blocks: int) -> None:
+        """A hybrid load failed from request block ``pos``: the range from there is invalid in
+        every group; vLLM is told through failed_recving (no per-block ids: see the module
+        docstring)."""
+        prev = self._failed_at.get(req_id)
+        self._failed_at[req_id] = pos if prev is None else min(prev, pos)
+        self._recv_failed.add(req_id)
+        self.counters["load_error_blocks"] += n_blocks
+        self.xfer["load_error_blocks"] += n_blocks
+
     def stats_delta(self) -> dict[str, float]:
         """:attr:`xfer` since the last call (vLLM's kv connector stats, per interval)."""
         out = {k: v - self._xfer_in_stats.get(k, 0) for k, v in self.xfer.items()
@@ -276,6 +408,10 @@ class WorkerSide:
             self._save(spec)
 
     def _save(self, spec: SaveSpec) -> None:
+        if spec.groups is not None:
+            for g in range(len(spec.groups)):
+                self._save_group(spec, g)
+            return
         block_ids = list(spec.block_ids)
         if spec.tail_block_id is not None:
             block_ids.append(spec.tail_block_id)
@@ -313,12 +449,48 @@ class WorkerSide:
                                  copied=[i for i, _, _ in pairs], t0=t0)
         self._req_pending[spec.req_id] += 1
 
+    def _save_group(self, spec: SaveSpec, g: int) -> None:
+        """Hybrid: save group ``g``'s blocks of ``spec`` into its lane's slots (a sliding-window
+        group's copy runs ``now``: module docstring)."""
+        lane = self.geo.lane(g, self.rank)
+        ids, pos, rank_slots = spec.groups[g], spec.group_pos[g], spec.slots[lane]
+        job = spec.job_ids[lane]
+        oks = [True] * len(rank_slots)
+        cut = self._failed_from.get(spec.req_id)
+        pairs = []
+        for i, (b, sl) in enumerate(zip(ids, rank_slots)):
+            if sl is None:
+                continue
+            if self._suspended or (cut is not None and pos[i] >= cut):
+                oks[i] = False
+                continue
+            pairs.append((i, b, sl))
+        self.counters["save_jobs"] += 1
+        if not pairs:
+            self._done_saves[job] = oks
+            return
+        try:
+            t0 = time.perf_counter()
+            cj = self._start(g, "offload", [sl for _, _, sl in pairs], [b for _, b, _ in pairs],
+                             now=self.geo.groups[g].sliding)
+        except TierStoreError:
+            logger.warning("tierstore: save copy failed for %s (group %d)", spec.req_id, g,
+                           exc_info=True)
+            for i, _, _ in pairs:
+                oks[i] = False
+            self._done_saves[job] = oks
+            return
+        self._copies[cj] = _Copy("save", spec.req_id, [job], oks=oks,
+                                 copied=[i for i, _, _ in pairs], t0=t0,
+                                 block_bytes=self.kvs[g].block_bytes)
+        self._req_pending[spec.req_id] += 1
+
     # ---------------------------------------------------------------- completions
     def _copy_done(self, cj: int, ok: bool) -> None:
         c = self._copies.pop(cj)
         if ok:
             n = c.n if c.kind == "load" else len(c.copied)
-            self.xfer[f"{c.kind}_bytes"] += n * self.namespace.block_bytes
+            self.xfer[f"{c.kind}_bytes"] += n * (c.block_bytes or self.namespace.block_bytes)
             self.xfer[f"{c.kind}_seconds"] += time.perf_counter() - c.t0
             self.xfer[f"{c.kind}_copies"] += 1
         if c.kind == "load":
@@ -327,6 +499,11 @@ class WorkerSide:
                 self._failed_loads.extend(c.jobs)
             if ok:
                 self.counters["loaded_blocks"] += c.n
+            if c.hybrid:
+                self._load_pending[c.req_id] -= 1
+                if self._load_pending[c.req_id] > 0:
+                    return
+                del self._load_pending[c.req_id]
             if c.is_async:
                 self._recv_done.add(c.req_id)
             return
@@ -345,12 +522,14 @@ class WorkerSide:
             return
         for cj in list(self._copies):
             try:
-                if self.engine.poll(cj):
+                if self._engine_of(cj).poll(self._job_of(cj)):
                     self._copy_done(cj, ok=True)
             except TierStoreError:   # an asynchronous device error surfaced
                 logger.warning("tierstore: a copy failed", exc_info=True)
                 c = self._copies[cj]
-                if c.kind == "load":
+                if c.kind == "load" and c.hybrid:
+                    self._fail_hybrid(c.req_id, c.pos, c.n)   # the whole load: vLLM recomputes
+                elif c.kind == "load":
                     self._load_errors.update(c.block_ids or ())
                     self.xfer["load_error_blocks"] += len(c.block_ids or ())
                 self._copy_done(cj, ok=False)
@@ -361,6 +540,15 @@ class WorkerSide:
         self._release_wanted -= sending
         recving, self._recv_done = self._recv_done, set()
         return sending or None, recving or None
+
+    def take_failed_recving(self, recving: set[str] | None) -> set[str]:
+        """Hybrid loads that failed, among the requests reported received now (vLLM wants a
+        failed receive in both sets); the rest stay until their copies are done."""
+        failed = self._recv_failed & set(recving or ())
+        self._recv_failed -= failed
+        for req_id in failed:
+            self.last_failure = (req_id, self._failed_at.pop(req_id, -1))
+        return failed
 
     def build_connector_worker_meta(self) -> TierStoreWorkerMeta | None:
         if not self._done_saves and not self._done_loads:
@@ -376,7 +564,7 @@ class WorkerSide:
             return
         for cj in list(self._copies):
             try:
-                self.engine.wait(cj)
+                self._engine_of(cj).wait(self._job_of(cj))
                 self._copy_done(cj, ok=True)
             except TierStoreError:
                 self._copy_done(cj, ok=False)
@@ -393,8 +581,7 @@ class WorkerSide:
         remove_reporter(self.settings, self.final_report)
         if self.engine is not None:
             self._drain()
-            self.engine.close()
-            self.engine = None
+            self._close_engines()
         if self._done_saves and self.client is not None:
             # nobody steps the engine any more and the scheduler half may be gone: publish what
             # was copied (through the daemon, only this connection's jobs can be; the scheduler

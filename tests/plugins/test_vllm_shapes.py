@@ -193,8 +193,14 @@ def _row_dense(models):
 
 
 def _row_hybrid(models):
+    """Issue 15 item 4 (HYB-33): layer 0 full attention, layer 1 a 64-token window; the
+    connector is SupportsHMA, so vLLM keeps its hybrid KV manager on: two KV-cache groups, each
+    block of each group its own object. A hit loads the full group's blocks and the window
+    group's 2 blocks before the hit (63 tokens); the window group stores only the windows
+    before its resume points (every 8 blocks and the prompt's end), and reports its bytes."""
     p, q = base_prompts(8)
-    return dict(model=models("llama-hybrid-swa"), p=p, q=q, q_hits=[256, 256])
+    return dict(model=models("llama-hybrid-swa"), p=p, q=q, q_hits=[256, 256],
+                window_blocks_per_hit=2, groups=2)
 
 
 def _row_mla(models):
@@ -298,7 +304,15 @@ def test_supported_shape_end_to_end(row, models, daemon, report, tmp_path):
     params = [r["kv_transfer_params"] for r in prod["results"]]
     assert all(x and x["tierstore"]["transfer_id"] for x in params)
     in_process = bool(prod["counters"])        # TP = 2: the connector lives in other processes
-    if in_process:
+    if in_process and cfg.get("groups"):   # hybrid: full blocks + window blocks, per group
+        sc = prod["counters"]["scheduler"]
+        full_b, win_b = sc["saved_blocks_group0"], sc["saved_blocks_group1"]
+        assert full_b == 8 + len(p) and 0 < win_b < full_b
+        assert sc["saved_bytes_group1"] < sc["saved_bytes_group0"]
+        report.append(f"{row:20s} stored per group: full {full_b} blocks "
+                      f"{sc['saved_bytes_group0']} B, sliding window {win_b} blocks "
+                      f"{sc['saved_bytes_group1']} B")
+    elif in_process:
         assert prod["counters"]["worker"]["saved_blocks"] >= 8 + len(p)
     cons = finish(start(model, p + q, tmp_path / "cons.json", engine=engine,
                         max_tokens=max_tokens, prefix_caching=False,
@@ -323,7 +337,8 @@ def test_supported_shape_end_to_end(row, models, daemon, report, tmp_path):
     if in_process:
         w = cons["counters"]["worker"]
         assert w["load_error_blocks"] == 0 and w["saved_blocks"] == 0
-        assert w["loaded_blocks"] == (sum(cached) // BS)
+        window = cfg.get("window_blocks_per_hit", 0)
+        assert w["loaded_blocks"] == sum(c // BS + window for c in cached if c)
         assert cons["counters"]["scheduler"]["unkeyable_requests"] == 0
 
     line = (f"{row:20s} supported  outputs equal {equal}/{len(c)}  hits "

@@ -110,8 +110,8 @@ def test_dense_full_attention_is_supported(tiny_model):
 
 
 def test_full_plus_sliding_hybrid_kept_in_full_is_supported(tiny_model):
-    """Matrix row "full + sliding hybrid" (HYB-33): with the hybrid KV manager off (vLLM turns it
-    off for a connector without SupportsHMA) the window layers become FullAttentionSpec with
+    """Matrix row "full + sliding hybrid" (HYB-33), hybrid KV manager off (the user's
+    ``disable_hybrid_kv_cache_manager``): the window layers become FullAttentionSpec with
     ``sliding_window`` set, in one group with the full layers: every token's KV is kept, so a
     tierstore block of all layers is complete."""
     from vllm.v1.kv_cache_interface import UniformTypeKVCacheSpecs
@@ -169,15 +169,18 @@ def test_state_space_and_hybrid_groups_are_refused(tiny_model):
     assert "full attention" in msg
 
 
-def test_several_groups_of_attention_are_refused(tiny_model):
-    """HYB-33: full and sliding-window layers in two groups (the hybrid KV manager on) have
-    two block tables; refused, with both groups described."""
+def test_several_groups_of_attention_are_supported(tiny_model):
+    """HYB-33 / issue 15 item 4: full and sliding-window layers in two groups (the hybrid KV
+    manager on, the connector is SupportsHMA) are stored group by group (was refused before;
+    more in test_vllm_hybrid.py)."""
     from vllm.v1.kv_cache_interface import SlidingWindowSpec
 
     swa = SlidingWindowSpec(block_size=BS, num_kv_heads=2, head_size=32, dtype=BF16,
                             sliding_window=64)
-    msg = refused(engine(tiny_model), kv_config(group(["l.0"], full()), group(["l.1"], swa)))
-    assert "2 groups" in msg and "sliding window 64" in msg
+    shape = check_engine(engine(tiny_model), kv_config(group(["l.0"], full()),
+                                                      group(["l.1"], swa)))
+    assert [(g.kind, g.layer_names) for g in shape.groups] == [
+        ("full", ("l.0",)), ("sliding_window", ("l.1",))]
 
 
 def test_layers_of_different_shapes_and_unknown_kinds_are_refused(tiny_model):
