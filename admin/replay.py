@@ -82,10 +82,10 @@ def replay_cmd(
         None, "--nodes", min=1, help="Simulate N nodes of --capacity each (payload none) behind "
                                      "a router that knows only their KV events; reported beside "
                                      "one pooled cache of N x --capacity."),
-    route: str = typer.Option(
-        "round-robin,prefix-aware", "--route",
+    route: Optional[str] = typer.Option(
+        None, "--route",
         help="With --nodes: round-robin, prefix-aware (longest prefix in the router's event "
-             "index, within a load bound), or a comma list of both."),
+             "index, within a load bound), or a comma list of both (default: both)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
     as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
 ) -> None:
@@ -110,8 +110,11 @@ def replay_cmd(
         data_dir=data_dir, limit=limit, num_requests=requests,
         socket=socket, baseline=None if baseline.strip().lower() == "none" else baseline.strip())
     if nodes is not None:
-        _cluster(opts, nodes, route, capacities, policies, plot, quiet, as_json)
+        _cluster(opts, nodes, route or "round-robin,prefix-aware", capacities, policies, plot,
+                 quiet, as_json)
         return
+    if route is not None:
+        fail("--route needs --nodes N (it picks how the simulated nodes are routed to)")
     is_sweep = len(policies) > 1 or len(capacities) > 1 or plot is not None
     if is_sweep:
         from dataclasses import replace

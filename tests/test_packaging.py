@@ -51,3 +51,17 @@ def test_the_library_imports_without_its_extras():
         assert dep not in core, dep
     extras = cfg["optional-dependencies"]
     assert "tierstore[cli,metrics]" in extras["dev"]   # `pip install -e '.[dev]'` gets everything
+
+
+def test_the_command_without_the_cli_extra_says_what_to_install():
+    """The console script (``tierstore_admin:main``) on an install without typer/rich: one line
+    naming the extra and exit 2, not a traceback (a fresh-clone user found the traceback)."""
+    import subprocess
+    import sys
+
+    cfg = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert cfg["scripts"]["tierstore"] == "tierstore_admin:main"
+    code = "import sys; sys.modules['typer'] = None\nfrom tierstore_admin import main; main()"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 2, r.stderr
+    assert "pip install 'tierstore[cli]'" in r.stderr and "Traceback" not in r.stderr

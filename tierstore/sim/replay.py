@@ -685,7 +685,7 @@ def _warnings(reqs: list[TraceRequest], r: dict) -> list[str]:
     dram = r["capacity_blocks"]["dram"]
     if longest > dram:
         out.append(f"the longest request has {longest} blocks but DRAM holds {dram}: a request's "
-                   "blocks are staged in DRAM, so its tail is skipped (see skipped_blocks)")
+                   "blocks are staged in DRAM, so its tail is skipped (--json: skipped_blocks)")
     if r["verify_failures"]:
         out.append(f"{r['verify_failures']} loaded blocks had wrong bytes")
     return out
