@@ -1,0 +1,79 @@
+"""Adversarial review of the hybrid (several KV-cache groups) connector paths (issue 15 item 4).
+
+Runs on the stand-in engine of tests/plugins/hybridvllm.py (no vLLM needed).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "plugins"))
+from hybridvllm import HybridVLLM  # noqa: E402
+from test_connector_hybrid import GROUPS, SWA, baseline, prompt, store_p  # noqa: E402
+
+from tierstore.errors import TierStoreError  # noqa: E402
+
+
+class _StuckThenFails:
+    """A copy engine whose copies never finish by poll and whose wait raises (a device error
+    that surfaces only when the worker waits: sleep, a slab rebuild, a preemption, shutdown)."""
+
+    def __init__(self, real):
+        self.real = real
+
+    def start(self, *a, **kw):
+        return self.real.start(*a, **kw)
+
+    def poll(self, cj):
+        return False
+
+    def wait(self, cj):
+        try:
+            self.real.wait(cj)
+        finally:
+            raise TierStoreError("copy failed on the device")
+
+    def close(self):
+        self.real.close()
+
+
+@pytest.mark.parametrize("how", ["drain", "preempt"])
+def test_hybrid_load_copy_failing_in_a_wait_is_a_failed_receive(tmp_path, how):
+    """A hybrid load copy that fails when the worker *waits* for it (``_drain``: sleep mode,
+    a slab rebuild after a daemon restart, shutdown; ``handle_preemptions``) goes through
+    ``_copy_done(ok=False)`` only; ``_poll`` is the one path that calls ``_fail_hybrid``. The
+    request is then reported in finished_recving but not in failed_recving, so vLLM takes the
+    half-copied KV of the sliding-window group as loaded: wrong KV served without a miss. The
+    invariant (worker_side.py docstring): any group's copy failing makes the whole load a
+    failed receive."""
+    P = prompt(21)
+    store_p(tmp_path, P)
+    e = HybridVLLM(tmp_path / "store", GROUPS)
+    try:
+        w = e.worker
+        w._engines[SWA] = _StuckThenFails(w._engines[SWA])
+        r = e.add("p2", P)
+        ext, is_async = e.sched.get_num_new_matched_tokens(r, 0)
+        assert (ext, is_async) == (112, True)
+        # drive the engine until the worker holds the load's copies in flight
+        for _ in range(500):
+            e.step()
+            time.sleep(0.002)
+            if any(c.kind == "load" for c in w._copies.values()):
+                break
+        assert any(c.kind == "load" and c.req_id == "p2" for c in w._copies.values())
+        if how == "drain":
+            w._drain()
+        else:
+            from tierstore_plugins.vllm.metadata import TierStoreMetadata
+            w.handle_preemptions(TierStoreMetadata(preempted=["p2"]))
+        _, recving = w.get_finished(set())
+        failed = w.take_failed_recving(recving)
+        assert "p2" in (recving or set())
+        assert failed == {"p2"}, "a failed copy reported as a successful receive"
+    finally:
+        e.close()
