@@ -121,7 +121,12 @@ def fill_store_job(backend, job: StoreJob, blocks: Sequence[bytes | memoryview],
     """The copy half of ``put`` on either client backend (this store, or the daemon's
     RemoteClient): copy ``blocks[i]`` (``size`` bytes each) into ``backend.slot_view`` of each
     reserved slot of ``job``, then ``complete_store``. A copy that raises aborts the job
-    (``complete_store(ok=False)``: nothing is published) and re-raises."""
+    (``complete_store(ok=False)``: nothing is published) and re-raises. A count of blocks
+    other than of keys aborts the job too (RejectedError): an unwritten slot must never be
+    published under a key."""
+    if len(blocks) != len(job.keys):
+        backend.complete_store(job.job_id, ok=False)
+        raise RejectedError(f"put: {len(blocks)} blocks for {len(job.keys)} keys")
     try:
         for s, b in zip(job.slots, blocks):
             if s is not None:
