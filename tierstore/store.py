@@ -813,7 +813,16 @@ class Store:
         """:meth:`prepare_load` of several chains (e.g. one per TP rank) in one call;
         ``wait=False`` by default (this is the engine's path)."""
         with self._lock:
-            return [self.prepare_load(c, owner=owner, into=into, wait=wait) for c in chains]
+            jobs: list[LoadJob] = []
+            try:
+                for c in chains:
+                    jobs.append(self.prepare_load(c, owner=owner, into=into, wait=wait))
+            except BaseException:   # one chain refused: no job of this call is left behind
+                for j in jobs:
+                    if j.job_id in self._loads:
+                        self.complete_load(j.job_id, ok=False)
+                raise
+            return jobs
 
     def complete_loads(self, job_ids: Iterable[int], ok: bool = True,
                        tokens: dict[str, int] | None = None) -> None:
@@ -853,9 +862,18 @@ class Store:
         namespace, size_bytes, parent)`` or ``(keys, namespace, size_bytes, parent, engine)``
         (``engine``: per key engine metadata or None, see :meth:`prepare_store`)."""
         with self._lock:
-            return [self.prepare_store(sp[0], sp[1], sp[2], owner=owner, parent=sp[3],
-                                       engine=sp[4] if len(sp) > 4 else None)
-                    for sp in specs]
+            jobs: list[StoreJob] = []
+            try:
+                for sp in specs:
+                    jobs.append(self.prepare_store(sp[0], sp[1], sp[2], owner=owner,
+                                                   parent=sp[3],
+                                                   engine=sp[4] if len(sp) > 4 else None))
+            except BaseException:   # one spec refused: no job of this call is left behind
+                for j in jobs:
+                    if j.job_id in self._stores:
+                        self.complete_store(j.job_id, ok=False)
+                raise
+            return jobs
 
     def complete_stores(self, answers: Sequence[tuple[int, bool | Sequence[bool]]]
                         ) -> list[list[BlockStatus]]:
