@@ -77,3 +77,29 @@ def test_hybrid_load_copy_failing_in_a_wait_is_a_failed_receive(tmp_path, how):
         assert failed == {"p2"}, "a failed copy reported as a successful receive"
     finally:
         e.close()
+
+
+def test_max_block_bytes_covers_every_group_with_tensor_parallelism(tmp_path):
+    """``Geometry.max_block_bytes`` (plugins/vllm/backend.py) is the embedded store's slot size.
+    It takes the max over ``lane_namespace(i) for i in range(num_groups)``, but lanes are
+    ``group * num_ranks + rank``: with TP = 2 lanes 0 and 1 are group 0's two ranks, and a
+    later group with larger blocks is never looked at. The store then refuses every block of
+    that group ("does not fit slots"), the scheduler's one ``prepare_stores`` call for the
+    step raises, and no request saves anything (not even the groups that fit): every later
+    lookup is a miss."""
+    from hybridvllm import Group, geometry
+
+    groups = [Group(1, window=32, name="swa"), Group(2, name="full")]   # group 1: 2x the bytes
+    geo = geometry(groups, 16, tp=2)
+    biggest = max(geo.lane_namespace(i).block_bytes for i in range(geo.num_lanes))
+    assert geo.max_block_bytes == biggest
+
+    P = prompt(22)
+    e = HybridVLLM(tmp_path / "store", groups, tp=2)
+    try:
+        e.add("p", P)
+        e.run()
+        assert e.sched.counters.get("save_plan_errors", 0) == 0
+        assert [b for b, _ in e.sched.group_saved] != [0, 0], "nothing was saved"
+    finally:
+        e.close()
