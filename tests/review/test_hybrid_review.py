@@ -103,3 +103,34 @@ def test_max_block_bytes_covers_every_group_with_tensor_parallelism(tmp_path):
         assert [b for b, _ in e.sched.group_saved] != [0, 0], "nothing was saved"
     finally:
         e.close()
+
+
+def test_sliding_window_blocks_are_not_orphans_under_the_default_policy(tmp_path):
+    """A sliding-window group stores only the windows before its resume points (blocks 5, 6, 7
+    of an 8-block prompt), but its save names ``keys[keep[0] - 1]`` (block 4 of that lane,
+    never stored) as the parent of the window's first block. Under prefix-aware eviction (the
+    default, prefix-lhd: "orphans go before everything") every window is then an orphan
+    subtree and the first thing evicted: with two prompts stored, making room for 6 blocks
+    takes exactly the 6 window blocks of both (the most recent prompt's too) and keeps all
+    32 full-attention blocks, which no hit can use without their windows: P's hit drops
+    from 112 tokens to 0."""
+    from test_connector_hybrid import keys_of
+    from tierstore.types import Tier
+
+    P, Q = prompt(41), prompt(42)
+    e = HybridVLLM(tmp_path / "s", GROUPS, nvme_bytes=0)
+    try:
+        e.add("q", Q)
+        e.run()
+        e.add("p", P)
+        e.run()
+        s = e.client.store
+        pol = s.policies[Tier.DRAM]
+        swa = keys_of(e, P, SWA)
+        assert [i for i, k in enumerate(swa) if k in getattr(pol, "_orphans", {})] == []
+        s.mover.make_room(Tier.DRAM, 6)
+        r = e.add("p2", P)
+        e.run()
+        assert r.hits == [112]
+    finally:
+        e.close()
