@@ -2,8 +2,8 @@
 
 By default (``--order store``) every policy is driven with exactly the calls, in exactly the
 order, that ``tierstore replay --payload none`` makes through the real Store (tierstore/store.py:
-lookup, prepare_load, prepare_store/_make_room/_alloc, complete_store), so its hit ratios equal
-the real replay's::
+lookup, prepare_load, prepare_store/mover.make_room/mover.alloc in tierstore/moves.py,
+complete_store), so its hit ratios equal the real replay's::
 
     for each request (hash_ids = 512-token prefix blocks, in order):
         n = number of leading blocks already resident            (lookup: no policy call)

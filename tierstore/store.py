@@ -121,7 +121,12 @@ def fill_store_job(backend, job: StoreJob, blocks: Sequence[bytes | memoryview],
     """The copy half of ``put`` on either client backend (this store, or the daemon's
     RemoteClient): copy ``blocks[i]`` (``size`` bytes each) into ``backend.slot_view`` of each
     reserved slot of ``job``, then ``complete_store``. A copy that raises aborts the job
-    (``complete_store(ok=False)``: nothing is published) and re-raises."""
+    (``complete_store(ok=False)``: nothing is published) and re-raises. A count of blocks
+    other than of keys aborts the job too (RejectedError): an unwritten slot must never be
+    published under a key."""
+    if len(blocks) != len(job.keys):
+        backend.complete_store(job.job_id, ok=False)
+        raise RejectedError(f"put: {len(blocks)} blocks for {len(job.keys)} keys")
     try:
         for s, b in zip(job.slots, blocks):
             if s is not None:
@@ -808,7 +813,16 @@ class Store:
         """:meth:`prepare_load` of several chains (e.g. one per TP rank) in one call;
         ``wait=False`` by default (this is the engine's path)."""
         with self._lock:
-            return [self.prepare_load(c, owner=owner, into=into, wait=wait) for c in chains]
+            jobs: list[LoadJob] = []
+            try:
+                for c in chains:
+                    jobs.append(self.prepare_load(c, owner=owner, into=into, wait=wait))
+            except BaseException:   # one chain refused: no job of this call is left behind
+                for j in jobs:
+                    if j.job_id in self._loads:
+                        self.complete_load(j.job_id, ok=False)
+                raise
+            return jobs
 
     def complete_loads(self, job_ids: Iterable[int], ok: bool = True,
                        tokens: dict[str, int] | None = None) -> None:
@@ -848,9 +862,18 @@ class Store:
         namespace, size_bytes, parent)`` or ``(keys, namespace, size_bytes, parent, engine)``
         (``engine``: per key engine metadata or None, see :meth:`prepare_store`)."""
         with self._lock:
-            return [self.prepare_store(sp[0], sp[1], sp[2], owner=owner, parent=sp[3],
-                                       engine=sp[4] if len(sp) > 4 else None)
-                    for sp in specs]
+            jobs: list[StoreJob] = []
+            try:
+                for sp in specs:
+                    jobs.append(self.prepare_store(sp[0], sp[1], sp[2], owner=owner,
+                                                   parent=sp[3],
+                                                   engine=sp[4] if len(sp) > 4 else None))
+            except BaseException:   # one spec refused: no job of this call is left behind
+                for j in jobs:
+                    if j.job_id in self._stores:
+                        self.complete_store(j.job_id, ok=False)
+                raise
+            return jobs
 
     def complete_stores(self, answers: Sequence[tuple[int, bool | Sequence[bool]]]
                         ) -> list[list[BlockStatus]]:

@@ -274,7 +274,7 @@ class Geometry:
     @property
     def max_block_bytes(self) -> int:
         """The largest block of any lane (the embedded store's slot size)."""
-        return max(self.lane_namespace(i).block_bytes for i in range(self.num_groups))
+        return max(self.lane_namespace(i).block_bytes for i in range(self.num_lanes))
 
 
 # ---------------------------------------------------------------------------- weights identity

@@ -1193,10 +1193,18 @@ class SchedulerSide:
                     self.counters.get("save_blocks_freed", 0) + len(pos) - len(keep)
             gids.append([ids[i] for i in keep])
             gpos.append(keep)
+            # the block before the first is its parent only when the group stores it too: a
+            # sliding-window group's window starts with a block whose predecessor is never
+            # stored, and a parent that is never resident makes the window an orphan, which
+            # prefix-aware eviction (the default, prefix-lhd) takes before anything else
+            prev = keep[0] - 1 if keep and keep[0] else None
+            if prev is not None and grp.sliding and not hy.swa_save_positions(
+                    prev, prev + 1, end, len(st.keys[0]), self.resume_every, grp.window_blocks):
+                prev = None
             for r in range(R0):
                 lane = g * R0 + r
                 keys = [st.keys[lane][i] for i in keep]
-                parent = st.keys[lane][keep[0] - 1] if keep and keep[0] else None
+                parent = st.keys[lane][prev] if prev is not None else None
                 specs.append((keys, self.namespaces[lane], self.lane_bytes[lane], parent, None))
         return specs, (gids, gpos)
 

@@ -500,6 +500,8 @@ class WorkerSide:
             if ok:
                 self.counters["loaded_blocks"] += c.n
             if c.hybrid:
+                if not ok:   # any wait or poll that failed: the whole load, vLLM recomputes
+                    self._fail_hybrid(c.req_id, c.pos, c.n)
                 self._load_pending[c.req_id] -= 1
                 if self._load_pending[c.req_id] > 0:
                     return
@@ -527,9 +529,7 @@ class WorkerSide:
             except TierStoreError:   # an asynchronous device error surfaced
                 logger.warning("tierstore: a copy failed", exc_info=True)
                 c = self._copies[cj]
-                if c.kind == "load" and c.hybrid:
-                    self._fail_hybrid(c.req_id, c.pos, c.n)   # the whole load: vLLM recomputes
-                elif c.kind == "load":
+                if c.kind == "load" and not c.hybrid:   # hybrid: _copy_done fails the load
                     self._load_errors.update(c.block_ids or ())
                     self.xfer["load_error_blocks"] += len(c.block_ids or ())
                 self._copy_done(cj, ok=False)

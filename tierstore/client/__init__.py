@@ -8,6 +8,9 @@
   daemon over its Unix socket, block bytes through its shared-memory slab).
 """
 
-from tierstore.client.embedded import Client, open_client
+from tierstore.client.embedded import (NO_EXTRAS, Client, DataDirBusy, ExtraKeys, Namespace,
+                                       StoreClient, open_client)
 
-__all__ = ["Client", "open_client"]
+# the names tierstore.client (a module until issue 16 item 4) exported, kept for its users
+__all__ = ["Client", "DataDirBusy", "ExtraKeys", "Namespace", "NO_EXTRAS", "StoreClient",
+           "open_client"]

@@ -32,7 +32,17 @@ import errno
 import threading
 import time
 from collections import Counter, deque
-from enum import StrEnum
+try:
+    from enum import StrEnum
+except ImportError:   # Python 3.10 (requires-python >= 3.10): str() and format() give the value
+    from enum import Enum
+
+    class StrEnum(str, Enum):
+        def __str__(self) -> str:
+            return str.__str__(self)
+
+        def __format__(self, spec: str) -> str:
+            return str.__format__(str(self), spec)
 
 class DiskError(StrEnum):
     """Why one item of a disk batch failed (``DiskResult.error`` of tiers/slot_tier.py). A ``str``: its value is
