@@ -100,6 +100,8 @@ def ls(data_dir: Optional[str] = data_dir_option(),
     """List resident blocks."""
     t = _tier(tier)
     with open_client(data_dir, socket) as client, user_errors():
+        if t is not None and t.label not in {u["tier"] for u in client.usage()}:
+            fail(f"this store has no {t.label} tier: no block can be in it", EXIT_FAILED)
         blocks = client.blocks(limit=(limit + 1) if limit else None, tier=t)
     truncated = bool(limit) and len(blocks) > limit
     blocks = blocks[:limit] if limit else blocks

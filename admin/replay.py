@@ -227,7 +227,8 @@ def _human(console, r: dict) -> None:
                    f"{r['verified_blocks']:,} loaded blocks checked byte for byte, "
                    f"{r['verify_failures']} failures"),
         ("wall", f"{r['wall_s']:.2f} s (+{r['setup_s']:.2f} s setup"
-                 + (f", +{r['flush_s']:.2f} s final NVMe flush" if r.get("flush_s") else "") + ")"
+                 + (f", +{r['flush_s']:.2f} s final NVMe flush"
+                    if r.get("flush_s") and r["capacity_blocks"].get("nvme") else "") + ")"
                  + (" side by side with the baseline" if r.get("side_by_side") else "")),
         ("throughput", f"{r['throughput']['requests_per_s']} req/s, {r['throughput']['blocks_per_s']} blocks/s"),
     ])

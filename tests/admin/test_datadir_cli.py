@@ -139,3 +139,16 @@ def test_listing_prints_client_strings_verbatim(cli, tmp_path):
     r = cli("blocks", "ls", "--data-dir", d)
     assert r.code == 0, r.stderr
     assert "[/x] :b:" in r.stdout
+
+
+def test_blocks_ls_of_a_tier_the_store_lacks_says_so(cli, trace_file, tmp_path):
+    """``blocks ls --tier nvme`` on a store without an NVMe tier: one line saying so and exit 1
+    ("not in that tier"), not "0 block(s)" as if the tier were empty (a fresh-clone finding)."""
+    d = tmp_path / "dram-only"
+    r = cli("replay", trace_file, "--payload", "bytes", "--dram-capacity", "64blocks",
+            "--nvme-capacity", "0", "--block-bytes", "16KiB", "--data-dir", d, "--limit", "5",
+            "--json")
+    assert r.code == 0, r.stderr
+    r = cli("blocks", "ls", "--data-dir", d, "--tier", "nvme")
+    assert r.code == 1 and "no nvme tier" in r.stderr
+    assert cli("blocks", "ls", "--data-dir", d, "--tier", "dram").code == 0
