@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from tierstore.tiers.slot_tier import DiskResult
 from tierstore_plugins.vllm.backend import Geometry, acquire_client, release_client
 from tierstore_plugins.vllm.metadata import PluginSettings, TierStoreWorkerMeta
 from tierstore_plugins.vllm.scheduler_side import SchedulerSide
@@ -491,3 +492,16 @@ def stored_blocks_right(e: MiniVLLM, tokens: list[int]) -> int:
         want = ref.block(tokens, i).view(torch.uint8).reshape(-1).numpy().tobytes()
         assert b[:len(want)] == want, f"block {i} holds KV that was not computed from its prefix"
     return len(got)
+
+
+class FailingReads:
+    """The NVMe tier's read_batch, with EIO for the keys in ``bad`` (a failed NVMe read, for
+    the connector tests that need one)."""
+
+    def __init__(self, tier, bad):
+        self.real, self.bad = tier.read_batch, set(bad)
+
+    def __call__(self, items):
+        out = self.real(items)
+        return [DiskResult(False, error="eio") if it.key in self.bad else r
+                for it, r in zip(items, out)]

@@ -20,8 +20,8 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
 from hybridvllm import Group, HybridVLLM  # noqa: E402
+from minivllm import FailingReads  # noqa: E402
 
-from tierstore.tiers.nvme import DiskResult  # noqa: E402
 from tierstore.types import Tier  # noqa: E402
 from tierstore_plugins.vllm import hybrid as hy  # noqa: E402
 
@@ -59,18 +59,6 @@ def store_p(tmp_path, tokens, **settings) -> dict:
 
 def keys_of(e: HybridVLLM, tokens, group: int):
     return e.sched.keyers[group].chain(tokens)
-
-
-class FailingReads:
-    """The NVMe tier's read_batch, with EIO for the keys in ``bad``."""
-
-    def __init__(self, tier, bad):
-        self.real, self.bad = tier.read_batch, set(bad)
-
-    def __call__(self, items):
-        out = self.real(items)
-        return [DiskResult(False, error="eio") if it.key in self.bad else r
-                for it, r in zip(items, out)]
 
 
 # ---------------------------------------------------------------------------- the rules

@@ -16,9 +16,8 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("tierstore.tiers.nvme")
 
 sys.path.insert(0, os.path.dirname(__file__))
-from minivllm import MiniVLLM, _Blocks  # noqa: E402
+from minivllm import FailingReads, MiniVLLM, _Blocks  # noqa: E402
 
-from tierstore.tiers.nvme import DiskResult  # noqa: E402
 from tierstore.types import Tier  # noqa: E402
 
 BS = 16
@@ -46,18 +45,6 @@ class DecliningVLLM(MiniVLLM):
         self.sched.update_state_after_alloc(r, _Blocks(r.block_ids), 0)
         r.status = "running"
         return r.num_prompt_tokens
-
-
-class FailingReads:
-    """The NVMe tier's read_batch, with EIO for the keys in ``bad``."""
-
-    def __init__(self, tier, bad):
-        self.real, self.bad = tier.read_batch, set(bad)
-
-    def __call__(self, items):
-        out = self.real(items)
-        return [DiskResult(False, error="eio") if it.key in self.bad else r
-                for it, r in zip(items, out)]
 
 
 def _put(e, tokens):
