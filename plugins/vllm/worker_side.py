@@ -420,13 +420,33 @@ class WorkerSide:
         oks = [True] * len(rank_slots)
         for i in range(len(block_ids), len(rank_slots)):
             oks[i] = rank_slots[i] is None   # a key without a vLLM block: nothing to copy
+        self._start_save(spec, job, oks, block_ids, rank_slots,
+                         range(spec.first, spec.first + len(rank_slots)))
+
+    def _save_group(self, spec: SaveSpec, g: int) -> None:
+        """Hybrid: save group ``g``'s blocks of ``spec`` into its lane's slots (a sliding-window
+        group's copy runs ``now``: module docstring)."""
+        lane = self.geo.lane(g, self.rank)
+        ids, pos, rank_slots = spec.groups[g], spec.group_pos[g], spec.slots[lane]
+        job = spec.job_ids[lane]
+        self._start_save(spec, job, [True] * len(rank_slots), ids, rank_slots, pos, group=g,
+                         now=self.geo.groups[g].sliding, block_bytes=self.kvs[g].block_bytes)
+
+    def _start_save(self, spec: SaveSpec, job: int, oks: list[bool], block_ids, slots, positions,
+                    *, group: int = 0, now: bool = False, block_bytes: int = 0) -> None:
+        """Start save job ``job`` of ``spec``: copy vLLM block ``block_ids[i]`` into store slot
+        ``slots[i]`` (request block position ``positions[i]``) on ``group``'s engine, for every
+        ``i`` with a slot (None: present already, or skipped by the store). ``oks[i]`` turns
+        False for a block at or after this step's failed load (computed on top of it: never
+        saved from this step), while suspended, or when the copy cannot start; the job is done
+        at once when nothing is copied."""
         cut = self._failed_from.get(spec.req_id)
         pairs = []
-        for i, (b, sl) in enumerate(zip(block_ids, rank_slots)):
+        for i, (b, sl) in enumerate(zip(block_ids, slots)):
             if sl is None:
-                continue        # nothing to copy: present already, or skipped by the store
-            if self._suspended or (cut is not None and spec.first + i >= cut):
-                oks[i] = False  # computed on top of a failed load: never saved from this step
+                continue
+            if self._suspended or (cut is not None and positions[i] >= cut):
+                oks[i] = False
                 continue
             pairs.append((i, b, sl))
         if cut is not None and any(not ok for ok in oks):
@@ -437,52 +457,17 @@ class WorkerSide:
             return
         try:
             t0 = time.perf_counter()
-            cj = self._ensure_engine().start("offload", [sl for _, _, sl in pairs],
-                                             [b for _, b, _ in pairs])
+            cj = self._start(group, "offload", [sl for _, _, sl in pairs], [b for _, b, _ in pairs],
+                             now=now)
         except TierStoreError:
-            logger.warning("tierstore: save copy failed for %s", spec.req_id, exc_info=True)
-            for i, _, _ in pairs:
-                oks[i] = False
-            self._done_saves[job] = oks
-            return
-        self._copies[cj] = _Copy("save", spec.req_id, [job], oks=oks,
-                                 copied=[i for i, _, _ in pairs], t0=t0)
-        self._req_pending[spec.req_id] += 1
-
-    def _save_group(self, spec: SaveSpec, g: int) -> None:
-        """Hybrid: save group ``g``'s blocks of ``spec`` into its lane's slots (a sliding-window
-        group's copy runs ``now``: module docstring)."""
-        lane = self.geo.lane(g, self.rank)
-        ids, pos, rank_slots = spec.groups[g], spec.group_pos[g], spec.slots[lane]
-        job = spec.job_ids[lane]
-        oks = [True] * len(rank_slots)
-        cut = self._failed_from.get(spec.req_id)
-        pairs = []
-        for i, (b, sl) in enumerate(zip(ids, rank_slots)):
-            if sl is None:
-                continue
-            if self._suspended or (cut is not None and pos[i] >= cut):
-                oks[i] = False
-                continue
-            pairs.append((i, b, sl))
-        self.counters["save_jobs"] += 1
-        if not pairs:
-            self._done_saves[job] = oks
-            return
-        try:
-            t0 = time.perf_counter()
-            cj = self._start(g, "offload", [sl for _, _, sl in pairs], [b for _, b, _ in pairs],
-                             now=self.geo.groups[g].sliding)
-        except TierStoreError:
-            logger.warning("tierstore: save copy failed for %s (group %d)", spec.req_id, g,
+            logger.warning("tierstore: save copy failed for %s (group %d)", spec.req_id, group,
                            exc_info=True)
             for i, _, _ in pairs:
                 oks[i] = False
             self._done_saves[job] = oks
             return
         self._copies[cj] = _Copy("save", spec.req_id, [job], oks=oks,
-                                 copied=[i for i, _, _ in pairs], t0=t0,
-                                 block_bytes=self.kvs[g].block_bytes)
+                                 copied=[i for i, _, _ in pairs], t0=t0, block_bytes=block_bytes)
         self._req_pending[spec.req_id] += 1
 
     # ---------------------------------------------------------------- completions
