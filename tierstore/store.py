@@ -47,14 +47,13 @@ import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from operator import itemgetter
 from typing import Callable, Iterable, Sequence
 
 from tierstore import counter_names as cn
 from tierstore.config import StoreConfig
 from tierstore.errors import ConfigError, JobError, PinError, RejectedError
 from tierstore.events import STORED, EventLog, check_engine_blobs, decode_engine_block
-from tierstore.index.prefix import longest_prefix, longest_prefix_tiers
+from tierstore.index.prefix import longest_prefix, longest_prefix_tiers, nearest_codes
 from tierstore.index.residency import NOWHERE, REQUEST_SEP, TIER_BY_VALUE, PinBook, Residency
 from tierstore.keys import Namespace, resolve_prefixes
 from tierstore.moves import TierMover
@@ -632,14 +631,11 @@ class Store:
             self._loads[jid] = pl
             if wait or not self._needs_staging(hs, into):
                 return self._stage_load(jid, pl, list(keys), into, unlocked_io=wait)
-            if self._loader is None:
-                self._loader = ThreadPoolExecutor(1, thread_name_prefix="tierstore-load")
+            # staging needs an NVMe or HBM tier, and a store with one starts its loader at open
             self._loader.submit(self._stage_async, jid, pl, list(keys), into)
             self.counters[cn.LOADS_ASYNC] += 1
-            near = self.res.near
-            sources = bytes(itemgetter(*hs)(near)) if len(hs) > 1 else bytes(near[h] for h in hs)
             return LoadJob(jid, list(keys), [], [BlockStatus.MISSING] * len(keys), [], into,
-                           ready=False, expected=len(hs), sources=sources)
+                           ready=False, expected=len(hs), sources=nearest_codes(self.res, hs))
 
     def _loadable_prefix(self, keys: Sequence[BlockKey]) -> list[int]:
         hs = longest_prefix(self.res, keys)

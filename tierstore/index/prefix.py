@@ -40,12 +40,16 @@ def longest_prefix(residency: Residency, keys: Sequence[BlockKey]) -> list[int]:
 def longest_prefix_tiers(residency: Residency, keys: Sequence[BlockKey]) -> tuple[list[int], bytes]:
     """``longest_prefix`` plus each hit block's nearest tier as one byte (``Tier`` value)."""
     hs = longest_prefix(residency, keys)
-    if len(hs) > 1:
-        codes = bytes(itemgetter(*hs)(residency.near))
-    else:
-        codes = bytes(map(residency.near.__getitem__, hs))
+    codes = nearest_codes(residency, hs)
     cut = codes.find(NOWHERE)   # a pinned block whose last copy went (check --fix): a miss
     if cut >= 0:
         del hs[cut:]
         codes = codes[:cut]
     return hs, codes
+
+
+def nearest_codes(residency: Residency, handles: Sequence[int]) -> bytes:
+    """Each handle's nearest tier as one byte (``Tier`` value; ``NOWHERE`` for none), in order."""
+    if len(handles) > 1:
+        return bytes(itemgetter(*handles)(residency.near))
+    return bytes(map(residency.near.__getitem__, handles))
