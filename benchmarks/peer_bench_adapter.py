@@ -55,8 +55,10 @@ Copies: a batch of chunks that are equally spaced views of one engine buffer (th
 case: ``[2, L, T, H*D]`` slices of ``[2, L, N*T, H*D]``) and land in consecutive DRAM slots moves
 with one ``copy_`` per run of consecutive slots, a strided view over the engine buffer against a
 ``[n, 2, L, T, H*D]`` view of the slab (DESIGN §5: one copy per request, not one per block);
-anything else falls back to one ``copy_`` per chunk. Both are plain torch copies on the caller's
-thread, as LMCache's.
+anything else falls back to one ``copy_`` per chunk. Every copy is tierstore's host copy
+(``tierstore.io.hostcopy.host_copy_``, the copy the vLLM connector's CPU path makes: several
+threads, streaming stores for large copies) on the caller's thread; ``host_copy=False`` makes
+them torch ``copy_`` calls, as LMCache's.
 """
 
 from __future__ import annotations
@@ -71,6 +73,7 @@ import torch
 
 from tierstore.client import Client
 from tierstore.config import DramConfig, NvmeConfig, StoreConfig
+from tierstore.io.hostcopy import host_copy_
 from tierstore.keys import Namespace
 from tierstore.types import BlockStatus
 
@@ -84,13 +87,16 @@ class PeerBenchAdapter:
     Constructor as the harness wants it: ``(layout, tiers, instance)``; keyword options for side
     checks: ``dram_factor`` (DRAM of the disk instance in units of ``memory_bytes``, default 2,
     see the module docstring), ``batched_copy`` (False: one ``copy_`` per chunk),
-    ``store_blocks`` / ``load_blocks`` (blocks per store / load job; 0: one job per call).
+    ``store_blocks`` / ``load_blocks`` (blocks per store / load job; 0: one job per call),
+    ``host_copy`` (False: torch ``copy_`` instead of tierstore's host copy).
     """
 
     def __init__(self, layout, tiers, instance: str, *, dram_factor: float = 2.0,
-                 batched_copy: bool = True, store_blocks: int = 128, load_blocks: int = 128):
+                 batched_copy: bool = True, store_blocks: int = 128, load_blocks: int = 128,
+                 host_copy: bool = True):
         self.layout, self.tiers, self.instance = layout, tiers, instance
         self.batched_copy = batched_copy
+        self._copy = host_copy_ if host_copy else (lambda dst, src: dst.copy_(src))
         self.store_blocks, self.load_blocks = store_blocks, load_blocks
         self.chunk_bytes = layout.chunk_bytes
         dtype = str(layout.dtype).replace("torch.", "")
@@ -199,7 +205,7 @@ class PeerBenchAdapter:
         try:
             idx = [i for i, s in enumerate(job.slots) if s is not None]
             for src, dst in self._runs([tensors[i] for i in idx], [job.slots[i] for i in idx]):
-                dst.copy_(src)
+                self._copy(dst, src)
             ok = True
         finally:
             status = c.complete_store(job.job_id, ok=ok)
@@ -217,7 +223,7 @@ class PeerBenchAdapter:
             try:
                 n = job.num_ready
                 for dst, src in self._runs(out[:n], job.slots[:n]):
-                    dst.copy_(src)
+                    self._copy(dst, src)
                 ok = True
             finally:
                 c.complete_load(job.job_id, ok=ok)
@@ -235,7 +241,7 @@ class PeerBenchAdapter:
                     job = c.wait_load(job.job_id)
                 m = job.num_ready
                 for dst, src in self._runs(out[a:a + m], job.slots[:m]):
-                    dst.copy_(src)
+                    self._copy(dst, src)
                 served = a + m
                 if m < len(job.keys):
                     break
@@ -279,3 +285,12 @@ class PeerBenchAdapter:
         self._shut()
         if self.data_dir is not None:
             shutil.rmtree(self.data_dir, ignore_errors=True)
+
+
+class TorchCopyAdapter(PeerBenchAdapter):
+    """The same adapter with torch ``copy_`` for every copy (``host_copy=False``): a side check
+    of what the host copy kernel earns, run as ``--stores ...,tierstore_torch=
+    peer_bench_adapter:TorchCopyAdapter`` (the harness passes no options through a spec)."""
+
+    def __init__(self, layout, tiers, instance: str, **opts):
+        super().__init__(layout, tiers, instance, host_copy=False, **opts)

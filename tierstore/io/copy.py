@@ -43,7 +43,8 @@ Data path (offload; onload is the mirror image: runs H2D, then scatter)::
   buffers, so the gather of chunk k+1 overlaps the copy of chunk k (``chunk_blocks``).
 - ``submit_*`` returns a job id; ``poll(job_id)`` says whether it finished (CUDA event query);
   ``wait_stream(job_id, stream)`` makes a compute stream wait without blocking the host.
-- On the CPU device the same calls run synchronously; ``poll`` is then always true.
+- On the CPU device the same calls run synchronously; ``poll`` is then always true, and the
+  staging <-> slab copies run in the host copy kernel (tierstore/io/hostcopy.py).
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ from typing import Sequence
 import torch
 
 from tierstore.errors import ConfigError, JobError, TransferFailed
+from tierstore.io.hostcopy import host_copy_
 
 ORDERS = ("LBHNC", "LBNHC", "LHBNC", "BLHNC", "BLNHC", "BHLNC")
 _WIDTHS = ((8, torch.int64), (4, torch.int32), (2, torch.int16), (1, torch.uint8))
@@ -420,16 +422,23 @@ class CopyEngine:
         for row, s, k in self._runs(slots, lo, hi):
             dst = self.slab[s:s + k] if self._merge_runs else self.slab[s, :bb]
             src = buf.rows[row:row + k] if self._merge_runs else buf.rows[row]
-            dst.copy_(src, non_blocking=True)
-            self.stats["copies"] += 1
+            self._copy(dst, src)
 
     def _copy_in(self, buf: _Staging, slots: Sequence[int], lo: int, hi: int) -> None:
         bb = self.block_bytes
         for row, s, k in self._runs(slots, lo, hi):
             src = self.slab[s:s + k] if self._merge_runs else self.slab[s, :bb]
             dst = buf.rows[row:row + k] if self._merge_runs else buf.rows[row]
+            self._copy(dst, src)
+
+    def _copy(self, dst: torch.Tensor, src: torch.Tensor) -> None:
+        """One staging <-> slab copy: asynchronous on the copy stream (CUDA), the host copy
+        kernel on the CPU (tierstore/io/hostcopy.py: streaming stores, several threads)."""
+        if self.cuda:
             dst.copy_(src, non_blocking=True)
-            self.stats["copies"] += 1
+        else:
+            host_copy_(dst, src)
+        self.stats["copies"] += 1
 
     def _rows5(self, buf: _Staging, m: int) -> torch.Tensor:
         L, _, H, N, _ = self.kv.shape

@@ -1,0 +1,198 @@
+"""Host copies (tierstore.io.hostcopy): the C kernel gives torch's ``copy_`` result byte for byte,
+over random shapes, strides, dtypes, thread counts and with and without streaming stores, and
+everything it does not handle goes to torch.
+
+The reference is always ``torch.Tensor.copy_`` on a clone of the destination.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from tierstore.io import hostcopy
+from tierstore.io.hostcopy import host_copy_
+
+DTYPES = (torch.uint8, torch.float16, torch.bfloat16, torch.float32, torch.int64)
+
+
+@pytest.fixture
+def small(monkeypatch):
+    """Let small tensors through the kernel (the production floors are MiB), many threads."""
+    monkeypatch.setattr(hostcopy, "MIN_BYTES", 0)
+    monkeypatch.setattr(hostcopy, "MIN_ROW_BYTES", 1)
+    monkeypatch.setattr(hostcopy, "THREAD_MIN_BYTES", 1)
+
+
+def test_kernel_is_built():
+    """The install (README, CI) compiles tierstore/io/_hostcopy.c; a silent build failure would
+    leave every copy on torch's slower path, so it fails here."""
+    assert hostcopy.available(), "tierstore.io._hostcopy did not build: see setup.py"
+
+
+def _random_view(draw, base_shape, dtype):
+    """A tensor of ``base_shape`` whose storage is larger, sliced and permuted at random."""
+    perm = draw(st.permutations(range(len(base_shape))))
+    pad = [draw(st.integers(0, 2)) for _ in base_shape]
+    phys_shape = [base_shape[p] + pad[i] for i, p in enumerate(perm)]
+    buf = torch.randint(0, 120, phys_shape, dtype=torch.int64).to(dtype)
+    view = buf[tuple(slice(0, base_shape[p]) for p in perm)]
+    inv = [list(perm).index(i) for i in range(len(base_shape))]
+    return view.permute(inv)
+
+
+@st.composite
+def pairs(draw):
+    nd = draw(st.integers(1, 5))
+    shape = [draw(st.integers(1, 6)) for _ in range(nd - 1)] + [draw(st.integers(1, 300))]
+    dtype = draw(st.sampled_from(DTYPES))
+    src = _random_view(draw, shape, dtype)
+    if draw(st.booleans()):
+        dst = torch.zeros(shape, dtype=dtype)           # the usual case: into a slot
+    else:
+        dst = _random_view(draw, shape, dtype)
+    return dst, src
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(p=pairs(), stream=st.booleans(), threads=st.integers(1, 4))
+def test_same_bytes_as_torch(small, monkeypatch, p, stream, threads):
+    dst, src = p
+    monkeypatch.setattr(hostcopy, "STREAM_MIN_BYTES", 0 if stream else 1 << 62)
+    want = dst.clone()
+    want.copy_(src)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        host_copy_(dst, src)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(dst, want)
+
+
+def test_kv_gather_runs_in_the_kernel(small):
+    """The copy a store does: n blocks of [2, L, T, HD] sliced from [2, L, n*T, HD] into n
+    consecutive slots (and back). One kernel call, 64-row blocks, both directions exact."""
+    n, L, T, HD = 8, 4, 16, 128
+    eng = torch.randn(2, L, n * T, HD).to(torch.float16)
+    slots = torch.zeros(n, 2, L, T, HD, dtype=torch.float16)
+    blocks = torch.as_strided(eng, (n, 2, L, T, HD), (T * HD, *eng.stride()))
+    plan = hostcopy._plan(slots, blocks)
+    assert plan is not None
+    assert plan[2] == (n, 2 * L) and plan[5] == T * HD * 2   # rows of one token run each
+    host_copy_(slots, blocks)
+    for i in range(n):
+        assert torch.equal(slots[i], eng[:, :, i * T:(i + 1) * T])
+    back = torch.zeros_like(eng)
+    host_copy_(torch.as_strided(back, blocks.shape, blocks.stride()), slots)
+    assert torch.equal(back, eng)
+
+
+@pytest.mark.parametrize("offset", [1, 2, 3, 15, 17])
+def test_unaligned_destination_with_streaming(small, monkeypatch, offset):
+    """Streaming stores need 16-byte aligned lines: the head and tail of each row are copied
+    plainly. Rows of odd lengths at odd offsets, several rows."""
+    monkeypatch.setattr(hostcopy, "STREAM_MIN_BYTES", 0)
+    src = torch.randint(0, 255, (7, 1000), dtype=torch.uint8)
+    big = torch.zeros(7 * 1000 + 64, dtype=torch.uint8)
+    dst = big[offset:offset + 7000].view(7, 1000)
+    host_copy_(dst, src)
+    assert torch.equal(dst, src)
+    assert big[:offset].eq(0).all() and big[offset + 7000:].eq(0).all()   # nothing outside
+
+
+def test_large_copy_uses_kernel_with_production_floors():
+    """Above MIN_BYTES with the production constants: planned for the kernel, streaming, and
+    as many threads as torch has (capped by THREAD_MIN_BYTES)."""
+    n = hostcopy.STREAM_MIN_BYTES // 4096
+    src = torch.randint(0, 255, (n, 4096), dtype=torch.uint8)
+    dst = torch.empty_like(src)
+    plan = hostcopy._plan(dst, src)
+    assert plan is not None and plan[7] is True
+    assert plan[6] == max(1, min(torch.get_num_threads(), src.numel() // hostcopy.THREAD_MIN_BYTES))
+    host_copy_(dst, src)
+    assert torch.equal(dst, src)
+
+
+def test_one_contiguous_run_is_shared_by_the_threads(small, monkeypatch):
+    """A contiguous copy is one row: the plan cuts it so every thread gets a piece."""
+    monkeypatch.setattr(hostcopy, "STREAM_MIN_BYTES", 0)
+    src = torch.randint(0, 255, (3, 1 << 16), dtype=torch.uint8)
+    dst = torch.zeros_like(src)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        plan = hostcopy._plan(dst, src)
+        host_copy_(dst, src)
+    finally:
+        torch.set_num_threads(before)
+    sizes, row_bytes, threads = plan[2], plan[5], plan[6]
+    assert threads == 2 and sizes == (8,) and row_bytes == 3 * (1 << 16) // 8
+    assert torch.equal(dst, src)
+
+
+def _fallback_cases():
+    a = torch.randn(64, 64)
+    yield "dtype conversion", torch.zeros(64, 64, dtype=torch.float64), a
+    yield "broadcast", torch.zeros(64, 64), torch.randn(64)
+    yield "innermost not contiguous", torch.zeros(64, 64), a.t()
+    yield "requires grad", torch.zeros(64, 64), torch.randn(64, 64, requires_grad=True)
+    yield "conjugate view", torch.zeros(64, 64, dtype=torch.complex64), \
+        torch.randn(64, 64, dtype=torch.complex64).conj()
+
+
+@pytest.mark.parametrize("name,dst,src", list(_fallback_cases()), ids=lambda x: x if isinstance(x, str) else "")
+def test_what_the_kernel_leaves_to_torch(small, name, dst, src):
+    assert hostcopy._plan(dst, src) is None, name
+    want = dst.clone()
+    want.copy_(src.detach() if src.requires_grad else src)
+    got = host_copy_(dst, src.detach() if name == "requires grad" else src)
+    assert torch.equal(got, want)
+
+
+def test_overlap_is_torch_s_to_refuse(small):
+    """Source and destination sharing bytes: the kernel never sees it; torch raises."""
+    a = torch.randn(64, 64)
+    assert hostcopy._plan(a[1:], a[:-1]) is None
+    with pytest.raises(RuntimeError, match="single memory location"):
+        host_copy_(a[1:], a[:-1])
+
+
+def test_small_copies_stay_on_torch():
+    """Below MIN_BYTES the planning would cost more than it saves."""
+    src = torch.randn(16, 16)
+    assert hostcopy._plan(torch.empty_like(src), src) is None
+
+
+def test_shape_mismatch_raises_as_torch(small):
+    with pytest.raises(RuntimeError):
+        host_copy_(torch.zeros(4, 5), torch.zeros(4, 6))
+
+
+def test_without_the_kernel_torch_does_everything(monkeypatch):
+    monkeypatch.setattr(hostcopy, "_hostcopy", None)
+    assert not hostcopy.available()
+    src = torch.randn(1 << 19)
+    dst = torch.zeros_like(src)
+    assert hostcopy._plan(dst, src) is None
+    host_copy_(dst, src)
+    assert torch.equal(dst, src)
+
+
+@pytest.mark.skipif(not hostcopy.available(), reason="kernel not built")
+def test_kernel_rejects_malformed_arguments():
+    k = hostcopy._hostcopy
+    buf = torch.zeros(64, dtype=torch.uint8)
+    p = buf.data_ptr()
+    with pytest.raises(ValueError):
+        k.copy_rows(p, p + 32, (2,), (16,), (16, 0), 16, 1, False)   # tuple lengths differ
+    with pytest.raises(ValueError):
+        k.copy_rows(p, p + 32, (2,), (-16,), (16,), 16, 1, False)    # negative stride
+    with pytest.raises(ValueError):
+        k.copy_rows(0, p, (), (), (), 16, 1, False)                   # null address
+    with pytest.raises(ValueError):
+        k.copy_rows(p, p, (1,) * 9, (0,) * 9, (0,) * 9, 1, 1, False)  # too many dims
+    k.copy_rows(p, p + 32, (0,), (16,), (16,), 16, 2, True)          # zero rows: nothing
+    assert buf.eq(0).all()
