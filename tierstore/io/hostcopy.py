@@ -63,6 +63,7 @@ def host_copy_(dst: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
         dst.copy_(src)
     else:
         _hostcopy.copy_rows(*plan)
+        torch.autograd.graph.increment_version(dst)   # as copy_: autograd sees the write
     return dst
 
 

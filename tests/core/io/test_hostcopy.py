@@ -196,3 +196,22 @@ def test_kernel_rejects_malformed_arguments():
         k.copy_rows(p, p, (1,) * 9, (0,) * 9, (0,) * 9, 1, 1, False)  # too many dims
     k.copy_rows(p, p + 32, (0,), (16,), (16,), 16, 2, True)          # zero rows: nothing
     assert buf.eq(0).all()
+
+
+# --- adversarial review: each test below failed before its fix ---------------------------------
+
+
+def test_autograd_sees_the_in_place_write(small):
+    """A kernel copy used to leave ``dst._version`` alone: autograd, which saved ``dst`` for a
+    backward pass, then computed a silently wrong gradient from the overwritten values where
+    ``dst.copy_(src)`` makes backward raise."""
+    w = torch.ones(4, 256, requires_grad=True)
+    a = torch.zeros(4, 256)
+    y = (a * w).sum()                        # saves a for the gradient of w
+    src = torch.full((4, 256), 3.0)
+    assert hostcopy._plan(a, src) is not None
+    v = a._version
+    host_copy_(a, src)
+    assert a._version > v
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.backward()
