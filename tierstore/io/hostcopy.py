@@ -14,7 +14,7 @@ set out of the cache). Measured on the 2-core dev VM: 1 GiB of 2 MiB blocks, gat
 
 What it does not do, and leaves to torch's ``copy_`` (same result, torch's speed): tensors not
 on the CPU, different dtypes or shapes (no conversion, no broadcast), autograd, conjugate or
-negative views, non-strided layouts, copies under :data:`MIN_BYTES`, rows (the contiguous
+negative views, an inference tensor outside inference mode (torch raises), non-strided layouts, copies under :data:`MIN_BYTES`, rows (the contiguous
 innermost run common to both tensors) under :data:`MIN_ROW_BYTES`, overlapping source and
 destination, and every copy when the extension is not built (:func:`available`).
 
@@ -77,6 +77,8 @@ def _plan(dst: torch.Tensor, src: torch.Tensor):
     if dst.requires_grad or src.requires_grad or dst.is_conj() or src.is_conj() \
             or dst.is_neg() or src.is_neg() or dst.is_quantized:
         return None
+    if dst.is_inference() and not torch.is_inference_mode_enabled():
+        return None            # torch refuses this write (an inference tensor, outside the mode)
     isz = dst.element_size()
     nbytes = dst.numel() * isz
     if nbytes < MIN_BYTES:

@@ -215,3 +215,18 @@ def test_autograd_sees_the_in_place_write(small):
     assert a._version > v
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         y.backward()
+
+
+def test_inference_tensor_outside_inference_mode_raises_as_torch(small):
+    """torch raises for an in-place write to an inference tensor outside inference mode (after
+    the write: the check is its version counter bump); the kernel wrote without a word. Inside
+    inference mode the kernel still does the copy."""
+    with torch.inference_mode():
+        t = torch.zeros(4, 256)
+    src = torch.ones(4, 256)
+    with pytest.raises(RuntimeError, match="[Ii]nference"):
+        host_copy_(t, src)
+    with torch.inference_mode():
+        assert hostcopy._plan(t, src) is not None
+        host_copy_(t, src)
+    assert torch.equal(t, src)
