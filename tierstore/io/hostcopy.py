@@ -101,6 +101,8 @@ def _plan(dst: torch.Tensor, src: torch.Tensor):
     if any(ds == 0 for _, ds, _ in outer):
         return None            # a destination that overlaps itself
     dptr, sptr = dst.data_ptr(), src.data_ptr()
+    if not dptr or not sptr:
+        return None            # no data: an empty tensor, a ZeroTensor (copy_ writes zeros)
     dend = dptr + row_bytes + sum((n - 1) * ds for n, ds, _ in outer)
     send = sptr + row_bytes + sum((n - 1) * ss for n, _, ss in outer)
     if dptr < send and sptr < dend:

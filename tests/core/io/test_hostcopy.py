@@ -230,3 +230,21 @@ def test_inference_tensor_outside_inference_mode_raises_as_torch(small):
         assert hostcopy._plan(t, src) is not None
         host_copy_(t, src)
     assert torch.equal(t, src)
+
+
+def test_zero_tensor_source_copies_zeros(small):
+    """A ZeroTensor (forward-mode AD's efficient zeros) has no data (data_ptr 0): the kernel
+    raised ValueError('null address') where ``copy_`` writes zeros."""
+    z = torch._efficientzerotensor(4, 256)
+    dst = torch.full((4, 256), 7.0)
+    host_copy_(dst, z)
+    assert dst.eq(0).all()
+
+
+def test_empty_tensors_with_the_floor_lowered(small):
+    """With MIN_BYTES lowered (as here) a 0-element tensor whose dims do not merge into one
+    reached the kernel with data_ptr 0: ValueError('null address') instead of copy_'s no-op."""
+    dst = torch.zeros(0, 6, 64)[:, ::2]     # rows of 64, a gap between them
+    src = torch.ones(0, 3, 64)
+    assert dst.numel() == 0 and dst.data_ptr() == 0
+    assert host_copy_(dst, src) is dst
