@@ -100,7 +100,10 @@ def _plan(dst: torch.Tensor, src: torch.Tensor):
         return None
     if any(ds == 0 for _, ds, _ in outer):
         return None            # a destination that overlaps itself
-    dptr, sptr = dst.data_ptr(), src.data_ptr()
+    try:
+        dptr, sptr = dst.data_ptr(), src.data_ptr()
+    except RuntimeError:
+        return None            # no storage: a wrapper (torch.vmap, torch.func) or a subclass
     if not dptr or not sptr:
         return None            # no data: an empty tensor, a ZeroTensor (copy_ writes zeros)
     dend = dptr + row_bytes + sum((n - 1) * ds for n, ds, _ in outer)

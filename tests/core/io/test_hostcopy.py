@@ -248,3 +248,11 @@ def test_empty_tensors_with_the_floor_lowered(small):
     src = torch.ones(0, 3, 64)
     assert dst.numel() == 0 and dst.data_ptr() == 0
     assert host_copy_(dst, src) is dst
+
+
+def test_under_vmap_as_torch(small):
+    """Inside torch.vmap (and torch.func transforms) tensors are wrappers without storage:
+    ``data_ptr()`` raised in the planning where ``copy_`` works."""
+    dst, src = torch.zeros(3, 4, 256), torch.randn(3, 4, 256)
+    torch.vmap(host_copy_)(dst, src)
+    assert torch.equal(dst, src)
