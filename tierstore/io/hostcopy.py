@@ -14,7 +14,7 @@ set out of the cache). Measured on the 2-core dev VM: 1 GiB of 2 MiB blocks, gat
 
 What it does not do, and leaves to torch's ``copy_`` (same result, torch's speed): tensors not
 on the CPU, different dtypes or shapes (no conversion, no broadcast), autograd, conjugate or
-negative views, an inference tensor outside inference mode (torch raises), non-strided layouts, copies under :data:`MIN_BYTES`, rows (the contiguous
+negative views, an inference tensor outside inference mode (torch raises), non-strided layouts and nested tensors, copies under :data:`MIN_BYTES`, rows (the contiguous
 innermost run common to both tensors) under :data:`MIN_ROW_BYTES`, overlapping source and
 destination, and every copy when the extension is not built (:func:`available`).
 
@@ -71,8 +71,10 @@ def _plan(dst: torch.Tensor, src: torch.Tensor):
     """The kernel's arguments, or None where torch's ``copy_`` must do the copy."""
     if _hostcopy is None or dst.device.type != "cpu" or src.device.type != "cpu":
         return None
-    if dst.dtype != src.dtype or dst.shape != src.shape or dst.layout != torch.strided \
-            or src.layout != torch.strided:
+    if dst.layout != torch.strided or src.layout != torch.strided or dst.is_nested \
+            or src.is_nested:
+        return None            # (a nested tensor can have the strided layout, but no shape)
+    if dst.dtype != src.dtype or dst.shape != src.shape:
         return None
     if dst.requires_grad or src.requires_grad or dst.is_conj() or src.is_conj() \
             or dst.is_neg() or src.is_neg() or dst.is_quantized:

@@ -256,3 +256,15 @@ def test_under_vmap_as_torch(small):
     dst, src = torch.zeros(3, 4, 256), torch.randn(3, 4, 256)
     torch.vmap(host_copy_)(dst, src)
     assert torch.equal(dst, src)
+
+
+def test_nested_tensor_as_torch(small):
+    """A nested tensor (strided layout) has no ``shape``: the planning raised RuntimeError
+    where ``copy_`` copies it."""
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")        # "nested tensors are a prototype"
+        src = torch.nested.nested_tensor([torch.randn(3, 200), torch.randn(5, 200)])
+        dst = torch.nested.nested_tensor([torch.zeros(3, 200), torch.zeros(5, 200)])
+    host_copy_(dst, src)
+    assert all(torch.equal(a, b) for a, b in zip(dst.unbind(), src.unbind()))
