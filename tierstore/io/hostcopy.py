@@ -13,10 +13,13 @@ set out of the cache). Measured on the 2-core dev VM: 1 GiB of 2 MiB blocks, gat
 (docs/benchmarks.md, "host copy").
 
 What it does not do, and leaves to torch's ``copy_`` (same result, torch's speed): tensors not
-on the CPU, different dtypes or shapes (no conversion, no broadcast), autograd, conjugate or
-negative views, an inference tensor outside inference mode (torch raises), non-strided layouts and nested tensors, copies under :data:`MIN_BYTES`, rows (the contiguous
-innermost run common to both tensors) under :data:`MIN_ROW_BYTES`, overlapping source and
-destination, and every copy when the extension is not built (:func:`available`).
+on the CPU, different dtypes or shapes (no conversion, no broadcast), dtypes whose ``copy_`` is
+not a copy of the bytes (bool: torch writes 0/1; quantized; the sub-byte shell dtypes, which
+torch does not copy), autograd, conjugate or negative views, an inference tensor outside
+inference mode (torch raises), non-strided layouts and nested tensors, tensors without storage
+or data (torch.vmap, ZeroTensor), copies under :data:`MIN_BYTES`, rows (the contiguous innermost
+run common to both tensors) under :data:`MIN_ROW_BYTES`, overlapping source and destination, and
+every copy when the extension is not built (:func:`available`).
 
 Threading: the call blocks until the copy is done and releases the GIL meanwhile; it starts its
 helper threads per call (a copy that takes it is >= :data:`MIN_BYTES`, milliseconds; a thread
@@ -43,6 +46,15 @@ THREAD_MIN_BYTES = 1 << 20
 """Each copy thread gets at least this many bytes."""
 
 _MAX_DIMS = 8
+_BYTE_INTS = frozenset((torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64,
+                        torch.uint16, torch.uint32, torch.uint64))
+
+
+def _copies_bytes(dtype: torch.dtype) -> bool:
+    """True where torch's ``copy_`` within ``dtype`` copies the bytes as they are: floating
+    (NaN payloads too), complex and the full-width integers; not bool (torch writes 0 or 1 for
+    any byte), quantized or the bits / sub-byte dtypes."""
+    return dtype.is_floating_point or dtype.is_complex or dtype in _BYTE_INTS
 
 
 def available() -> bool:
@@ -74,7 +86,7 @@ def _plan(dst: torch.Tensor, src: torch.Tensor):
     if dst.layout != torch.strided or src.layout != torch.strided or dst.is_nested \
             or src.is_nested:
         return None            # (a nested tensor can have the strided layout, but no shape)
-    if dst.dtype != src.dtype or dst.shape != src.shape:
+    if dst.dtype != src.dtype or not _copies_bytes(dst.dtype) or dst.shape != src.shape:
         return None
     if dst.requires_grad or src.requires_grad or dst.is_conj() or src.is_conj() \
             or dst.is_neg() or src.is_neg() or dst.is_quantized:

@@ -268,3 +268,22 @@ def test_nested_tensor_as_torch(small):
         dst = torch.nested.nested_tensor([torch.zeros(3, 200), torch.zeros(5, 200)])
     host_copy_(dst, src)
     assert all(torch.equal(a, b) for a, b in zip(dst.unbind(), src.unbind()))
+
+
+def test_bool_bytes_are_normalized_as_torch(small):
+    """torch's copy_ of a bool tensor writes 0/1 even when a source byte holds another value
+    (a bool view of uint8 bytes); the kernel copied the raw bytes (2 stayed 2)."""
+    src = torch.full((4, 256), 2, dtype=torch.uint8).view(torch.bool)
+    dst = torch.zeros(4, 256, dtype=torch.bool)
+    want = dst.clone().copy_(src)
+    host_copy_(dst, src)
+    assert torch.equal(dst.view(torch.uint8), want.view(torch.uint8))
+
+
+def test_dtypes_torch_cannot_copy_raise_as_torch(small):
+    """The sub-byte shell dtypes (uint4, int4, ...) have no copy kernel in torch; host_copy_
+    copied their bytes instead of raising torch's error."""
+    dst = torch.zeros(4, 512, dtype=torch.uint8).view(torch.uint4)
+    src = torch.ones(4, 512, dtype=torch.uint8).view(torch.uint4)
+    with pytest.raises(NotImplementedError):
+        host_copy_(dst, src)
