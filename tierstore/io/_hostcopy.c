@@ -18,7 +18,8 @@
  * src + sum(i_j * src_strides[j]) to dst + sum(i_j * dst_strides[j]). threads: how many threads
  * share the rows (the caller's thread is one of them; a thread that cannot be started leaves
  * its rows to the caller's thread). nontemporal: streaming stores (x86-64; elsewhere ignored,
- * memcpy). The GIL is released for the whole copy. Raises ValueError for malformed arguments;
+ * memcpy). The GIL is released for the whole copy. Raises ValueError for malformed arguments
+ * (OverflowError for an int outside its C type: a negative address, row_bytes >= 2**63);
  * addresses are trusted (the Python side takes them from live tensors and checks the bounds).
  */
 #define PY_SSIZE_T_CLEAN
@@ -138,12 +139,22 @@ static int read_tuple(PyObject *t, Py_ssize_t *out, int n, const char *what) {
 }
 
 static PyObject *copy_rows(PyObject *self, PyObject *args) {
-    unsigned long long dst, src, row_bytes;
-    PyObject *sizes, *dstr, *sstr;
+    PyObject *dst_o, *src_o, *sizes, *dstr, *sstr;
+    Py_ssize_t row_bytes;
     int threads, nontemporal;
-    if (!PyArg_ParseTuple(args, "KKO!O!O!Kip", &dst, &src, &PyTuple_Type, &sizes, &PyTuple_Type,
-                          &dstr, &PyTuple_Type, &sstr, &row_bytes, &threads, &nontemporal))
+    /* not 'K': it takes any int modulo 2**64 (-1 bytes would be a 2**64 - 1 byte memcpy) */
+    if (!PyArg_ParseTuple(args, "OOO!O!O!nip", &dst_o, &src_o, &PyTuple_Type, &sizes,
+                          &PyTuple_Type, &dstr, &PyTuple_Type, &sstr, &row_bytes, &threads,
+                          &nontemporal))
         return NULL;
+    unsigned long long dst = PyLong_AsUnsignedLongLong(dst_o);   /* OverflowError if < 0 */
+    if (dst == (unsigned long long)-1 && PyErr_Occurred()) return NULL;
+    unsigned long long src = PyLong_AsUnsignedLongLong(src_o);
+    if (src == (unsigned long long)-1 && PyErr_Occurred()) return NULL;
+    if (row_bytes < 0) {
+        PyErr_Format(PyExc_ValueError, "row_bytes = %zd < 0", row_bytes);
+        return NULL;
+    }
     plan_t plan;
     Py_ssize_t nd = PyTuple_GET_SIZE(sizes);
     if (nd > MAX_DIMS) {

@@ -287,3 +287,32 @@ def test_dtypes_torch_cannot_copy_raise_as_torch(small):
     src = torch.ones(4, 512, dtype=torch.uint8).view(torch.uint4)
     with pytest.raises(NotImplementedError):
         host_copy_(dst, src)
+
+
+def _survives(code: str) -> str:
+    """Runs ``code`` (with k = the kernel module, p = the address of a 64-byte zeroed buffer)
+    in a child interpreter, so that a crash fails the test instead of ending the run; returns
+    the exception type name the code raised, or 'returned'."""
+    import subprocess
+    import sys
+    prog = ("import torch\nfrom tierstore.io import _hostcopy as k\n"
+            "b = torch.zeros(64, dtype=torch.uint8)\np = b.data_ptr()\n"
+            f"try:\n    {code}\n    print('returned')\nexcept Exception as e:\n"
+            "    print(type(e).__name__)\n")
+    r = subprocess.run([sys.executable, "-c", prog], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, f"crashed (rc {r.returncode}): {r.stderr[-300:]}"
+    return r.stdout.strip()
+
+
+@pytest.mark.skipif(not hostcopy.available(), reason="kernel not built")
+@pytest.mark.parametrize("call", [
+    "k.copy_rows(p, p + 32, (), (), (), -1, 1, False)",          # 'K' made it 2**64 - 1
+    "k.copy_rows(p, p + 32, (), (), (), 1 << 70, 1, False)",     # 'K' masked it to 0: a no-op
+    "k.copy_rows(-p, p + 32, (), (), (), 16, 1, False)",         # a wrapped address
+    "k.copy_rows(p, -p, (), (), (), 16, 1, False)",
+])
+def test_kernel_rejects_ints_out_of_range(call):
+    """'K' converts any int modulo 2**64: a negative row_bytes became a huge memcpy (heap
+    corruption), a negative address a wild pointer, and too large a row_bytes a silent no-op.
+    Each is now an error."""
+    assert _survives(call) in ("ValueError", "OverflowError")
