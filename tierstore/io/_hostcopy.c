@@ -170,9 +170,15 @@ static PyObject *copy_rows(PyObject *self, PyObject *args) {
         PyErr_SetString(PyExc_ValueError, "null address");
         return NULL;
     }
+    for (int k = 0; k < plan.ndim; k++)
+        if (plan.sizes[k] == 0) Py_RETURN_NONE;
+    /* rows * MAX_THREADS must fit (the parts' bounds below): checked before each product */
     Py_ssize_t rows = 1;
     for (int k = 0; k < plan.ndim; k++) {
-        if (plan.sizes[k] == 0) Py_RETURN_NONE;
+        if (plan.sizes[k] > PY_SSIZE_T_MAX / MAX_THREADS / rows) {
+            PyErr_SetString(PyExc_ValueError, "prod(sizes) too large");
+            return NULL;
+        }
         rows *= plan.sizes[k];
     }
     if (row_bytes == 0) Py_RETURN_NONE;

@@ -316,3 +316,12 @@ def test_kernel_rejects_ints_out_of_range(call):
     corruption), a negative address a wild pointer, and too large a row_bytes a silent no-op.
     Each is now an error."""
     assert _survives(call) in ("ValueError", "OverflowError")
+
+
+@pytest.mark.skipif(not hostcopy.available(), reason="kernel not built")
+@pytest.mark.parametrize("sizes", [(1 << 62, 4), (1 << 62, 2), (1 << 40, 1 << 40)])
+def test_kernel_rejects_a_row_count_that_overflows(sizes):
+    """prod(sizes) overflowed Py_ssize_t: the row count came out 0 or negative, no part was set
+    up and the caller's thread copied an uninitialized part (a crash). Now a ValueError."""
+    assert _survives(f"k.copy_rows(p, p + 32, {sizes}, (0, 0), (0, 0), 16, 2, False)") \
+        == "ValueError"
