@@ -325,3 +325,86 @@ def test_kernel_rejects_a_row_count_that_overflows(sizes):
     up and the caller's thread copied an uninitialized part (a crash). Now a ValueError."""
     assert _survives(f"k.copy_rows(p, p + 32, {sizes}, (0, 0), (0, 0), 16, 2, False)") \
         == "ValueError"
+
+
+@st.composite
+def strided_pairs(draw):
+    """dst, src (of one random-byte dtype) as ``as_strided`` views: up to 12 dims, size-1 dims
+    with odd strides, gaps between outer dims, zero strides in the source (expand), storage
+    offsets; dst inside a buffer with guard bytes on both sides. Returns (dst_buffer, dst, src)."""
+    nd = draw(st.integers(1, 12))
+    shape = [draw(st.sampled_from((1, 1, 2, 3, 4))) for _ in range(nd - 1)]
+    shape.append(draw(st.sampled_from((1, 8, 33, 64, 200))))
+    dtype = draw(st.sampled_from(DTYPES + (torch.complex64, torch.float8_e4m3fn)))
+
+    def strides(zero_ok):
+        out, span = [0] * nd, 1
+        for d in reversed(range(nd)):
+            if d == nd - 1 and draw(st.integers(0, 9)):
+                out[d], span = 1, shape[d] + draw(st.sampled_from((0, 0, 1, 5)))
+            elif shape[d] == 1:
+                out[d] = draw(st.sampled_from((0, 1, 7, 99991)))
+            elif zero_ok and draw(st.integers(0, 6)) == 0:
+                out[d] = 0
+            else:
+                out[d] = span
+                span = span * shape[d] + draw(st.sampled_from((0, 0, 0, 1, 64)))
+        return out
+
+    def extent(st_):
+        return 1 + sum((n - 1) * s for n, s in zip(shape, st_))
+
+    isz = torch.empty(0, dtype=dtype).element_size()
+    ds, ss = strides(False), strides(True)
+    guard, off = 64, draw(st.integers(0, 7))
+    dbuf = torch.randint(0, 256, ((extent(ds) + 2 * guard + 8) * isz,), dtype=torch.uint8)
+    sbuf = torch.randint(0, 256, ((extent(ss) + 8) * isz,), dtype=torch.uint8)
+    dst = dbuf.view(dtype).as_strided(shape, ds, guard + off)
+    src = sbuf.view(dtype).as_strided(shape, ss, draw(st.integers(0, 7)))
+    return dbuf, dst, src
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(p=strided_pairs(), stream=st.booleans(), threads=st.sampled_from((1, 2, 3, 8, 100)))
+def test_strided_layouts_same_bytes_nothing_outside(small, monkeypatch, p, stream, threads):
+    """Byte for byte torch's copy_, over the whole destination buffer (guard bytes included),
+    for layouts the first property test does not draw (random bytes, NaN patterns included)."""
+    dbuf, dst, src = p
+    monkeypatch.setattr(hostcopy, "STREAM_MIN_BYTES", 0 if stream else 1 << 62)
+    want = dbuf.clone()
+    want.view(dst.dtype).as_strided(dst.shape, dst.stride(), dst.storage_offset()).copy_(src)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        host_copy_(dst, src)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(dbuf, want)
+
+
+@pytest.mark.parametrize("gap", [0, 16, 64])
+def test_source_at_every_offset_around_the_destination(small, gap):
+    """dst and src: 4 rows of 64 bytes, ``gap`` bytes apart, in one buffer; src starts at
+    every byte offset from before dst's first byte to past its last. Byte for byte torch's
+    result (or torch's error where the two overlap): the overlap test has no off-by-one."""
+    rows, width = 4, 64
+    shape, stride = (rows, width), (width + gap, 1)
+    extent = (rows - 1) * (width + gap) + width
+    base = 2 * extent
+    for delta in range(-extent - 1, extent + 2):
+        buf = torch.randint(0, 256, (5 * extent,), dtype=torch.uint8)
+        want = buf.clone()
+        try:
+            want.as_strided(shape, stride, base).copy_(want.as_strided(shape, stride, base + delta))
+            err = None
+        except RuntimeError as e:
+            err = e
+        dst, src = buf.as_strided(shape, stride, base), buf.as_strided(shape, stride, base + delta)
+        if err is not None:
+            with pytest.raises(RuntimeError):
+                host_copy_(dst, src)
+        else:
+            host_copy_(dst, src)
+            assert torch.equal(buf, want), delta
+        if abs(delta) >= extent:
+            assert hostcopy._plan(dst, src) is not None, delta     # apart: the kernel's
