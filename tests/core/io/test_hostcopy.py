@@ -1,6 +1,8 @@
 """Host copies (tierstore.io.hostcopy): the C kernel gives torch's ``copy_`` result byte for byte,
 over random shapes, strides, dtypes, thread counts and with and without streaming stores, and
-everything it does not handle goes to torch.
+everything it does not handle goes to torch (inference tensors, vmap, ZeroTensor, bool and
+nested tensors included); autograd sees its writes (the version counter); the C entry point
+refuses malformed arguments with an exception, never a crash.
 
 The reference is always ``torch.Tensor.copy_`` on a clone of the destination.
 """
@@ -209,7 +211,7 @@ def test_autograd_sees_the_in_place_write(small):
     a = torch.zeros(4, 256)
     y = (a * w).sum()                        # saves a for the gradient of w
     src = torch.full((4, 256), 3.0)
-    assert hostcopy._plan(a, src) is not None
+    assert hostcopy._plan(a, src) is not None or not hostcopy.available()
     v = a._version
     host_copy_(a, src)
     assert a._version > v
@@ -227,7 +229,7 @@ def test_inference_tensor_outside_inference_mode_raises_as_torch(small):
     with pytest.raises(RuntimeError, match="[Ii]nference"):
         host_copy_(t, src)
     with torch.inference_mode():
-        assert hostcopy._plan(t, src) is not None
+        assert hostcopy._plan(t, src) is not None or not hostcopy.available()
         host_copy_(t, src)
     assert torch.equal(t, src)
 
@@ -407,4 +409,4 @@ def test_source_at_every_offset_around_the_destination(small, gap):
             host_copy_(dst, src)
             assert torch.equal(buf, want), delta
         if abs(delta) >= extent:
-            assert hostcopy._plan(dst, src) is not None, delta     # apart: the kernel's
+            assert hostcopy._plan(dst, src) is not None or not hostcopy.available(), delta
