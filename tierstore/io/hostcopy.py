@@ -18,8 +18,9 @@ not a copy of the bytes (bool: torch writes 0/1; quantized; the sub-byte shell d
 torch does not copy), autograd, conjugate or negative views, an inference tensor outside
 inference mode (torch raises), non-strided layouts and nested tensors, tensors without storage
 or data (torch.vmap, ZeroTensor), copies under :data:`MIN_BYTES`, rows (the contiguous innermost
-run common to both tensors) under :data:`MIN_ROW_BYTES`, overlapping source and destination, and
-every copy when the extension is not built (:func:`available`).
+run common to both tensors) under :data:`MIN_ROW_BYTES`, a destination that may overlap itself
+(any stride short of the extent of the dimensions inside it) or the source, and every copy when
+the extension is not built (:func:`available`).
 
 Threading: the call blocks until the copy is done and releases the GIL meanwhile; it starts its
 helper threads per call (a copy that takes it is >= :data:`MIN_BYTES`, milliseconds; a thread
@@ -112,8 +113,11 @@ def _plan(dst: torch.Tensor, src: torch.Tensor):
     outer = merged[:0:-1]      # outermost first, without the row dim
     if row_bytes < MIN_ROW_BYTES or len(outer) > _MAX_DIMS:
         return None
-    if any(ds == 0 for _, ds, _ in outer):
-        return None            # a destination that overlaps itself
+    span = row_bytes           # by stride, each dst dim must clear the ones inside it
+    for n, ds, _ in sorted(outer, key=lambda d: d[1]):
+        if ds < span:
+            return None        # a destination that (may) overlap itself: torch's copy_ decides
+        span += (n - 1) * ds
     try:
         dptr, sptr = dst.data_ptr(), src.data_ptr()
     except RuntimeError:

@@ -410,3 +410,19 @@ def test_source_at_every_offset_around_the_destination(small, gap):
             assert torch.equal(buf, want), delta
         if abs(delta) >= extent:
             assert hostcopy._plan(dst, src) is not None or not hostcopy.available(), delta
+
+
+def test_destination_overlapping_itself_goes_to_torch(small):
+    """A destination whose rows overlap each other with non-zero strides (here each row starts
+    half a row after the previous one) passed the self-overlap check, which only looked for
+    zero strides: the threads wrote the shared bytes in a race, a different result from torch's
+    copy_ from run to run. Now torch's copy_ does it."""
+    rows, width = 64, 1 << 12
+    src = torch.arange(rows, dtype=torch.uint8).repeat_interleave(width).view(rows, width)
+    buf = torch.zeros(rows * width // 2 + width, dtype=torch.uint8)
+    dst = buf.as_strided((rows, width), (width // 2, 1))
+    assert hostcopy._plan(dst, src) is None
+    want = buf.clone()
+    want.as_strided((rows, width), (width // 2, 1)).copy_(src)
+    host_copy_(dst, src)
+    assert torch.equal(buf, want)
