@@ -43,8 +43,10 @@ Data path (offload; onload is the mirror image: runs H2D, then scatter)::
   buffers, so the gather of chunk k+1 overlaps the copy of chunk k (``chunk_blocks``).
 - ``submit_*`` returns a job id; ``poll(job_id)`` says whether it finished (CUDA event query);
   ``wait_stream(job_id, stream)`` makes a compute stream wait without blocking the host.
-- On the CPU device the same calls run synchronously; ``poll`` is then always true, and the
-  staging <-> slab copies run in the host copy kernel (tierstore/io/hostcopy.py).
+- On the CPU device the same calls run synchronously; ``poll`` is then always true. A chunk
+  whose slots are one run is gathered into (scattered from) the slab's own rows, one copy
+  instead of two; other chunks go through staging, whose copies to and from the slab run in the
+  host copy kernel (tierstore/io/hostcopy.py).
 """
 
 from __future__ import annotations
@@ -299,7 +301,9 @@ class CopyEngine:
         self._chunk_no = 0
         self._ids = itertools.count(1)
         self._jobs: dict[int, _Job] = {}
-        self.stats = {"jobs": 0, "blocks": 0, "bytes": 0, "copies": 0, "ring_waits": 0}
+        # copies: staging <-> slab copies; direct: CPU chunks gathered / scattered in the slab
+        self.stats = {"jobs": 0, "blocks": 0, "bytes": 0, "copies": 0, "direct": 0,
+                      "ring_waits": 0}
 
     # ---------------------------------------------------------------- public API
     def submit_offload(self, block_ids: Sequence[int], slots: Sequence[int]) -> int:
@@ -440,20 +444,20 @@ class CopyEngine:
             host_copy_(dst, src)
         self.stats["copies"] += 1
 
-    def _rows5(self, buf: _Staging, m: int) -> torch.Tensor:
+    def _rows5(self, rows: torch.Tensor, m: int) -> torch.Tensor:
         L, _, H, N, _ = self.kv.shape
-        return buf.rows[:m].view(self.kv.wdtype).view(m, L, H, N, self._cw)
+        return rows[:m].view(self.kv.wdtype).view(m, L, H, N, self._cw)
 
-    def _gather(self, idx: torch.Tensor, buf: _Staging, m: int) -> None:
-        out = self._rows5(buf, m)
+    def _gather(self, idx: torch.Tensor, rows: torch.Tensor, m: int) -> None:
+        out = self._rows5(rows, m)
         if self._single:
             torch.index_select(self._src_all, 0, idx, out=out)
         else:
             for layer, src in enumerate(self._src_layers):
                 torch.index_select(src, 0, idx, out=out[:, layer])
 
-    def _scatter(self, idx: torch.Tensor, buf: _Staging, m: int) -> None:
-        rows = self._rows5(buf, m)
+    def _scatter(self, idx: torch.Tensor, rows: torch.Tensor, m: int) -> None:
+        rows = self._rows5(rows, m)
         if self._single:
             self._src_all.index_copy_(0, idx, rows)
         else:
@@ -463,12 +467,30 @@ class CopyEngine:
     def _submit_cpu(self, kind: str, r: _Ring, n: int, slots: Sequence[int]) -> None:
         for lo, hi, buf in self._chunks(n):
             idx = r.idx_dev[lo:hi]
-            if kind == "offload":
-                self._gather(idx, buf, hi - lo)
+            rows = self._slab_run(slots, lo, hi)
+            if rows is not None:   # one run of slots: gather into / scatter from the slab itself
+                if kind == "offload":
+                    self._gather(idx, rows, hi - lo)
+                else:
+                    self._scatter(idx, rows, hi - lo)
+                self.stats["direct"] += 1
+            elif kind == "offload":
+                self._gather(idx, buf.rows, hi - lo)
                 self._copy_out(buf, slots, lo, hi)
             else:
                 self._copy_in(buf, slots, lo, hi)
-                self._scatter(idx, buf, hi - lo)
+                self._scatter(idx, buf.rows, hi - lo)
+
+    def _slab_run(self, slots: Sequence[int], lo: int, hi: int) -> torch.Tensor | None:
+        """The slab rows of ``slots[lo:hi]`` when they are consecutive slots of exactly one block
+        each (CPU only: the gather can write the slab directly, saving the staging copy)."""
+        if not self._merge_runs:
+            return None
+        s0 = slots[lo]
+        for i in range(lo + 1, hi):
+            if slots[i] != s0 + (i - lo):
+                return None
+        return self.slab[s0:s0 + (hi - lo)]
 
     def _submit_cuda(self, kind: str, r: _Ring, n: int, slots: Sequence[int]) -> None:
         g, c = self._gather_stream, self._copy_stream
@@ -481,7 +503,7 @@ class CopyEngine:
             if kind == "offload":
                 with torch.cuda.stream(g):
                     g.wait_event(buf.free)
-                    self._gather(idx, buf, hi - lo)
+                    self._gather(idx, buf.rows, hi - lo)
                     buf.ready.record(g)
                 with torch.cuda.stream(c):
                     c.wait_event(buf.ready)
@@ -495,7 +517,7 @@ class CopyEngine:
                     buf.ready.record(c)
                 with torch.cuda.stream(g):
                     g.wait_event(buf.ready)
-                    self._scatter(idx, buf, hi - lo)
+                    self._scatter(idx, buf.rows, hi - lo)
                     buf.free.record(g)
                 last = g
         if last is c:

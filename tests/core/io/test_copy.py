@@ -160,9 +160,12 @@ def test_consecutive_slots_are_one_copy_scattered_one_per_run():
     slab = torch.zeros(64, kv.block_bytes, dtype=torch.uint8)
     eng = CopyEngine(kv, slab, chunk_blocks=32)
     run(eng, "offload", list(range(31, 7, -1)), list(range(10, 34)))     # 24 blocks, one run
-    assert eng.stats["copies"] == 1
+    # on the CPU a run is gathered straight into the slab's rows: no staging copy at all
+    assert (eng.stats["copies"], eng.stats["direct"]) == (0, 1)
     run(eng, "onload", [1, 2, 3, 4], [40, 41, 50, 51])                   # two runs
-    assert eng.stats["copies"] == 3
+    assert (eng.stats["copies"], eng.stats["direct"]) == (2, 1)
+    run(eng, "onload", [9, 8, 7], [12, 13, 14])                          # one run: direct
+    assert (eng.stats["copies"], eng.stats["direct"]) == (2, 2)
 
 
 def test_job_validation():
