@@ -582,11 +582,16 @@ def test_cpu_attention_kernel_joins_the_namespace():
     if not current_platform.is_cpu():
         assert kv_layout(BF16, 32, 32, "auto") == "HNC"     # GPU layouts do not depend on it
         return
+    from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
+
     amx = kv_layout(BF16, 32, 32, "auto")
     other = kv_layout(BF16, 16, 32, "auto")                 # block size 16: never AMX
     assert amx.startswith("HNC+cpu-") and other.startswith("HNC+cpu-")
     assert (amx == "HNC+cpu-amx") == bool(torch.cpu._is_amx_tile_supported())
-    assert (amx != other) == (amx == "HNC+cpu-amx")
+    # the kernel vLLM picks for each (AMX host: amx / vec16; AVX-512 or AVX2 host: vec / vec16)
+    isa32, isa16 = _get_attn_isa(BF16, 32, 32, "auto"), _get_attn_isa(BF16, 16, 32, "auto")
+    assert (amx, other) == (f"HNC+cpu-{isa32}", f"HNC+cpu-{isa16}")
+    assert (amx != other) == (isa32 != isa16)
     geo = dict(model="m", revision="r", kv_dtype="bfloat16", num_layers=2, num_kv_heads=2,
                head_size=32, use_mla=False, block_size=32, tp_size=1, pp_size=1)
     a = Geometry(**geo, kv_layout="HNC+cpu-amx").namespace(0).digest()
