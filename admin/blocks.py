@@ -4,7 +4,9 @@ Keys are given as hex: the full 64 digits, or a unique prefix of at least 8. ``e
 destructive: ``--dry-run`` reports what it would do; without ``--yes`` it asks on a terminal and
 refuses (exit 2) otherwise. ``evict --tier dram`` drops only the DRAM copies of blocks that NVMe
 holds (NVMe untouched): how an operator frees DRAM, or a benchmark starts cold; ``tierstore
-flush`` first makes sure every block has its NVMe copy.
+flush`` first makes sure every block has its NVMe copy. A block ``--tier`` holds the only copy
+of is kept (``only_copy``). The dry run's ``--json`` lists each key's outcome, at most ``--limit``
+of them (default 100, 0 = all, as ``blocks ls``; ``truncated`` says when some were left off).
 
 ``pin`` / ``unpin`` go through the daemon only (``--socket``): the pins belong to a named
 session (owner ``session:<NAME>``, default session ``default``), not to this short-lived
@@ -36,6 +38,7 @@ from tierstore_admin.output import (EXIT_FAILED, EXIT_OK, JSON_HELP, emit, fail,
 app = typer.Typer(help="Blocks of a store: list, show, evict, pin, unpin.", no_args_is_help=True)
 
 MIN_PREFIX = 8
+DEFAULT_LIMIT = 100   # longest key list a command prints unless --limit says otherwise (0 = all)
 DEFAULT_SESSION = "default"
 
 
@@ -95,7 +98,7 @@ def _resolve_prefixes(client, prefixes: List[str]) -> list[Optional[bytes]]:
 def ls(data_dir: Optional[str] = data_dir_option(),
           socket: Optional[str] = socket_option(),
        tier: Optional[str] = typer.Option(None, "--tier", help="Only blocks resident in this tier."),
-       limit: int = typer.Option(100, "--limit", min=0, help="At most this many (0 = all)."),
+       limit: int = typer.Option(DEFAULT_LIMIT, "--limit", min=0, help="At most this many (0 = all)."),
        as_json: bool = typer.Option(False, "--json", help=JSON_HELP)) -> None:
     """List resident blocks."""
     t = _tier(tier)
@@ -131,6 +134,11 @@ def evict(keys: List[str] = typer.Argument(None, help="Block keys (hex, or uniqu
                                    "too (dram: the DRAM copies of blocks on NVMe). Default: the "
                                    "whole block, from every tier."),
           dry_run: bool = typer.Option(False, "--dry-run", help="Say what would be evicted; change nothing."),
+          limit: Optional[int] = typer.Option(
+              None, "--limit", min=0,
+              help=f"With --dry-run: list at most this many keys in the JSON's \"keys\" (0 = all; "
+                   f"default {DEFAULT_LIMIT}, as blocks ls); the counts cover every block. It does "
+                   f"not limit what is evicted."),
           yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask for confirmation."),
           data_dir: Optional[str] = data_dir_option(),
           socket: Optional[str] = socket_option(),
@@ -138,6 +146,10 @@ def evict(keys: List[str] = typer.Argument(None, help="Block keys (hex, or uniqu
     """Remove unpinned blocks, from every tier or from --tier only (destructive)."""
     if bool(keys) == all_:
         fail("give block keys or --all (not both)")
+    if limit is not None and not dry_run:
+        fail("--limit caps the key list of --dry-run; it does not limit what evict removes "
+             "(name the keys to evict only some)")
+    limit = DEFAULT_LIMIT if limit is None else limit
     t = _tier(tier)
     with open_client(data_dir, socket) as client, user_errors():
         targets = [bytes.fromhex(b["key"]) for b in client.blocks(tier=t)] if all_ \
@@ -149,7 +161,9 @@ def evict(keys: List[str] = typer.Argument(None, help="Block keys (hex, or uniqu
             for k, outcome in zip(targets, outcomes):
                 state = "would_evict" if outcome == "evicted" else outcome
                 result[state] += 1
-                result["keys"].append({"key": k.hex(), "state": state})
+                if not limit or len(result["keys"]) < limit:
+                    result["keys"].append({"key": k.hex(), "state": state})
+            result["truncated"] = len(result["keys"]) < len(targets)
         else:
             if not yes:
                 if not sys.stdin.isatty():
@@ -255,11 +269,23 @@ def _human_show(console, b: dict) -> None:
         ("namespace", b["namespace"])]))
 
 
+def _evict_rest(r: dict) -> str:
+    """The blocks left alone, in words: ``; not evicted: 2 pinned, 1 missing, 3 not in dram;
+    5 block(s) kept: dram holds their only copy (no other tier has them)``."""
+    tier = r.get("tier") or "that tier"
+    plain = ", ".join(f"{r[k]} {what}" for k, what in (
+        ("pinned", "pinned"), ("missing", "missing"), ("not_in_tier", f"not in {tier}"))
+        if r[k])
+    out = (f"; {'would not evict' if r['dry_run'] else 'not evicted'}: {plain}") if plain else ""
+    if r["only_copy"]:
+        out += (f"; {r['only_copy']} block(s) kept: {tier} holds their only copy "
+                f"(no other tier has them)")
+    return out
+
+
 def _human_evict(console, r: dict) -> None:
     where = f" from {r['tier']}" if r.get("tier") else ""
-    rest = ", ".join(f"{k.replace('_', ' ')} {r[k]}" for k in ("pinned", "missing", "not_in_tier",
-                                                                 "only_copy") if r[k])
     if r["dry_run"]:
-        console.print(f"dry run: would evict {r['would_evict']}{where}" + (f"; {rest}" if rest else ""))
+        console.print(f"dry run: would evict {r['would_evict']}{where}{_evict_rest(r)}")
     else:
-        console.print(f"evicted {r['evicted']}{where}" + (f"; not evicted: {rest}" if rest else ""))
+        console.print(f"evicted {r['evicted']}{where}{_evict_rest(r)}")
