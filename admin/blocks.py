@@ -14,7 +14,9 @@ connection, so they outlive the command; ``--ttl`` is required, so a forgotten p
 
 Store calls, whatever the number of keys: one ``resolve`` when any key is a prefix (none when
 all are whole), then one call for the verb (``block``, ``evict``, ``evict(dry_run=True)``,
-``pin``, ``unpin_each``); ``evict --all`` lists the blocks first (``blocks``).
+``pin``, ``unpin_each``); ``evict --all`` lists the blocks first (``blocks``). ``ls`` makes one
+``blocks`` call, plus one ``stats`` when ``--limit`` cut the list (the total: the store's own
+count, not a listing) or ``--tier`` is given (the tier must exist; its count is there too).
 
 Exit codes (tierstore_admin.output): 1 when any named block was not done: ``show`` of a block
 that is not there, ``evict`` of a block that is missing, pinned, not in ``--tier`` or only
@@ -100,16 +102,31 @@ def ls(data_dir: Optional[str] = data_dir_option(),
        tier: Optional[str] = typer.Option(None, "--tier", help="Only blocks resident in this tier."),
        limit: int = typer.Option(DEFAULT_LIMIT, "--limit", min=0, help="At most this many (0 = all)."),
        as_json: bool = typer.Option(False, "--json", help=JSON_HELP)) -> None:
-    """List resident blocks."""
+    """List resident blocks (the title and --json's "total" say how many there are in all)."""
     t = _tier(tier)
     with open_client(data_dir, socket) as client, user_errors():
-        if t is not None and t.label not in {u["tier"] for u in client.usage()}:
+        usage = client.usage() if t is not None else None
+        if t is not None and t.label not in {u["tier"] for u in usage}:
             fail(f"this store has no {t.label} tier: no block can be in it", EXIT_FAILED)
         blocks = client.blocks(limit=(limit + 1) if limit else None, tier=t)
-    truncated = bool(limit) and len(blocks) > limit
+        truncated = bool(limit) and len(blocks) > limit
+        total = len(blocks)
+        if truncated:   # the store counts its blocks (per tier too): no scan, one call at most
+            total = _count(client, t, usage)
+    # a block stored between the two calls can make the count run behind the listing
+    total = max(total, len(blocks))
     blocks = blocks[:limit] if limit else blocks
-    emit({"store": socket or data_dir, "count": len(blocks), "truncated": truncated, "blocks": blocks},
-         as_json=as_json, human=_human_ls)
+    emit({"store": socket or data_dir, "count": len(blocks), "total": total,
+          "truncated": truncated, "limit": limit, "tier": t.label if t is not None else None,
+          "blocks": blocks}, as_json=as_json, human=_human_ls)
+
+
+def _count(client, t: Optional[Tier], usage: Optional[list]) -> int:
+    """Resident blocks in all (``stats()["blocks"]``), or in tier ``t`` (its ``usage`` entry's
+    ``blocks``): counts the store keeps, not a listing."""
+    if t is None:
+        return int(client.stats()["blocks"])
+    return int(next(u["blocks"] for u in usage if u["tier"] == t.label))
 
 
 @app.command("show")
@@ -252,7 +269,10 @@ def _human_unpin(console, r: dict) -> None:
 
 
 def _human_ls(console, r: dict) -> None:
-    console.print(table(f"{r['count']} block(s){' (truncated)' if r['truncated'] else ''}",
+    where = f" in {r['tier']}" if r.get("tier") else ""
+    title = (f"{r['count']} of {r['total']} block(s){where} shown (--limit {r['limit']}; "
+             f"--limit 0: all)" if r["truncated"] else f"{r['count']} block(s){where}")
+    console.print(table(title,
                         ["key", "model", "tiers", "size", "checksum", "pins"],
                         [(b["key"][:16], b["namespace"].get("model", "?"), b["tiers"],
                           b["size_bytes"], b["checksum"], b["pins"]) for b in r["blocks"]]))

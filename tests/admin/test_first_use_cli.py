@@ -81,3 +81,43 @@ def test_evict_says_what_only_copy_means_and_dry_run_keys_follow_limit(ts, cli_d
                                 "dram holds their only copy (no other tier has them)"), r
     with open_client(socket=str(sock)) as c:
         assert c.stats()["blocks"] == N                          # nothing was evicted
+
+
+def test_blocks_ls_limit_says_how_many_blocks_there_are(ts, cli_daemon):
+    """`blocks ls --limit 3` said "3 block(s) (truncated)" and its JSON "count": 3,
+    "truncated": true, never how many blocks there are: now "3 of 512 block(s) shown" and
+    "total": 512, from the counts the store keeps (no listing of every block), per tier too."""
+    d, _ = _dram_only_daemon(cli_daemon)
+    r = ts("blocks", "ls", "--socket", d.socket, "--limit", "3")
+    assert r.code == 0, r
+    assert r.stdout.splitlines()[0] == f"3 of {N} block(s) shown (--limit 3; --limit 0: all)", r
+    r = ts("blocks", "ls", "--socket", d.socket, "--limit", "3", "--json")
+    assert r.code == 0, r
+    out = r.json()
+    assert (out["count"], out["total"], out["truncated"], len(out["blocks"])) == (3, N, True, 3)
+    r = ts("blocks", "ls", "--socket", d.socket, "--limit", "0", "--json")
+    assert (r.json()["count"], r.json()["total"], r.json()["truncated"]) == (N, N, False), r
+    r = ts("blocks", "ls", "--socket", d.socket, "--limit", "600")
+    assert r.code == 0 and r.stdout.splitlines()[0] == f"{N} block(s)", r
+
+
+def test_blocks_ls_total_per_tier(ts, cli_daemon):
+    """With --tier the total is that tier's block count: DRAM (64 slots) holds fewer blocks than
+    NVMe, which has a copy of each."""
+    d = cli_daemon()                       # SMALL_DAEMON: 64 DRAM slots over 512 on NVMe
+    with open_client(socket=str(d.socket)) as c:
+        for _ in range(4):                 # a put goes through DRAM: 40 blocks at a time
+            c.put([os.urandom(32) for _ in range(40)], Namespace("first-use", 16),
+                  [b"\x07" * 4096] * 40)
+            assert c.flush(30)
+        assert [u["blocks"] for u in c.usage()] == [64, 160]
+    for tier in ("dram", "nvme"):
+        every = ts("blocks", "ls", "--socket", d.socket, "--tier", tier, "--limit", "0", "--json")
+        assert every.code == 0, every
+        n = every.json()["count"]
+        r = ts("blocks", "ls", "--socket", d.socket, "--tier", tier, "--limit", "3", "--json")
+        assert r.code == 0 and (r.json()["count"], r.json()["total"]) == (3, n), (tier, r)
+        h = ts("blocks", "ls", "--socket", d.socket, "--tier", tier, "--limit", "3")
+        assert h.stdout.splitlines()[0].startswith(f"3 of {n} block(s) in {tier} shown"), h
+    assert ts("blocks", "ls", "--socket", d.socket, "--tier", "nvme", "--limit", "3",
+              "--json").json()["total"] == 160
