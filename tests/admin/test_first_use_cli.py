@@ -121,3 +121,23 @@ def test_blocks_ls_total_per_tier(ts, cli_daemon):
         assert h.stdout.splitlines()[0].startswith(f"3 of {n} block(s) in {tier} shown"), h
     assert ts("blocks", "ls", "--socket", d.socket, "--tier", "nvme", "--limit", "3",
               "--json").json()["total"] == 160
+
+
+@pytest.mark.parametrize("newline", ["\n", "\r\n", ""])
+def test_trace_line_cut_short_names_its_own_column(ts, tmp_path, newline):
+    """A trace line cut short said "column 1" (Python's JSONDecodeError points past the line's
+    end, at "line 2 column 1" of the one-line document): now the column after the line's last
+    character, "at the end of the line"; a fault inside the line keeps its column."""
+    cut = '{"timestamp": 1, "input_length": 10'
+    p = tmp_path / "cut.jsonl"
+    p.write_text(cut + newline)
+    r = ts("replay", p)
+    assert r.code == 2, r
+    assert r.stderr.strip() == (f"error: {p}:1: column {len(cut) + 1}: not valid JSON "
+                                f"(Expecting ',' delimiter at the end of the line)"), r
+    inside = '{"timestamp": 1, "input_length": 10 "hash_ids": [1]}'
+    p.write_text('{"timestamp": 0, "input_length": 1, "hash_ids": [1]}\n' + inside + newline)
+    r = ts("replay", p)
+    assert r.code == 2, r
+    assert r.stderr.strip() == (f"error: {p}:2: column {len(cut) + 2}: not valid JSON "
+                                f"(Expecting ',' delimiter)"), r

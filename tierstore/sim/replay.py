@@ -223,10 +223,14 @@ def read_trace(path: str | os.PathLike, limit: int | None = None) -> list[TraceR
                 raise ConfigError(f"{label}: column {col}: not UTF-8 text ({e.reason})") from None
             if not line.strip():
                 continue
+            line = line.rstrip("\r\n")   # a fault past the end is then on this line, not "line 2"
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ConfigError(f"{label}: column {e.colno}: not valid JSON ({e.msg})") from None
+                # e.colno counts from the document's last newline; the line has none: e.pos + 1
+                end = " at the end of the line" if e.pos >= len(line) else ""
+                raise ConfigError(f"{label}: column {e.pos + 1}: not valid JSON ({e.msg}{end})") \
+                    from None
             except RecursionError:
                 raise ConfigError(f"{label}: JSON nested too deeply") from None
             out.append(parse_request(obj, _Where(label, line)))
