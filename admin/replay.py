@@ -75,9 +75,11 @@ def replay_cmd(
         None, "--plot", help="Also draw block hit ratio against capacity into this file (PNG); "
                              "runs a sweep. Needs the extra 'plot' (matplotlib)."),
     save_trace: Optional[str] = typer.Option(
-        None, "--save-trace", help="Also write the requests this run replays (the generated "
+        None, "--save-trace", help="Write the requests this run replays (the generated "
                                    "workload, or TRACE cut by --limit) to this file as a JSONL "
-                                   "trace; `tierstore replay FILE` replays it again."),
+                                   "trace, then replay them as usual: the replay still runs "
+                                   "(add --payload none to make it quick). `tierstore replay "
+                                   "FILE` replays the file again."),
     nodes: Optional[int] = typer.Option(
         None, "--nodes", min=1, help="Simulate N nodes of --capacity each (payload none) behind "
                                      "a router that knows only their KV events; reported beside "

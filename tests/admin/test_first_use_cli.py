@@ -5,13 +5,20 @@ where a command needs one)."""
 from __future__ import annotations
 
 import os
+import sys
+from pathlib import Path
 
 import pytest
 
 from tierstore.client import open_client
 from tierstore.keys import Namespace
 
+sys.path.insert(0, os.path.dirname(__file__))
+from cli_support import clean_env  # noqa: E402
+
 pytestmark = pytest.mark.timeout(180)
+
+README = Path(__file__).resolve().parents[2] / "README.md"
 
 N = 512
 DRAM_ONLY = """
@@ -141,3 +148,23 @@ def test_trace_line_cut_short_names_its_own_column(ts, tmp_path, newline):
     assert r.code == 2, r
     assert r.stderr.strip() == (f"error: {p}:2: column {len(cut) + 2}: not valid JSON "
                                 f"(Expecting ',' delimiter)"), r
+
+
+def test_save_trace_says_the_replay_still_runs(ts, tmp_path):
+    """`replay --save-trace FILE` writes the trace and then replays it (a test relies on the
+    replay: tests/admin/test_replay_cli.py::test_save_trace_writes_what_replays_the_same). The
+    README read as if it only wrote the file; --help and the README now both say the replay
+    still runs, and how to make it quick."""
+    h = ts("replay", "--help", env=clean_env(COLUMNS="300"))
+    assert h.code == 0, h
+    assert "then replay them as usual: the replay still runs (add --payload none to make it " \
+           "quick)" in " ".join(h.stdout.replace("│", " ").split()), h
+    readme = " ".join(README.read_text().split())
+    assert "--save-trace gen.jsonl` writes the built-in workload in this format (`--requests N` " \
+           "for more) and then replays it as usual: the replay still runs" in readme
+    assert "--save-trace: write the replayed requests as a trace, then replay (it still runs)" \
+        in " ".join(line.strip() for line in README.read_text().splitlines())
+    gen = tmp_path / "gen.jsonl"
+    r = ts("replay", "--requests", "20", "--save-trace", gen, "--payload", "none", "--json")
+    assert r.code == 0 and r.json()["requests"] == 20, r
+    assert len(gen.read_text().splitlines()) == 20 and f"wrote 20 requests to {gen}" in r.stderr
