@@ -36,8 +36,11 @@ try:
 except ImportError:   # not built (no compiler at install time): torch's copy_ does every copy
     _hostcopy = None
 
-MIN_BYTES = 1 << 20
-"""Copies smaller than this (bytes) go to torch's ``copy_``: the planning costs ~10 us."""
+MIN_BYTES = 8 << 20
+"""Copies smaller than this (bytes) go to torch's ``copy_``. Below it the kernel's per-call costs
+(planning ~10 us, a thread start per extra thread) outweigh what streaming stores save, and
+torch's persistent thread pool wins: ``benchmarks/bench_hostcopy.py`` measured 2 MiB copies at
+0.59x torch, 8 MiB at 1.07x, 32 MiB at 1.35x (docs/benchmarks.md)."""
 MIN_ROW_BYTES = 512
 """Rows (contiguous runs common to source and destination) shorter than this go to torch."""
 STREAM_MIN_BYTES = 8 << 20
