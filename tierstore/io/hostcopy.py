@@ -8,9 +8,9 @@ is read before it is written (read-for-ownership), three memory transfers per by
 hands the rows to a small C kernel (``tierstore/io/_hostcopy.c``) that copies them on
 ``torch.get_num_threads()`` threads with streaming stores when the copy is larger than
 :data:`STREAM_MIN_BYTES` (two transfers per byte, and the bytes do not push the engine's working
-set out of the cache). Measured on the 2-core dev VM: 1 GiB of 2 MiB blocks, gathered from
-``[2, L, N*T, HD]`` fp16 views into slots, torch ``copy_`` 14.6-16.2 GB/s, this 21.2 GB/s
-(docs/benchmarks.md, "host copy").
+set out of the cache). Measured on the 2-core dev VM (``benchmarks/bench_hostcopy.py``): 1 GiB of
+2 MiB blocks gathered from ``[2, L, N*T, HD]`` fp16 views into slots and back, in parts of 16-512
+blocks, 1.14-1.41x torch's ``copy_`` (docs/benchmarks.md, "The host copy kernel").
 
 What it does not do, and leaves to torch's ``copy_`` (same result, torch's speed): tensors not
 on the CPU, different dtypes or shapes (no conversion, no broadcast), dtypes whose ``copy_`` is
