@@ -96,6 +96,17 @@ def _resolve_prefixes(client, prefixes: List[str]) -> list[Optional[bytes]]:
     return [next(keys) if all(c in "0123456789abcdef" for c in p) else None for p in prefixes]
 
 
+def _require_tier(client, t) -> Optional[list]:
+    """The store's ``usage()`` when ``t`` (a tier or None) is given; exit 1 with one line when
+    the store has no such tier (ls and evict alike: "0 blocks" would read as an empty tier)."""
+    if t is None:
+        return None
+    usage = client.usage()
+    if t.label not in {u["tier"] for u in usage}:
+        fail(f"this store has no {t.label} tier: no block can be in it", EXIT_FAILED)
+    return usage
+
+
 @app.command("ls")
 def ls(data_dir: Optional[str] = data_dir_option(),
           socket: Optional[str] = socket_option(),
@@ -105,9 +116,7 @@ def ls(data_dir: Optional[str] = data_dir_option(),
     """List resident blocks (the title and --json's "total" say how many there are in all)."""
     t = _tier(tier)
     with open_client(data_dir, socket) as client, user_errors():
-        usage = client.usage() if t is not None else None
-        if t is not None and t.label not in {u["tier"] for u in usage}:
-            fail(f"this store has no {t.label} tier: no block can be in it", EXIT_FAILED)
+        usage = _require_tier(client, t)
         blocks = client.blocks(limit=(limit + 1) if limit else None, tier=t)
         truncated = bool(limit) and len(blocks) > limit
         total = len(blocks)
@@ -169,6 +178,7 @@ def evict(keys: List[str] = typer.Argument(None, help="Block keys (hex, or uniqu
     limit = DEFAULT_LIMIT if limit is None else limit
     t = _tier(tier)
     with open_client(data_dir, socket) as client, user_errors():
+        _require_tier(client, t)
         targets = [bytes.fromhex(b["key"]) for b in client.blocks(tier=t)] if all_ \
             else _resolve(client, keys)
         if dry_run:

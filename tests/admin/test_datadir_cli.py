@@ -152,3 +152,9 @@ def test_blocks_ls_of_a_tier_the_store_lacks_says_so(cli, trace_file, tmp_path):
     r = cli("blocks", "ls", "--data-dir", d, "--tier", "nvme")
     assert r.code == 1 and "no nvme tier" in r.stderr
     assert cli("blocks", "ls", "--data-dir", d, "--tier", "dram").code == 0
+    # evict --tier of the missing tier answers the same (it said "would evict 0", exit 0)
+    for extra in (["--dry-run"], ["--yes"]):
+        r = cli("blocks", "evict", "--all", "--tier", "nvme", "--data-dir", d, *extra)
+        assert r.code == 1 and "no nvme tier" in r.stderr, (extra, r.stdout, r.stderr)
+    r = cli("blocks", "evict", "--all", "--tier", "dram", "--data-dir", d, "--dry-run")
+    assert r.code in (0, 1) and "no dram tier" not in r.stderr
