@@ -482,15 +482,14 @@ class CopyEngine:
                 self._scatter(idx, buf.rows, hi - lo)
 
     def _slab_run(self, slots: Sequence[int], lo: int, hi: int) -> torch.Tensor | None:
-        """The slab rows of ``slots[lo:hi]`` when they are consecutive slots of exactly one block
-        each (CPU only: the gather can write the slab directly, saving the staging copy)."""
+        """The slab rows of ``slots[lo:hi]`` when :meth:`_runs` finds them one run of slots of
+        exactly one block each (CPU only: the gather can write the slab directly, saving the
+        staging copy)."""
         if not self._merge_runs:
             return None
-        s0 = slots[lo]
-        for i in range(lo + 1, hi):
-            if slots[i] != s0 + (i - lo):
-                return None
-        return self.slab[s0:s0 + (hi - lo)]
+        runs = self._runs(slots, lo, hi)
+        _, s0, k = next(runs)
+        return None if next(runs, None) is not None else self.slab[s0:s0 + k]
 
     def _submit_cuda(self, kind: str, r: _Ring, n: int, slots: Sequence[int]) -> None:
         g, c = self._gather_stream, self._copy_stream
