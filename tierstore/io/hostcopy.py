@@ -45,7 +45,9 @@ MIN_ROW_BYTES = 512
 """Rows (contiguous runs common to source and destination) shorter than this go to torch."""
 STREAM_MIN_BYTES = 8 << 20
 """Copies at least this large (bytes) use streaming stores; smaller ones likely stay in the
-cache and are read soon (a few blocks of a decode step), where ordinary stores are faster."""
+cache and are read soon (a few blocks of a decode step), where ordinary stores are faster.
+Equal to :data:`MIN_BYTES` today, so every copy the kernel takes streams; the kernel's
+ordinary-store path is kept for a lower ``MIN_BYTES`` (the tests run it that way)."""
 THREAD_MIN_BYTES = 1 << 20
 """Each copy thread gets at least this many bytes."""
 
@@ -120,14 +122,14 @@ def _plan(dst: torch.Tensor, src: torch.Tensor):
     for n, ds, _ in sorted(outer, key=lambda d: d[1]):
         if ds < span:
             return None        # a destination that (may) overlap itself: torch's copy_ decides
-        span += (n - 1) * ds
+        span += (n - 1) * ds   # ends as dst's extent in bytes
     try:
         dptr, sptr = dst.data_ptr(), src.data_ptr()
     except RuntimeError:
         return None            # no storage: a wrapper (torch.vmap, torch.func) or a subclass
     if not dptr or not sptr:
         return None            # no data: an empty tensor, a ZeroTensor (copy_ writes zeros)
-    dend = dptr + row_bytes + sum((n - 1) * ds for n, ds, _ in outer)
+    dend = dptr + span
     send = sptr + row_bytes + sum((n - 1) * ss for n, _, ss in outer)
     if dptr < send and sptr < dend:
         return None            # source and destination share bytes: torch knows the rules
