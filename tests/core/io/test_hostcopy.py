@@ -58,6 +58,16 @@ def pairs(draw):
     return dst, src
 
 
+def _copy_on(threads: int, dst: torch.Tensor, src: torch.Tensor) -> None:
+    """``host_copy_(dst, src)`` with torch set to ``threads`` threads (restored afterwards)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        host_copy_(dst, src)
+    finally:
+        torch.set_num_threads(before)
+
+
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(p=pairs(), stream=st.booleans(), threads=st.integers(1, 4))
 def test_same_bytes_as_torch(small, monkeypatch, p, stream, threads):
@@ -65,12 +75,7 @@ def test_same_bytes_as_torch(small, monkeypatch, p, stream, threads):
     monkeypatch.setattr(hostcopy, "STREAM_MIN_BYTES", 0 if stream else 1 << 62)
     want = dst.clone()
     want.copy_(src)
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        host_copy_(dst, src)
-    finally:
-        torch.set_num_threads(before)
+    _copy_on(threads, dst, src)
     assert torch.equal(dst, want)
 
 
@@ -375,12 +380,7 @@ def test_strided_layouts_same_bytes_nothing_outside(small, monkeypatch, p, strea
     monkeypatch.setattr(hostcopy, "STREAM_MIN_BYTES", 0 if stream else 1 << 62)
     want = dbuf.clone()
     want.view(dst.dtype).as_strided(dst.shape, dst.stride(), dst.storage_offset()).copy_(src)
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        host_copy_(dst, src)
-    finally:
-        torch.set_num_threads(before)
+    _copy_on(threads, dst, src)
     assert torch.equal(dbuf, want)
 
 
