@@ -47,7 +47,7 @@ import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 from tierstore import counter_names as cn
 from tierstore.config import StoreConfig
@@ -808,15 +808,24 @@ class Store:
                       into: Tier = Tier.DRAM, wait: bool = False) -> list[LoadJob]:
         """:meth:`prepare_load` of several chains (e.g. one per TP rank) in one call;
         ``wait=False`` by default (this is the engine's path)."""
+        return self._all_or_none(
+            (lambda c=c: self.prepare_load(c, owner=owner, into=into, wait=wait) for c in chains),
+            self._loads, self.complete_load)
+
+    def _all_or_none(self, prepares: Iterable[Callable[[], Any]], pending: dict,
+                     complete: Callable[..., Any]) -> list:
+        """Run ``prepares`` (zero-argument calls, each making one job) under the store lock; when
+        one raises, end every job made so far that is still in ``pending`` with
+        ``complete(job_id, ok=False)`` and re-raise: no job of the call is left behind."""
         with self._lock:
-            jobs: list[LoadJob] = []
+            jobs: list = []
             try:
-                for c in chains:
-                    jobs.append(self.prepare_load(c, owner=owner, into=into, wait=wait))
-            except BaseException:   # one chain refused: no job of this call is left behind
+                for prepare in prepares:
+                    jobs.append(prepare())
+            except BaseException:
                 for j in jobs:
-                    if j.job_id in self._loads:
-                        self.complete_load(j.job_id, ok=False)
+                    if j.job_id in pending:
+                        complete(j.job_id, ok=False)
                 raise
             return jobs
 
@@ -857,19 +866,11 @@ class Store:
         """:meth:`prepare_store` of several chains in one call; each spec is ``(keys,
         namespace, size_bytes, parent)`` or ``(keys, namespace, size_bytes, parent, engine)``
         (``engine``: per key engine metadata or None, see :meth:`prepare_store`)."""
-        with self._lock:
-            jobs: list[StoreJob] = []
-            try:
-                for sp in specs:
-                    jobs.append(self.prepare_store(sp[0], sp[1], sp[2], owner=owner,
-                                                   parent=sp[3],
-                                                   engine=sp[4] if len(sp) > 4 else None))
-            except BaseException:   # one spec refused: no job of this call is left behind
-                for j in jobs:
-                    if j.job_id in self._stores:
-                        self.complete_store(j.job_id, ok=False)
-                raise
-            return jobs
+        return self._all_or_none(
+            (lambda sp=sp: self.prepare_store(sp[0], sp[1], sp[2], owner=owner, parent=sp[3],
+                                              engine=sp[4] if len(sp) > 4 else None)
+             for sp in specs),
+            self._stores, self.complete_store)
 
     def complete_stores(self, answers: Sequence[tuple[int, bool | Sequence[bool]]]
                         ) -> list[list[BlockStatus]]:
