@@ -14,9 +14,10 @@ connection, so they outlive the command; ``--ttl`` is required, so a forgotten p
 
 Store calls, whatever the number of keys: one ``resolve`` when any key is a prefix (none when
 all are whole), then one call for the verb (``block``, ``evict``, ``evict(dry_run=True)``,
-``pin``, ``unpin_each``); ``evict --all`` lists the blocks first (``blocks``). ``ls`` makes one
-``blocks`` call, plus one ``stats`` when ``--limit`` cut the list (the total: the store's own
-count, not a listing) or ``--tier`` is given (the tier must exist; its count is there too).
+``pin``, ``unpin_each``); ``evict --all`` lists the blocks first (``blocks``). With ``--tier``,
+``ls`` and ``evict`` first make one ``usage`` call (the tier must exist; its block count is
+there too). ``ls`` makes one ``blocks`` call, plus one ``stats`` when ``--limit`` cut a list of
+every tier (the total: the store's own count, not a listing).
 
 Exit codes (tierstore_admin.output): 1 when any named block was not done: ``show`` of a block
 that is not there, ``evict`` of a block that is missing, pinned, not in ``--tier`` or only
